@@ -1,0 +1,106 @@
+"""Tiny datasets made on the fly: image folders in every mode, MedMNIST-style npz files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("XFEAT_SHARED", REPO.parent / "shared"))
+CHEST = SHARED / "data" / "chest_xray224"
+MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
+
+# Tests run with tiny inputs: fast, and identical across machines.
+TINY = 32
+
+
+def _blob_image(rng, label: int, size=(40, 48)) -> np.ndarray:
+    """Noise plus a class-dependent bright square, so classes are learnable."""
+    img = rng.integers(0, 120, size=size, dtype=np.uint8)
+    y0 = 4 if label == 0 else size[0] // 2
+    img[y0:y0 + 12, 8:20] = 230
+    return img
+
+
+def make_image_folder(root: Path, *, n_train=16, n_test=6, n_val=0, classes=("NORMAL", "PNEUMONIA"),
+                      seed=0, modes=("L",)) -> Path:
+    """ROOT/{train,test[,val]}/CLASS/*.{png,jpeg} with Kermany-style names; non-images too."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        if n == 0:
+            continue
+        for label, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = _blob_image(rng, label)
+                mode = modes[i % len(modes)]
+                name = (f"person{i // 2}_bacteria_{i}" if label else f"IM-{i // 2:04d}-{i:04d}")
+                _save(arr, d / name, mode)
+    (root / "train" / ".DS_Store").write_bytes(b"\x00\x01 not an image")
+    (root / "train" / classes[0] / "notes.txt").write_text("not an image")
+    return root
+
+
+def _save(arr: np.ndarray, stem: Path, mode: str) -> None:
+    if mode == "L":
+        Image.fromarray(arr, "L").save(stem.with_suffix(".png"))
+    elif mode == "JPEG":
+        Image.fromarray(np.stack([arr] * 3, -1), "RGB").save(stem.with_suffix(".jpeg"), quality=95)
+    elif mode == "RGBA":
+        rgba = np.dstack([arr, arr, arr, np.full_like(arr, 255)])
+        Image.fromarray(rgba, "RGBA").save(stem.with_suffix(".png"))
+    elif mode == "P":
+        Image.fromarray(arr, "L").convert("P").save(stem.with_suffix(".png"))
+    elif mode == "I;16":
+        Image.fromarray(arr.astype(np.uint16) * 257).save(stem.with_suffix(".png"))
+    else:
+        raise ValueError(mode)
+
+
+def make_npz(path: Path, *, n=(20, 8, 8), channels=1, seed=0, n_classes=2) -> Path:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, count in zip(("train", "val", "test"), n):
+        if count == 0:
+            continue
+        labels = np.arange(count) % n_classes
+        imgs = np.stack([_blob_image(rng, int(y) % 2, size=(28, 28)) for y in labels])
+        if channels == 3:
+            imgs = np.stack([imgs] * 3, -1)
+        out[f"{split}_images"] = imgs
+        out[f"{split}_labels"] = labels.reshape(-1, 1)  # MedMNIST stores (N, 1)
+    np.savez(path, **out)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "xray", modes=("L", "JPEG", "RGBA", "P", "I;16"))
+
+
+@pytest.fixture
+def npz_file(tmp_path) -> Path:
+    return make_npz(tmp_path / "tiny.npz")
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+def chest_subset(dst: Path, n_per_class: int, splits=("train", "test")) -> Path:
+    """A small real subset of the shared chest X-rays, as symlinks (nothing is copied)."""
+    if not CHEST.is_dir():
+        pytest.fail(f"the shared chest X-ray data is missing at {CHEST}; see ../shared/README.md")
+    for split in splits:
+        for cls in ("NORMAL", "PNEUMONIA"):
+            (dst / split / cls).mkdir(parents=True, exist_ok=True)
+            files = sorted(p for p in (CHEST / split / cls).iterdir() if p.suffix == ".jpeg")
+            step = max(1, len(files) // n_per_class)
+            for p in files[::step][:n_per_class]:
+                os.symlink(p, dst / split / cls / p.name)
+    return dst

@@ -1,0 +1,119 @@
+import h5py
+import numpy as np
+import pytest
+
+from xfeat.cache import (CacheError, CacheWriter, cache_key, entry_path, is_complete,
+                         partial_path, read_cache, read_meta)
+
+
+def _writer(path, n=(5, 3), dim=4, dtype="float32", key="k1"):
+    splits = {"train": ([f"t{i}" for i in range(n[0])], np.arange(n[0]) % 2),
+              "val": ([f"v{i}" for i in range(n[1])], np.arange(n[1]) % 2)}
+    return CacheWriter(path, key=key, meta={"class_names": ["a", "b"]}, splits=splits,
+                       feature_dim=dim, dtype=dtype)
+
+
+def _fill(writer, split, rows, dim=4, batch=2, start=0):
+    for s in range(start, rows, batch):
+        n = min(batch, rows - s)
+        feats = np.arange(s * dim, (s + n) * dim, dtype=np.float32).reshape(n, dim)
+        writer.write(split, s, feats, np.ones(n, bool), seconds=0.1)
+
+
+def test_key_is_canonical_and_sensitive():
+    a = cache_key({"model": "resnet18", "preprocessing": {"crop": 224, "resize": 256}})
+    b = cache_key({"preprocessing": {"resize": 256, "crop": 224}, "model": "resnet18"})
+    c = cache_key({"model": "resnet18", "preprocessing": {"crop": 224, "resize": 232}})
+    assert a == b != c and len(a) == 64
+    assert entry_path("/c", "ds-resnet18-random", a).name == f"ds-resnet18-random-{a[:16]}.h5"
+
+
+def test_write_finalize_read_roundtrip(tmp_path):
+    path = tmp_path / "e.h5"
+    w = _writer(path)
+    _fill(w, "train", 5)
+    _fill(w, "val", 3)
+    assert not path.exists() and partial_path(path).exists()
+    w.finalize({"train": {"images_per_second": 10.0}})
+    assert is_complete(path) and not partial_path(path).exists()
+    fs = read_cache(path)
+    assert fs.key == "k1" and fs.class_names == ["a", "b"]
+    np.testing.assert_array_equal(fs["train"].features[4], [16, 17, 18, 19])
+    assert fs["val"].ids == ["v0", "v1", "v2"] and fs["train"].labels.tolist() == [0, 1, 0, 1, 0]
+    assert fs["train"].seconds == pytest.approx(0.3)
+    assert read_meta(path)["splits"]["train"]["images_per_second"] == 10.0
+
+
+def test_incomplete_files_are_refused(tmp_path):
+    path = tmp_path / "e.h5"
+    w = _writer(path)
+    _fill(w, "train", 4)
+    with pytest.raises(CacheError, match="cannot finalize"):
+        w.finalize({})
+    w.close()
+    with pytest.raises(CacheError, match="interrupted extraction left e.h5.partial"):
+        read_cache(path)
+    with pytest.raises(CacheError, match="incomplete"):
+        read_cache(partial_path(path))
+    assert not is_complete(partial_path(path))
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    path = tmp_path / "e.h5"
+    w = _writer(path)
+    _fill(w, "train", 4)
+    w.close()  # as if killed after two batches
+    w = _writer(path)
+    assert w.rows_done("train") == 4 and w.rows_done("val") == 0
+    _fill(w, "train", 5, start=4)
+    _fill(w, "val", 3)
+    w.finalize({})
+    np.testing.assert_array_equal(read_cache(path)["train"].features[:, 0], [0, 4, 8, 12, 16])
+
+
+def test_partial_of_another_key_is_restarted(tmp_path):
+    path = tmp_path / "e.h5"
+    w = _writer(path, key="old")
+    _fill(w, "train", 4)
+    w.close()
+    w = _writer(path, key="new")
+    assert w.rows_done("train") == 0
+    w.close()
+
+
+def test_unreadable_partial_is_restarted(tmp_path):
+    path = tmp_path / "e.h5"
+    partial_path(path).write_bytes(b"truncated garbage")
+    w = _writer(path)
+    assert w.rows_done("train") == 0
+    w.close()
+
+
+def test_skipped_rows_are_dropped_unless_asked(tmp_path):
+    path = tmp_path / "e.h5"
+    w = _writer(path, n=(3, 1))
+    w.write("train", 0, np.ones((3, 4), np.float32), np.array([True, False, True]), seconds=0)
+    w.write("val", 0, np.ones((1, 4), np.float32), np.array([True]), seconds=0)
+    w.finalize({})
+    fs = read_cache(path)
+    assert fs["train"].ids == ["t0", "t2"] and fs.skipped == {"train": ["t1"]}
+    assert len(read_cache(path, include_skipped=True)["train"]) == 3
+
+
+def test_float16_and_bad_dtype(tmp_path):
+    w = _writer(tmp_path / "h.h5", dtype="float16")
+    assert w.file["train"]["features"].dtype == np.float16
+    w.close()
+    with pytest.raises(ValueError, match="'float64' not supported"):
+        _writer(tmp_path / "x.h5", dtype="float64")
+
+
+def test_foreign_hdf5_is_rejected(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(CacheError, match="not an xfeat feature cache"):
+        read_cache(path)
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(CacheError, match="cannot open"):
+        read_cache(tmp_path / "text.h5")

@@ -1,0 +1,44 @@
+import json
+
+from click.testing import CliRunner
+
+from xfeat.cli import cli
+
+from conftest import TINY
+
+
+def _run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_models_lists_dims_as_json():
+    result = _run("models", "--json")
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["resnet18"]["feature_dim"] == 512 and rows["resnet50"]["feature_dim"] == 2048
+    assert "IMAGENET1K_V1" in rows["resnet18"]["weights"]
+
+
+def test_extract_then_reuse_then_info(image_folder, cache_dir):
+    args = ["-q", "extract", "--data", image_folder, "--image-size", TINY, "--num-workers", 0,
+            "--cache-dir", cache_dir]
+    first = _run(*args, "--json")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.output)
+    assert summary["model"] == "resnet18" and summary["splits"]["test"]["n"] == 12
+    second = CliRunner().invoke(cli, [str(a) for a in args[1:]])
+    assert second.exit_code == 0 and "cache hit" in second.stderr
+    assert summary["path"] in second.output
+    info = _run("info", summary["path"])
+    assert info.exit_code == 0 and "resnet18 (D=512, float32)" in info.output
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, image_folder):
+    result = _run("extract", "--data", tmp_path / "missing")
+    assert result.exit_code == 1 and "Error: --data" in result.output and "no such folder" in \
+        result.output
+    result = _run("extract", "--data", image_folder, "--model", "resnet1")
+    assert result.exit_code == 1 and "unknown model 'resnet1'" in result.output
+    result = _run("extract", "--data", image_folder, "--weights", "nofile.pth")
+    assert result.exit_code == 1 and "no such file" in result.output

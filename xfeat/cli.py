@@ -1,0 +1,167 @@
+"""Command line: parses options, calls the Python API, prints. No logic lives here.
+
+Option defaults are read from the API's signatures so they are defined once.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .extract import extract as extract_api
+from .extract import plan_extraction
+
+logger = logging.getLogger("xfeat")
+
+
+def _default(func, name):
+    return inspect.signature(func).parameters[name].default
+
+
+def _api_errors(f):
+    """Turn the API's user-facing exceptions into clean one-line CLI errors."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from .backbones import BackboneError
+        from .cache import CacheError
+        from .datasets_builtin import DownloadError
+
+        try:
+            return f(*args, **kwargs)
+        except (ValueError, BackboneError, CacheError, DownloadError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+def _data_options(f):
+    api = plan_extraction
+    options = [
+        click.option("--data", "-d", required=True, metavar="PATH|NAME",
+                     help="Folder ROOT/{train,val,test}/CLASS/*, a MedMNIST-style .npz, or a "
+                          "built-in name (pneumoniamnist, pneumoniamnist_224, ...)."),
+        click.option("--val-fraction", type=float, default=_default(api, "val_fraction"),
+                     show_default=True,
+                     help="Share of train carved out as val when val is missing or tiny."),
+        click.option("--split-seed", type=int, default=_default(api, "split_seed"),
+                     show_default=True, help="Seed of the val carve-out."),
+        click.option("--group-pattern", default=_default(api, "group_pattern"), show_default=True,
+                     help="Regex whose first group on a file name is the patient id (kept on "
+                          "one side of the split); '' disables grouping."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Feature cache folder [default: $XFEAT_CACHE or ./cache]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _model_options(f):
+    api = plan_extraction
+    options = [
+        click.option("--model", "-m", default=_default(api, "model"), show_default=True,
+                     help="Any torchvision classifier; `xfeat models` lists them."),
+        click.option("--weights", "-w", default=_default(api, "weights"), show_default=True,
+                     help="none (random init), DEFAULT, a torchvision weights name such as "
+                          "IMAGENET1K_V1, or a local state-dict file."),
+        click.option("--image-size", type=int, default=None,
+                     help="Crop size override [default: the weights' own, e.g. 224]."),
+        click.option("--seed", type=int, default=_default(api, "seed"), show_default=True,
+                     help="Seed of random initialisation (weights=none)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xfeat")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.pass_context
+def cli(ctx, verbose, quiet):
+    """xfeat: transfer learning on medical images with cached backbone features."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    ctx.ensure_object(dict)
+    ctx.obj["progress"] = not quiet
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_api_errors
+def models_cmd(as_json):
+    """List every backbone: feature dimension, parameters, torchvision weights."""
+    from .backbones import describe_backbones
+
+    rows = describe_backbones()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'model':<22} {'D':>5} {'params':>8}  weights")
+    for r in rows:
+        click.echo(f"{r['name']:<22} {r['feature_dim']:>5} {r['params_m']:>7.1f}M  "
+                   f"{', '.join(r['weights'])}")
+
+
+@cli.command("extract")
+@_data_options
+@_model_options
+@click.option("--batch-size", "-b", type=int, default=_default(extract_api, "batch_size"),
+              show_default=True)
+@click.option("--num-workers", type=int, default=None,
+              help="Data-loader processes [default: min(4, CPUs - 1)].")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available].")
+@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Record and skip unreadable images.")
+@click.option("--force", is_flag=True, help="Recompute even if a complete cache entry exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the cache summary as JSON.")
+@click.pass_context
+@_api_errors
+def extract_cmd(ctx, as_json, **options):
+    """Run a backbone once over every split and cache the features (HDF5)."""
+    from .cache import read_meta
+
+    path = extract_api(progress=ctx.obj["progress"], **options)
+    meta = read_meta(path)
+    if as_json:
+        click.echo(json.dumps({"path": str(path), **meta}, indent=2))
+        return
+    click.echo(_describe_cache(path, meta))
+
+
+@cli.command("info")
+@click.argument("cache_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@_api_errors
+def info_cmd(cache_file, as_json):
+    """Show what a feature cache file holds and how it was made."""
+    from .cache import read_meta
+
+    meta = read_meta(cache_file)
+    click.echo(json.dumps(meta, indent=2) if as_json else _describe_cache(cache_file, meta))
+
+
+def _describe_cache(path, meta) -> str:
+    lines = [f"cache: {path}",
+             f"  model {meta['model']} (D={meta['feature_dim']}, {meta['feature_dtype']}), "
+             f"weights {meta['weights']['id'] if meta['weights']['kind'] != 'file' else meta['weights']['sha256'][:12] + ' (' + meta['weights']['id'] + ')'}",
+             f"  dataset {meta['dataset']['name']} ({meta['dataset']['source']}), classes "
+             f"{', '.join(meta['class_names'])}; val {meta['split'].get('val')}",
+             f"  preprocessing: resize {meta['preprocessing']['resize_size']}, crop "
+             f"{meta['preprocessing']['crop_size']}, {meta['preprocessing']['interpolation']}"]
+    for split, s in meta["splits"].items():
+        rate = s.get("images_per_second")
+        lines.append(f"  {split:<5} {s['n']:>6} images" +
+                     (f", {s['seconds_total']:.1f} s, {rate:.1f} img/s" if rate else ""))
+    return "\n".join(lines)
+
+
+def main():  # pragma: no cover - console entry point for `python -m xfeat`
+    cli(prog_name="xfeat")

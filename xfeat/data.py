@@ -1,0 +1,386 @@
+"""Datasets: image folders, MedMNIST-style ``.npz`` files and built-in names.
+
+This module owns everything about *which* images belong to *which* split with *which* label:
+scanning folders, reading arrays, decoding any image mode into RGB, carving a stratified,
+patient-grouped validation split out of train, and the content fingerprint that keys the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from . import datasets_builtin
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+# Kermany file names: person123_bacteria_456.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0381-0001.jpeg.
+DEFAULT_GROUP_PATTERN = r"^(person\d+|(?:NORMAL\d+-)?IM-\d+)[_-]"
+TINY_VAL_SIZE = 50  # a given val split smaller than this is merged into train and re-carved
+
+
+class DataError(ValueError):
+    """The dataset on disk is not what xfeat expects; the message says what to fix."""
+
+
+class ImageReadError(DataError):
+    """One image could not be decoded; ``path`` names it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read image {path}: {reason} (pass --skip-bad / skip_bad=True "
+                         "to record and skip unreadable images)")
+        self.path = path
+
+
+@dataclass(frozen=True)
+class SplitRecipe:
+    """How the validation split is obtained when the dataset has none (or a tiny one)."""
+
+    val_fraction: float = 0.1
+    seed: int = 0
+    group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DataError(f"val_fraction={self.val_fraction!r} must be strictly between 0 and 1")
+        if self.group_pattern:
+            try:
+                re.compile(self.group_pattern)
+            except re.error as exc:
+                raise DataError(f"group pattern {self.group_pattern!r} is not a valid regular "
+                                f"expression: {exc}") from None
+
+
+@dataclass
+class Split:
+    """The samples of one split: stable ids, integer labels and where the pixels come from."""
+
+    name: str
+    ids: list
+    labels: np.ndarray
+    paths: Optional[list] = None  # folder datasets: absolute file paths
+    arrays: Optional[np.ndarray] = None  # npz datasets: (N, H, W[, C]) images
+    array_rows: Optional[np.ndarray] = None  # npz datasets: row of each sample in ``arrays``
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read_image(self, i: int, draft_size: Optional[int] = None) -> Image.Image:
+        """Decode sample ``i`` as an RGB PIL image (raises :class:`ImageReadError`)."""
+        if self.paths is not None:
+            return read_image_file(self.paths[i], draft_size=draft_size)
+        return array_to_rgb(self.arrays[self.array_rows[i]])
+
+    def subset(self, rows: Sequence[int], name: Optional[str] = None) -> "Split":
+        rows = np.asarray(rows, dtype=np.int64)
+        return Split(
+            name=name or self.name,
+            ids=[self.ids[r] for r in rows],
+            labels=self.labels[rows],
+            paths=None if self.paths is None else [self.paths[r] for r in rows],
+            arrays=self.arrays,
+            array_rows=None if self.array_rows is None else self.array_rows[rows],
+        )
+
+
+@dataclass
+class Dataset:
+    """A labelled dataset with train, val and (optionally) test splits."""
+
+    name: str
+    source: str
+    class_names: list
+    splits: dict
+    content_digest: str  # sha256 over every sample's split, label, id and bytes
+    split_info: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content digest plus the split recipe: any change gives a different fingerprint."""
+        payload = json.dumps({"content": self.content_digest, "split": self.split_info},
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def counts(self) -> dict:
+        return {s: np.bincount(sp.labels, minlength=len(self.class_names)).tolist()
+                for s, sp in self.splits.items()}
+
+
+# --------------------------------------------------------------------------- images
+
+def read_image_file(path, draft_size: Optional[int] = None) -> Image.Image:
+    """Open any supported image file as RGB; grayscale, RGBA, palette and 16-bit all work."""
+    try:
+        with Image.open(path) as im:
+            if draft_size and im.format == "JPEG":
+                # Let libjpeg decode at a reduced scale when the target is much smaller.
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()
+            return pil_to_rgb(im)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(str(path), str(exc) or type(exc).__name__) from None
+
+
+def pil_to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return array_to_rgb(np.asarray(im))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Composite on black: medical images use transparency rarely, black is the background.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def array_to_rgb(arr: np.ndarray) -> Image.Image:
+    """(H, W), (H, W, 1) or (H, W, 3) array of any numeric dtype -> RGB image.
+
+    uint8 is used as is; other dtypes are min-max scaled per image to 0..255 (16-bit
+    radiographs rarely use the full 16-bit range).
+    """
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise DataError(f"image array has shape {arr.shape}; expected (H, W), (H, W, 1) or (H, W, 3)")
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(arr[..., :3]), mode="RGB")
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_dataset(data: Union[str, Path], *, recipe: Optional[SplitRecipe] = None,
+                 cache_dir: Union[str, Path, None] = None) -> Dataset:
+    """Load a folder, an ``.npz`` file or a built-in dataset name, with a validation split.
+
+    A missing or tiny val split (fewer than ``TINY_VAL_SIZE`` images) is carved out of train
+    by ``recipe``: stratified by class, seeded, and with every patient group on one side.
+    Test is never touched.
+    """
+    recipe = recipe or SplitRecipe()
+    path = Path(data).expanduser()
+    if path.is_dir():
+        dataset = _load_folder(path)
+    elif path.is_file():
+        if path.suffix.lower() != ".npz":
+            raise DataError(f"--data {str(data)!r} is a file but not an .npz; expected a folder "
+                            "ROOT/{train,val,test}/CLASS/*.jpg, an .npz file or a built-in name "
+                            f"({', '.join(datasets_builtin.names())})")
+        dataset = _load_npz(path)
+    elif str(data).lower() in datasets_builtin.names():
+        npz_path = datasets_builtin.download(str(data).lower(), cache_dir=cache_dir)
+        dataset = _load_npz(npz_path, name=str(data).lower(),
+                            class_names=datasets_builtin.class_names(str(data).lower()))
+    else:
+        raise DataError(f"--data {str(data)!r}: no such folder or .npz file, and not a built-in "
+                        f"dataset (built-in: {', '.join(datasets_builtin.names())})")
+    _ensure_validation_split(dataset, recipe)
+    return dataset
+
+
+def _load_folder(root: Path) -> Dataset:
+    root = root.resolve()
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if "train" not in present:
+        subdirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(f"{root} has no train/ folder (found: {subdirs or 'nothing'}); expected "
+                        "ROOT/train/CLASS/*.jpg with optional ROOT/val and ROOT/test")
+    per_split_classes = {s: sorted(p.name for p in (root / s).iterdir()
+                                   if p.is_dir() and not p.name.startswith("."))
+                         for s in present}
+    class_names = per_split_classes["train"]
+    if not class_names:
+        raise DataError(f"{root / 'train'} has no class folders; expected train/CLASS/*.jpg")
+    for s in present:
+        if per_split_classes[s] != class_names:
+            extra = sorted(set(per_split_classes[s]) - set(class_names))
+            missing = sorted(set(class_names) - set(per_split_classes[s]))
+            raise DataError(f"split {s!r} in {root} has different classes from train: "
+                            f"missing {missing}, extra {extra}; every split needs the same "
+                            "class folders")
+    digest = hashlib.sha256()
+    splits = {}
+    for s in present:
+        ids, labels, paths = [], [], []
+        for label, cls in enumerate(class_names):
+            files = sorted(p for p in (root / s / cls).iterdir()
+                           if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise DataError(f"class folder {root / s / cls} has no images; accepted "
+                                f"extensions: {', '.join(IMAGE_EXTENSIONS)}")
+            for p in files:
+                rel = p.relative_to(root).as_posix()
+                ids.append(rel)
+                labels.append(label)
+                paths.append(str(p))
+                digest.update(f"{s}\0{label}\0{rel}\0".encode())
+                digest.update(hashlib.sha256(p.read_bytes()).digest())
+        splits[s] = Split(s, ids, np.asarray(labels, dtype=np.int64), paths=paths)
+    return Dataset(name=root.name, source=str(root), class_names=class_names, splits=splits,
+                   content_digest=digest.hexdigest())
+
+
+def _load_npz(path: Path, name: Optional[str] = None,
+              class_names: Optional[Sequence[str]] = None) -> Dataset:
+    path = path.resolve()
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path} as an .npz file: {exc}") from None
+    with npz:
+        keys = set(npz.files)
+        if "train_images" not in keys or "train_labels" not in keys:
+            raise DataError(f"{path} has keys {sorted(keys)}; expected at least train_images and "
+                            "train_labels (and optionally val_* / test_*), as in MedMNIST")
+        if class_names is None and "class_names" in keys:
+            class_names = [str(c) for c in npz["class_names"]]
+        raw = {}
+        for s in SPLITS:
+            if f"{s}_images" in keys:
+                if f"{s}_labels" not in keys:
+                    raise DataError(f"{path} has {s}_images but no {s}_labels")
+                images, labels = npz[f"{s}_images"], npz[f"{s}_labels"]
+                raw[s] = (images, _npz_labels(path, s, labels, len(images)))
+    n_classes = len(class_names) if class_names is not None else \
+        int(max(lab.max() for _, lab in raw.values())) + 1
+    if class_names is None:
+        class_names = [str(i) for i in range(n_classes)]
+    digest = hashlib.sha256()
+    splits = {}
+    for s, (images, labels) in raw.items():
+        if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+            raise DataError(f"{path}: {s}_images has shape {images.shape}; expected (N, H, W) "
+                            "or (N, H, W, 1|3)")
+        if labels.max() >= n_classes:
+            raise DataError(f"{path}: {s}_labels contains {int(labels.max())}, out of range for "
+                            f"{n_classes} classes {list(class_names)}; expected labels in "
+                            f"[0, {n_classes - 1}]")
+        counts = np.bincount(labels, minlength=n_classes)
+        if s == "train" and (counts == 0).any():
+            empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+            raise DataError(f"{path}: classes {empty} have no training images")
+        digest.update(f"{s}\0".encode())
+        digest.update(np.ascontiguousarray(images).tobytes())
+        digest.update(labels.tobytes())
+        ids = [f"{s}/{i:06d}" for i in range(len(images))]
+        splits[s] = Split(s, ids, labels, arrays=images, array_rows=np.arange(len(images)))
+    return Dataset(name=name or path.stem, source=str(path), class_names=list(class_names),
+                   splits=splits, content_digest=digest.hexdigest())
+
+
+def _npz_labels(path: Path, split: str, labels: np.ndarray, n: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or len(labels) != n:
+        raise DataError(f"{path}: {split}_labels has shape {labels.shape}; expected ({n},) or "
+                        f"({n}, 1) to match {split}_images")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.mod(labels, 1) == 0):
+            raise DataError(f"{path}: {split}_labels are not integers (dtype {labels.dtype})")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0:
+        raise DataError(f"{path}: {split}_labels contains {int(labels.min())}; labels must be >= 0")
+    return labels
+
+
+# --------------------------------------------------------------------------- val carve-out
+
+def patient_groups(ids: Sequence[str], pattern: Optional[str]) -> list:
+    """Group key per sample: the pattern's first group on the file name, else the id itself."""
+    if not pattern:
+        return list(ids)
+    rx = re.compile(pattern)
+    groups = []
+    for sample_id in ids:
+        m = rx.match(Path(sample_id).name)
+        groups.append(m.group(1) if m else sample_id)
+    return groups
+
+
+def carve_validation(labels: np.ndarray, groups: Sequence[str], fraction: float,
+                     seed: int) -> np.ndarray:
+    """Boolean mask of samples moved to val: stratified by class, whole groups only, seeded.
+
+    Groups are visited in a seeded random order; a group joins val while its class (the
+    majority label of the group) is below ``fraction`` of that class's count.
+    """
+    labels = np.asarray(labels)
+    group_names, group_index = np.unique(np.asarray(groups, dtype=object).astype(str),
+                                         return_inverse=True)
+    n_classes = int(labels.max()) + 1
+    class_count = np.bincount(labels, minlength=n_classes)
+    target = np.round(fraction * class_count).astype(int)
+    taken = np.zeros(n_classes, dtype=int)
+    members = [[] for _ in group_names]
+    for i, g in enumerate(group_index):
+        members[g].append(i)
+    in_val = np.zeros(len(labels), dtype=bool)
+    for g in np.random.default_rng(seed).permutation(len(group_names)):
+        rows = members[g]
+        cls = int(np.bincount(labels[rows], minlength=n_classes).argmax())
+        # Never move a class's last training images to val.
+        if taken[cls] < target[cls] and taken[cls] + len(rows) < class_count[cls]:
+            in_val[rows] = True
+            taken += np.bincount(labels[rows], minlength=n_classes)
+    return in_val
+
+
+def _ensure_validation_split(dataset: Dataset, recipe: SplitRecipe) -> None:
+    val = dataset.splits.get("val")
+    if val is not None and len(val) >= TINY_VAL_SIZE:
+        dataset.split_info = {"val": "given"}
+        return
+    train = dataset.splits["train"]
+    merged_val = 0
+    if val is not None:
+        logger.warning("val split has only %d images (< %d): merging it into train and carving "
+                       "a %.0f%% stratified validation split instead", len(val), TINY_VAL_SIZE,
+                       100 * recipe.val_fraction)
+        merged_val = len(val)
+        train = _concat(train, val, "train")
+    groups = patient_groups(train.ids, recipe.group_pattern)
+    in_val = carve_validation(train.labels, groups, recipe.val_fraction, recipe.seed)
+    if not in_val.any() or in_val.all():
+        raise DataError(f"cannot carve a validation split of {recipe.val_fraction:.0%} from "
+                        f"{len(train)} training images; add a val/ split or change val_fraction")
+    dataset.splits["train"] = train.subset(np.flatnonzero(~in_val), "train")
+    dataset.splits["val"] = train.subset(np.flatnonzero(in_val), "val")
+    dataset.splits = {s: dataset.splits[s] for s in SPLITS if s in dataset.splits}
+    n_groups = len(set(groups))
+    dataset.split_info = {
+        "val": "carved from train",
+        "val_fraction": recipe.val_fraction,
+        "seed": recipe.seed,
+        "group_pattern": recipe.group_pattern,
+        "groups": n_groups,
+        "merged_tiny_val": merged_val,
+    }
+    logger.info("carved val split: %d of %d training images (%d patient groups, seed %d)",
+                int(in_val.sum()), len(train), n_groups, recipe.seed)
+
+
+def _concat(a: Split, b: Split, name: str) -> Split:
+    labels = np.concatenate([a.labels, b.labels])
+    if a.paths is not None:
+        return Split(name, a.ids + b.ids, labels, paths=a.paths + b.paths)
+    arrays = np.concatenate([a.arrays[a.array_rows], b.arrays[b.array_rows]])
+    return Split(name, a.ids + b.ids, labels, arrays=arrays, array_rows=np.arange(len(arrays)))

@@ -1,0 +1,267 @@
+"""The one pass: images -> backbone -> HDF5 cache, resumable, timed per stage.
+
+``plan_extraction`` resolves everything that determines the features (dataset content and
+split, model, weights, preprocessing, dtype) into a cache key without building the model;
+``extract`` reuses a complete entry for that key or fills it batch by batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, cache
+from .backbones import (Backbone, Preprocessing, WeightsInfo, create_backbone,
+                        default_preprocessing, feature_dim, resolve_weights)
+from .data import DEFAULT_GROUP_PATTERN, Dataset, ImageReadError, Split, SplitRecipe, load_dataset
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$XFEAT_CACHE`` if set, else ``./cache``."""
+    return Path(os.environ.get("XFEAT_CACHE", "cache"))
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} not understood; expected 'auto', 'cpu', 'cuda' or "
+                         "'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+@dataclass
+class ExtractionPlan:
+    """Everything that determines a cache entry, resolved before any model is built."""
+
+    dataset: Dataset
+    model: str
+    weights: WeightsInfo
+    weights_arg: str
+    preprocessing: Preprocessing
+    feature_dim: int
+    feature_dtype: str
+    seed: int
+    key: str
+    path: Path
+
+    @property
+    def meta(self) -> dict:
+        import h5py
+        import torchvision
+
+        ds = self.dataset
+        return {
+            "dataset": {"name": ds.name, "source": ds.source, "fingerprint": ds.fingerprint,
+                        "content_digest": ds.content_digest, "counts": ds.counts()},
+            "split": ds.split_info,
+            "class_names": ds.class_names,
+            "model": self.model,
+            "feature_dim": self.feature_dim,
+            "feature_dtype": self.feature_dtype,
+            "weights": {"kind": self.weights.kind, "id": self.weights.id,
+                        "sha256": self.weights.sha256, "url": self.weights.url},
+            "preprocessing": self.preprocessing.to_dict(),
+            "versions": {"xfeat": __version__, "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "h5py": h5py.__version__,
+                         "numpy": np.__version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, None] = "none",
+                    cache_dir: Union[str, Path, None] = None, image_size: Optional[int] = None,
+                    feature_dtype: str = "float32", val_fraction: float = 0.1,
+                    split_seed: int = 0, group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN,
+                    seed: int = 0, dataset: Optional[Dataset] = None) -> ExtractionPlan:
+    """Resolve the dataset, weights and preprocessing into a cache key and path."""
+    if feature_dtype not in cache.FEATURE_DTYPES:
+        raise ValueError(f"feature dtype {feature_dtype!r} not supported; expected one of "
+                         f"{cache.FEATURE_DTYPES}")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    info, tv_weights = resolve_weights(model, weights, seed=seed)
+    preprocessing = default_preprocessing(model, tv_weights).with_size(image_size)
+    if dataset is None:
+        dataset = load_dataset(data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern),
+                               cache_dir=cache_dir)
+    key = cache.cache_key({"dataset": dataset.fingerprint, "model": model,
+                           "weights": info.key(), "preprocessing": preprocessing.to_dict(),
+                           "feature_dtype": feature_dtype})
+    weights_tag = {"random": "random", "torchvision": info.id.rsplit(".", 1)[-1],
+                   "file": Path(info.id).stem}[info.kind]
+    path = cache.entry_path(cache_dir, f"{dataset.name}-{model}-{weights_tag}", key)
+    return ExtractionPlan(dataset, model, info, str(weights), preprocessing, feature_dim(model),
+                          feature_dtype, seed, key, path)
+
+
+def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, None] = "none",
+            cache_dir: Union[str, Path, None] = None, image_size: Optional[int] = None,
+            batch_size: int = 64, num_workers: Optional[int] = None, device: Optional[str] = None,
+            feature_dtype: str = "float32", val_fraction: float = 0.1, split_seed: int = 0,
+            group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN, seed: int = 0,
+            skip_bad: bool = False, force: bool = False, progress: bool = True,
+            plan: Optional[ExtractionPlan] = None) -> Path:
+    """Extract penultimate features of every split into the cache; return the entry's path.
+
+    A complete entry with the same key (dataset content and split, model, weights,
+    preprocessing, dtype) is reused without building the model. An interrupted run resumes
+    from its last written batch. Concurrent runs for one entry wait for each other.
+
+    Parameters
+    ----------
+    data : folder ``ROOT/{train,val,test}/CLASS/*``, MedMNIST-style ``.npz``, or a built-in name.
+    model : any torchvision classifier (``xfeat.list_backbones()``).
+    weights : ``"none"``, ``"DEFAULT"``, a torchvision weights name, or a state-dict file.
+    image_size : crop size override (tiny inputs for tests; default: the weights' own).
+    num_workers : data-loader processes; default ``min(4, cpus - 1)``.
+    skip_bad : record unreadable images (dropped by readers) instead of stopping.
+    """
+    if plan is None:
+        plan = plan_extraction(data, model, weights=weights, cache_dir=cache_dir,
+                               image_size=image_size, feature_dtype=feature_dtype,
+                               val_fraction=val_fraction, split_seed=split_seed,
+                               group_pattern=group_pattern, seed=seed)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    with cache.entry_lock(plan.path):
+        if force and plan.path.exists():
+            plan.path.unlink()
+        if cache.is_complete(plan.path):
+            logger.info("cache hit: %s (backbone not run)", plan.path)
+            return plan.path
+        _run(plan, batch_size=batch_size, num_workers=num_workers, device=device,
+             skip_bad=skip_bad, progress=progress)
+        return plan.path
+
+
+def _run(plan: ExtractionPlan, *, batch_size: int, num_workers: Optional[int],
+         device: Optional[str], skip_bad: bool, progress: bool) -> None:
+    dev = resolve_device(device)
+    # Build (and download) first, so a failure here leaves no partial file behind.
+    backbone = create_backbone(plan.model, plan.weights_arg, seed=plan.seed)
+    backbone.preprocessing = plan.preprocessing
+    if plan.weights.kind == "file" and backbone.weights.sha256 != plan.weights.sha256:
+        raise cache.CacheError(f"weights file {plan.weights.id} changed while extracting")
+    meta = plan.meta
+    meta["weights"]["sha256"] = backbone.weights.sha256
+    backbone.model.to(dev)
+    if dev.type == "cuda":
+        backbone.model.to(memory_format=torch.channels_last)
+    splits = plan.dataset.splits
+    writer = cache.CacheWriter(plan.path, key=plan.key, meta=meta,
+                               splits={s: (sp.ids, sp.labels) for s, sp in splits.items()},
+                               feature_dim=plan.feature_dim, dtype=plan.feature_dtype)
+    try:
+        stats = {}
+        for name, split in splits.items():
+            start = writer.rows_done(name)
+            if start < len(split):
+                stats[name] = _extract_split(backbone, split, writer, start=start, device=dev,
+                                             batch_size=batch_size, num_workers=num_workers,
+                                             skip_bad=skip_bad, progress=progress)
+            else:
+                stats[name] = {"resumed_from_row": start, "images": 0}
+            total = float(writer.file[name]["seconds"][0])
+            stats[name]["seconds_total"] = total
+            stats[name]["images_per_second"] = len(split) / total if total else None
+        writer.finalize(stats)
+    finally:
+        writer.close()
+
+
+class _SplitImages(torch.utils.data.Dataset):
+    """Decoded, resized and cropped uint8 images of one split, from row ``start`` on."""
+
+    def __init__(self, split: Split, preprocessing: Preprocessing, start: int = 0):
+        self.split, self.preprocessing, self.start = split, preprocessing, start
+
+    def __len__(self) -> int:
+        return len(self.split) - self.start
+
+    def __getitem__(self, i: int):
+        row = self.start + i
+        size = self.preprocessing.crop_size
+        try:
+            image = self.split.read_image(row, draft_size=self.preprocessing.resize_size)
+            array = self.preprocessing.resize_and_crop(image)
+            error = ""
+        except ImageReadError as exc:
+            array, error = np.zeros((size, size, 3), dtype=np.uint8), str(exc)
+        return torch.from_numpy(array).permute(2, 0, 1), error
+
+
+def default_num_workers() -> int:
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int,
+                num_workers: Optional[int], device: torch.device, shuffle: bool = False,
+                generator: Optional[torch.Generator] = None,
+                sampler=None) -> torch.utils.data.DataLoader:
+    workers = default_num_workers() if num_workers is None else num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+        sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if workers else None, generator=generator)
+
+
+@torch.inference_mode()
+def _extract_split(backbone: Backbone, split: Split, writer: cache.CacheWriter, *, start: int,
+                   device: torch.device, batch_size: int, num_workers: Optional[int],
+                   skip_bad: bool, progress: bool) -> dict:
+    loader = make_loader(_SplitImages(split, backbone.preprocessing, start),
+                         batch_size=batch_size, num_workers=num_workers, device=device)
+    wait = forward = write = 0.0
+    row = start
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(split), initial=start, unit="img", desc=f"{backbone.name} {split.name}",
+               disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for images, errors in loader:
+        t1 = time.perf_counter()
+        ok = np.array([not e for e in errors])
+        if not ok.all() and not skip_bad:
+            raise ImageReadError(*_first_error(split, row, errors))
+        for e in (e for e in errors if e):
+            logger.warning("skipping unreadable image: %s", e)
+        x = backbone.preprocessing.normalize(images.to(device, non_blocking=True))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = backbone.model(x).float().cpu().numpy()
+        t2 = time.perf_counter()
+        features[~ok] = np.nan
+        writer.write(split.name, row, features, ok, seconds=t2 - t0 + (time.perf_counter() - t2))
+        t3 = time.perf_counter()
+        wait, forward, write = wait + (t1 - t0), forward + (t2 - t1), write + (t3 - t2)
+        row += len(features)
+        bar.update(len(features))
+        t0 = t3
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    n = len(split) - start
+    logger.info("%s: %d images in %.1f s (%.1f img/s; waiting for data %.1f s, forward %.1f s, "
+                "write %.1f s)", split.name, n, elapsed, n / elapsed if elapsed else 0, wait,
+                forward, write)
+    return {"resumed_from_row": start, "images": n, "seconds": elapsed,
+            "data_wait_seconds": wait, "forward_seconds": forward, "write_seconds": write,
+            "device": str(device), "batch_size": batch_size}
+
+
+def _first_error(split: Split, row: int, errors) -> tuple:
+    i = next(i for i, e in enumerate(errors) if e)
+    path = split.paths[row + i] if split.paths is not None else split.ids[row + i]
+    reason = errors[i].split(": ", 1)[-1].split(" (pass --skip-bad")[0]
+    return path, reason
