@@ -42,3 +42,23 @@ def test_bad_input_is_a_one_line_error(tmp_path, image_folder):
     assert result.exit_code == 1 and "unknown model 'resnet1'" in result.output
     result = _run("extract", "--data", image_folder, "--weights", "nofile.pth")
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_fit_head_json_and_table(image_folder, cache_dir, tmp_path):
+    common = ["-q", "fit-head", "--data", image_folder, "--image-size", TINY, "--num-workers", 0,
+              "--cache-dir", cache_dir, "--n-boot", 50]
+    result = _run(*common, "--out", tmp_path / "run", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["head"] == "logreg" and record["run_dir"] == str(tmp_path / "run")
+    table = _run(*common, "--head", "knn", "--threshold", "0.5", "--out", tmp_path / "knn")
+    assert table.exit_code == 0 and "head knn" in table.output and "chosen on val: k=" in \
+        table.output
+    by_cache = _run("-q", "fit-head", "--cache", record["cache"]["path"], "--C", 0.1,
+                    "--out", tmp_path / "c", "--n-boot", 0)
+    assert by_cache.exit_code == 0 and "C=0.1" in by_cache.output
+
+
+def test_fit_head_needs_data_or_cache():
+    result = CliRunner().invoke(cli, ["fit-head"])
+    assert result.exit_code == 2 and "give --data" in result.output

@@ -15,6 +15,7 @@ import click
 from . import __version__
 from .extract import extract as extract_api
 from .extract import plan_extraction
+from .fit import fit_head as fit_head_api
 
 logger = logging.getLogger("xfeat")
 
@@ -38,10 +39,10 @@ def _api_errors(f):
     return wrapper
 
 
-def _data_options(f):
+def _data_options(f, required=True):
     api = plan_extraction
     options = [
-        click.option("--data", "-d", required=True, metavar="PATH|NAME",
+        click.option("--data", "-d", required=required, metavar="PATH|NAME",
                      help="Folder ROOT/{train,val,test}/CLASS/*, a MedMNIST-style .npz, or a "
                           "built-in name (pneumoniamnist, pneumoniamnist_224, ...)."),
         click.option("--val-fraction", type=float, default=_default(api, "val_fraction"),
@@ -72,6 +73,20 @@ def _model_options(f):
                      help="Crop size override [default: the weights' own, e.g. 224]."),
         click.option("--seed", type=int, default=_default(api, "seed"), show_default=True,
                      help="Seed of random initialisation (weights=none)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _extract_run_options(f):
+    options = [
+        click.option("--batch-size", "-b", type=int, default=_default(extract_api, "batch_size"),
+                     show_default=True, help="Images per forward pass."),
+        click.option("--num-workers", type=int, default=None,
+                     help="Data-loader processes [default: min(4, CPUs - 1)]."),
+        click.option("--device", default=None,
+                     help="cpu, cuda, cuda:N [default: cuda if available]."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -112,11 +127,7 @@ def models_cmd(as_json):
 @cli.command("extract")
 @_data_options
 @_model_options
-@click.option("--batch-size", "-b", type=int, default=_default(extract_api, "batch_size"),
-              show_default=True)
-@click.option("--num-workers", type=int, default=None,
-              help="Data-loader processes [default: min(4, CPUs - 1)].")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available].")
+@_extract_run_options
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Record and skip unreadable images.")
@@ -134,6 +145,86 @@ def extract_cmd(ctx, as_json, **options):
         click.echo(json.dumps({"path": str(path), **meta}, indent=2))
         return
     click.echo(_describe_cache(path, meta))
+
+
+@cli.command("fit-head")
+@functools.partial(_data_options, required=False)
+@_model_options
+@click.option("--cache", "cache_file", type=click.Path(dir_okay=False),
+              help="Use this feature cache (.h5) instead of --data/--model/--weights.")
+@click.option("--head", type=click.Choice(["logreg", "linear", "knn"]), default="logreg",
+              show_default=True, help="logreg: C swept on val; linear: the tutorial's SGD "
+                                      "recipe; knn: cosine k-NN, k chosen on val.")
+@click.option("--threshold", default=_default(fit_head_api, "threshold"), show_default=True,
+              help="youden, a probability such as 0.5, or sensitivity:0.95 / specificity:0.9; "
+                   "chosen on val.")
+@click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=None,
+              help="logreg class weights [default: balanced].")
+@click.option("--C", "C", type=float, default=None, help="logreg: fix C instead of sweeping it.")
+@click.option("--scoring", type=click.Choice(["log_loss", "accuracy", "balanced_accuracy",
+                                              "roc_auc"]), default=None,
+              help="logreg: val score that chooses C [default: log_loss].")
+@click.option("--refit-on-val", is_flag=True, help="logreg: refit on train+val with the chosen C.")
+@click.option("--epochs", type=int, default=None, help="linear: epochs [default: 25].")
+@click.option("--lr", type=float, default=None, help="linear: SGD learning rate [default: 1e-3].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/cached-HEAD].")
+@click.option("--n-boot", type=int, default=_default(fit_head_api, "n_boot"), show_default=True,
+              help="Bootstrap resamples for the test confidence intervals.")
+@_extract_run_options
+@click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the table.")
+@click.pass_context
+@_api_errors
+def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, threshold,
+                 class_weight, C, scoring, refit_on_val, epochs, lr, out_dir, n_boot, as_json,
+                 **extract_options):
+    """Fit a head on cached features (extracting them first if needed) and evaluate it."""
+    head_params = {"logreg": {"C": C, "scoring": scoring, "refit_on_val": refit_on_val or None,
+                              "class_weight": None if class_weight is None else
+                              (None if class_weight == "none" else class_weight)},
+                   "linear": {"epochs": epochs, "lr": lr, "seed": seed},
+                   "knn": {}}[head]
+    head_params = {k: v for k, v in head_params.items() if v is not None}
+    if class_weight == "none" and head == "logreg":
+        head_params["class_weight"] = None
+    extract_options.update(image_size=image_size, seed=seed, progress=ctx.obj["progress"])
+    extract_options = {k: v for k, v in extract_options.items() if v is not None}
+    if not data and not cache_file:
+        raise click.UsageError("give --data (and --model/--weights) or --cache FILE.h5")
+    result = fit_head_api(data, model, weights=weights, cache=cache_file, head=head,
+                          threshold=threshold, head_params=head_params, out_dir=out_dir,
+                          n_boot=n_boot, extract_options=extract_options)
+    if as_json:
+        click.echo(json.dumps(result.record, indent=2))
+    else:
+        click.echo(result.table())
+
+
+@cli.command("predict")
+@click.option("--head", "head_path", required=True, type=click.Path(dir_okay=False),
+              help="A head.npz written by fit-head.")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_csv", type=click.Path(dir_okay=False), default="predictions.csv",
+              show_default=True, help="CSV: path, probability per class, predicted label.")
+@click.option("--weights", default=None,
+              help="Where the head's weights file is now, if it moved.")
+@_extract_run_options
+@click.pass_context
+@_api_errors
+def predict_cmd(ctx, head_path, images, out_csv, weights, **options):
+    """Classify image files or folders with a saved head and its backbone."""
+    from .predict import predict
+
+    rows = predict(head_path, images, out_csv=out_csv, weights=weights,
+                   progress=ctx.obj["progress"], **options)
+    failed = [r for r in rows if r["error"]]
+    counts = {}
+    for r in rows:
+        if r["predicted"]:
+            counts[r["predicted"]] = counts.get(r["predicted"], 0) + 1
+    click.echo(f"{len(rows)} images -> {out_csv}: " +
+               ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) +
+               (f"; {len(failed)} unreadable (see the error column)" if failed else ""))
 
 
 @cli.command("info")

@@ -38,7 +38,7 @@ class ImageReadError(DataError):
     def __init__(self, path: str, reason: str):
         super().__init__(f"cannot read image {path}: {reason} (pass --skip-bad / skip_bad=True "
                          "to record and skip unreadable images)")
-        self.path = path
+        self.path, self.reason = path, reason
 
 
 @dataclass(frozen=True)

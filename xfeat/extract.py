@@ -199,7 +199,7 @@ class _SplitImages(torch.utils.data.Dataset):
             array = self.preprocessing.resize_and_crop(image)
             error = ""
         except ImageReadError as exc:
-            array, error = np.zeros((size, size, 3), dtype=np.uint8), str(exc)
+            array, error = np.zeros((size, size, 3), dtype=np.uint8), exc.reason
         return torch.from_numpy(array).permute(2, 0, 1), error
 
 
@@ -235,8 +235,9 @@ def _extract_split(backbone: Backbone, split: Split, writer: cache.CacheWriter, 
         ok = np.array([not e for e in errors])
         if not ok.all() and not skip_bad:
             raise ImageReadError(*_first_error(split, row, errors))
-        for e in (e for e in errors if e):
-            logger.warning("skipping unreadable image: %s", e)
+        for i in np.flatnonzero(~ok):
+            logger.warning("skipping unreadable image %s: %s", _sample_path(split, row + i),
+                           errors[i])
         x = backbone.preprocessing.normalize(images.to(device, non_blocking=True))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -262,6 +263,37 @@ def _extract_split(backbone: Backbone, split: Split, writer: cache.CacheWriter, 
 
 def _first_error(split: Split, row: int, errors) -> tuple:
     i = next(i for i, e in enumerate(errors) if e)
-    path = split.paths[row + i] if split.paths is not None else split.ids[row + i]
-    reason = errors[i].split(": ", 1)[-1].split(" (pass --skip-bad")[0]
-    return path, reason
+    return _sample_path(split, row + i), errors[i]
+
+
+def _sample_path(split: Split, row: int) -> str:
+    return split.paths[row] if split.paths is not None else split.ids[row]
+
+
+@torch.inference_mode()
+def embed_files(backbone: Backbone, paths, *, batch_size: int = 32,
+                num_workers: Optional[int] = None, device: Optional[str] = None,
+                progress: bool = True):
+    """Features of arbitrary image files: ``(features (N, D) with NaN rows, errors list)``.
+
+    An unreadable file gives a NaN row and its error message instead of stopping the rest.
+    """
+    dev = resolve_device(device)
+    backbone.model.to(dev).eval()
+    split = Split("files", [str(p) for p in paths], np.zeros(len(paths), dtype=np.int64),
+                  paths=[str(p) for p in paths])
+    loader = make_loader(_SplitImages(split, backbone.preprocessing), batch_size=batch_size,
+                         num_workers=num_workers, device=dev)
+    features, errors = [], []
+    with tqdm(total=len(split), unit="img", desc=backbone.name, disable=not progress) as bar:
+        for images, errs in loader:
+            out = backbone.model(backbone.preprocessing.normalize(images.to(dev))).float().cpu()
+            out = out.numpy()
+            out[[bool(e) for e in errs]] = np.nan
+            features.append(out)
+            base = len(errors)
+            errors += [f"cannot read image {split.paths[base + i]}: {e}" if e else ""
+                       for i, e in enumerate(errs)]
+            bar.update(len(errs))
+    dim = backbone.feature_dim
+    return (np.concatenate(features) if features else np.zeros((0, dim), np.float32)), errors

@@ -560,3 +560,32 @@ def _format_value(value):
         return "-"
     value = float(value)
     return "nan" if math.isnan(value) else f"{value:.3f}"
+
+
+def evaluate_splits(labels, probas, *, threshold="youden", n_boot=1000, seed=0):
+    """Everything a run reports, from per-split labels and probabilities.
+
+    The threshold rule is applied on ``val`` only (binary problems); metrics are computed for
+    every split at that threshold and at 0.5; bootstrap intervals on ``test``.
+
+    Returns ``{"threshold": {...}, "metrics": {...}, "metrics_at_0.5": {...}, "ci": {...}}``.
+    """
+    if "val" not in probas:
+        raise ValueError("evaluate_splits needs a 'val' split to choose the threshold on")
+    n_classes = probas["val"].shape[1]
+    rule = parse_threshold_rule(threshold)
+    if n_classes == 2:
+        value = choose_threshold(labels["val"], probas["val"][:, 1], rule)
+    else:
+        value = None  # multi-class: argmax
+    metrics = {s: compute_metrics(labels[s], probas[s], threshold=value if value is not None
+                                  else 0.5) for s in probas}
+    at_half = {s: compute_metrics(labels[s], probas[s], threshold=0.5) for s in probas}
+    ci = {}
+    if "test" in probas and n_boot:
+        ci["test"] = bootstrap_ci(labels["test"], probas["test"],
+                                  threshold=value if value is not None else 0.5,
+                                  n_boot=n_boot, seed=seed)
+    return {"threshold": {"rule": rule if isinstance(rule, str) else float(rule),
+                          "value": value, "chosen_on": "val"},
+            "metrics": metrics, "metrics_at_0.5": at_half, "ci": ci}

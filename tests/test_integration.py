@@ -1,0 +1,44 @@
+"""End-to-end runs on a small real subset of the shared chest X-rays (marked `integration`)."""
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+import xfeat
+from xfeat.cache import read_cache
+
+from conftest import MOBILENET_WEIGHTS, chest_subset
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def chest(tmp_path_factory):
+    return chest_subset(tmp_path_factory.mktemp("chest"), n_per_class=40)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_cache(chest, tmp_path_factory):
+    return xfeat.extract(chest, "mobilenet_v2", weights=MOBILENET_WEIGHTS, batch_size=32,
+                         cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_pretrained_extraction_on_real_xrays(mobilenet_cache):
+    fs = read_cache(mobilenet_cache)
+    assert fs.meta["weights"]["sha256"].startswith("3e26d31c")
+    assert fs.meta["preprocessing"]["crop_size"] == 224
+    assert {s: len(fs[s]) for s in fs.splits} == {"train": 72, "val": 8, "test": 80}
+    assert all(np.isfinite(fs[s].features).all() and fs[s].features.shape[1] == 1280
+               for s in fs.splits)
+    # Patients never straddle train and val.
+    pattern = fs.meta["split"]["group_pattern"]
+    from xfeat.data import patient_groups
+    assert not set(patient_groups(fs["train"].ids, pattern)) & \
+        set(patient_groups(fs["val"].ids, pattern))
+
+
+def test_pretrained_features_separate_the_classes(mobilenet_cache):
+    fs = read_cache(mobilenet_cache)
+    clf = LogisticRegression(C=0.1, max_iter=2000).fit(fs["train"].features, fs["train"].labels)
+    auc = roc_auc_score(fs["test"].labels, clf.predict_proba(fs["test"].features)[:, 1])
+    assert auc > 0.8, f"ImageNet MobileNetV2 features should separate NORMAL/PNEUMONIA, AUC {auc}"

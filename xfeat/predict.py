@@ -1,0 +1,103 @@
+"""``predict``: apply a saved head to new image files with the backbone it was trained on."""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from .backbones import Preprocessing, create_backbone
+from .data import IMAGE_EXTENSIONS
+from .extract import embed_files
+from .heads import load_head
+
+logger = logging.getLogger(__name__)
+
+
+def expand_images(inputs: Sequence[Union[str, Path]]) -> list:
+    """Files as given, folders searched recursively for images (sorted); errors name the path."""
+    files = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                           and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ValueError(f"folder {p} holds no images with extensions "
+                                 f"{', '.join(IMAGE_EXTENSIONS)}")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+    return files
+
+
+def _backbone_for(meta: dict, weights_override: Optional[str]):
+    w = meta["weights"]
+    if w["kind"] == "random":
+        seed = int(w["id"].split("seed=")[1].rstrip(")"))
+        weights, kwargs = "none", {"seed": seed}
+    elif w["kind"] == "torchvision":
+        weights, kwargs = weights_override or w["id"].rsplit(".", 1)[-1], {}
+    else:
+        weights, kwargs = weights_override or w["id"], {}
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"the head was trained on features of weights file {w['id']}, "
+                                    "which is not there; pass its current location with --weights")
+    backbone = create_backbone(meta["model"], weights, progress=False, **kwargs)
+    if w.get("sha256") and backbone.weights.sha256 and backbone.weights.sha256 != w["sha256"]:
+        raise ValueError(f"weights {weights} (sha256 {backbone.weights.sha256[:12]}) are not the "
+                         f"weights the head was trained with (sha256 {w['sha256'][:12]})")
+    p = meta["preprocessing"]
+    backbone.preprocessing = Preprocessing(p["resize_size"], p["crop_size"], tuple(p["mean"]),
+                                           tuple(p["std"]), p["interpolation"])
+    return backbone
+
+
+def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
+            out_csv: Union[str, Path, None] = None, weights: Optional[str] = None,
+            batch_size: int = 32, num_workers: Optional[int] = None,
+            device: Optional[str] = None, progress: bool = True) -> list:
+    """Classify image files with a saved head; one dict per image (and a CSV if asked).
+
+    Each row: ``path``, ``p_<class>`` per class, ``predicted`` (class name, using the head's
+    val-chosen threshold for binary problems) and ``error`` (non-empty for unreadable files).
+    """
+    head, meta = load_head(head_path)
+    files = expand_images(images)
+    backbone = _backbone_for(meta, weights)
+    features, errors = embed_files(backbone, files, batch_size=batch_size,
+                                   num_workers=num_workers, device=device, progress=progress)
+    ok = np.array([not e for e in errors], dtype=bool)
+    classes = meta["class_names"]
+    proba = np.full((len(files), len(classes)), np.nan)
+    if ok.any():
+        proba[ok] = head.predict_proba(features[ok])
+    threshold = meta.get("threshold")
+    rows = []
+    for i, path in enumerate(files):
+        row = {"path": str(path), **{f"p_{c}": float(proba[i, j]) for j, c in enumerate(classes)}}
+        if ok[i]:
+            label = int(proba[i, 1] >= threshold) if threshold is not None and len(classes) == 2 \
+                else int(np.argmax(proba[i]))
+            row.update(predicted=classes[label], error="")
+        else:
+            logger.warning("%s", errors[i])
+            row.update(predicted="", error=errors[i])
+        rows.append(row)
+    if out_csv:
+        write_csv(rows, out_csv)
+    return rows
+
+
+def write_csv(rows: list, path: Union[str, Path]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

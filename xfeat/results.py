@@ -1,0 +1,139 @@
+"""The result of one run (a head on cached features, or a fine-tuning), in one schema.
+
+``results.json`` (schema ``xfeat-result/1``) has these top-level keys:
+
+- ``schema``, ``created``, ``run_dir``
+- ``model``: backbone name; ``weights``: ``{kind, id, sha256}``
+- ``mode``: ``cached`` (head on the feature cache) | ``frozen`` | ``full`` | ``lp-ft``
+- ``head``: ``logreg`` | ``linear`` | ``knn`` (cached) or ``linear`` (fine-tuning)
+- ``dataset``: ``{name, source, fingerprint, class_names, counts}``
+- ``threshold``: ``{rule, value, chosen_on: "val"}`` (``value`` null for multi-class)
+- ``selection``: what was chosen on val (C and its sweep, k, best epoch, ...)
+- ``metrics``: ``{train, val, test}`` -> metric name -> value, at the chosen threshold
+- ``metrics_at_0.5``: the same at the fixed 0.5 threshold
+- ``ci``: ``{test: {accuracy, roc_auc, sensitivity, specificity: [lo, hi]}}`` (95% bootstrap)
+- ``timing``: seconds per stage (``extract``, ``fit``, ``evaluate``, ``total``) and
+  ``images_per_second`` where images were processed
+- ``cache``: ``{path, key, hit}`` (the feature cache used, null for fine-tuning)
+- ``history``: per-epoch records (trained heads and fine-tuning), else ``[]``
+- ``params``: the options of the run
+
+Next to it, ``predictions.npz`` holds ``{split}_ids``, ``{split}_labels`` and
+``{split}_proba`` for every split, so later reports never need to recompute anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .metrics import format_metrics_table
+
+SCHEMA = "xfeat-result/1"
+
+
+@dataclass
+class RunResult:
+    """One run's numbers plus its per-split predictions; ``save`` writes both."""
+
+    record: dict
+    predictions: dict = field(default_factory=dict)  # split -> (ids, labels, proba)
+
+    def __getitem__(self, key):
+        return self.record[key]
+
+    @property
+    def run_dir(self) -> Optional[Path]:
+        return Path(self.record["run_dir"]) if self.record.get("run_dir") else None
+
+    def save(self, run_dir) -> Path:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.record["run_dir"] = str(run_dir)
+        arrays = {}
+        for split, (ids, labels, proba) in self.predictions.items():
+            arrays[f"{split}_ids"] = np.asarray(ids, dtype=str)
+            arrays[f"{split}_labels"] = np.asarray(labels)
+            arrays[f"{split}_proba"] = np.asarray(proba, dtype=np.float32)
+        _atomic_write(run_dir / "predictions.npz", lambda f: np.savez(f, **arrays))
+        _atomic_write(run_dir / "results.json",
+                      lambda f: f.write(json.dumps(self.record, indent=2, default=_json).encode()))
+        return run_dir / "results.json"
+
+    def table(self) -> str:
+        r = self.record
+        th = r["threshold"]
+        lines = [f"{r['model']} ({r['weights']['id'] if r['weights']['kind'] != 'file' else Path(r['weights']['id']).name})"
+                 f" | mode {r['mode']} | head {r['head']} | {r['dataset']['name']}"]
+        sel = r.get("selection") or {}
+        chosen = {k: v for k, v in sel.items() if k in ("C", "k", "best_epoch", "scoring")}
+        if chosen:
+            lines.append("chosen on val: " + ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.items()))
+        if th.get("value") is not None:
+            lines.append(f"threshold: {th['value']:.3f} ({th['rule']}, chosen on val); "
+                         f"metrics at 0.5 under 'metrics_at_0.5'")
+        lines.append(format_metrics_table(r["metrics"], r.get("ci", {}).get("test")))
+        t = r["timing"]
+        lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()
+                                           if k.endswith("seconds") and v is not None))
+        if r.get("run_dir"):
+            lines.append(f"saved: {r['run_dir']}/results.json")
+        return "\n".join(lines)
+
+
+def load_result(path) -> RunResult:
+    """Read ``results.json`` (a file or its run folder) and its predictions."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results.json at {path}")
+    record = json.loads(path.read_text())
+    if record.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not an xfeat result (schema {record.get('schema')!r}, "
+                         f"expected {SCHEMA!r})")
+    predictions = {}
+    pred_path = path.with_name("predictions.npz")
+    if pred_path.is_file():
+        with np.load(pred_path, allow_pickle=False) as z:
+            for split in ("train", "val", "test"):
+                if f"{split}_proba" in z.files:
+                    predictions[split] = (z[f"{split}_ids"].tolist(), z[f"{split}_labels"],
+                                          z[f"{split}_proba"])
+    return RunResult(record, predictions)
+
+
+def new_record(**fields) -> dict:
+    return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": None,
+            **fields}
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _json(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, tuple)):
+        return list(obj.tolist() if isinstance(obj, np.ndarray) else obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
