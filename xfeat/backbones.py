@@ -58,17 +58,26 @@ class Preprocessing:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
-    def resize_and_crop(self, image: Image.Image) -> np.ndarray:
-        """RGB PIL image -> ``(crop, crop, 3)`` uint8: short side to ``resize_size``, centre crop."""
+    def resize_square(self, image: Image.Image) -> np.ndarray:
+        """Short side to ``resize_size``, centre square: ``(R, R, 3)`` uint8 (the train store)."""
         w, h = image.size
-        scale = self.resize_size / min(w, h)
-        new_w, new_h = max(self.crop_size, round(w * scale)), max(self.crop_size, round(h * scale))
+        size = self.resize_size
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), _PIL_INTERPOLATION[self.interpolation],
                                  reducing_gap=None)
-        left, top = (new_w - self.crop_size) // 2, (new_h - self.crop_size) // 2
-        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
-        return np.array(image, dtype=np.uint8)  # a writable copy for torch.from_numpy
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+    def center_crop(self, square: np.ndarray) -> np.ndarray:
+        """The centre ``crop_size`` square of a ``(R, R, ...)`` array."""
+        o = (square.shape[0] - self.crop_size) // 2
+        return square[o:o + self.crop_size, o:o + self.crop_size]
+
+    def resize_and_crop(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> ``(crop, crop, 3)`` uint8, exactly the store's eval view."""
+        return np.ascontiguousarray(self.center_crop(self.resize_square(image)))
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` uint8 -> float32 normalised with ``mean`` / ``std``."""

@@ -15,6 +15,7 @@ import click
 from . import __version__
 from .extract import extract as extract_api
 from .extract import plan_extraction
+from .finetune import finetune as finetune_api
 from .fit import fit_head as fit_head_api
 
 logger = logging.getLogger("xfeat")
@@ -225,6 +226,49 @@ def predict_cmd(ctx, head_path, images, out_csv, weights, **options):
     click.echo(f"{len(rows)} images -> {out_csv}: " +
                ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) +
                (f"; {len(failed)} unreadable (see the error column)" if failed else ""))
+
+
+@cli.command("finetune")
+@_data_options
+@_model_options
+@click.option("--mode", type=click.Choice(["full", "frozen", "lp-ft"]),
+              default=_default(finetune_api, "mode"), show_default=True,
+              help="full: train every layer; frozen: only the new last layer (backbone forward "
+                   "every epoch); lp-ft: start the last layer from the cached logistic probe.")
+@click.option("--epochs", type=int, default=_default(finetune_api, "epochs"), show_default=True)
+@click.option("--lr", type=float, default=_default(finetune_api, "lr"), show_default=True)
+@click.option("--momentum", type=float, default=_default(finetune_api, "momentum"),
+              show_default=True)
+@click.option("--step-size", type=int, default=_default(finetune_api, "step_size"),
+              show_default=True, help="StepLR: decay the learning rate every N epochs.")
+@click.option("--gamma", type=float, default=_default(finetune_api, "gamma"), show_default=True)
+@click.option("--weight-decay", type=float, default=_default(finetune_api, "weight_decay"),
+              show_default=True)
+@click.option("--batch-size", "-b", type=int, default=_default(finetune_api, "batch_size"),
+              show_default=True)
+@click.option("--num-workers", type=int, default=None,
+              help="Data-loader processes [default: min(4, CPUs - 1)].")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available].")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "none"]),
+              default=_default(finetune_api, "amp"), show_default=True,
+              help="auto: bf16 autocast on CUDA, full precision on CPU.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--compile", is_flag=True, help="torch.compile the network (slow first epoch).")
+@click.option("--threshold", default=_default(finetune_api, "threshold"), show_default=True,
+              help="Decision threshold rule, chosen on val.")
+@click.option("--max-train-images", type=int, default=None,
+              help="Train on a stratified subset of train (quick runs).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/MODE-linear].")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
+@click.option("--n-boot", type=int, default=_default(finetune_api, "n_boot"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the table.")
+@click.pass_context
+@_api_errors
+def finetune_cmd(ctx, as_json, **options):
+    """Train end to end (full), the frozen-backbone baseline, or LP-FT; evaluate once on test."""
+    result = finetune_api(progress=ctx.obj["progress"], **options)
+    click.echo(json.dumps(result.record, indent=2) if as_json else result.table())
 
 
 @cli.command("info")

@@ -61,21 +61,29 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
             out_csv: Union[str, Path, None] = None, weights: Optional[str] = None,
             batch_size: int = 32, num_workers: Optional[int] = None,
             device: Optional[str] = None, progress: bool = True) -> list:
-    """Classify image files with a saved head; one dict per image (and a CSV if asked).
+    """Classify image files with a saved head (``head.npz`` from fit-head) or a fine-tuned
+    network (``model.pt`` from finetune); one dict per image (and a CSV if asked).
 
     Each row: ``path``, ``p_<class>`` per class, ``predicted`` (class name, using the head's
     val-chosen threshold for binary problems) and ``error`` (non-empty for unreadable files).
     """
-    head, meta = load_head(head_path)
+    if Path(head_path).suffix == ".pt":  # a network from `xfeat finetune`
+        from .finetune import load_finetuned
+
+        network, meta = load_finetuned(head_path)
+        head = None
+    else:
+        head, meta = load_head(head_path)
+        network = _backbone_for(meta, weights)
     files = expand_images(images)
-    backbone = _backbone_for(meta, weights)
-    features, errors = embed_files(backbone, files, batch_size=batch_size,
-                                   num_workers=num_workers, device=device, progress=progress)
+    outputs, errors = embed_files(network, files, batch_size=batch_size,
+                                  num_workers=num_workers, device=device, progress=progress)
     ok = np.array([not e for e in errors], dtype=bool)
     classes = meta["class_names"]
     proba = np.full((len(files), len(classes)), np.nan)
     if ok.any():
-        proba[ok] = head.predict_proba(features[ok])
+        proba[ok] = head.predict_proba(outputs[ok]) if head is not None else \
+            _softmax(outputs[ok].astype(np.float64))
     threshold = meta.get("threshold")
     rows = []
     for i, path in enumerate(files):
@@ -91,6 +99,11 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     if out_csv:
         write_csv(rows, out_csv)
     return rows
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def write_csv(rows: list, path: Union[str, Path]) -> Path:

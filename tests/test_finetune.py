@@ -1,0 +1,155 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import xfeat
+from xfeat.backbones import create_backbone
+from xfeat.cache import read_cache
+from xfeat.cli import cli
+from xfeat.finetune import _init_from_probe, finetune, load_finetuned
+from xfeat.heads import LogisticHead
+from xfeat.predict import predict
+
+from conftest import REPO, TINY, make_image_folder
+
+QUICK = dict(model="resnet18", image_size=TINY, num_workers=0, progress=False, n_boot=50)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("ft") / "xray", n_train=24, n_test=6)
+
+
+def test_full_run_writes_everything(data, tmp_path):
+    result = finetune(data, mode="full", epochs=3, cache_dir=tmp_path / "c", out_dir=tmp_path / "r",
+                      **QUICK)
+    run = tmp_path / "r"
+    for name in ("results.json", "predictions.npz", "history.json", "history.csv", "curves.png",
+                 "model.pt", "checkpoint.pt", "best_model.pt"):
+        assert (run / name).is_file(), name
+    record = json.loads((run / "results.json").read_text())
+    assert record["mode"] == "full" and record["head"] == "linear"
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
+    assert record["history"][0]["lr"] == 1e-3 and record["history"][0]["images_per_second"] > 0
+    assert record["params"]["trainable_parameters"] == record["params"]["parameters"]
+    best = record["selection"]["best_epoch"]
+    assert record["history"][best - 1]["val_accuracy"] == max(h["val_accuracy"]
+                                                               for h in record["history"])
+    assert record["threshold"]["chosen_on"] == "val" and set(record["metrics"]) == \
+        {"train", "val", "test"}
+    assert result["timing"]["seconds_per_epoch"] > 0
+
+
+def test_frozen_trains_only_the_new_layer(data, tmp_path):
+    finetune(data, mode="frozen", epochs=2, cache_dir=tmp_path / "c", out_dir=tmp_path / "r",
+             **QUICK)
+    trained = torch.load(tmp_path / "r" / "best_model.pt", weights_only=True)
+    initial = create_backbone("resnet18", "none", image_size=TINY).model.state_dict()
+    for key, value in initial.items():  # weights and BatchNorm statistics untouched
+        assert torch.equal(trained[key], value), key
+    record = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert record["params"]["trainable_parameters"] == 512 * 2 + 2
+
+
+def test_lpft_layer_reproduces_the_probe(data, tmp_path):
+    plan = xfeat.plan_extraction(data, "resnet18", cache_dir=tmp_path / "c", image_size=TINY)
+    layer = nn.Linear(512, 2)
+    info = _init_from_probe(layer, plan, num_workers=0, device=None, progress=False)
+    features = read_cache(info["cache"])
+    probe = LogisticHead().fit(features["train"].features, features["train"].labels,
+                               features["val"].features, features["val"].labels)
+    with torch.no_grad():
+        ours = torch.softmax(layer(torch.from_numpy(features["test"].features)), 1).numpy()
+    np.testing.assert_allclose(ours, probe.predict_proba(features["test"].features), atol=1e-4)
+    assert info["C"] == probe.C_
+    result = finetune(data, mode="lp-ft", epochs=1, cache_dir=tmp_path / "c",
+                      out_dir=tmp_path / "r", **QUICK)
+    assert result["selection"]["lpft_probe"]["C"] == probe.C_
+
+
+def test_seeded_runs_are_identical(data, tmp_path):
+    a = finetune(data, epochs=2, cache_dir=tmp_path / "c", out_dir=tmp_path / "a", **QUICK)
+    b = finetune(data, epochs=2, cache_dir=tmp_path / "c", out_dir=tmp_path / "b", **QUICK)
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    np.testing.assert_array_equal(a.predictions["test"][2], b.predictions["test"][2])
+
+
+def test_refuses_to_overwrite_and_checks_resume_options(data, tmp_path):
+    finetune(data, epochs=1, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK)
+    with pytest.raises(ValueError, match="pass resume=True"):
+        finetune(data, epochs=1, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK)
+    with pytest.raises(ValueError, match=r"different options \(\['lr'\]\)"):
+        finetune(data, epochs=1, lr=0.1, resume=True, cache_dir=tmp_path / "c",
+                 out_dir=tmp_path / "r", **QUICK)
+
+
+def test_predict_with_the_finetuned_model(data, tmp_path):
+    result = finetune(data, epochs=1, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK)
+    rows = predict(tmp_path / "r" / "model.pt", [data / "test"], num_workers=0, progress=False)
+    ids, _, proba = result.predictions["test"]
+    expected = dict(zip(ids, proba))
+    for row in rows:
+        rel = "test/" + row["path"].split("/test/", 1)[1]
+        np.testing.assert_allclose([row["p_NORMAL"], row["p_PNEUMONIA"]], expected[rel],
+                                   atol=1e-5)
+    network, meta = load_finetuned(tmp_path / "r" / "model.pt")
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and network.feature_dim == 2
+
+
+def _checkpoint_epoch(path):
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except Exception:  # not written yet
+        return 0
+
+
+@pytest.fixture
+def one_thread():
+    """The killed child runs with one thread; float sums must be ordered the same here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_kill_then_resume_equals_uninterrupted(tmp_path, one_thread):
+    data = make_image_folder(tmp_path / "xray", n_train=60, n_test=4)
+    args = ["--data", str(data), "--model", "resnet18", "--image-size", "48", "--epochs", "5",
+            "--num-workers", "0", "--cache-dir", str(tmp_path / "c"), "--n-boot", "50"]
+    run = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-m", "xfeat", "-q", "finetune", *args, "--out",
+                              str(run)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while _checkpoint_epoch(run / "checkpoint.pt") < 2 and child.poll() is None and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = _checkpoint_epoch(run / "checkpoint.pt")
+    assert 2 <= killed_at < 5
+
+    resumed = CliRunner().invoke(cli, ["-q", "finetune", *args, "--out", str(run), "--resume",
+                                       "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    straight = CliRunner().invoke(cli, ["-q", "finetune", *args, "--out", str(tmp_path / "ref"),
+                                        "--json"])
+    a, b = json.loads(resumed.output), json.loads(straight.output)
+    assert [h["epoch"] for h in a["history"]] == [1, 2, 3, 4, 5]
+    for ha, hb in zip(a["history"], b["history"]):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+            assert ha[key] == pytest.approx(hb[key], rel=1e-4, abs=1e-6), (ha["epoch"], key)
+    assert a["selection"]["best_epoch"] == b["selection"]["best_epoch"]
+    for split in ("train", "val", "test"):
+        assert a["metrics"][split]["accuracy"] == pytest.approx(b["metrics"][split]["accuracy"])
