@@ -107,11 +107,16 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = make_subset(args.data, tmp / "speed", args.n)
-        a = forward_only(root, args.model, args.batch_size)
+        # (a) before and after (b): the faster of the two is the compute limit, so drift on a
+        # shared machine can only make the ratio look worse, never better.
+        a1 = forward_only(root, args.model, args.batch_size)
         b = full_extract(root, args.model, args.batch_size, args.num_workers, tmp / "cache")
+        a2 = forward_only(root, args.model, args.batch_size)
+        a = max(a1, a2, key=lambda r: r["images_per_second"])
         result = {"model": args.model, "batch_size": args.batch_size,
-                  "threads": torch.get_num_threads(), "forward_only": a, "full_extract": b,
-                  "ratio": b["images_per_second"] / a["images_per_second"]}
+                  "threads": torch.get_num_threads(), "forward_only": a,
+                  "forward_only_runs": [a1["images_per_second"], a2["images_per_second"]],
+                  "full_extract": b, "ratio": b["images_per_second"] / a["images_per_second"]}
         sizes = [int(s) for s in args.memory_sizes.split(",") if s]
         memory = {}
         for n in sizes:
@@ -128,7 +133,8 @@ def main(argv=None):
     print(f"model {args.model}, batch {args.batch_size}, {result['threads']} torch threads, "
           f"{a['images']} images of {args.data}")
     print(f"(a) forward only on in-memory tensors: {a['images_per_second']:7.1f} img/s "
-          f"({a['seconds']:.1f} s)")
+          f"(best of the runs before and after (b): "
+          f"{', '.join(f'{v:.1f}' for v in result['forward_only_runs'])} img/s)")
     print(f"(b) full xfeat extract:                {b['images_per_second']:7.1f} img/s "
           f"({b['seconds']:.1f} s; waiting for data {b['data_wait_seconds']} s, forward "
           f"{b['forward_seconds']} s, write {b['write_seconds']} s)")

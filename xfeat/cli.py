@@ -15,6 +15,7 @@ import click
 from . import __version__
 from .extract import extract as extract_api
 from .extract import plan_extraction
+from .compare import compare as compare_api
 from .finetune import finetune as finetune_api
 from .fit import fit_head as fit_head_api
 
@@ -269,6 +270,53 @@ def finetune_cmd(ctx, as_json, **options):
     """Train end to end (full), the frozen-backbone baseline, or LP-FT; evaluate once on test."""
     result = finetune_api(progress=ctx.obj["progress"], **options)
     click.echo(json.dumps(result.record, indent=2) if as_json else result.table())
+
+
+@cli.command("compare")
+@_data_options
+@click.option("--models", default=",".join(_default(compare_api, "models")), show_default=True,
+              help="Comma-separated backbones.")
+@click.option("--weights", "-w", default="none", show_default=True,
+              help="Weights for every model (none, DEFAULT, a file), or per model: "
+                   "'mobilenet_v2=PATH,resnet50=DEFAULT' (others: none).")
+@click.option("--modes", default=",".join(_default(compare_api, "modes")), show_default=True,
+              help="Comma-separated: cached, frozen, full, lp-ft.")
+@click.option("--epochs", type=int, default=_default(compare_api, "epochs"), show_default=True)
+@click.option("--quick", is_flag=True,
+              help="Small stratified subset and 2 epochs: the whole comparison in minutes.")
+@click.option("--head", type=click.Choice(["logreg", "linear", "knn"]), default="logreg",
+              show_default=True, help="Head of the cached mode.")
+@click.option("--image-size", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", "-b", type=int, default=_default(compare_api, "batch_size"),
+              show_default=True)
+@click.option("--num-workers", type=int, default=None)
+@click.option("--device", default=None)
+@click.option("--n-boot", type=int, default=_default(compare_api, "n_boot"), show_default=True)
+@click.option("--analyze", is_flag=True, help="Also run `xfeat analyze` and link it.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              default=_default(compare_api, "out_dir"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print comparison.json instead.")
+@click.pass_context
+@_api_errors
+def compare_cmd(ctx, models, modes, as_json, **options):
+    """Speed and accuracy of every (backbone, mode) pair, side by side, with a report."""
+    result = compare_api(models=[m for m in models.split(",") if m],
+                         modes=[m for m in modes.split(",") if m],
+                         progress=ctx.obj["progress"], **options)
+    if as_json:
+        click.echo((result.out_dir / "comparison.json").read_text())
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(result.table())
+    for line in result.savings:
+        click.echo(f"- {line}")
+    for t in result.tests[1:]:
+        click.echo(f"- {t['model']} {t['mode']} vs {t['against']}: AUC diff "
+                   f"{t.get('auc_diff', float('nan')):+.3f} (p={t.get('auc_p_value', float('nan')):.3g}), "
+                   f"accuracy diff {t['accuracy_diff']:+.3f} (p={t['accuracy_p_value']:.3g})")
+    click.echo(f"report: {result.out_dir / 'report.md'} (and report.html)")
 
 
 @cli.command("info")

@@ -114,6 +114,37 @@ class Dataset:
         return {s: np.bincount(sp.labels, minlength=len(self.class_names)).tolist()
                 for s, sp in self.splits.items()}
 
+    def subsample(self, sizes: dict, seed: int = 0) -> "Dataset":
+        """A stratified, seeded subset: at most ``sizes[split]`` samples per split.
+
+        Quick runs use it; the subset has its own fingerprint (and so its own caches).
+        """
+        splits, chosen = {}, {}
+        for name, split in self.splits.items():
+            n = sizes.get(name)
+            if n is None or n >= len(split):
+                splits[name] = split
+                continue
+            if n < len(self.class_names):
+                raise DataError(f"cannot subsample {name} to {n} images: fewer than the "
+                                f"{len(self.class_names)} classes")
+            rng = np.random.default_rng([seed, SPLITS.index(name)])
+            rows = []
+            for c in range(len(self.class_names)):
+                members = np.flatnonzero(split.labels == c)
+                k = min(len(members), max(1, round(n * len(members) / len(split))))
+                rows.extend(rng.choice(members, size=k, replace=False))
+            rows = np.sort(np.asarray(rows, dtype=np.int64))
+            splits[name] = split.subset(rows)
+            chosen[name] = len(rows)
+        digest = hashlib.sha256(json.dumps([self.content_digest, {s: sp.ids for s, sp in
+                                                                  splits.items()}]).encode())
+        return Dataset(name=f"{self.name}-subset", source=self.source,
+                       class_names=self.class_names, splits=splits,
+                       content_digest=digest.hexdigest(),
+                       split_info={**self.split_info, "subsample": {"sizes": chosen,
+                                                                    "seed": seed}})
+
 
 # --------------------------------------------------------------------------- images
 

@@ -94,6 +94,8 @@ def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     info, tv_weights = resolve_weights(model, weights, seed=seed)
     preprocessing = default_preprocessing(model, tv_weights).with_size(image_size)
+    if dataset is None and isinstance(data, Dataset):
+        dataset = data
     if dataset is None:
         dataset = load_dataset(data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern),
                                cache_dir=cache_dir)
@@ -122,7 +124,8 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
 
     Parameters
     ----------
-    data : folder ``ROOT/{train,val,test}/CLASS/*``, MedMNIST-style ``.npz``, or a built-in name.
+    data : folder ``ROOT/{train,val,test}/CLASS/*``, MedMNIST-style ``.npz``, a built-in name,
+        or a :class:`~xfeat.data.Dataset` already loaded (e.g. a ``subsample``).
     model : any torchvision classifier (``xfeat.list_backbones()``).
     weights : ``"none"``, ``"DEFAULT"``, a torchvision weights name, or a state-dict file.
     image_size : crop size override (tiny inputs for tests; default: the weights' own).

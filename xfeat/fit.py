@@ -13,7 +13,7 @@ from typing import Optional, Union
 import numpy as np
 
 from . import cache as cache_io
-from .data import SplitRecipe, load_dataset
+from .data import Dataset, SplitRecipe, load_dataset
 from .extract import extract, plan_extraction
 from .heads import create_head, save_head
 from .metrics import evaluate_splits
@@ -125,10 +125,13 @@ def head_metadata(meta: dict, evaluation: dict) -> dict:
 
 def check_cache_matches_data(meta: dict, data) -> None:
     """A cache given together with ``data`` must have been made from exactly that data."""
-    split = meta["split"]
-    recipe = SplitRecipe(split["val_fraction"], split["seed"], split["group_pattern"]) \
-        if split.get("val") == "carved from train" else SplitRecipe()
-    fingerprint = load_dataset(data, recipe=recipe).fingerprint
+    if isinstance(data, Dataset):
+        fingerprint = data.fingerprint
+    else:
+        split = meta["split"]
+        recipe = SplitRecipe(split["val_fraction"], split["seed"], split["group_pattern"]) \
+            if split.get("val") == "carved from train" else SplitRecipe()
+        fingerprint = load_dataset(data, recipe=recipe).fingerprint
     if fingerprint != meta["dataset"]["fingerprint"]:
         raise cache_io.CacheError(
             f"the cache {meta.get('key', '')[:16]} was made from different data than {data} "
