@@ -62,3 +62,12 @@ def test_fit_head_json_and_table(image_folder, cache_dir, tmp_path):
 def test_fit_head_needs_data_or_cache():
     result = CliRunner().invoke(cli, ["fit-head"])
     assert result.exit_code == 2 and "give --data" in result.output
+
+
+def test_analyze_command(image_folder, cache_dir, tmp_path):
+    result = _run("-q", "analyze", "--data", image_folder, "--image-size", TINY, "--num-workers",
+                  0, "--cache-dir", cache_dir, "--n-boot", 50, "--folds", 3,
+                  "--out", tmp_path / "an")
+    assert result.exit_code == 0, result.output
+    assert "xfeat analysis:" in result.output and (tmp_path / "an" / "analysis.md").is_file()
+    assert json.loads((tmp_path / "an" / "analysis.json").read_text())["headlines"]

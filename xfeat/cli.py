@@ -15,6 +15,7 @@ import click
 from . import __version__
 from .extract import extract as extract_api
 from .extract import plan_extraction
+from .analyze import analyze as analyze_api
 from .compare import compare as compare_api
 from .finetune import finetune as finetune_api
 from .fit import fit_head as fit_head_api
@@ -317,6 +318,41 @@ def compare_cmd(ctx, models, modes, as_json, **options):
                    f"{t.get('auc_diff', float('nan')):+.3f} (p={t.get('auc_p_value', float('nan')):.3g}), "
                    f"accuracy diff {t['accuracy_diff']:+.3f} (p={t['accuracy_p_value']:.3g})")
     click.echo(f"report: {result.out_dir / 'report.md'} (and report.html)")
+
+
+@cli.command("analyze")
+@functools.partial(_data_options, required=False)
+@_model_options
+@click.option("--cache", "cache_file", type=click.Path(dir_okay=False),
+              help="Use this feature cache (.h5) instead of --data/--model/--weights.")
+@click.option("--run", "runs", multiple=True, type=click.Path(file_okay=False),
+              help="A run folder (fit-head or finetune) whose train/val/test gap to include; "
+                   "repeatable.")
+@click.option("--near-duplicate-threshold", type=float,
+              default=_default(analyze_api, "near_duplicate_threshold"), show_default=True,
+              help="Cosine similarity of embeddings at or above which images are near duplicates.")
+@click.option("--folds", "n_folds", type=int, default=_default(analyze_api, "n_folds"),
+              show_default=True, help="Cross-validation folds (shift classifier, label noise).")
+@click.option("--n-boot", type=int, default=_default(analyze_api, "n_boot"), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Report folder [default: runs/DATASET/MODEL-WEIGHTS/analysis].")
+@_extract_run_options
+@click.option("--json", "as_json", is_flag=True, help="Print analysis.json instead.")
+@click.pass_context
+@_api_errors
+def analyze_cmd(ctx, data, model, weights, image_size, seed, cache_file, runs,
+                near_duplicate_threshold, n_folds, n_boot, out_dir, as_json, **extract_options):
+    """Why test accuracy lags: imbalance, shift, duplicates and leakage, label noise,
+    overfitting, calibration."""
+    if not data and not cache_file:
+        raise click.UsageError("give --data (and --model/--weights) or --cache FILE.h5")
+    extract_options.update(image_size=image_size, seed=seed, progress=ctx.obj["progress"])
+    extract_options = {k: v for k, v in extract_options.items() if v is not None}
+    analysis = analyze_api(data, model, weights=weights, cache=cache_file, out_dir=out_dir,
+                           runs=runs, near_duplicate_threshold=near_duplicate_threshold,
+                           n_folds=n_folds, n_boot=n_boot, seed=seed,
+                           extract_options=extract_options, progress=ctx.obj["progress"])
+    click.echo(json.dumps(analysis.record, indent=2) if as_json else analysis.summary())
 
 
 @cli.command("info")

@@ -468,9 +468,11 @@ def choose_threshold(y_true, p_positive, rule):
     -------
     float
         Threshold in [0, 1] for the rule ``p_positive >= threshold``. Candidates are the
-        observed scores; among tied candidates the highest threshold wins (the most
-        conservative about calling a sample positive). A rule met only by predicting
-        nothing positive returns 1.0.
+        observed scores; among tied candidates the highest wins (the most conservative about
+        calling a sample positive); the returned value lies midway between that score and
+        the next lower one, which classifies these samples identically with the widest
+        margin. A rule met only by predicting nothing positive returns a value above every
+        score.
     """
     parsed = parse_threshold_rule(rule)
     if isinstance(parsed, float):
@@ -495,7 +497,10 @@ def choose_threshold(y_true, p_positive, rule):
             ok = 1 - fpr >= target - 1e-12
             gain = np.where(ok, tpr, -np.inf)
         best = int(np.argmax(gain))
-    return float(np.clip(thresholds[best], 0.0, 1.0))
+    t = float(np.clip(thresholds[best], 0.0, 1.0))
+    # Midway to the next lower score: the same calls on these data, the widest margin on new.
+    below = p[p < t]
+    return (t + float(below.max())) / 2 if below.size else t
 
 
 def reliability_curve(y_true, proba, *, n_bins=15):
