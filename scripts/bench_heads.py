@@ -34,7 +34,8 @@ MEMORY_NOTE = (
 )
 
 
-def make_synthetic(n_train=5216, n_val=580, dim=2048, rank=64, signal=0.6, seed=0) -> dict[str, np.ndarray]:
+def make_synthetic(n_train=5216, n_val=580, dim=2048, rank=64, signal=0.6,
+                   seed=0) -> dict[str, np.ndarray]:
     """ReLU-like non-negative features: low-rank factors + a class direction + noise."""
     rng = np.random.default_rng(seed)
     loadings = (rng.standard_normal((rank, dim)) / np.sqrt(rank)).astype(np.float32)
@@ -99,7 +100,8 @@ def measure_memory(path: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--features", help="npz with X_train, y_train, X_val, y_val (default: synthetic)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")

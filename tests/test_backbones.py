@@ -43,6 +43,9 @@ def test_every_backbone_returns_n_by_d(name):
         out = backbone.model(torch.randn(2, 3, size, size))
     assert out.shape == (2, feature_dim(name)) == (2, backbone.feature_dim)
     assert torch.isfinite(out).all()
+    backbone.replace_classifier(backbone.new_classifier(3))  # what fine-tuning does
+    with torch.inference_mode():
+        assert backbone.model(torch.randn(2, 3, size, size)).shape == (2, 3)
 
 
 def test_random_init_is_seeded():

@@ -71,3 +71,9 @@ def test_analyze_command(image_folder, cache_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "xfeat analysis:" in result.output and (tmp_path / "an" / "analysis.md").is_file()
     assert json.loads((tmp_path / "an" / "analysis.json").read_text())["headlines"]
+
+
+def test_fit_head_rejects_options_of_another_head(image_folder):
+    result = CliRunner().invoke(cli, ["fit-head", "--data", str(image_folder), "--head", "knn",
+                                      "--C", "1"])
+    assert result.exit_code == 2 and "--C do(es) not apply to --head knn" in result.output

@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -32,7 +33,7 @@ def test_compare_reports_and_reuses(tmp_path, caplog):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "| model | mode | params |" in report and "![Pareto plot](pareto.png)" in report
-    assert "runs/resnet18-random-full-1ep/curves.png" in report
+    assert re.search(r"runs/resnet18-random-full-1ep-[0-9a-f]{8}/curves\.png", report)
     cached, frozen = first.rows[0], first.rows[1]
     assert cached["trainable_parameters"] == 513 and frozen["trainable_parameters"] == 1026
     assert frozen["parameters"] > 1e7 and cached["extract_seconds"] > 0

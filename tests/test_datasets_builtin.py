@@ -3,7 +3,6 @@ import http.server
 import threading
 from functools import partial
 
-import numpy as np
 import pytest
 
 from xfeat import datasets_builtin

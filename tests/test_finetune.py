@@ -53,9 +53,12 @@ def test_frozen_trains_only_the_new_layer(data, tmp_path):
     finetune(data, mode="frozen", epochs=2, cache_dir=tmp_path / "c", out_dir=tmp_path / "r",
              **QUICK)
     trained = torch.load(tmp_path / "r" / "best_model.pt", weights_only=True)
-    initial = create_backbone("resnet18", "none", image_size=TINY).model.state_dict()
-    for key, value in initial.items():  # weights and BatchNorm statistics untouched
-        assert torch.equal(trained[key], value), key
+    initial = create_backbone("resnet18", "none", image_size=TINY).model
+    for key, value in initial.named_parameters():  # no backbone weight moves
+        assert torch.equal(trained[key], value.detach()), key
+    # As in the tutorial the frozen network runs in train mode: BatchNorm statistics adapt.
+    assert not torch.equal(trained["bn1.running_mean"], initial.bn1.running_mean)
+    assert not torch.equal(trained["fc.weight"], torch.zeros_like(trained["fc.weight"]))
     record = json.loads((tmp_path / "r" / "results.json").read_text())
     assert record["params"]["trainable_parameters"] == 512 * 2 + 2
 
@@ -153,3 +156,29 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, one_thread):
     assert a["selection"]["best_epoch"] == b["selection"]["best_epoch"]
     for split in ("train", "val", "test"):
         assert a["metrics"][split]["accuracy"] == pytest.approx(b["metrics"][split]["accuracy"])
+
+
+def test_lpft_from_a_saved_probe_and_a_wrong_one(data, tmp_path):
+    from xfeat.fit import fit_head
+
+    extract_options = dict(cache_dir=tmp_path / "c", image_size=TINY, num_workers=0,
+                           progress=False)
+    fit_head(data, "resnet18", out_dir=tmp_path / "probe", n_boot=0,
+             extract_options=extract_options)
+    result = finetune(data, mode="lp-ft", epochs=1, probe=tmp_path / "probe" / "head.npz",
+                      cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK)
+    assert result["selection"]["lpft_probe"]["probe"].endswith("head.npz")
+    fit_head(data, "resnet34", out_dir=tmp_path / "other", n_boot=0,
+             extract_options=extract_options)
+    with pytest.raises(ValueError, match="trained on backbone 'resnet34'"):
+        finetune(data, mode="lp-ft", epochs=1, probe=tmp_path / "other" / "head.npz",
+                 cache_dir=tmp_path / "c", out_dir=tmp_path / "r2", **QUICK)
+
+
+def test_squeezenet_conv_classifier_finetunes(data, tmp_path):
+    result = finetune(data, epochs=1, cache_dir=tmp_path / "c",
+                      out_dir=tmp_path / "r", **{**QUICK, "model": "squeezenet1_1",
+                                                 "image_size": 48})
+    assert result["params"]["trainable_parameters"] == result["params"]["parameters"]
+    rows = predict(tmp_path / "r" / "model.pt", [data / "test"], num_workers=0, progress=False)
+    assert len(rows) == 12 and all(r["predicted"] for r in rows)

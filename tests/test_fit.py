@@ -109,3 +109,12 @@ def test_head_from_other_backbone_is_refused(features, tmp_path):
     other = dict(features.meta, weights={"kind": "random", "id": "random(seed=1)", "sha256": None})
     with pytest.raises(ValueError, match="weights random\\(seed=0\\)"):
         check_head_matches(head_meta, other)
+
+
+def test_refit_on_val_chooses_the_threshold_out_of_sample(features):
+    plain = fit_head(cache=features, save=False, n_boot=0)
+    refit = fit_head(cache=features, head_params={"refit_on_val": True}, save=False, n_boot=0)
+    assert refit["selection"]["C"] == plain["selection"]["C"]
+    assert refit["threshold"] == plain["threshold"]  # from the train-only model's val scores
+    assert "in-sample" in refit["notes"][0]
+    assert refit["metrics"]["test"] != plain["metrics"]["test"]  # the model did change

@@ -62,7 +62,8 @@ def test_predict_with_wrong_number_of_features_raises(name):
     head = fitted(name, splits())
     with pytest.raises(ValueError, match="features"):
         head.predict_proba(np.zeros((4, 10), dtype=np.float32))
-    with pytest.raises(ValueError, match=rf"X has 10 features, but {type(head).__name__} is expecting 64"):
+    with pytest.raises(ValueError,
+                       match=rf"X has 10 features, but {type(head).__name__} is expecting 64"):
         head.predict(np.zeros((4, 10), dtype=np.float32))
 
 
@@ -235,7 +236,8 @@ def test_knn_rejects_bad_parameters():
 
 
 def test_create_head():
-    assert isinstance(create_head("logreg", C=2.0), LogisticHead) and create_head("logreg", C=2.0).C == 2.0
+    head = create_head("logreg", C=2.0)
+    assert isinstance(head, LogisticHead) and head.C == 2.0
     with pytest.raises(ValueError, match="unknown head 'foo'; expected one of: knn, linear, logreg"):
         create_head("foo")
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import xfeat
 from xfeat.cli import cli
 from xfeat.fit import fit_head
 from xfeat.predict import expand_images, predict

@@ -37,8 +37,8 @@ from . import cache as cache_io
 from . import report
 from .data import DEFAULT_GROUP_PATTERN, DataError, Dataset, ImageReadError, SplitRecipe
 from .data import load_dataset, patient_groups
-from .extract import extract, plan_extraction
-from .fit import _plan_options, _run_options, default_run_dir, fit_head
+from .extract import extract, plan_extraction, split_extract_options
+from .fit import default_run_dir, fit_head
 from .heads import LogisticHead
 from .metrics import bootstrap_ci, compute_metrics, reliability_curve
 from .results import load_result
@@ -121,8 +121,9 @@ def analyze(data=None, model: str = "resnet18", *, weights="none",
     if cache is None:
         if data is None:
             raise ValueError("analyze needs data= (to build or reuse a cache) or cache=")
-        plan = plan_extraction(data, model, weights=weights, **_plan_options(options))
-        cache = extract(plan=plan, **_run_options(options))
+        plan_options, run_options = split_extract_options(options)
+        plan = plan_extraction(data, model, weights=weights, **plan_options)
+        cache = extract(plan=plan, **run_options)
         dataset = plan.dataset
     features = cache if isinstance(cache, cache_io.FeatureSet) else cache_io.read_cache(cache)
     meta = features.meta
@@ -133,7 +134,8 @@ def analyze(data=None, model: str = "resnet18", *, weights="none",
     if dataset is None:
         dataset = load_matching_dataset(
             meta, data, ids={s: sp.ids + features.skipped.get(s, [])
-                             for s, sp in features.splits.items()})
+                             for s, sp in features.splits.items()},
+            cache_dir=options.get("cache_dir"))
     if out_dir is None:
         out_dir = default_run_dir(meta, "analysis", "").parent / "analysis"
     out_dir = Path(out_dir)
@@ -248,7 +250,8 @@ def _check_params(threshold, n_folds, n_boot) -> None:
         raise ValueError(f"n_boot={n_boot!r}; expected an integer >= 0 (0: no intervals)")
 
 
-def load_matching_dataset(meta: dict, data=None, *, ids: Optional[dict] = None) -> Dataset:
+def load_matching_dataset(meta: dict, data=None, *, ids: Optional[dict] = None,
+                          cache_dir=None) -> Dataset:
     """The dataset a cache was made from (``data``, else its recorded source), verified.
 
     ``data`` may be a path, a built-in name or a :class:`~xfeat.data.Dataset`. The split
@@ -260,12 +263,10 @@ def load_matching_dataset(meta: dict, data=None, *, ids: Optional[dict] = None) 
     if isinstance(data, Dataset):
         dataset, source = data, data.source
     else:
-        split = meta["split"]
-        recipe = SplitRecipe(split["val_fraction"], split["seed"], split["group_pattern"]) \
-            if split.get("val") == "carved from train" else SplitRecipe()
+        recipe = SplitRecipe.from_split_info(meta["split"])
         source = data if data is not None else meta["dataset"]["source"]
         try:
-            dataset = load_dataset(source, recipe=recipe)
+            dataset = load_dataset(source, recipe=recipe, cache_dir=cache_dir)
         except DataError as exc:
             if data is not None:
                 raise

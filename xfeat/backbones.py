@@ -103,10 +103,20 @@ class WeightsInfo:
     sha256: Optional[str] = None  # of the file, when there is one
     url: Optional[str] = None
 
+    @property
+    def tag(self) -> str:
+        """Short name for folders and file names: random, IMAGENET1K_V2, or the file's stem."""
+        return weights_tag(self.kind, self.id)
+
     def key(self) -> dict:
         # A file is identified by its content, not by where it lies.
         return {"kind": self.kind, "id": None if self.kind == "file" else self.id,
                 "sha256": self.sha256, "url": self.url}
+
+
+def weights_tag(kind: str, weights_id: str) -> str:
+    return {"random": "random", "torchvision": str(weights_id).rsplit(".", 1)[-1],
+            "file": Path(str(weights_id)).stem}[kind]
 
 
 @dataclass
@@ -120,9 +130,20 @@ class Backbone:
     preprocessing: Preprocessing
     weights: WeightsInfo
 
+    def new_classifier(self, n_classes: int) -> nn.Module:
+        """A fresh classifier of the architecture's kind: ``Linear(D, C)``, or for SqueezeNet
+        the ``Conv2d(D, C, 1)`` it ends with. Its ``weight`` holds ``C x D`` numbers."""
+        if self.classifier_kind == "conv":
+            return nn.Conv2d(self.feature_dim, n_classes, kernel_size=1)
+        return nn.Linear(self.feature_dim, n_classes)
+
     def replace_classifier(self, layer: nn.Module) -> None:
         """Install ``layer`` where the stripped classifier was (used by fine-tuning)."""
         _set_submodule(self.model, self.classifier_path, layer)
+
+    @property
+    def classifier_kind(self) -> str:
+        return _classifier_of(self.name)[2]
 
 
 # --------------------------------------------------------------------------- registry
@@ -147,10 +168,15 @@ def _check_name(name: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _classifier_of(name: str) -> tuple:
-    """(path, feature_dim) of the final classifier layer, found on the meta device."""
-    path, layer = _last_classifier_layer(_build_empty(name))
-    dim = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-    return path, dim
+    """(path, feature_dim, "linear" | "conv") of the final classifier, on the meta device."""
+    return _describe_classifier(_build_empty(name))
+
+
+def _describe_classifier(model: nn.Module) -> tuple:
+    path, layer = _last_classifier_layer(model)
+    if isinstance(layer, nn.Linear):
+        return path, layer.in_features, "linear"
+    return path, layer.in_channels, "conv"
 
 
 def _build(name: str) -> nn.Module:
@@ -229,9 +255,7 @@ def describe_backbones() -> list:
     for name in list_backbones():
         model = _build_empty(name)
         n_params = sum(p.numel() for p in model.parameters())
-        layer = _last_classifier_layer(model)[1]
-        dim = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-        rows.append({"name": name, "feature_dim": dim,
+        rows.append({"name": name, "feature_dim": _describe_classifier(model)[1],
                      "params_m": round(n_params / 1e6, 1),
                      "weights": [w for w in get_model_weights(name).__members__ if w != "DEFAULT"]})
     return rows
@@ -291,7 +315,8 @@ def create_backbone(name: str, weights: Union[str, Path, None] = "none", *,
     """
     info, tv_weights = resolve_weights(name, weights, seed=seed)
     preprocessing = default_preprocessing(name, tv_weights).with_size(image_size)
-    with _fork_rng(seed):
+    with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG stream untouched
+        torch.manual_seed(seed)
         model = _build(name)
     if info.kind == "torchvision":
         state, sha = _download_state_dict(tv_weights.url, name=name, weights_id=info.id,
@@ -300,7 +325,7 @@ def create_backbone(name: str, weights: Union[str, Path, None] = "none", *,
         _load_state_dict(model, state, source=f"torchvision weights {info.id}")
     elif info.kind == "file":
         _load_state_dict(model, _read_state_dict_file(Path(info.id)), source=info.id)
-    path, dim = _classifier_of(name)
+    path, dim, _ = _classifier_of(name)
     _set_submodule(model, path, nn.Identity())
     model.eval()
     return Backbone(name, model, dim, path, preprocessing, info)
@@ -378,17 +403,3 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-class _fork_rng:
-    """Seed torch's CPU RNG for model construction without disturbing the caller's stream."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self.state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.random.set_rng_state(self.state)

@@ -218,7 +218,9 @@ class CacheWriter:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["key"] = self.key
-        f.attrs["meta"] = json.dumps(self.meta, sort_keys=True)
+        meta = {**self.meta, "versions": {**self.meta.get("versions", {}),
+                                          "h5py": h5py.__version__}}
+        f.attrs["meta"] = json.dumps(meta, sort_keys=True)
         f.attrs["complete"] = False
         for s, (ids, labels) in splits.items():
             g = f.create_group(s)

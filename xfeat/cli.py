@@ -131,8 +131,9 @@ def models_cmd(as_json):
 @_data_options
 @_model_options
 @_extract_run_options
-@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32",
-              show_default=True)
+@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]),
+              default=_default(extract_api, "feature_dtype"), show_default=True,
+              help="Stored feature precision.")
 @click.option("--skip-bad", is_flag=True, help="Record and skip unreadable images.")
 @click.option("--force", is_flag=True, help="Recompute even if a complete cache entry exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the cache summary as JSON.")
@@ -155,21 +156,23 @@ def extract_cmd(ctx, as_json, **options):
 @_model_options
 @click.option("--cache", "cache_file", type=click.Path(dir_okay=False),
               help="Use this feature cache (.h5) instead of --data/--model/--weights.")
-@click.option("--head", type=click.Choice(["logreg", "linear", "knn"]), default="logreg",
-              show_default=True, help="logreg: C swept on val; linear: the tutorial's SGD "
-                                      "recipe; knn: cosine k-NN, k chosen on val.")
+@click.option("--head", type=click.Choice(["logreg", "linear", "knn"]),
+              default=_default(fit_head_api, "head"), show_default=True,
+              help="logreg: C swept on val; linear: the tutorial's SGD recipe; knn: cosine "
+                   "k-NN, k chosen on val.")
 @click.option("--threshold", default=_default(fit_head_api, "threshold"), show_default=True,
               help="youden, a probability such as 0.5, or sensitivity:0.95 / specificity:0.9; "
                    "chosen on val.")
 @click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=None,
-              help="logreg class weights [default: balanced].")
+              help="logreg class weights [default: the head's, balanced].")
 @click.option("--C", "C", type=float, default=None, help="logreg: fix C instead of sweeping it.")
 @click.option("--scoring", type=click.Choice(["log_loss", "accuracy", "balanced_accuracy",
                                               "roc_auc"]), default=None,
-              help="logreg: val score that chooses C [default: log_loss].")
+              help="logreg: val score that chooses C [default: the head's, log_loss].")
 @click.option("--refit-on-val", is_flag=True, help="logreg: refit on train+val with the chosen C.")
-@click.option("--epochs", type=int, default=None, help="linear: epochs [default: 25].")
-@click.option("--lr", type=float, default=None, help="linear: SGD learning rate [default: 1e-3].")
+@click.option("--epochs", type=int, default=None, help="linear: epochs [default: the head's].")
+@click.option("--lr", type=float, default=None,
+              help="linear: SGD learning rate [default: the head's].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/cached-HEAD].")
 @click.option("--n-boot", type=int, default=_default(fit_head_api, "n_boot"), show_default=True,
@@ -182,14 +185,21 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
                  class_weight, C, scoring, refit_on_val, epochs, lr, out_dir, n_boot, as_json,
                  **extract_options):
     """Fit a head on cached features (extracting them first if needed) and evaluate it."""
-    head_params = {"logreg": {"C": C, "scoring": scoring, "refit_on_val": refit_on_val or None,
-                              "class_weight": None if class_weight is None else
-                              (None if class_weight == "none" else class_weight)},
-                   "linear": {"epochs": epochs, "lr": lr, "seed": seed},
-                   "knn": {}}[head]
+    given = {"--C": C, "--scoring": scoring, "--class-weight": class_weight,
+             "--refit-on-val": refit_on_val or None, "--epochs": epochs, "--lr": lr}
+    accepted = {"logreg": ("--C", "--scoring", "--class-weight", "--refit-on-val"),
+                "linear": ("--epochs", "--lr"), "knn": ()}[head]
+    ignored = [name for name, value in given.items() if value is not None and name not in accepted]
+    if ignored:
+        raise click.UsageError(f"{', '.join(ignored)} do(es) not apply to --head {head}; "
+                               f"it takes {', '.join(accepted) or 'no head options'}")
+    head_params = {"C": C, "scoring": scoring, "refit_on_val": refit_on_val or None,
+                   "epochs": epochs, "lr": lr}
     head_params = {k: v for k, v in head_params.items() if v is not None}
-    if class_weight == "none" and head == "logreg":
-        head_params["class_weight"] = None
+    if class_weight is not None:
+        head_params["class_weight"] = None if class_weight == "none" else class_weight
+    if head == "linear":
+        head_params["seed"] = seed
     extract_options.update(image_size=image_size, seed=seed, progress=ctx.obj["progress"])
     extract_options = {k: v for k, v in extract_options.items() if v is not None}
     if not data and not cache_file:
@@ -263,6 +273,8 @@ def predict_cmd(ctx, head_path, images, out_csv, weights, **options):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/MODE-linear].")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
+@click.option("--probe", type=click.Path(dir_okay=False), default=None,
+              help="lp-ft: start from this head.npz of fit-head (default: fit one on the cache).")
 @click.option("--n-boot", type=int, default=_default(finetune_api, "n_boot"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the table.")
 @click.pass_context
@@ -277,7 +289,7 @@ def finetune_cmd(ctx, as_json, **options):
 @_data_options
 @click.option("--models", default=",".join(_default(compare_api, "models")), show_default=True,
               help="Comma-separated backbones.")
-@click.option("--weights", "-w", default="none", show_default=True,
+@click.option("--weights", "-w", default=_default(compare_api, "weights"), show_default=True,
               help="Weights for every model (none, DEFAULT, a file), or per model: "
                    "'mobilenet_v2=PATH,resnet50=DEFAULT' (others: none).")
 @click.option("--modes", default=",".join(_default(compare_api, "modes")), show_default=True,
@@ -285,10 +297,11 @@ def finetune_cmd(ctx, as_json, **options):
 @click.option("--epochs", type=int, default=_default(compare_api, "epochs"), show_default=True)
 @click.option("--quick", is_flag=True,
               help="Small stratified subset and 2 epochs: the whole comparison in minutes.")
-@click.option("--head", type=click.Choice(["logreg", "linear", "knn"]), default="logreg",
-              show_default=True, help="Head of the cached mode.")
+@click.option("--head", type=click.Choice(["logreg", "linear", "knn"]),
+              default=_default(compare_api, "head"), show_default=True,
+              help="Head of the cached mode.")
 @click.option("--image-size", type=int, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_default(compare_api, "seed"), show_default=True)
 @click.option("--batch-size", "-b", type=int, default=_default(compare_api, "batch_size"),
               show_default=True)
 @click.option("--num-workers", type=int, default=None)
@@ -315,7 +328,8 @@ def compare_cmd(ctx, models, modes, as_json, **options):
         click.echo(f"- {line}")
     for t in result.tests[1:]:
         click.echo(f"- {t['model']} {t['mode']} vs {t['against']}: AUC diff "
-                   f"{t.get('auc_diff', float('nan')):+.3f} (p={t.get('auc_p_value', float('nan')):.3g}), "
+                   f"{t.get('auc_diff', float('nan')):+.3f} "
+                   f"(p={t.get('auc_p_value', float('nan')):.3g}), "
                    f"accuracy diff {t['accuracy_diff']:+.3f} (p={t['accuracy_p_value']:.3g})")
     click.echo(f"report: {result.out_dir / 'report.md'} (and report.html)")
 
@@ -368,9 +382,11 @@ def info_cmd(cache_file, as_json):
 
 
 def _describe_cache(path, meta) -> str:
+    w = meta["weights"]
+    weights = w["id"] if w["kind"] != "file" else f"{w['id']} (sha256 {w['sha256'][:12]})"
     lines = [f"cache: {path}",
              f"  model {meta['model']} (D={meta['feature_dim']}, {meta['feature_dtype']}), "
-             f"weights {meta['weights']['id'] if meta['weights']['kind'] != 'file' else meta['weights']['sha256'][:12] + ' (' + meta['weights']['id'] + ')'}",
+             f"weights {weights}",
              f"  dataset {meta['dataset']['name']} ({meta['dataset']['source']}), classes "
              f"{', '.join(meta['class_names'])}; val {meta['split'].get('val')}",
              f"  preprocessing: resize {meta['preprocessing']['resize_size']}, crop "

@@ -49,6 +49,13 @@ class SplitRecipe:
     seed: int = 0
     group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN
 
+    @classmethod
+    def from_split_info(cls, info: dict) -> "SplitRecipe":
+        """The recipe recorded in a cache's ``split`` metadata (default when val was given)."""
+        if info.get("val") != "carved from train":
+            return cls()
+        return cls(info["val_fraction"], info["seed"], info["group_pattern"])
+
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:
             raise DataError(f"val_fraction={self.val_fraction!r} must be strictly between 0 and 1")
@@ -359,7 +366,8 @@ def carve_validation(labels: np.ndarray, groups: Sequence[str], fraction: float,
                                          return_inverse=True)
     n_classes = int(labels.max()) + 1
     class_count = np.bincount(labels, minlength=n_classes)
-    target = np.round(fraction * class_count).astype(int)
+    # At least one val image for every class that can spare one: thresholds need both classes.
+    target = np.where(class_count >= 2, np.maximum(1, np.round(fraction * class_count)), 0)
     taken = np.zeros(n_classes, dtype=int)
     members = [[] for _ in group_names]
     for i, g in enumerate(group_index):

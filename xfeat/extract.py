@@ -60,7 +60,6 @@ class ExtractionPlan:
 
     @property
     def meta(self) -> dict:
-        import h5py
         import torchvision
 
         ds = self.dataset
@@ -76,8 +75,7 @@ class ExtractionPlan:
                         "sha256": self.weights.sha256, "url": self.weights.url},
             "preprocessing": self.preprocessing.to_dict(),
             "versions": {"xfeat": __version__, "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "h5py": h5py.__version__,
-                         "numpy": np.__version__},
+                         "torchvision": torchvision.__version__, "numpy": np.__version__},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -102,11 +100,24 @@ def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, 
     key = cache.cache_key({"dataset": dataset.fingerprint, "model": model,
                            "weights": info.key(), "preprocessing": preprocessing.to_dict(),
                            "feature_dtype": feature_dtype})
-    weights_tag = {"random": "random", "torchvision": info.id.rsplit(".", 1)[-1],
-                   "file": Path(info.id).stem}[info.kind]
-    path = cache.entry_path(cache_dir, f"{dataset.name}-{model}-{weights_tag}", key)
+    path = cache.entry_path(cache_dir, f"{dataset.name}-{model}-{info.tag}", key)
     return ExtractionPlan(dataset, model, info, str(weights), preprocessing, feature_dim(model),
                           feature_dtype, seed, key, path)
+
+
+_PLAN_OPTIONS = ("cache_dir", "image_size", "feature_dtype", "val_fraction", "split_seed",
+                 "group_pattern", "seed")
+_RUN_OPTIONS = ("batch_size", "num_workers", "device", "skip_bad", "force", "progress")
+
+
+def split_extract_options(options: dict) -> tuple:
+    """``extract`` keyword options -> (those of ``plan_extraction``, those of the run)."""
+    unknown = set(options) - set(_PLAN_OPTIONS) - set(_RUN_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown extract options {sorted(unknown)}; expected some of "
+                         f"{sorted(_PLAN_OPTIONS + _RUN_OPTIONS)}")
+    return ({k: v for k, v in options.items() if k in _PLAN_OPTIONS},
+            {k: v for k, v in options.items() if k in _RUN_OPTIONS})
 
 
 def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, None] = "none",

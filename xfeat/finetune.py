@@ -13,12 +13,10 @@ exactly the crops an uninterrupted one would.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -33,6 +31,7 @@ from . import cache as cache_io
 from .backbones import Backbone, Preprocessing, create_backbone
 from .data import DEFAULT_GROUP_PATTERN
 from .extract import default_cache_dir, extract, make_loader, plan_extraction, resolve_device
+from .files import atomic_write
 from .metrics import evaluate_splits
 from .results import RunResult, new_record
 from .store import build_store, random_resized_crop_params
@@ -88,12 +87,14 @@ class _EpochOrder(torch.utils.data.Sampler):
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, *, normalize, device: torch.device,
-                    frozen_backbone: Optional[nn.Module] = None, amp_dtype=None,
-                    channels_last: bool = True, progress: bool = True, desc: str = "") -> dict:
-    """One pass over ``loader``; returns mean loss, accuracy, images and seconds."""
+                    amp_dtype=None, channels_last: bool = True, progress: bool = True,
+                    desc: str = "") -> dict:
+    """One pass over ``loader`` in train mode; returns mean loss, accuracy, images, seconds.
+
+    As in the PyTorch tutorial, a frozen backbone is in train mode too: its weights get no
+    gradient, but BatchNorm uses batch statistics and updates its running averages.
+    """
     model.train()
-    if frozen_backbone is not None:
-        frozen_backbone.eval()  # a frozen backbone keeps its BatchNorm statistics
     total_loss, correct, seen = 0.0, 0, 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(loader.dataset), unit="img", desc=desc, disable=not progress,
@@ -152,7 +153,8 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
              compile: bool = False, threshold="youden", out_dir=None, resume: bool = False,
              seed: int = 0, cache_dir=None, val_fraction: float = 0.1, split_seed: int = 0,
              group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN, n_boot: int = 1000,
-             max_train_images: Optional[int] = None, progress: bool = True) -> RunResult:
+             max_train_images: Optional[int] = None, probe=None,
+             progress: bool = True) -> RunResult:
     """Train ``model`` end to end (``full``), its new last layer only (``frozen``), or
     initialise that layer from the cached logistic head and then train all (``lp-ft``).
 
@@ -163,6 +165,7 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
     amp : ``auto`` (bf16 autocast on CUDA, none on CPU), ``bf16`` or ``none``.
     resume : continue the interrupted run in ``out_dir`` (its checkpoint must match).
     max_train_images : train on a stratified subset of train (quick runs); val/test stay whole.
+    probe : lp-ft only: a ``head.npz`` from fit-head to start from (default: fit one).
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not understood; expected one of {', '.join(MODES)}")
@@ -183,7 +186,8 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
               "lr": lr, "momentum": momentum, "step_size": step_size, "gamma": gamma,
               "weight_decay": weight_decay, "batch_size": batch_size,
               "preprocessing": prep.to_dict(), "dataset": dataset.fingerprint, "seed": seed,
-              "max_train_images": max_train_images}
+              "max_train_images": max_train_images,
+              "probe": str(probe) if probe and mode == "lp-ft" else None}
     run_dir = Path(out_dir) if out_dir else _default_run_dir(plan, mode)
     ckpt_path = run_dir / "checkpoint.pt"
     state = _load_checkpoint(ckpt_path, config) if resume else None
@@ -195,9 +199,7 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
         logger.info("run in %s already finished; evaluating its best checkpoint", run_dir)
 
     # -- data: decode once into the store; epochs only crop and flip uint8 arrays
-    t_data = time.perf_counter()
-    store = build_store(dataset, prep, cache_dir=cache_dir, progress=progress)
-    store_seconds = time.perf_counter() - t_data
+    store, store_seconds = build_store(dataset, prep, cache_dir=cache_dir, progress=progress)
     labels = {s: sp.labels for s, sp in dataset.splits.items()}
 
     def loader(split, *, train, epoch=0):
@@ -215,25 +217,21 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
     n_classes = len(dataset.class_names)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = nn.Linear(backbone.feature_dim, n_classes)
+        head = backbone.new_classifier(n_classes)
     lpft_info = None
     if mode == "lp-ft" and state is None:
-        lpft_info = _init_from_probe(head, plan, num_workers=num_workers, device=device,
-                                     progress=progress)
+        lpft_info = _init_from_probe(head, plan, probe=probe, num_workers=num_workers,
+                                     device=device, progress=progress)
     backbone.replace_classifier(head)
     net = backbone.model.to(dev)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    frozen_backbone = None
     if mode == "frozen":
         for p in net.parameters():
             p.requires_grad_(False)
         for p in head.parameters():
             p.requires_grad_(True)
-        frozen_backbone = net
-        params = list(head.parameters())
-    else:
-        params = [p for p in net.parameters() if p.requires_grad]
+    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
     history, best = [], {"epoch": 0, "val_accuracy": -1.0}
@@ -255,11 +253,9 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
         torch.manual_seed(_mix(seed, epoch, -2) % 2**63)  # dropout etc.: same on resume
         lr_now = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(runner, loader("train", train=True, epoch=epoch), optimizer,
-                             normalize=normalize, device=dev, frozen_backbone=frozen_backbone,
+                             normalize=normalize, device=dev,
                              amp_dtype=amp_dtype, channels_last=channels_last,
                              progress=progress, desc=f"{model} {mode} epoch {epoch}/{epochs}")
-        if frozen_backbone is not None:
-            frozen_backbone.eval()
         va = evaluate(runner, val_loader, normalize=normalize, device=dev, amp_dtype=amp_dtype,
                       channels_last=channels_last)
         scheduler.step()
@@ -316,7 +312,8 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
                 "seconds_per_epoch": train_seconds / max(1, len(history)),
                 "train_images_per_second": float(np.mean([h["images_per_second"]
                                                           for h in history]))},
-        cache=None, history=history,
+        cache={"path": lpft_info["cache"], "key": None, "hit": None} if lpft_info else None,
+        history=history,
         params={**config, "weights": plan.weights.id, "threshold": threshold,
                 "device": str(dev), "amp": str(amp_dtype), "channels_last": channels_last,
                 "compile": compile, "num_workers": num_workers, "n_boot": n_boot,
@@ -380,27 +377,38 @@ def _default_run_dir(plan, mode: str) -> Path:
                            mode, "linear")
 
 
-def _init_from_probe(head: nn.Linear, plan, *, num_workers, device, progress) -> dict:
-    """LP-FT: fit the logistic probe on the cached features (C chosen on val), copy it in."""
-    from .heads import LogisticHead
+def _init_from_probe(head: nn.Module, plan, *, probe=None, num_workers=None, device=None,
+                     progress=True) -> dict:
+    """LP-FT: copy a logistic probe on this backbone's cached features into ``head``.
+
+    ``probe`` is a ``head.npz`` saved by fit-head (checked against the cache: same backbone,
+    weights and preprocessing); by default fit-head's logistic head is fitted on the cache
+    (C chosen on val).
+    """
+    from .fit import check_head_matches, fit_head
+    from .heads import LogisticHead, load_head
 
     path = extract(plan=plan, num_workers=num_workers, device=device, progress=progress)
-    features = cache_io.read_cache(path, ["train", "val"])
-    probe = LogisticHead().fit(features["train"].features, features["train"].labels,
-                               features["val"].features, features["val"].labels)
+    if probe is not None:
+        fitted, head_meta = load_head(probe)
+        check_head_matches(head_meta, cache_io.read_meta(path), source=f"the cache {path.name}")
+        if not isinstance(fitted, LogisticHead):
+            raise ValueError(f"{probe} holds a {type(fitted).__name__}; LP-FT needs a logistic "
+                             "head (fit-head --head logreg)")
+    else:
+        fitted = fit_head(cache=path, head="logreg", save=False, n_boot=0).head
     # logits = ((x - mean) / scale) @ coef.T + intercept, folded into one linear layer
-    W = probe.coef_ / probe.scale_
-    b = np.ravel(probe.intercept_) - (probe.mean_ / probe.scale_) @ probe.coef_.T
+    W = fitted.coef_ / fitted.scale_
+    b = np.ravel(fitted.intercept_) - (fitted.mean_ / fitted.scale_) @ fitted.coef_.T
     if W.shape[0] == 1:  # binary: softmax([0, z]) == sigmoid(z)
         W = np.vstack([np.zeros_like(W), W])
         b = np.concatenate([[0.0], np.ravel(b)])
     with torch.no_grad():
-        head.weight.copy_(torch.as_tensor(W, dtype=torch.float32))
+        head.weight.copy_(torch.as_tensor(W, dtype=torch.float32).view_as(head.weight))
         head.bias.copy_(torch.as_tensor(np.ravel(b), dtype=torch.float32))
-    val_accuracy = float((probe.predict(features["val"].features) == features["val"].labels).mean())
-    logger.info("lp-ft: linear layer initialised from the cached logistic probe (C=%.4g, val "
-                "accuracy %.4f)", probe.C_, val_accuracy)
-    return {"C": float(probe.C_), "cache": str(path), "val_accuracy": val_accuracy}
+    logger.info("lp-ft: last layer initialised from the logistic probe on %s (C=%.4g)",
+                path.name, fitted.C_)
+    return {"C": float(fitted.C_), "cache": str(path), "probe": str(probe) if probe else None}
 
 
 def _load_checkpoint(path: Path, config: dict):
@@ -417,9 +425,7 @@ def _load_checkpoint(path: Path, config: dict):
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _write_history(history: list, run_dir: Path) -> None:
@@ -460,7 +466,7 @@ def load_finetuned(path: Union[str, Path]):
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not an xfeat fine-tuned model")
     backbone = create_backbone(obj["model"], "none")
-    backbone.replace_classifier(nn.Linear(obj["feature_dim"], len(obj["class_names"])))
+    backbone.replace_classifier(backbone.new_classifier(len(obj["class_names"])))
     backbone.model.load_state_dict(obj["state_dict"])
     backbone.model.eval()
     backbone.feature_dim = len(obj["class_names"])  # the network now ends in class logits

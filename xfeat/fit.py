@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 
 from . import cache as cache_io
+from .backbones import weights_tag
 from .data import Dataset, SplitRecipe, load_dataset
-from .extract import extract, plan_extraction
+from .extract import extract, plan_extraction, split_extract_options
 from .heads import create_head, save_head
 from .metrics import evaluate_splits
 from .results import RunResult, new_record
@@ -23,9 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def default_run_dir(meta: dict, mode: str, head: str, root: Union[str, Path] = "runs") -> Path:
-    w = meta["weights"]
-    tag = {"random": "random", "torchvision": str(w["id"]).rsplit(".", 1)[-1],
-           "file": Path(str(w["id"])).stem}[w["kind"]]
+    tag = weights_tag(meta["weights"]["kind"], meta["weights"]["id"])
     return Path(root) / meta["dataset"]["name"] / f"{meta['model']}-{tag}" / f"{mode}-{head}"
 
 
@@ -54,28 +52,42 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
     if cache is None:
         if data is None:
             raise ValueError("fit_head needs data= (to build or reuse a cache) or cache=")
-        plan = plan_extraction(data, model, weights=weights, **_plan_options(extract_options))
+        plan_options, run_options = split_extract_options(extract_options)
+        plan = plan_extraction(data, model, weights=weights, **plan_options)
         cache_hit = cache_io.is_complete(plan.path)
-        cache = extract(plan=plan, **_run_options(extract_options))
+        cache = extract(plan=plan, **run_options)
     features = cache if isinstance(cache, cache_io.FeatureSet) else cache_io.read_cache(cache)
     meta = features.meta
     if user_cache and data is not None:
-        check_cache_matches_data(meta, data)
+        check_cache_matches_data(meta, data, cache_dir=extract_options.get("cache_dir"))
     for split in ("train", "val"):
         if split not in features.splits:
             raise cache_io.CacheError(f"{features.path} has no {split!r} split; fit_head needs "
                                       "train and val")
     t_fit = time.perf_counter()
-    fitted = create_head(head, **(head_params or {}))
-    fitted.fit(features["train"].features, features["train"].labels,
-               features["val"].features, features["val"].labels)
+    params = dict(head_params or {})
+    train, val = features["train"], features["val"]
+    threshold_on = None
+    if params.get("refit_on_val"):
+        # The threshold is chosen on val by the train-only model of the same C; the final
+        # model is then refit on train+val, and its val numbers are in-sample.
+        selector = create_head(head, **{**params, "refit_on_val": False})
+        selector.fit(train.features, train.labels, val.features, val.labels)
+        threshold_on = (val.labels, selector.predict_proba(val.features))
+        fitted = create_head(head, **{**params, "C": selector.C_})
+        fitted.fit(train.features, train.labels, val.features, val.labels)
+        fitted.selection_ = {**selector.selection_, "refit_on_val": True}
+    else:
+        fitted = create_head(head, **params)
+        fitted.fit(train.features, train.labels, val.features, val.labels)
     fit_seconds = time.perf_counter() - t_fit
 
     t_eval = time.perf_counter()
     splits = list(features.splits)
     probas = {s: fitted.predict_proba(features[s].features) for s in splits}
     labels = {s: features[s].labels for s in splits}
-    evaluation = evaluate_splits(labels, probas, threshold=threshold, n_boot=n_boot, seed=seed)
+    evaluation = evaluate_splits(labels, probas, threshold=threshold, n_boot=n_boot, seed=seed,
+                                 threshold_on=threshold_on)
     eval_seconds = time.perf_counter() - t_eval
 
     extract_seconds = sum(s.get("seconds_total") or 0 for s in meta["splits"].values())
@@ -104,11 +116,21 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
                 "seed": seed},
         skipped=features.skipped,
     )
-    result = RunResult(record, {s: (features[s].ids, labels[s], probas[s]) for s in splits})
+    if threshold_on is not None:
+        record["notes"] = ["refit on train+val: val metrics are in-sample; the threshold was "
+                           "chosen on val with the train-only model of the same C"]
+    result = RunResult(record, {s: (features[s].ids, labels[s], probas[s]) for s in splits},
+                       head=fitted)
     if save:
         run_dir = Path(out_dir) if out_dir else default_run_dir(meta, "cached", head)
         result.save(run_dir)
         save_head(fitted, run_dir / "head.npz", metadata=head_metadata(meta, evaluation))
+        if record["history"]:
+            from .report import plot_training_curves
+
+            plot_training_curves(record["history"], run_dir / "curves.png",
+                                 title=f"{meta['model']} cached {head} head",
+                                 best_epoch=fitted.selection_.get("best_epoch"))
         logger.info("saved %s", run_dir)
     return result
 
@@ -123,15 +145,13 @@ def head_metadata(meta: dict, evaluation: dict) -> dict:
             "dataset_fingerprint": meta["dataset"]["fingerprint"]}
 
 
-def check_cache_matches_data(meta: dict, data) -> None:
+def check_cache_matches_data(meta: dict, data, *, cache_dir=None) -> None:
     """A cache given together with ``data`` must have been made from exactly that data."""
     if isinstance(data, Dataset):
         fingerprint = data.fingerprint
     else:
-        split = meta["split"]
-        recipe = SplitRecipe(split["val_fraction"], split["seed"], split["group_pattern"]) \
-            if split.get("val") == "carved from train" else SplitRecipe()
-        fingerprint = load_dataset(data, recipe=recipe).fingerprint
+        fingerprint = load_dataset(data, recipe=SplitRecipe.from_split_info(meta["split"]),
+                                   cache_dir=cache_dir).fingerprint
     if fingerprint != meta["dataset"]["fingerprint"]:
         raise cache_io.CacheError(
             f"the cache {meta.get('key', '')[:16]} was made from different data than {data} "
@@ -150,19 +170,3 @@ def check_head_matches(head_meta: dict, features_meta: dict, *, source: str = "f
     if (hw["kind"], hw.get("sha256") or hw["id"]) != (fw["kind"], fw.get("sha256") or fw["id"]):
         raise ValueError(f"the head was trained on features of weights {hw['id']} but {source} "
                          f"come from weights {fw['id']}")
-
-
-_PLAN_KEYS = ("cache_dir", "image_size", "feature_dtype", "val_fraction", "split_seed",
-              "group_pattern", "seed")
-
-
-def _plan_options(options: dict) -> dict:
-    return {k: v for k, v in options.items() if k in _PLAN_KEYS}
-
-
-def _run_options(options: dict) -> dict:
-    unknown = set(options) - set(_PLAN_KEYS) - {"batch_size", "num_workers", "device",
-                                                 "skip_bad", "force", "progress"}
-    if unknown:
-        raise ValueError(f"unknown extract options {sorted(unknown)}")
-    return {k: v for k, v in options.items() if k not in _PLAN_KEYS}

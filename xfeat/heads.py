@@ -17,8 +17,6 @@ import json
 import logging
 import math
 import numbers
-import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -32,6 +30,8 @@ from scipy.special import expit, log_softmax, softmax
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
 from threadpoolctl import threadpool_limits
+
+from .files import atomic_write, to_json
 
 logger = logging.getLogger(__name__)
 
@@ -595,7 +595,8 @@ class KNNHead(_Head):
             sweep.append({"k": k, "val_accuracy": float(np.mean(proba.argmax(axis=1) == yv))})
         best = max(sweep, key=lambda s: (s["val_accuracy"], -s["k"]))
         self.k_ = best["k"]
-        self.selection_ = {"k": self.k_, "criterion": "val_accuracy", "weights": self.weights, "sweep": sweep}
+        self.selection_ = {"k": self.k_, "criterion": "val_accuracy", "weights": self.weights,
+                           "sweep": sweep}
         self.fit_seconds_ = time.perf_counter() - t0
         logger.info("KNNHead: k=%d chosen on val (val_acc=%.4f); fit in %.2f s",
                     self.k_, best["val_accuracy"], self.fit_seconds_)
@@ -618,16 +619,6 @@ def create_head(name: str, **params) -> _Head:
     return HEADS[name](**params)
 
 
-def _to_json(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (tuple, np.ndarray)):
-        return list(obj.tolist() if isinstance(obj, np.ndarray) else obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON-serialisable")
-
-
 def save_head(head: _Head, path, *, metadata: dict) -> Path:
     """Write a fitted head to one ``.npz`` (numeric arrays + a JSON ``__meta__``), atomically.
 
@@ -636,7 +627,8 @@ def save_head(head: _Head, path, *, metadata: dict) -> Path:
     """
     name = next((n for n, cls in HEADS.items() if type(head) is cls), None)
     if name is None:
-        raise ValueError(f"cannot save {type(head).__name__}; expected one of: {', '.join(sorted(HEADS))}.")
+        raise ValueError(f"cannot save {type(head).__name__}; expected one of: "
+                         f"{', '.join(sorted(HEADS))}.")
     head._check_fitted()
     meta = {
         "format": FORMAT,
@@ -648,21 +640,11 @@ def save_head(head: _Head, path, *, metadata: dict) -> Path:
         "metadata": metadata,
     }
     try:
-        meta_json = json.dumps(meta, default=_to_json)
+        meta_json = json.dumps(meta, default=to_json)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata for {name} head is not JSON-serialisable: {exc}") from exc
     arrays = {attr: np.asarray(getattr(head, attr)) for attr in head._arrays}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __meta__=np.array(meta_json), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = atomic_write(path, lambda f: np.savez(f, __meta__=np.array(meta_json), **arrays))
     logger.info("saved %s head to %s", name, path)
     return path
 

@@ -567,11 +567,15 @@ def _format_value(value):
     return "nan" if math.isnan(value) else f"{value:.3f}"
 
 
-def evaluate_splits(labels, probas, *, threshold="youden", n_boot=1000, seed=0):
+def evaluate_splits(labels, probas, *, threshold="youden", n_boot=1000, seed=0,
+                    threshold_on=None):
     """Everything a run reports, from per-split labels and probabilities.
 
     The threshold rule is applied on ``val`` only (binary problems); metrics are computed for
     every split at that threshold and at 0.5; bootstrap intervals on ``test``.
+
+    ``threshold_on`` = ``(y_val, proba_val)`` chooses the threshold on other val
+    probabilities (e.g. a model not fitted on val).
 
     Returns ``{"threshold": {...}, "metrics": {...}, "metrics_at_0.5": {...}, "ci": {...}}``.
     """
@@ -579,10 +583,11 @@ def evaluate_splits(labels, probas, *, threshold="youden", n_boot=1000, seed=0):
         raise ValueError("evaluate_splits needs a 'val' split to choose the threshold on")
     n_classes = probas["val"].shape[1]
     rule = parse_threshold_rule(threshold)
+    y_choose, p_choose = threshold_on or (labels["val"], probas["val"])
     if n_classes == 2:
-        value = choose_threshold(labels["val"], probas["val"][:, 1], rule)
+        value = choose_threshold(y_choose, p_choose[:, 1], rule)
     else:
-        value = None  # multi-class: argmax
+        value, rule = None, "argmax"  # multi-class
     metrics = {s: compute_metrics(labels[s], probas[s], threshold=value if value is not None
                                   else 0.5) for s in probas}
     at_half = {s: compute_metrics(labels[s], probas[s], threshold=0.5) for s in probas}

@@ -38,6 +38,9 @@ def expand_images(inputs: Sequence[Union[str, Path]]) -> list:
 def _backbone_for(meta: dict, weights_override: Optional[str]):
     w = meta["weights"]
     if w["kind"] == "random":
+        if weights_override:
+            raise ValueError(f"the head's backbone has random weights ({w['id']}); --weights "
+                             "does not apply")
         seed = int(w["id"].split("seed=")[1].rstrip(")"))
         weights, kwargs = "none", {"seed": seed}
     elif w["kind"] == "torchvision":

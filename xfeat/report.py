@@ -295,9 +295,7 @@ def write_comparison_report(comparison, results: list, *, analyses: Optional[dic
     if curves:
         md += ["## Training curves", ""]
         for name, src in curves:
-            rel = Path(src).resolve().relative_to(out.resolve()) if str(Path(src).resolve()).startswith(
-                str(out.resolve())) else Path(src).resolve()
-            md += [f"### {name}", "", f"![{name}]({rel.as_posix()})", ""]
+            md += [f"### {name}", "", f"![{name}]({_relative(src, out)})", ""]
     if analyses:
         md += ["## Why test accuracy lags", ""]
         for model, path in analyses.items():
@@ -310,6 +308,15 @@ def write_comparison_report(comparison, results: list, *, analyses: Optional[dic
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(markdown_to_html(text, title="xfeat comparison"))
     return out / "report.md"
+
+
+def _relative(path, start: Path) -> str:
+    """``path`` relative to ``start`` when inside it (reports stay movable), else absolute."""
+    path, start = Path(path).resolve(), Path(start).resolve()
+    try:
+        return path.relative_to(start).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def markdown_to_html(text: str, title: str = "xfeat report") -> str:

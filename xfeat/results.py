@@ -12,9 +12,13 @@
 - ``metrics``: ``{train, val, test}`` -> metric name -> value, at the chosen threshold
 - ``metrics_at_0.5``: the same at the fixed 0.5 threshold
 - ``ci``: ``{test: {accuracy, roc_auc, sensitivity, specificity: [lo, hi]}}`` (95% bootstrap)
-- ``timing``: seconds per stage (``extract``, ``fit``, ``evaluate``, ``total``) and
-  ``images_per_second`` where images were processed
-- ``cache``: ``{path, key, hit}`` (the feature cache used, null for fine-tuning)
+- ``timing``: seconds per stage, all ending in ``_seconds``, with ``total_seconds`` their sum.
+  Heads on the cache: ``extract`` (as measured when the cache was made), ``fit``,
+  ``evaluate``, ``extract_images_per_second``. Fine-tuning: ``store`` (decoding the images
+  once), ``train``, ``evaluate``, ``seconds_per_epoch``, ``train_images_per_second``.
+  ``wall_seconds`` is this call's own duration (short when a cache was reused).
+- ``cache``: ``{path, key, hit}`` of the feature cache used (lp-ft: its probe's; null for
+  ``full`` and ``frozen``)
 - ``history``: per-epoch records (trained heads and fine-tuning), else ``[]``
 - ``params``: the options of the run
 
@@ -24,8 +28,6 @@ Next to it, ``predictions.npz`` holds ``{split}_ids``, ``{split}_labels`` and
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from typing import Optional
 
 import numpy as np
 
+from .files import atomic_write, to_json
 from .metrics import format_metrics_table
 
 SCHEMA = "xfeat-result/1"
@@ -44,6 +47,7 @@ class RunResult:
 
     record: dict
     predictions: dict = field(default_factory=dict)  # split -> (ids, labels, proba)
+    head: object = None  # the fitted head, when the run made one in this process
 
     def __getitem__(self, key):
         return self.record[key]
@@ -61,24 +65,31 @@ class RunResult:
             arrays[f"{split}_ids"] = np.asarray(ids, dtype=str)
             arrays[f"{split}_labels"] = np.asarray(labels)
             arrays[f"{split}_proba"] = np.asarray(proba, dtype=np.float32)
-        _atomic_write(run_dir / "predictions.npz", lambda f: np.savez(f, **arrays))
-        _atomic_write(run_dir / "results.json",
-                      lambda f: f.write(json.dumps(self.record, indent=2, default=_json).encode()))
+        atomic_write(run_dir / "predictions.npz", lambda f: np.savez(f, **arrays))
+        text = json.dumps(self.record, indent=2, default=to_json)
+        atomic_write(run_dir / "results.json", lambda f: f.write(text.encode()))
         return run_dir / "results.json"
 
     def table(self) -> str:
         r = self.record
         th = r["threshold"]
-        lines = [f"{r['model']} ({r['weights']['id'] if r['weights']['kind'] != 'file' else Path(r['weights']['id']).name})"
-                 f" | mode {r['mode']} | head {r['head']} | {r['dataset']['name']}"]
+        w = r["weights"]
+        weights = w["id"] if w["kind"] != "file" else Path(w["id"]).name
+        lines = [f"{r['model']} ({weights}) | mode {r['mode']} | head {r['head']} | "
+                 f"{r['dataset']['name']}"]
         sel = r.get("selection") or {}
         chosen = {k: v for k, v in sel.items() if k in ("C", "k", "best_epoch", "scoring")}
         if chosen:
             lines.append("chosen on val: " + ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.items()))
         if th.get("value") is not None:
-            lines.append(f"threshold: {th['value']:.3f} ({th['rule']}, chosen on val); "
-                         f"metrics at 0.5 under 'metrics_at_0.5'")
+            lines.append(f"threshold: {th['value']:.3f} ({th['rule']}, chosen on val)")
         lines.append(format_metrics_table(r["metrics"], r.get("ci", {}).get("test")))
+        half = r.get("metrics_at_0.5", {}).get("test")
+        if th.get("value") is not None and half:
+            lines.append("test at threshold 0.5: " + ", ".join(
+                f"{k} {half[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "sensitivity",
+                                               "specificity")))
+        lines += [f"note: {n}" for n in r.get("notes", [])]
         t = r["timing"]
         lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()
                                            if k.endswith("seconds") and v is not None))
@@ -116,24 +127,3 @@ def new_record(**fields) -> dict:
 
 def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _json(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, tuple)):
-        return list(obj.tolist() if isinstance(obj, np.ndarray) else obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

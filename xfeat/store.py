@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .backbones import Preprocessing
 from .cache import entry_lock
-from .data import Dataset, ImageReadError, Split
+from .data import Dataset, Split
+from .files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -33,23 +35,33 @@ def store_path(cache_dir, dataset: Dataset, size: int, interpolation: str) -> Pa
 
 
 def build_store(dataset: Dataset, preprocessing: Preprocessing, *, cache_dir="cache",
-                progress: bool = True) -> dict:
-    """Decode every split once (or reuse/resume the store); return split -> memmap array."""
+                progress: bool = True):
+    """Decode every split once (or reuse/resume the store).
+
+    Returns ``(arrays, seconds)``: split -> read-only memmap ``(N, R, R, 3)``, and the
+    seconds that decoding took when the store was made (whether or not this call made it).
+    An unreadable image raises :class:`~xfeat.data.ImageReadError` naming the file.
+    """
     size, interpolation = preprocessing.resize_size, preprocessing.interpolation
     root = store_path(cache_dir, dataset, size, interpolation)
     arrays = {}
     with entry_lock(root.with_suffix(".npy")):
         root.mkdir(parents=True, exist_ok=True)
+        seconds_file = root / "seconds.json"
+        seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
         for name, split in dataset.splits.items():
-            arrays[name] = _build_split(root, split, preprocessing, progress)
-    return arrays
+            arrays[name], took = _build_split(root, split, preprocessing, progress)
+            if took is not None:
+                seconds[name] = seconds.get(name, 0.0) + took
+                _write_json(seconds_file, seconds)
+    return arrays, float(sum(seconds.values()))
 
 
 def _build_split(root: Path, split: Split, preprocessing: Preprocessing, progress: bool):
     size = preprocessing.resize_size
     final = root / f"{split.name}.npy"
     if final.is_file():
-        return np.load(final, mmap_mode="r")
+        return np.load(final, mmap_mode="r"), None
     partial, state_file = root / f"{split.name}.npy.partial", root / f"{split.name}.progress"
     shape = (len(split), size, size, 3)
     start = 0
@@ -62,29 +74,24 @@ def _build_split(root: Path, split: Split, preprocessing: Preprocessing, progres
     else:
         array = np.load(partial, mmap_mode="r+")
         logger.info("resuming image store %s/%s at row %d", root.name, split.name, start)
+    t0 = time.perf_counter()
     bar = tqdm(total=len(split), initial=start, unit="img", desc=f"decode {split.name}",
                disable=not progress)
     for i in range(start, len(split)):
-        try:
-            array[i] = preprocessing.resize_square(split.read_image(i, draft_size=size))
-        except ImageReadError:
-            array[i] = 0  # unreadable images are excluded by the caller's sample list
-            logger.warning("store: unreadable image %s left black", split.ids[i])
+        array[i] = preprocessing.resize_square(split.read_image(i, draft_size=size))
         bar.update(1)
         if (i + 1) % _FLUSH_EVERY == 0 or i + 1 == len(split):
             array.flush()
-            _write_state(state_file, {"shape": list(shape), "rows_done": i + 1})
+            _write_json(state_file, {"shape": list(shape), "rows_done": i + 1})
     bar.close()
     del array
     os.replace(partial, final)
     state_file.unlink(missing_ok=True)
-    return np.load(final, mmap_mode="r")
+    return np.load(final, mmap_mode="r"), time.perf_counter() - t0
 
 
-def _write_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+def _write_json(path: Path, state: dict) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(state).encode()))
 
 
 def random_resized_crop_params(height: int, width: int, generator: torch.Generator,
