@@ -16,10 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: speed and accuracy of a pretrained MobileNetV2 and two random-init backbones,
-# cached head vs frozen vs full fine-tuning vs LP-FT, on a quick subset (report in runs/demo).
+# cached head vs frozen vs full fine-tuning vs LP-FT, on a quick subset, with the data
+# analysis (report in runs/demo/report.md and report.html).
 demo: setup
 	$(VENV)/bin/xfeat compare --data $(DATA) --models mobilenet_v2,resnet18,shufflenet_v2_x2_0 \
-		--weights mobilenet_v2=$(WEIGHTS) --quick --out runs/demo
+		--weights mobilenet_v2=$(WEIGHTS) --quick --analyze --out runs/demo
 
 # Everything, including the integration tests on the real chest X-rays and the large backbones.
 test: setup
