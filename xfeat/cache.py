@@ -174,6 +174,52 @@ def read_cache(path: Union[str, Path], splits: Optional[Sequence[str]] = None, *
     return result
 
 
+def shard_path(path: Path, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` of ``world_size`` writes its part of the entry ``path``."""
+    return path.with_name(f"{path.stem}.shard{rank}of{world_size}{path.suffix}")
+
+
+def merge_shards(path: Path, shard_paths: Sequence[Path], *, key: str, meta: dict, splits: dict,
+                 feature_dim: int, dtype: str) -> Path:
+    """Concatenate complete shard files, in order, into the complete entry ``path``.
+
+    The shards' rows must add up to the entry's, split by split, with the same ids. Per
+    split, ``seconds`` is the slowest shard's (the shards ran in parallel); each shard's own
+    seconds are kept in the split's stats. The shards are deleted once the entry is in place.
+    """
+    shards = [read_cache(p, include_skipped=True) for p in shard_paths]
+    partial_path(path).unlink(missing_ok=True)  # merging is quick: always start it afresh
+    writer = CacheWriter(path, key=key, meta=meta, splits=splits, feature_dim=feature_dim,
+                         dtype=dtype)
+    try:
+        stats = {}
+        for name, (ids, _) in splits.items():
+            parts = [sh.splits[name] for sh in shards]
+            merged_ids = [i for part in parts for i in part.ids]
+            if merged_ids != list(ids):
+                raise CacheError(f"the shards of {path.name} do not add up to split {name} "
+                                 f"({len(merged_ids)} rows for {len(ids)})")
+            wall = max(part.seconds for part in parts)
+            row, seconds = 0, wall  # the split's seconds go with its first rows
+            for shard, part in zip(shards, parts):
+                if not len(part):
+                    continue
+                skipped = set(shard.skipped.get(name, []))
+                ok = np.array([i not in skipped for i in part.ids], dtype=bool)
+                writer.write(name, row, part.features, ok, seconds=seconds)
+                row, seconds = row + len(part), 0.0
+            stats[name] = {"seconds_total": wall, "images_per_second":
+                           len(ids) / wall if wall else None, "shards": len(shards),
+                           "shard_seconds": [part.seconds for part in parts]}
+        writer.finalize(stats)
+    finally:
+        writer.close()
+    for p in shard_paths:
+        Path(p).unlink(missing_ok=True)
+        Path(p).with_name(Path(p).name + ".lock").unlink(missing_ok=True)
+    return path
+
+
 class CacheWriter:
     """Creates or resumes the partial file of one cache entry and fills it batch by batch.
 

@@ -103,11 +103,16 @@ def _extract_run_options(f):
 @click.pass_context
 def cli(ctx, verbose, quiet):
     """xfeat: transfer learning on medical images with cached backbone features."""
+    from .distributed import current_world
+
+    main_rank = current_world().is_main  # under torchrun only rank 0 reports
+    quiet = quiet or not main_rank
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
     ctx.ensure_object(dict)
     ctx.obj["progress"] = not quiet
+    ctx.obj["report"] = main_rank
 
 
 @cli.command("models")
@@ -144,6 +149,8 @@ def extract_cmd(ctx, as_json, **options):
     from .cache import read_meta
 
     path = extract_api(progress=ctx.obj["progress"], **options)
+    if not ctx.obj["report"]:
+        return
     meta = read_meta(path)
     if as_json:
         click.echo(json.dumps({"path": str(path), **meta}, indent=2))

@@ -6,6 +6,7 @@ split, model, weights, preprocessing, dtype) into a cache key without building t
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, cache
+from . import __version__, cache, distributed
 from .backbones import (Backbone, Preprocessing, WeightsInfo, create_backbone,
                         default_preprocessing, feature_dim, resolve_weights)
 from .data import DEFAULT_GROUP_PATTERN, Dataset, ImageReadError, Split, SplitRecipe, load_dataset
@@ -150,6 +151,10 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
                                group_pattern=group_pattern, seed=seed)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if distributed.is_distributed():
+        return _extract_sharded(plan, batch_size=batch_size, num_workers=num_workers,
+                                device=device, skip_bad=skip_bad, force=force,
+                                progress=progress)
     with cache.entry_lock(plan.path):
         if force and plan.path.exists():
             plan.path.unlink()
@@ -159,6 +164,49 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
         _run(plan, batch_size=batch_size, num_workers=num_workers, device=device,
              skip_bad=skip_bad, progress=progress)
         return plan.path
+
+
+def _extract_sharded(plan: ExtractionPlan, *, batch_size, num_workers, device, skip_bad, force,
+                     progress) -> Path:
+    """Under torchrun: each rank extracts a contiguous block of every split into its own
+    shard file (resumable like any entry); rank 0 then merges the shards, in order, into the
+    entry a single process would have written, and marks it complete."""
+    world = distributed.current_world()
+    dev = distributed.init_process_group(resolve_device(device))
+    if force and world.is_main and plan.path.exists():
+        plan.path.unlink()
+    distributed.barrier()
+    if cache.is_complete(plan.path):
+        logger.info("cache hit: %s (backbone not run)", plan.path)
+        return plan.path
+    shard_paths = [cache.shard_path(plan.path, r, world.size) for r in range(world.size)]
+    rows = {name: distributed.shard_bounds(len(split), world.rank, world.size)
+            for name, split in plan.dataset.splits.items()}
+    shard_dataset = Dataset(
+        name=plan.dataset.name, source=plan.dataset.source,
+        class_names=plan.dataset.class_names, content_digest=plan.dataset.content_digest,
+        split_info={**plan.dataset.split_info, "shard": [world.rank, world.size]},
+        splits={name: split.subset(range(*rows[name])) for name, split in
+                plan.dataset.splits.items()})
+    shard = dataclasses.replace(plan, dataset=shard_dataset, path=shard_paths[world.rank],
+                                key=f"{plan.key}/shard{world.rank}of{world.size}")
+    with cache.entry_lock(shard.path):
+        if not cache.is_complete(shard.path):
+            _run(shard, batch_size=batch_size, num_workers=num_workers, device=str(dev),
+                 skip_bad=skip_bad, progress=progress and world.is_main)
+    distributed.barrier()
+    if world.is_main:
+        with cache.entry_lock(plan.path):
+            if not cache.is_complete(plan.path):
+                t0 = time.perf_counter()
+                splits = {s: (sp.ids, sp.labels) for s, sp in plan.dataset.splits.items()}
+                cache.merge_shards(plan.path, shard_paths, key=plan.key, meta=plan.meta,
+                                   splits=splits, feature_dim=plan.feature_dim,
+                                   dtype=plan.feature_dtype)
+                logger.info("merged %d shards into %s in %.2f s", world.size, plan.path.name,
+                            time.perf_counter() - t0)
+    distributed.barrier()
+    return plan.path
 
 
 def _run(plan: ExtractionPlan, *, batch_size: int, num_workers: Optional[int],

@@ -1,0 +1,116 @@
+"""torchrun: sharded extraction across 2 CPU processes (gloo) equals one process."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import xfeat
+from xfeat.cache import partial_path, read_cache, shard_path
+from xfeat.distributed import shard_bounds
+
+from conftest import REPO, TINY, make_image_folder
+
+
+@pytest.mark.parametrize("n, size", [(10, 2), (7, 3), (2, 4), (0, 2)])
+def test_shard_bounds_cover_every_row_once(n, size):
+    bounds = [shard_bounds(n, r, size) for r in range(size)]
+    rows = [i for start, stop in bounds for i in range(start, stop)]
+    assert rows == list(range(n))
+    assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def _torchrun(*args, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "xfeat", *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, **popen)
+
+
+def _extract_args(root, cache_dir, size):
+    return ["extract", "--data", root, "--image-size", size, "--num-workers", 0,
+            "--batch-size", 4, "--cache-dir", cache_dir]
+
+
+def _reference(root, tmp_path, size):
+    return read_cache(xfeat.extract(root, "resnet18", cache_dir=tmp_path / "single",
+                                    image_size=size, batch_size=4, num_workers=0,
+                                    progress=False))
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_train=15, n_test=5)
+    cache_dir = tmp_path / "dist"
+    proc = _torchrun(*_extract_args(root, cache_dir, TINY), stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.count("cache:") == 1  # only rank 0 reports
+    reference = _reference(root, tmp_path, TINY)
+    merged = read_cache(reference.path.parent.parent / "dist" / reference.path.name)
+    assert merged.key == reference.key
+    for split in reference.splits:
+        assert merged[split].ids == reference[split].ids
+        np.testing.assert_allclose(merged[split].features, reference[split].features,
+                                   rtol=1e-4, atol=1e-5)
+        assert merged.meta["splits"][split]["shards"] == 2
+    assert not list(cache_dir.glob("*shard*"))  # merged, then removed
+    again = _torchrun(*_extract_args(root, cache_dir, TINY), stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0 and "cache hit" in err
+
+
+def _rows_done(path):
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f["train"]["rows_done"][0])
+    except (OSError, KeyError):
+        return 0
+
+
+def _descendants(pid):
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in map(int, f.read().split()):
+                    found += [child, *_descendants(child)]
+    except OSError:
+        pass
+    return found
+
+
+def test_killed_ranks_resume_their_shards(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_train=100, n_test=4)
+    cache_dir = tmp_path / "dist"
+    plan = xfeat.plan_extraction(root, "resnet18", cache_dir=cache_dir, image_size=64)
+    shard0 = partial_path(shard_path(plan.path, 0, 2))
+    job = _torchrun(*_extract_args(root, cache_dir, 64), stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while _rows_done(shard0) < 8 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in [job.pid, *_descendants(job.pid)]:  # torchrun's workers too
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    job.wait()
+    done = _rows_done(shard0)
+    assert 0 < done < 90, "the job finished before it could be killed"
+    rerun = _torchrun(*_extract_args(root, cache_dir, 64), stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert "resuming" in err
+    reference = _reference(root, tmp_path, 64)
+    merged = read_cache(plan.path)
+    for split in reference.splits:
+        assert merged[split].ids == reference[split].ids
+        np.testing.assert_allclose(merged[split].features, reference[split].features,
+                                   rtol=1e-4, atol=1e-5)
