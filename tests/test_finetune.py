@@ -182,3 +182,11 @@ def test_squeezenet_conv_classifier_finetunes(data, tmp_path):
     assert result["params"]["trainable_parameters"] == result["params"]["parameters"]
     rows = predict(tmp_path / "r" / "model.pt", [data / "test"], num_workers=0, progress=False)
     assert len(rows) == 12 and all(r["predicted"] for r in rows)
+
+
+def test_divergence_is_a_clear_error(data, tmp_path):
+    from xfeat.finetune import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*lower the learning rate"):
+        finetune(data, epochs=1, lr=1e12, cache_dir=tmp_path / "c", out_dir=tmp_path / "r",
+                 **QUICK)

@@ -34,10 +34,12 @@ def _api_errors(f):
         from .backbones import BackboneError
         from .cache import CacheError
         from .datasets_builtin import DownloadError
+        from .finetune import TrainingDiverged
 
         try:
             return f(*args, **kwargs)
-        except (ValueError, BackboneError, CacheError, DownloadError, FileNotFoundError) as exc:
+        except (ValueError, BackboneError, CacheError, DownloadError, FileNotFoundError,
+                TrainingDiverged) as exc:
             raise click.ClickException(str(exc)) from None
     return wrapper
 

@@ -22,7 +22,7 @@ from . import cache as cache_io
 from .backbones import resolve_weights
 from .data import DEFAULT_GROUP_PATTERN, SplitRecipe, load_dataset
 from .extract import default_cache_dir
-from .finetune import finetune
+from .finetune import TrainingDiverged, finetune
 from .fit import fit_head
 from .metrics import delong_test, paired_bootstrap
 from .results import RunResult, load_result
@@ -100,7 +100,7 @@ def compare(data, models: Sequence[str] = ("resnet18", "resnet50", "shufflenet_v
                      f"class) and {epochs} epochs instead of {requested_epochs}; no figure is "
                      "extrapolated to the full data or to more epochs.")
     run_root = out_dir / "runs"
-    results = []
+    results, failed = [], []
     for model in models:
         w = weights_by_model[model]
         for mode in modes:
@@ -112,8 +112,12 @@ def compare(data, models: Sequence[str] = ("resnet18", "resnet50", "shufflenet_v
                                          num_workers=num_workers, device=device,
                                          cache_dir=cache_dir, image_size=image_size, seed=seed,
                                          n_boot=n_boot, progress=progress)
+            if result is None:
+                failed.append(json.loads((run_dir / "failed.json").read_text()))
+                continue
             results.append((model, mode, result, peak))
     rows = [_row(model, mode, r, peak) for model, mode, r, peak in results]
+    notes += [f"{f['model']} {f['mode']} failed: {f['error']}" for f in failed]
     tests = _significance(results)
     savings = _time_savings(rows, results, epochs)
     analyses = {}
@@ -158,23 +162,39 @@ def _run_or_reuse(run_dir: Path, mode: str, dataset, model: str, weights, *, epo
         logger.info("reusing %s", run_dir)
         result = load_result(run_dir)
         return result, result.record.get("peak_memory_mib")
-    with _PeakMemory() as peak:
-        if mode == "cached":
-            result = fit_head(dataset, model, weights=weights, head=head, out_dir=run_dir,
-                              n_boot=n_boot, seed=seed,
-                              extract_options={"cache_dir": cache_dir, "image_size": image_size,
-                                               "num_workers": num_workers, "device": device,
-                                               "progress": progress, "seed": seed})
-        else:
-            resume = (run_dir / "checkpoint.pt").is_file()
-            result = finetune(dataset, model, weights=weights, mode=mode, epochs=epochs,
-                              batch_size=batch_size, num_workers=num_workers, device=device,
-                              cache_dir=cache_dir, image_size=image_size, seed=seed,
-                              n_boot=n_boot, out_dir=run_dir, resume=resume, progress=progress)
+    (run_dir / "failed.json").unlink(missing_ok=True)
+    try:
+        with _PeakMemory() as peak:
+            result = _run(run_dir, mode, dataset, model, weights, epochs=epochs, head=head,
+                          batch_size=batch_size, num_workers=num_workers, device=device,
+                          cache_dir=cache_dir, image_size=image_size, seed=seed, n_boot=n_boot,
+                          progress=progress)
+    except TrainingDiverged as exc:
+        # One diverging run must not sink the comparison: it is reported as failed.
+        logger.error("%s", exc)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "failed.json").write_text(json.dumps({"model": model, "mode": mode,
+                                                         "error": str(exc)}))
+        return None, None
     result.record["peak_memory_mib"] = peak.mib
     result.record["memory_increase_mib"] = peak.increase_mib
     result.save(run_dir)
     return result, peak.mib
+
+
+def _run(run_dir, mode, dataset, model, weights, *, epochs, head, batch_size, num_workers,
+         device, cache_dir, image_size, seed, n_boot, progress) -> RunResult:
+    if mode == "cached":
+        return fit_head(dataset, model, weights=weights, head=head, out_dir=run_dir,
+                        n_boot=n_boot, seed=seed,
+                        extract_options={"cache_dir": cache_dir, "image_size": image_size,
+                                         "num_workers": num_workers, "device": device,
+                                         "progress": progress, "seed": seed})
+    return finetune(dataset, model, weights=weights, mode=mode, epochs=epochs,
+                    batch_size=batch_size, num_workers=num_workers, device=device,
+                    cache_dir=cache_dir, image_size=image_size, seed=seed, n_boot=n_boot,
+                    out_dir=run_dir, resume=(run_dir / "checkpoint.pt").is_file(),
+                    progress=progress)
 
 
 class _PeakMemory:

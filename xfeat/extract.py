@@ -270,14 +270,15 @@ def default_num_workers() -> int:
 
 
 def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int,
-                num_workers: Optional[int], device: torch.device, shuffle: bool = False,
-                generator: Optional[torch.Generator] = None,
-                sampler=None) -> torch.utils.data.DataLoader:
+                num_workers: Optional[int], device: torch.device, sampler=None,
+                persistent: bool = False) -> torch.utils.data.DataLoader:
+    """Batches in order (or in ``sampler``'s); pinned memory on CUDA; ``persistent`` keeps
+    the worker processes between passes (a training loader reused every epoch)."""
     workers = default_num_workers() if num_workers is None else num_workers
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
-        sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if workers else None, generator=generator)
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
+        prefetch_factor=4 if workers else None)
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -39,6 +40,11 @@ from .store import build_store, random_resized_crop_params
 logger = logging.getLogger(__name__)
 
 MODES = ("full", "frozen", "lp-ft")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became infinite or NaN; the message names the run and epoch."""
+
 CHECKPOINT_FORMAT = "xfeat-checkpoint"
 MODEL_FORMAT = "xfeat-finetuned"
 
@@ -47,20 +53,21 @@ class _StoreImages(torch.utils.data.Dataset):
     """uint8 CHW crops from a decoded store: random resized crop + flip, or a centre crop."""
 
     def __init__(self, array: np.ndarray, labels: np.ndarray, preprocessing: Preprocessing, *,
-                 train: bool, seed: int = 0, epoch: int = 0):
+                 train: bool, seed: int = 0):
         self.array, self.labels, self.preprocessing = array, labels, preprocessing
         self.crop = preprocessing.crop_size
-        self.train, self.seed, self.epoch = train, seed, epoch
+        self.train, self.seed = train, seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, 0)  # (index, epoch) when training
         if not self.train:
             crop = np.array(self.preprocessing.center_crop(self.array[i]))
             return torch.from_numpy(crop).permute(2, 0, 1), int(self.labels[i])
         image = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, i))
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch, i))
         top, left, h, w = random_resized_crop_params(image.shape[1], image.shape[2], g)
         image = TF.resized_crop(image, top, left, h, w, [self.crop, self.crop], antialias=True)
         if torch.rand(1, generator=g).item() < 0.5:
@@ -73,17 +80,24 @@ def _mix(*values: int) -> int:
 
 
 class _EpochOrder(torch.utils.data.Sampler):
-    """A permutation seeded by (seed, epoch): identical whether or not the run was resumed."""
+    """A permutation seeded by (seed, epoch), identical whether or not the run was resumed.
 
-    def __init__(self, n: int, seed: int, epoch: int):
-        self.n, self.seed, self.epoch = n, seed, epoch
+    It yields ``(index, epoch)`` keys, so one loader with persistent workers serves every
+    epoch: call ``set_epoch`` before each.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, -1))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter((i, self.epoch) for i in torch.randperm(self.n, generator=g).tolist())
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, *, normalize, device: torch.device,
@@ -108,6 +122,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, *, normalize, device: t
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise TrainingDiverged(f"{desc}: the training loss became {loss.item()}; lower the "
+                                   "learning rate (--lr)")
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -202,14 +219,14 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
     store, store_seconds = build_store(dataset, prep, cache_dir=cache_dir, progress=progress)
     labels = {s: sp.labels for s, sp in dataset.splits.items()}
 
-    def loader(split, *, train, epoch=0):
+    def loader(split, *, train):
         rows = train_rows if split == "train" and train_rows is not None else None
         array = store[split] if rows is None else _RowView(store[split], rows)
         y = labels[split] if rows is None else labels[split][rows]
-        images = _StoreImages(array, y, prep, train=train, seed=seed, epoch=epoch)
-        sampler = _EpochOrder(len(images), seed, epoch) if train else None
+        images = _StoreImages(array, y, prep, train=train, seed=seed)
+        sampler = _EpochOrder(len(images), seed) if train else None
         return make_loader(images, batch_size=batch_size, num_workers=num_workers, device=dev,
-                           sampler=sampler)
+                           sampler=sampler, persistent=train)
 
     # -- model: backbone + a new linear layer (lp-ft: initialised from the cached probe)
     backbone = create_backbone(model, weights, image_size=image_size, seed=seed,
@@ -247,17 +264,22 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
 
     # -- epochs
     run_dir.mkdir(parents=True, exist_ok=True)
-    val_loader = loader("val", train=False)
+    val_loader, train_loader = loader("val", train=False), loader("train", train=True)
     normalize = prep.normalize
     for epoch in range(start_epoch, epochs + 1):
         torch.manual_seed(_mix(seed, epoch, -2) % 2**63)  # dropout etc.: same on resume
         lr_now = optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(runner, loader("train", train=True, epoch=epoch), optimizer,
+        train_loader.sampler.set_epoch(epoch)
+        tr = train_one_epoch(runner, train_loader, optimizer,
                              normalize=normalize, device=dev,
                              amp_dtype=amp_dtype, channels_last=channels_last,
                              progress=progress, desc=f"{model} {mode} epoch {epoch}/{epochs}")
         va = evaluate(runner, val_loader, normalize=normalize, device=dev, amp_dtype=amp_dtype,
                       channels_last=channels_last)
+        if not math.isfinite(va["loss"]):
+            raise TrainingDiverged(f"{model} {mode} epoch {epoch}: the val loss is {va['loss']} "
+                                   "(the network outputs inf or NaN); lower the learning rate "
+                                   "(--lr)")
         scheduler.step()
         record = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                   "val_loss": va["loss"], "val_accuracy": va["accuracy"], "lr": lr_now,
