@@ -198,8 +198,9 @@ def _run(run_dir, mode, dataset, model, weights, *, epochs, head, batch_size, nu
 
 
 class _PeakMemory:
-    """Peak resident memory while the block runs: this process plus its children (data-loader
-    workers), sampled every 50 ms; ``mib`` is the peak, ``increase_mib`` above the start."""
+    """Peak memory while the block runs: this process plus its children (data-loader workers),
+    as proportional set size (shared pages counted once), sampled every 50 ms. ``mib`` is the
+    peak, ``increase_mib`` the peak minus the memory held when the block started."""
 
     def __enter__(self):
         self.start = self.mib = _rss_mib()
@@ -220,16 +221,17 @@ class _PeakMemory:
 
 
 def _rss_mib(pid="self") -> float:
-    """RSS of a process and, recursively, its children (Linux /proc); else peak RSS so far."""
+    """PSS of a process and, recursively, its children (Linux /proc); else peak RSS so far."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        total = kib / 1024
         base = f"/proc/{pid}/task"
         for task in os.listdir(base):
             with open(f"{base}/{task}/children") as f:
-                rss += sum(_rss_mib(child) for child in f.read().split())
-        return rss
-    except (OSError, ValueError):
+                total += sum(_rss_mib(child) for child in f.read().split())
+        return total
+    except (OSError, ValueError, StopIteration):
         if pid != "self":
             return 0.0  # a child that just exited
         import resource
@@ -343,7 +345,7 @@ def _time_savings(rows: list, results: list, epochs: int) -> list:
         text = (f"{model}, {n_epochs} epochs: the frozen-backbone baseline trained for "
                 f"{frozen['train_seconds']:.0f} s; the same linear layer and SGD recipe on the cached "
                 f"features (no augmentation) took "
-                f"{linear_s:.1f} s after a one-off extraction of {extract_s:.0f} s "
+                f"{linear_s:.2f} s after a one-off extraction of {extract_s:.0f} s "
                 f"({ratio:.1f}x faster including the extraction, "
                 f"{frozen['train_seconds'] / max(linear_s, 1e-9):.0f}x once the cache exists; "
                 f"its test accuracy {linear['metrics']['test']['accuracy']:.3f} vs the frozen "

@@ -73,7 +73,8 @@ class ExtractionPlan:
             "feature_dim": self.feature_dim,
             "feature_dtype": self.feature_dtype,
             "weights": {"kind": self.weights.kind, "id": self.weights.id,
-                        "sha256": self.weights.sha256, "url": self.weights.url},
+                        "sha256": self.weights.sha256, "url": self.weights.url,
+                        "seed": self.seed if self.weights.kind == "random" else None},
             "preprocessing": self.preprocessing.to_dict(),
             "versions": {"xfeat": __version__, "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "numpy": np.__version__},
@@ -143,6 +144,8 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
     image_size : crop size override (tiny inputs for tests; default: the weights' own).
     num_workers : data-loader processes; default ``min(4, cpus - 1)``.
     skip_bad : record unreadable images (dropped by readers) instead of stopping.
+    plan : a :class:`ExtractionPlan` from :func:`plan_extraction`; it then replaces ``data``,
+        ``model``, ``weights`` and every other option that determines the features.
     """
     if plan is None:
         plan = plan_extraction(data, model, weights=weights, cache_dir=cache_dir,
@@ -337,7 +340,7 @@ def _sample_path(split: Split, row: int) -> str:
 def embed_files(backbone: Backbone, paths, *, batch_size: int = 32,
                 num_workers: Optional[int] = None, device: Optional[str] = None,
                 progress: bool = True):
-    """Features of arbitrary image files: ``(features (N, D) with NaN rows, errors list)``.
+    """Outputs of ``backbone.model`` for image files: ``(array (N, D) with NaN rows, errors)``.
 
     An unreadable file gives a NaN row and its error message instead of stopping the rest.
     """
@@ -358,5 +361,4 @@ def embed_files(backbone: Backbone, paths, *, batch_size: int = 32,
             errors += [f"cannot read image {split.paths[base + i]}: {e}" if e else ""
                        for i, e in enumerate(errs)]
             bar.update(len(errs))
-    dim = backbone.feature_dim
-    return (np.concatenate(features) if features else np.zeros((0, dim), np.float32)), errors
+    return (np.concatenate(features) if features else np.zeros((0, 0), np.float32)), errors

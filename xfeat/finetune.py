@@ -475,7 +475,8 @@ def _save_model(net: nn.Module, backbone: Backbone, plan, evaluation: dict, path
 def load_finetuned(path: Union[str, Path]):
     """``(network, meta)`` from a ``model.pt`` written by :func:`finetune`.
 
-    ``network`` is a :class:`~xfeat.backbones.Backbone` whose model returns class logits.
+    ``network`` is a :class:`~xfeat.backbones.Backbone` whose model, classifier included,
+    returns class logits.
     Loading uses ``torch.load(weights_only=True)``: tensors and plain values, never code.
     """
     path = Path(path)
@@ -491,7 +492,6 @@ def load_finetuned(path: Union[str, Path]):
     backbone.replace_classifier(backbone.new_classifier(len(obj["class_names"])))
     backbone.model.load_state_dict(obj["state_dict"])
     backbone.model.eval()
-    backbone.feature_dim = len(obj["class_names"])  # the network now ends in class logits
     p = obj["preprocessing"]
     backbone.preprocessing = Preprocessing(p["resize_size"], p["crop_size"], tuple(p["mean"]),
                                            tuple(p["std"]), p["interpolation"])

@@ -300,8 +300,6 @@ class LogisticHead(_Head):
         Refit the final model on train+val (standardisation statistics included).
     max_iter, tol : int, float
         L-BFGS iteration limit and projected-gradient tolerance per fit.
-    random_state : int
-        Kept for interface compatibility; the solver is deterministic (zero start).
 
     Attributes
     ----------
@@ -313,14 +311,13 @@ class LogisticHead(_Head):
     _scalars = ("C_", "n_features_in_", "fit_seconds_")
 
     def __init__(self, *, C=None, class_weight="balanced", scoring="log_loss", refit_on_val=False,
-                 max_iter=1000, tol=1e-4, random_state=0):
+                 max_iter=1000, tol=1e-4):
         self.C = C
         self.class_weight = class_weight
         self.scoring = scoring
         self.refit_on_val = refit_on_val
         self.max_iter = max_iter
         self.tol = tol
-        self.random_state = random_state
 
     def _check_params(self) -> None:
         if self.scoring not in _SCORINGS:

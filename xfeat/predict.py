@@ -41,7 +41,9 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
         if weights_override:
             raise ValueError(f"the head's backbone has random weights ({w['id']}); --weights "
                              "does not apply")
-        seed = int(w["id"].split("seed=")[1].rstrip(")"))
+        seed = w.get("seed")
+        if seed is None:  # caches written before the seed was recorded
+            seed = int(w["id"].split("seed=")[1].rstrip(")"))
         weights, kwargs = "none", {"seed": seed}
     elif w["kind"] == "torchvision":
         weights, kwargs = weights_override or w["id"].rsplit(".", 1)[-1], {}

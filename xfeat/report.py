@@ -63,8 +63,6 @@ def plot_class_balance(fractions: dict, class_names: list, path, *, title: str =
 def plot_projection(coords, splits, labels, class_names: list, path, *, title: str = "",
                     axis_labels=("PC 1", "PC 2")) -> Path:
     """2-D scatter of a projection: colour = split, marker = class."""
-    import numpy as np
-
     coords, splits, labels = np.asarray(coords), np.asarray(splits), np.asarray(labels)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     for split in dict.fromkeys(splits.tolist()):
@@ -85,8 +83,6 @@ def plot_projection(coords, splits, labels, class_names: list, path, *, title: s
 def plot_reliability(curves: dict, path, *, ece: Optional[dict] = None, title: str = "",
                      xlabel: str = "predicted probability") -> Path:
     """Reliability diagram, one line per split, from ``metrics.reliability_curve`` dicts."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfectly calibrated")
     for split, curve in curves.items():
@@ -230,9 +226,10 @@ def plot_confusion_matrices(results: list, path) -> Path:
         cm = np.asarray(rec["metrics"]["test"]["confusion_matrix"])
         names = rec["dataset"]["class_names"]
         ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
+        span = max(cm.max() - cm.min(), 1)
+        for (i, j), v in np.ndenumerate(cm):  # white on the darker half of the colour map
             ax.text(j, i, str(v), ha="center", va="center",
-                    color="white" if v > cm.max() / 2 else "black")
+                    color="white" if (v - cm.min()) / span > 0.5 else "black")
         ax.set_xticks(range(len(names)), [c[:10] for c in names], fontsize=7)
         ax.set_yticks(range(len(names)), [c[:10] for c in names], fontsize=7)
         ax.set_xlabel("predicted", fontsize=8)
