@@ -114,3 +114,40 @@ def test_killed_ranks_resume_their_shards(tmp_path):
         assert merged[split].ids == reference[split].ids
         np.testing.assert_allclose(merged[split].features, reference[split].features,
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, batch, world", [(10, 4, 2), (9, 4, 2), (13, 4, 3), (5, 8, 2)])
+def test_epoch_batches_split_every_global_batch_across_ranks(n, batch, world):
+    from xfeat.finetune import _EpochBatches
+
+    single = list(_EpochBatches(n, batch, seed=3))
+    ranks = [list(_EpochBatches(n, batch, seed=3, rank=r, world_size=world)) for r in range(world)]
+    assert all(len(r) == len(single) for r in ranks)  # every rank takes every step
+    for step, keys in enumerate(single):
+        real = sorted(k[0] for r in ranks for k in r[step] if not k[3])
+        assert real == sorted(k[0] for k in keys)
+        assert all(k[2] == len(keys) for r in ranks for k in r[step])  # global batch size
+
+
+@pytest.mark.slow
+def test_ddp_finetune_equals_one_process(tmp_path):
+    """vit_b_32 has no BatchNorm and no dropout: two ranks must reproduce one process."""
+    root = make_image_folder(tmp_path / "d", n_train=9, n_test=2)
+    args = ["-q", "finetune", "--data", root, "--model", "vit_b_32", "--epochs", 2,
+            "--batch-size", 5, "--num-workers", 0, "--n-boot", 20, "--lr", 0.01,
+            "--cache-dir", tmp_path / "c"]
+    proc = _torchrun(*args, "--out", tmp_path / "ddp", stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "xfeat", *map(str, args), "--out",
+                             str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = xfeat.load_result(tmp_path / "ddp")
+    b = xfeat.load_result(tmp_path / "one")
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)
+        assert ha["val_loss"] == pytest.approx(hb["val_loss"], rel=1e-4)
+    for split in ("train", "val", "test"):
+        np.testing.assert_allclose(a.predictions[split][2], b.predictions[split][2], atol=1e-4)

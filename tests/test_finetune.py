@@ -105,7 +105,9 @@ def test_predict_with_the_finetuned_model(data, tmp_path):
         np.testing.assert_allclose([row["p_NORMAL"], row["p_PNEUMONIA"]], expected[rel],
                                    atol=1e-5)
     network, meta = load_finetuned(tmp_path / "r" / "model.pt")
-    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and network.feature_dim == 2
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
+    with torch.inference_mode():
+        assert network.model(torch.randn(1, 3, TINY, TINY)).shape == (1, 2)
 
 
 def _checkpoint_epoch(path):

@@ -291,7 +291,8 @@ def predict_cmd(ctx, head_path, images, out_csv, weights, **options):
 def finetune_cmd(ctx, as_json, **options):
     """Train end to end (full), the frozen-backbone baseline, or LP-FT; evaluate once on test."""
     result = finetune_api(progress=ctx.obj["progress"], **options)
-    click.echo(json.dumps(result.record, indent=2) if as_json else result.table())
+    if result is not None:  # under torchrun, rank 0 holds the result
+        click.echo(json.dumps(result.record, indent=2) if as_json else result.table())
 
 
 @cli.command("compare")

@@ -96,9 +96,10 @@ def compare(data, models: Sequence[str] = ("resnet18", "resnet50", "shufflenet_v
     if quick:
         dataset = dataset.subsample(QUICK_SIZES, seed=seed)
         epochs = min(epochs, QUICK_EPOCHS)
-        notes.append(f"--quick: a stratified subset ({dataset.counts()} images per split and "
-                     f"class) and {epochs} epochs instead of {requested_epochs}; no figure is "
-                     "extrapolated to the full data or to more epochs.")
+        sizes = ", ".join(f"{split} {sum(counts)}" for split, counts in dataset.counts().items())
+        notes.append(f"--quick: a stratified subset ({sizes} images) and {epochs} epochs instead "
+                     f"of {requested_epochs}; no figure is extrapolated to the full data or to "
+                     "more epochs.")
     run_root = out_dir / "runs"
     results, failed = [], []
     for model in models:
@@ -116,8 +117,10 @@ def compare(data, models: Sequence[str] = ("resnet18", "resnet50", "shufflenet_v
                 failed.append(json.loads((run_dir / "failed.json").read_text()))
                 continue
             results.append((model, mode, result, peak))
-    rows = [_row(model, mode, r, peak) for model, mode, r, peak in results]
     notes += [f"{f['model']} {f['mode']} failed: {f['error']}" for f in failed]
+    if not results:
+        raise ValueError("every run of the comparison failed: " + "; ".join(notes))
+    rows = [_row(model, mode, r, peak) for model, mode, r, peak in results]
     tests = _significance(results)
     savings = _time_savings(rows, results, epochs)
     analyses = {}

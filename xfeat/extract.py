@@ -272,16 +272,18 @@ def default_num_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int,
-                num_workers: Optional[int], device: torch.device, sampler=None,
+def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int = 1,
+                num_workers: Optional[int], device: torch.device, batch_sampler=None,
                 persistent: bool = False) -> torch.utils.data.DataLoader:
-    """Batches in order (or in ``sampler``'s); pinned memory on CUDA; ``persistent`` keeps
+    """Batches in order (or ``batch_sampler``'s); pinned memory on CUDA; ``persistent`` keeps
     the worker processes between passes (a training loader reused every epoch)."""
     workers = default_num_workers() if num_workers is None else num_workers
+    sizing = {"batch_sampler": batch_sampler} if batch_sampler is not None else \
+        {"batch_size": batch_size}
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
-        prefetch_factor=4 if workers else None)
+        dataset, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
+        **sizing)
 
 
 @torch.inference_mode()

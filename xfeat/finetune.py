@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import cache as cache_io
+from . import distributed
 from .backbones import Backbone, Preprocessing, create_backbone
 from .data import DEFAULT_GROUP_PATTERN
 from .extract import default_cache_dir, extract, make_loader, plan_extraction, resolve_device
@@ -40,6 +41,7 @@ from .store import build_store, random_resized_crop_params
 logger = logging.getLogger(__name__)
 
 MODES = ("full", "frozen", "lp-ft")
+IGNORE_LABEL = -100  # cross_entropy's ignore_index: padding samples
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,7 +64,9 @@ class _StoreImages(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, key):
-        i, epoch = key if isinstance(key, tuple) else (key, 0)  # (index, epoch) when training
+        if not isinstance(key, tuple):
+            key = (key, 0, 0, False)
+        i, epoch, batch_n, pad = key  # training keys come from _EpochBatches
         if not self.train:
             crop = np.array(self.preprocessing.center_crop(self.array[i]))
             return torch.from_numpy(crop).permute(2, 0, 1), int(self.labels[i])
@@ -72,32 +76,43 @@ class _StoreImages(torch.utils.data.Dataset):
         image = TF.resized_crop(image, top, left, h, w, [self.crop, self.crop], antialias=True)
         if torch.rand(1, generator=g).item() < 0.5:
             image = TF.horizontal_flip(image)
-        return image, int(self.labels[i])
+        # A padding sample (a rank with no share of a short last batch) carries no loss.
+        return image, IGNORE_LABEL if pad else int(self.labels[i]), batch_n
 
 
 def _mix(*values: int) -> int:
     return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=8).digest(), "little")
 
 
-class _EpochOrder(torch.utils.data.Sampler):
-    """A permutation seeded by (seed, epoch), identical whether or not the run was resumed.
+class _EpochBatches(torch.utils.data.Sampler):
+    """Batches of a permutation seeded by (seed, epoch): identical whether or not the run was
+    resumed, and however many processes share it.
 
-    It yields ``(index, epoch)`` keys, so one loader with persistent workers serves every
-    epoch: call ``set_epoch`` before each.
+    Under torchrun, rank r takes items r, r + W, ... of every global batch, so W ranks see
+    exactly the samples one process would, step by step (a rank left without a sample in a
+    short last batch gets a padding sample that carries no loss). Keys are
+    ``(index, epoch, global batch size, is padding)``; ``set_epoch`` before each epoch lets
+    one loader with persistent workers serve them all.
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 1
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.batch_size)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, -1))
-        return iter((i, self.epoch) for i in torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            mine = batch[self.rank::self.world_size]
+            keys = [(i, self.epoch, len(batch), False) for i in mine]
+            yield keys or [(batch[0], self.epoch, len(batch), True)]
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, *, normalize, device: torch.device,
@@ -109,30 +124,37 @@ def train_one_epoch(model: nn.Module, loader, optimizer, *, normalize, device: t
     gradient, but BatchNorm uses batch statistics and updates its running averages.
     """
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    world = distributed.current_world().size
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(loader.dataset), unit="img", desc=desc, disable=not progress,
+    bar = tqdm(total=loader.batch_sampler.n, unit="img", desc=desc, disable=not progress,
                leave=False, dynamic_ncols=True)
-    for images, labels in loader:
+    for images, labels, batch_n in loader:
         x = _prepare(images, normalize, device, channels_last)
         y = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
+            loss_sum = nn.functional.cross_entropy(logits, y, reduction="sum",
+                                                   ignore_index=IGNORE_LABEL)
+        # Mean over the global batch: DDP averages the ranks' gradients, hence "* world".
+        loss = loss_sum * (world / int(batch_n[0]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if not math.isfinite(loss.item()):
-            raise TrainingDiverged(f"{desc}: the training loss became {loss.item()}; lower the "
-                                   "learning rate (--lr)")
-        total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-        bar.update(len(y))
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", refresh=False)
+        if not math.isfinite(loss_sum.item()):
+            raise TrainingDiverged(f"{desc}: the training loss became {loss_sum.item()}; lower "
+                                   "the learning rate (--lr)")
+        real = y != IGNORE_LABEL
+        totals += torch.tensor([loss_sum.item(), (logits.argmax(1) == y)[real].sum().item(),
+                                real.sum().item()], dtype=torch.float64)
+        bar.update(int(batch_n[0]))
+        bar.set_postfix(loss=f"{totals[0] / max(totals[2], 1):.3f}", refresh=False)
     bar.close()
+    if world > 1:
+        torch.distributed.all_reduce(totals)
     seconds = time.perf_counter() - t0
-    return {"loss": total_loss / seen, "accuracy": correct / seen, "images": seen,
+    loss_total, correct, seen = totals.tolist()
+    return {"loss": loss_total / seen, "accuracy": correct / seen, "images": int(seen),
             "seconds": seconds, "images_per_second": seen / seconds}
 
 
@@ -183,6 +205,10 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
     resume : continue the interrupted run in ``out_dir`` (its checkpoint must match).
     max_train_images : train on a stratified subset of train (quick runs); val/test stay whole.
     probe : lp-ft only: a ``head.npz`` from fit-head to start from (default: fit one).
+
+    Under torchrun the network is wrapped in DistributedDataParallel: every global batch of
+    ``batch_size`` is shared between the ranks (one process's steps, spread out), rank 0
+    evaluates, checkpoints and returns the result; the other ranks return None.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not understood; expected one of {', '.join(MODES)}")
@@ -191,6 +217,9 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
             raise ValueError(f"{name}={value} must be >= 1")
     t_start = time.perf_counter()
     dev = resolve_device(device)
+    world = distributed.current_world()
+    if world.size > 1:  # under torchrun: DistributedDataParallel, one device per local rank
+        dev = distributed.init_process_group(dev)
     amp_dtype = _amp_dtype(amp, dev)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     plan = plan_extraction(data, model, weights=weights, cache_dir=cache_dir,
@@ -224,9 +253,12 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
         array = store[split] if rows is None else _RowView(store[split], rows)
         y = labels[split] if rows is None else labels[split][rows]
         images = _StoreImages(array, y, prep, train=train, seed=seed)
-        sampler = _EpochOrder(len(images), seed) if train else None
-        return make_loader(images, batch_size=batch_size, num_workers=num_workers, device=dev,
-                           sampler=sampler, persistent=train)
+        if not train:
+            return make_loader(images, batch_size=batch_size, num_workers=num_workers,
+                               device=dev)
+        batches = _EpochBatches(len(images), batch_size, seed, world.rank, world.size)
+        return make_loader(images, batch_sampler=batches, num_workers=num_workers, device=dev,
+                           persistent=True)
 
     # -- model: backbone + a new linear layer (lp-ft: initialised from the cached probe)
     backbone = create_backbone(model, weights, image_size=image_size, seed=seed,
@@ -260,7 +292,11 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
         history, best, lpft_info = state["history"], state["best"], state.get("lpft")
         start_epoch = state["epoch"] + 1
         logger.info("resuming %s at epoch %d of %d", run_dir, start_epoch, epochs)
-    runner = torch.compile(net) if compile else net
+    runner = net
+    if world.size > 1:
+        runner = nn.parallel.DistributedDataParallel(
+            net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    runner = torch.compile(runner) if compile else runner
 
     # -- epochs
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,18 +305,22 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
     for epoch in range(start_epoch, epochs + 1):
         torch.manual_seed(_mix(seed, epoch, -2) % 2**63)  # dropout etc.: same on resume
         lr_now = optimizer.param_groups[0]["lr"]
-        train_loader.sampler.set_epoch(epoch)
+        train_loader.batch_sampler.set_epoch(epoch)
         tr = train_one_epoch(runner, train_loader, optimizer,
                              normalize=normalize, device=dev,
                              amp_dtype=amp_dtype, channels_last=channels_last,
-                             progress=progress, desc=f"{model} {mode} epoch {epoch}/{epochs}")
-        va = evaluate(runner, val_loader, normalize=normalize, device=dev, amp_dtype=amp_dtype,
+                             progress=progress and world.is_main,
+                             desc=f"{model} {mode} epoch {epoch}/{epochs}")
+        scheduler.step()
+        if not world.is_main:  # rank 0 alone evaluates, keeps the best epoch and checkpoints
+            distributed.barrier()
+            continue
+        va = evaluate(net, val_loader, normalize=normalize, device=dev, amp_dtype=amp_dtype,
                       channels_last=channels_last)
         if not math.isfinite(va["loss"]):
             raise TrainingDiverged(f"{model} {mode} epoch {epoch}: the val loss is {va['loss']} "
                                    "(the network outputs inf or NaN); lower the learning rate "
                                    "(--lr)")
-        scheduler.step()
         record = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                   "val_loss": va["loss"], "val_accuracy": va["accuracy"], "lr": lr_now,
                   "train_seconds": tr["seconds"], "val_seconds": va["seconds"],
@@ -300,6 +340,10 @@ def finetune(data, model: str = "resnet18", *, weights="none", mode: str = "full
                       "scheduler": scheduler.state_dict(), "history": history, "best": best,
                       "lpft": lpft_info}, ckpt_path)
         _write_history(history, run_dir)
+        distributed.barrier()
+
+    if not world.is_main:
+        return None  # rank 0 evaluates and writes the results
 
     # -- test once, on the best epoch, at the threshold chosen on val
     net.load_state_dict(torch.load(run_dir / "best_model.pt", map_location=dev,
