@@ -129,23 +129,47 @@ def test_epoch_batches_split_every_global_batch_across_ranks(n, batch, world):
         assert all(k[2] == len(keys) for r in ranks for k in r[step])  # global batch size
 
 
+def _checkpoint_epoch(path):
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except Exception:  # not written yet
+        return 0
+
+
 @pytest.mark.slow
-def test_ddp_finetune_equals_one_process(tmp_path):
-    """vit_b_32 has no BatchNorm and no dropout: two ranks must reproduce one process."""
+def test_ddp_finetune_killed_resumed_equals_one_process(tmp_path):
+    """vit_b_32 has no BatchNorm and no dropout: two ranks, killed after epoch 1 and resumed,
+    must reproduce one uninterrupted process."""
     root = make_image_folder(tmp_path / "d", n_train=9, n_test=2)
     args = ["-q", "finetune", "--data", root, "--model", "vit_b_32", "--epochs", 2,
             "--batch-size", 5, "--num-workers", 0, "--n-boot", 20, "--lr", 0.01,
-            "--cache-dir", tmp_path / "c"]
-    proc = _torchrun(*args, "--out", tmp_path / "ddp", stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE, text=True)
+            "--cache-dir", tmp_path / "c", "--out", tmp_path / "ddp"]
+    job = _torchrun(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while _checkpoint_epoch(tmp_path / "ddp" / "checkpoint.pt") < 1 and job.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in [job.pid, *_descendants(job.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    job.wait()
+    assert _checkpoint_epoch(tmp_path / "ddp" / "checkpoint.pt") == 1, "not killed in epoch 2"
+    proc = _torchrun(*args, "--resume", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     text=True)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
+    args = args[:-2]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "xfeat", *map(str, args), "--out",
                              str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-3000:]
     a = xfeat.load_result(tmp_path / "ddp")
     b = xfeat.load_result(tmp_path / "one")
+    assert [h["epoch"] for h in a["history"]] == [1, 2]
     for ha, hb in zip(a["history"], b["history"]):
         assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)
         assert ha["val_loss"] == pytest.approx(hb["val_loss"], rel=1e-4)
