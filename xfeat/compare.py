@@ -202,8 +202,11 @@ def _run(run_dir, mode, dataset, model, weights, *, epochs, head, batch_size, nu
 
 class _PeakMemory:
     """Peak memory while the block runs: this process plus its children (data-loader workers),
-    as proportional set size (shared pages counted once), sampled every 50 ms. ``mib`` is the
-    peak, ``increase_mib`` the peak minus the memory held when the block started."""
+    as proportional set size (shared pages counted once), sampled once a second (reading
+    /proc/PID/smaps_rollup costs CPU time itself). ``mib`` is the peak, ``increase_mib`` the
+    peak minus the memory held when the block started."""
+
+    interval = 1.0
 
     def __enter__(self):
         self.start = self.mib = _rss_mib()
@@ -213,7 +216,7 @@ class _PeakMemory:
         return self
 
     def _sample(self):
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(self.interval):
             self.mib = max(self.mib, _rss_mib())
 
     def __exit__(self, *exc):
