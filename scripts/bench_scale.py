@@ -21,18 +21,7 @@ import time
 from pathlib import Path
 
 import xfeat
-
-
-def make_subset(src: Path, dst: Path, n: int) -> Path:
-    classes = sorted(p.name for p in (src / "train").iterdir() if p.is_dir())
-    files = {c: sorted(p for p in (src / "train" / c).iterdir() if p.suffix.lower() in
-                       (".jpeg", ".jpg", ".png")) for c in classes}
-    total = sum(len(f) for f in files.values())
-    for c, fs in files.items():
-        (dst / "train" / c).mkdir(parents=True, exist_ok=True)
-        for p in fs[:round(n * len(fs) / total)]:
-            os.symlink(p.resolve(), dst / "train" / c / p.name)
-    return dst
+from bench_extract import make_subset  # scripts/ is on sys.path when run as a script
 
 
 def run(cmd: list, env: dict) -> tuple:

@@ -249,6 +249,12 @@ def min_input_size(name: str) -> int:
     return _MIN_INPUT_SIZE.get(name, 32)
 
 
+def parameter_count(name: str) -> int:
+    """Parameters of model ``name`` with its original classifier, counted without building it."""
+    _check_name(name)
+    return int(sum(p.numel() for p in _build_empty(name).parameters()))
+
+
 def describe_backbones() -> list:
     """One dict per model: name, feature_dim, parameters (millions), weights names."""
     rows = []

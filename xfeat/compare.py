@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from . import cache as cache_io
-from .backbones import resolve_weights
+from .backbones import parameter_count, resolve_weights
 from .data import DEFAULT_GROUP_PATTERN, SplitRecipe, load_dataset
 from .extract import default_cache_dir
 from .finetune import TrainingDiverged, finetune
@@ -252,7 +252,7 @@ def _row(model: str, mode: str, result: RunResult, peak) -> dict:
     if mode == "cached":
         meta = cache_io.read_meta(r["cache"]["path"]) if Path(r["cache"]["path"]).is_file() \
             else None
-        n_params = _n_params(model)
+        n_params = parameter_count(model)
         trainable = _head_params(r, meta)
         extract_s, train_s, eval_s = t["extract_seconds"], t["fit_seconds"], t["evaluate_seconds"]
         ips = t.get("extract_images_per_second")
@@ -276,12 +276,6 @@ def _row(model: str, mode: str, result: RunResult, peak) -> dict:
         "specificity_ci": ci.get("specificity"), "threshold": r["threshold"]["value"],
         "run_dir": r.get("run_dir"),
     }
-
-
-def _n_params(model: str) -> int:
-    from .backbones import _build_empty
-
-    return int(sum(p.numel() for p in _build_empty(model).parameters()))
 
 
 def _head_params(record: dict, meta) -> Optional[int]:
