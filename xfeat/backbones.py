@@ -23,6 +23,8 @@ from PIL import Image
 from torch import nn
 from torchvision.models import get_model_builder, get_model_weights, list_models
 
+from .errors import BackboneError, WeightsUnavailableError  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,14 +35,6 @@ _MIN_INPUT_SIZE = {"alexnet": 64, "inception_v3": 75, "googlenet": 32, "squeezen
 _FIXED_INPUT_SIZE = ("vit_", "maxvit_")
 _PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
                       "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
-
-
-class BackboneError(ValueError):
-    """Unknown model, unusable weights, or weights that do not fit the model."""
-
-
-class WeightsUnavailableError(BackboneError):
-    """torchvision weights could not be downloaded (offline, proxy, ...)."""
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,13 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
+from .errors import CacheError  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "xfeat-features"
 FORMAT_VERSION = 1
 FEATURE_DTYPES = ("float32", "float16")
-
-
-class CacheError(RuntimeError):
-    """A cache file is missing, incomplete, of another format, or does not match its data."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import datasets_builtin
+from .errors import DataError, ImageReadError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -26,19 +27,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 # Kermany file names: person123_bacteria_456.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0381-0001.jpeg.
 DEFAULT_GROUP_PATTERN = r"^(person\d+|(?:NORMAL\d+-)?IM-\d+)[_-]"
 TINY_VAL_SIZE = 50  # a given val split smaller than this is merged into train and re-carved
-
-
-class DataError(ValueError):
-    """The dataset on disk is not what xfeat expects; the message says what to fix."""
-
-
-class ImageReadError(DataError):
-    """One image could not be decoded; ``path`` names it."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"cannot read image {path}: {reason} (pass --skip-bad / skip_bad=True "
-                         "to record and skip unreadable images)")
-        self.path, self.reason = path, reason
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from typing import Optional, Union
 
 from tqdm.auto import tqdm
 
+from .errors import DownloadError  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 ZENODO_URL = "https://zenodo.org/records/10519652/files"
@@ -29,10 +31,6 @@ BUILTIN = {
     "breastmnist": ("breastmnist.npz", "750601b1f35ba3300ea97c75c52ff8f6", _BREAST),
     "breastmnist_224": ("breastmnist_224.npz", "b56378a6eefa9fed602bb16d192d4c8b", _BREAST),
 }
-
-
-class DownloadError(RuntimeError):
-    """A built-in dataset could not be fetched or failed its checksum."""
 
 
 def names() -> list:

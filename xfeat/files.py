@@ -1,41 +1,136 @@
-"""Atomic file writes and JSON encoding, shared by every module that writes results."""
+"""Writing outputs: atomic, with the user's umask, strict JSON; clear errors when it fails.
+
+Every file xfeat writes for a user (results, heads, reports, CSVs, checkpoints) goes through
+:func:`atomic_write`: a reader sees the old file or the complete new one, never a half-written
+one, even if the process is killed or the disk fills up.
+"""
 from __future__ import annotations
 
+import csv
+import errno
+import io
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable, Optional
 
-import numpy as np
+from .errors import OutputError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def describe_os_error(exc: OSError, path) -> str:
+    """One line that names ``path`` and says what to do about ``exc``."""
+    path = str(path)
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {path}; free some space and run again"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write {path}: permission denied (read-only folder?); choose a writable "
+                "folder (--out / --cache-dir)")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) or isinstance(exc, (NotADirectoryError,
+                                                                       FileExistsError)):
+        return (f"cannot write {path}: a parent of it is a regular file, not a folder; choose "
+                "another path")
+    if exc.errno == errno.EISDIR:
+        return f"cannot write {path}: it is a folder; give a file name"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+def make_dirs(path) -> Path:
+    """``mkdir -p`` that fails with an :class:`OutputError` naming the folder."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(describe_os_error(exc, path)) from None
+    if not path.is_dir():
+        raise OutputError(f"cannot use {path} as a folder: it is a file")
+    return path
 
 
 def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it into place.
 
-    A reader sees the old file or the complete new one, never a half-written one, even if
-    the process is killed; concurrent writers never share a temporary file.
+    The file gets the permissions a plain ``open(path, "w")`` would (0666 minus the umask),
+    so colleagues can read results. On any failure the temporary file is removed; a full disk
+    or a read-only folder becomes an :class:`OutputError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dirs(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(describe_os_error(exc, path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(describe_os_error(exc, path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def to_json(obj):
-    """``json.dumps(default=to_json)``: numpy scalars and arrays, tuples and paths."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, tuple)):
-        return list(obj.tolist() if isinstance(obj, np.ndarray) else obj)
+def write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def jsonable(obj):
+    """Plain JSON types, recursively; NaN and infinities become ``None`` (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, Path):
         return str(obj)
+    # numpy without importing it: scalars have .item(), arrays .tolist()
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):
+        return jsonable(obj.tolist())
     raise TypeError(f"object of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def dumps(obj, indent: Optional[int] = 2) -> str:
+    """Strict JSON text (``allow_nan=False``): undefined numbers are ``null``."""
+    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path, obj, indent: Optional[int] = 2) -> Path:
+    return write_text(path, dumps(obj, indent=indent) + "\n")
+
+
+def write_csv(path, rows: Iterable[dict], columns: list) -> Path:
+    """A CSV with a header, written atomically; cells that are lists become JSON."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(jsonable(v)) if isinstance(v, (list, tuple, dict))
+                         else ("" if isinstance(v, float) and not math.isfinite(v) else v)
+                         for k, v in row.items()})
+    return write_text(path, buf.getvalue())
+
+
+def read_json(path) -> object:
+    """Parse a JSON file xfeat wrote; a damaged file is an :class:`OutputError` naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise OutputError(f"{path} is not valid JSON ({exc}); delete it and run again") from None

@@ -33,6 +33,7 @@ from . import distributed
 from .backbones import Backbone, Preprocessing, create_backbone
 from .data import DEFAULT_GROUP_PATTERN
 from .extract import default_cache_dir, extract, make_loader, plan_extraction, resolve_device
+from .errors import TrainingDiverged  # noqa: F401  (re-exported)
 from .files import atomic_write
 from .metrics import evaluate_splits
 from .results import RunResult, new_record
@@ -43,9 +44,6 @@ logger = logging.getLogger(__name__)
 MODES = ("full", "frozen", "lp-ft")
 IGNORE_LABEL = -100  # cross_entropy's ignore_index: padding samples
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became infinite or NaN; the message names the run and epoch."""
 
 CHECKPOINT_FORMAT = "xfeat-checkpoint"
 MODEL_FORMAT = "xfeat-finetuned"

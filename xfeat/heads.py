@@ -31,7 +31,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
 from threadpoolctl import threadpool_limits
 
-from .files import atomic_write, to_json
+from .files import atomic_write, dumps
 
 logger = logging.getLogger(__name__)
 
@@ -637,7 +637,7 @@ def save_head(head: _Head, path, *, metadata: dict) -> Path:
         "metadata": metadata,
     }
     try:
-        meta_json = json.dumps(meta, default=to_json)
+        meta_json = dumps(meta, indent=None)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata for {name} head is not JSON-serialisable: {exc}") from exc
     arrays = {attr: np.asarray(getattr(head, attr)) for attr in head._arrays}

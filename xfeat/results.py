@@ -35,7 +35,7 @@ from typing import Optional
 
 import numpy as np
 
-from .files import atomic_write, to_json
+from .files import atomic_write, write_json
 from .metrics import format_metrics_table
 
 SCHEMA = "xfeat-result/1"
@@ -66,8 +66,7 @@ class RunResult:
             arrays[f"{split}_labels"] = np.asarray(labels)
             arrays[f"{split}_proba"] = np.asarray(proba, dtype=np.float32)
         atomic_write(run_dir / "predictions.npz", lambda f: np.savez(f, **arrays))
-        text = json.dumps(self.record, indent=2, default=to_json)
-        atomic_write(run_dir / "results.json", lambda f: f.write(text.encode()))
+        write_json(run_dir / "results.json", self.record)
         return run_dir / "results.json"
 
     def table(self) -> str:
