@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 from xfeat.backbones import (BackboneError, Preprocessing, WeightsUnavailableError,
-                             _download_state_dict, create_backbone, default_preprocessing,
-                             feature_dim, list_backbones, min_input_size, resolve_weights)
+                             create_backbone, default_preprocessing, feature_dim, list_backbones,
+                             min_input_size, resolve_weights)
+from xfeat.backbones.weights import download_state_dict
 
 from conftest import MOBILENET_WEIGHTS
 
@@ -142,7 +143,7 @@ def test_offline_download_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
     url = "http://127.0.0.1:9/resnet18-f37072fd.pth"  # nothing listens on the discard port
     with pytest.raises(WeightsUnavailableError, match=r"--weights /path/to/resnet18-f37072fd.pth"):
-        _download_state_dict(url, name="resnet18", weights_id="ResNet18_Weights.IMAGENET1K_V1")
+        download_state_dict(url, name="resnet18", weights_id="ResNet18_Weights.IMAGENET1K_V1")
 
 
 def test_shared_pretrained_mobilenet_loads():

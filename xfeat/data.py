@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import datasets_builtin
 from .errors import DataError, ImageReadError  # noqa: F401  (re-exported)
+from .images import (IMAGE_EXTENSIONS, array_to_rgb, check_utf8_names,  # noqa: F401
+                     read_image_file, scan_image_files, warn_skipped)
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 # Kermany file names: person123_bacteria_456.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0381-0001.jpeg.
 DEFAULT_GROUP_PATTERN = r"^(person\d+|(?:NORMAL\d+-)?IM-\d+)[_-]"
 TINY_VAL_SIZE = 50  # a given val split smaller than this is merged into train and re-carved
@@ -69,10 +70,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def read_image(self, i: int, draft_size: Optional[int] = None) -> Image.Image:
+    def read_image(self, i: int, draft_size: Optional[int] = None,
+                   exif_transpose: bool = True) -> Image.Image:
         """Decode sample ``i`` as an RGB PIL image (raises :class:`ImageReadError`)."""
         if self.paths is not None:
-            return read_image_file(self.paths[i], draft_size=draft_size)
+            return read_image_file(self.paths[i], draft_size=draft_size,
+                                   exif_transpose=exif_transpose)
         return array_to_rgb(self.arrays[self.array_rows[i]])
 
     def subset(self, rows: Sequence[int], name: Optional[str] = None) -> "Split":
@@ -141,55 +144,6 @@ class Dataset:
                                                                     "seed": seed}})
 
 
-# --------------------------------------------------------------------------- images
-
-def read_image_file(path, draft_size: Optional[int] = None) -> Image.Image:
-    """Open any supported image file as RGB; grayscale, RGBA, palette and 16-bit all work."""
-    try:
-        with Image.open(path) as im:
-            if draft_size and im.format == "JPEG":
-                # Let libjpeg decode at a reduced scale when the target is much smaller.
-                im.draft("RGB", (draft_size, draft_size))
-            im.load()
-            return pil_to_rgb(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageReadError(str(path), str(exc) or type(exc).__name__) from None
-
-
-def pil_to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return array_to_rgb(np.asarray(im))
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        # Composite on black: medical images use transparency rarely, black is the background.
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def array_to_rgb(arr: np.ndarray) -> Image.Image:
-    """(H, W), (H, W, 1) or (H, W, 3) array of any numeric dtype -> RGB image.
-
-    uint8 is used as is; other dtypes are min-max scaled per image to 0..255 (16-bit
-    radiographs rarely use the full 16-bit range).
-    """
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise DataError(f"image array has shape {arr.shape}; expected (H, W), (H, W, 1) or (H, W, 3)")
-    if arr.dtype != np.uint8:
-        arr = arr.astype(np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    return Image.fromarray(np.ascontiguousarray(arr[..., :3]), mode="RGB")
-
-
 # --------------------------------------------------------------------------- loading
 
 def load_dataset(data: Union[str, Path], *, recipe: Optional[SplitRecipe] = None,
@@ -242,13 +196,13 @@ def _load_folder(root: Path) -> Dataset:
                             f"missing {missing}, extra {extra}; every split needs the same "
                             "class folders")
     digest = hashlib.sha256()
-    splits = {}
+    splits, skipped = {}, []
     for s in present:
         ids, labels, paths = [], [], []
         for label, cls in enumerate(class_names):
-            files = sorted(p for p in (root / s / cls).iterdir()
-                           if p.is_file() and not p.name.startswith(".")
-                           and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files, bad = scan_image_files(root / s / cls)
+            skipped += bad
+            check_utf8_names(files, root / s / cls)
             if not files:
                 raise DataError(f"class folder {root / s / cls} has no images; accepted "
                                 f"extensions: {', '.join(IMAGE_EXTENSIONS)}")
@@ -260,6 +214,7 @@ def _load_folder(root: Path) -> Dataset:
                 digest.update(f"{s}\0{label}\0{rel}\0".encode())
                 digest.update(hashlib.sha256(p.read_bytes()).digest())
         splits[s] = Split(s, ids, np.asarray(labels, dtype=np.int64), paths=paths)
+    warn_skipped(skipped, str(root))
     return Dataset(name=root.name, source=str(root), class_names=class_names, splits=splits,
                    content_digest=digest.hexdigest())
 
@@ -284,6 +239,14 @@ def _load_npz(path: Path, name: Optional[str] = None,
                 if f"{s}_labels" not in keys:
                     raise DataError(f"{path} has {s}_images but no {s}_labels")
                 images, labels = npz[f"{s}_images"], npz[f"{s}_labels"]
+                if len(images) == 0:
+                    if s == "train":
+                        raise DataError(f"{path}: train_images has no rows; expected training "
+                                        "images")
+                    logger.warning("%s: %s_images has no rows; treating the dataset as having "
+                                   "no %s split", path, s, s)
+                    continue
+                _check_finite(path, s, images)
                 raw[s] = (images, _npz_labels(path, s, labels, len(images)))
     n_classes = len(class_names) if class_names is not None else \
         int(max(lab.max() for _, lab in raw.values())) + 1
@@ -310,6 +273,16 @@ def _load_npz(path: Path, name: Optional[str] = None,
         splits[s] = Split(s, ids, labels, arrays=images, array_rows=np.arange(len(images)))
     return Dataset(name=name or path.stem, source=str(path), class_names=list(class_names),
                    splits=splits, content_digest=digest.hexdigest())
+
+
+def _check_finite(path: Path, split: str, images: np.ndarray) -> None:
+    if images.dtype.kind != "f":
+        return
+    bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
+    if len(bad):
+        raise DataError(f"{path}: {split}_images holds NaN or infinite pixels in {len(bad)} "
+                        f"image(s), e.g. index {int(bad[0])}; expected finite values (fix or "
+                        "drop those rows)")
 
 
 def _npz_labels(path: Path, split: str, labels: np.ndarray, n: int) -> np.ndarray:

@@ -260,7 +260,8 @@ class _SplitImages(torch.utils.data.Dataset):
         row = self.start + i
         size = self.preprocessing.crop_size
         try:
-            image = self.split.read_image(row, draft_size=self.preprocessing.resize_size)
+            image = self.split.read_image(row, draft_size=self.preprocessing.resize_size,
+                                          exif_transpose=self.preprocessing.exif_transpose)
             array = self.preprocessing.resize_and_crop(image)
             error = ""
         except ImageReadError as exc:

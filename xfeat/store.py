@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -78,7 +79,8 @@ def _build_split(root: Path, split: Split, preprocessing: Preprocessing, progres
     bar = tqdm(total=len(split), initial=start, unit="img", desc=f"decode {split.name}",
                disable=not progress)
     for i in range(start, len(split)):
-        array[i] = preprocessing.resize_square(split.read_image(i, draft_size=size))
+        image = split.read_image(i, draft_size=size, exif_transpose=preprocessing.exif_transpose)
+        array[i] = preprocessing.resize_square(image)
         bar.update(1)
         if (i + 1) % _FLUSH_EVERY == 0 or i + 1 == len(split):
             array.flush()
@@ -103,8 +105,8 @@ def random_resized_crop_params(height: int, width: int, generator: torch.Generat
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
         aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1],
                                                    generator=generator)).item()
-        w = int(round((target_area * aspect) ** 0.5))
-        h = int(round((target_area / aspect) ** 0.5))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             i = torch.randint(0, height - h + 1, (1,), generator=generator).item()
             j = torch.randint(0, width - w + 1, (1,), generator=generator).item()

@@ -1,0 +1,124 @@
+"""Preprocessing: resize the short side, centre-crop, scale, normalise. Part of every cache key.
+
+The same object decodes images for extraction, for the fine-tuning store and for ``predict``,
+so every path sees identical pixels; it reproduces torchvision's ``weights.transforms()``
+(checked by a parity test) on uint8 arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                      "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Short side to ``resize_size``, centre ``crop_size`` square, ``(x / 255 - mean) / std``.
+
+    ``exif_transpose``: rotate images as their EXIF orientation says (as a viewer shows them).
+    """
+
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    interpolation: str = "bilinear"
+    exif_transpose: bool = True
+
+    def __post_init__(self):
+        from ..errors import ConfigError
+
+        for name in ("crop_size", "resize_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{name}={value!r}: expected a positive number of pixels, "
+                                  "such as 224")
+        if self.crop_size > self.resize_size:
+            raise ConfigError(f"crop_size={self.crop_size} is larger than resize_size="
+                              f"{self.resize_size}; the centre crop must fit in the resized image")
+        if self.interpolation not in _PIL_INTERPOLATION:
+            raise ConfigError(f"interpolation={self.interpolation!r}; expected one of "
+                              f"{sorted(_PIL_INTERPOLATION)}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"mean={self.mean!r}, std={self.std!r}: expected three values "
+                              "each, std > 0")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        """The inverse of :meth:`to_dict` (records written before ``exif_transpose`` existed
+        did not apply it)."""
+        return cls(int(d["resize_size"]), int(d["crop_size"]), tuple(d["mean"]), tuple(d["std"]),
+                   d.get("interpolation", "bilinear"), bool(d.get("exif_transpose", False)))
+
+    @classmethod
+    def from_transforms(cls, t) -> "Preprocessing":
+        """From a torchvision ``ImageClassification`` transform (``weights.transforms()``)."""
+        return cls(int(t.resize_size[0]), int(t.crop_size[0]), tuple(t.mean), tuple(t.std),
+                   t.interpolation.value.lower())
+
+    def with_size(self, crop_size: Optional[int], resize_size: Optional[int] = None):
+        """The same preprocessing at another crop size, keeping the resize/crop ratio."""
+        if crop_size is None and resize_size is None:
+            return self
+        crop_size = self.crop_size if crop_size is None else crop_size
+        if resize_size is None:
+            resize_size = int(round(crop_size * self.resize_size / self.crop_size)) \
+                if isinstance(crop_size, int) and crop_size > 0 else crop_size
+        return replace(self, crop_size=crop_size, resize_size=resize_size)
+
+    def resized_shape(self, width: int, height: int) -> tuple:
+        """``(w, h)`` after resizing the short side to ``resize_size`` (torchvision's rule:
+        the long side is truncated, not rounded)."""
+        size = self.resize_size
+        if width <= height:
+            return size, int(size * height / width)
+        return int(size * width / height), size
+
+    def resize_square(self, image: Image.Image) -> np.ndarray:
+        """Short side to ``resize_size``, then the ``(R, R, 3)`` uint8 square whose centre crop
+        is exactly torchvision's ``CenterCrop(crop_size)`` of the resized image (the store)."""
+        new_w, new_h = self.resized_shape(*image.size)
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), _PIL_INTERPOLATION[self.interpolation],
+                                 reducing_gap=None)
+        size, inner = self.resize_size, self._inner_offset()
+        # torchvision centres the crop with round((side - crop) / 2); place the square so that
+        # its own centre crop (offset ``inner``) lands on the same pixels.
+        left = min(max(0, int(round((new_w - self.crop_size) / 2.0)) - inner), new_w - size)
+        top = min(max(0, int(round((new_h - self.crop_size) / 2.0)) - inner), new_h - size)
+        return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+    def center_crop(self, square: np.ndarray) -> np.ndarray:
+        """The centre ``crop_size`` square of a ``(R, R, ...)`` array from :meth:`resize_square`."""
+        o = self._inner_offset(square.shape[0])
+        return square[o:o + self.crop_size, o:o + self.crop_size]
+
+    def _inner_offset(self, side: Optional[int] = None) -> int:
+        side = self.resize_size if side is None else side
+        return int(round((side - self.crop_size) / 2.0))  # torchvision's CenterCrop offset
+
+    def resize_and_crop(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> ``(crop, crop, 3)`` uint8, exactly the store's eval view."""
+        return np.ascontiguousarray(self.center_crop(self.resize_square(image)))
+
+    def normalize(self, batch):
+        """``(N, 3, H, W)`` uint8 tensor -> float32 normalised with ``mean`` / ``std``."""
+        import torch
+
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1) * 255.0
+        return (batch.float() - mean) / std
