@@ -126,13 +126,7 @@ class Dataset:
             if n < len(self.class_names):
                 raise DataError(f"cannot subsample {name} to {n} images: fewer than the "
                                 f"{len(self.class_names)} classes")
-            rng = np.random.default_rng([seed, SPLITS.index(name)])
-            rows = []
-            for c in range(len(self.class_names)):
-                members = np.flatnonzero(split.labels == c)
-                k = min(len(members), max(1, round(n * len(members) / len(split))))
-                rows.extend(rng.choice(members, size=k, replace=False))
-            rows = np.sort(np.asarray(rows, dtype=np.int64))
+            rows = stratified_rows(split.labels, n, [seed, SPLITS.index(name)])
             splits[name] = split.subset(rows)
             chosen[name] = len(rows)
         digest = hashlib.sha256(json.dumps([self.content_digest, {s: sp.ids for s, sp in
@@ -142,6 +136,18 @@ class Dataset:
                        content_digest=digest.hexdigest(),
                        split_info={**self.split_info, "subsample": {"sizes": chosen,
                                                                     "seed": seed}})
+
+
+def stratified_rows(labels: np.ndarray, n: int, seed) -> np.ndarray:
+    """About ``n`` sorted row indices with the class proportions of ``labels`` (at least one
+    per class), drawn with ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = min(len(members), max(1, round(n * len(members) / len(labels))))
+        rows.extend(rng.choice(members, size=k, replace=False))
+    return np.sort(np.asarray(rows, dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- loading

@@ -15,7 +15,8 @@ from typing import Optional, Union
 
 from tqdm.auto import tqdm
 
-from .errors import DownloadError  # noqa: F401  (re-exported)
+from .config import default_cache_dir
+from .errors import DataError, DownloadError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +42,11 @@ def class_names(name: str) -> list:
     return list(BUILTIN[name][2])
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XFEAT_CACHE", "cache"))
-
-
 def download(name: str, *, cache_dir: Union[str, Path, None] = None,
              base_url: Optional[str] = None, timeout: float = 30.0) -> Path:
     """Return the local path of built-in dataset ``name``, downloading and verifying it once."""
     if name not in BUILTIN:
-        raise ValueError(f"unknown built-in dataset {name!r}; expected one of: {', '.join(names())}")
+        raise DataError(f"unknown built-in dataset {name!r}; expected one of: {', '.join(names())}")
     file_name, md5, _ = BUILTIN[name]
     target = Path(cache_dir or default_cache_dir()) / "datasets" / file_name
     if target.is_file():

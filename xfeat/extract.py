@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,29 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__, cache, distributed
+from .config import default_cache_dir
+from .runtime import make_loader, resolve_device
 from .backbones import (Backbone, Preprocessing, WeightsInfo, create_backbone,
                         default_preprocessing, feature_dim, resolve_weights)
 from .data import DEFAULT_GROUP_PATTERN, Dataset, ImageReadError, Split, SplitRecipe, load_dataset
 
 logger = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    """``$XFEAT_CACHE`` if set, else ``./cache``."""
-    return Path(os.environ.get("XFEAT_CACHE", "cache"))
-
-
-def resolve_device(device: Optional[str] = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r} not understood; expected 'auto', 'cpu', 'cuda' or "
-                         "'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-    return dev
 
 
 @dataclass
@@ -267,24 +250,6 @@ class _SplitImages(torch.utils.data.Dataset):
         except ImageReadError as exc:
             array, error = np.zeros((size, size, 3), dtype=np.uint8), exc.reason
         return torch.from_numpy(array).permute(2, 0, 1), error
-
-
-def default_num_workers() -> int:
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
-def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int = 1,
-                num_workers: Optional[int], device: torch.device, batch_sampler=None,
-                persistent: bool = False) -> torch.utils.data.DataLoader:
-    """Batches in order (or ``batch_sampler``'s); pinned memory on CUDA; ``persistent`` keeps
-    the worker processes between passes (a training loader reused every epoch)."""
-    workers = default_num_workers() if num_workers is None else num_workers
-    sizing = {"batch_sampler": batch_sampler} if batch_sampler is not None else \
-        {"batch_size": batch_size}
-    return torch.utils.data.DataLoader(
-        dataset, num_workers=workers, pin_memory=device.type == "cuda",
-        persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
-        **sizing)
 
 
 @torch.inference_mode()

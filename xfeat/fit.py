@@ -12,19 +12,15 @@ from typing import Optional, Union
 
 
 from . import cache as cache_io
-from .backbones import weights_tag
 from .data import Dataset, SplitRecipe, load_dataset
 from .extract import extract, plan_extraction, split_extract_options
 from .heads import create_head, save_head
 from .metrics import evaluate_splits
 from .results import RunResult, new_record
+from .runs import check_writable, default_run_dir, run_lock
+from .thresholds import parse_threshold_rule
 
 logger = logging.getLogger(__name__)
-
-
-def default_run_dir(meta: dict, mode: str, head: str, root: Union[str, Path] = "runs") -> Path:
-    tag = weights_tag(meta["weights"]["kind"], meta["weights"]["id"])
-    return Path(root) / meta["dataset"]["name"] / f"{meta['model']}-{tag}" / f"{mode}-{head}"
 
 
 def fit_head(data=None, model: str = "resnet18", *, weights="none",
@@ -46,6 +42,8 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
         (default ``runs/DATASET/MODEL-WEIGHTS/cached-HEAD``).
     """
     t_start = time.perf_counter()
+    parse_threshold_rule(threshold)  # before any extraction
+    check_writable(out_dir)
     extract_options = dict(extract_options or {})
     cache_hit = True
     user_cache = cache is not None
@@ -110,7 +108,8 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
                 "wall_seconds": time.perf_counter() - t_start,
                 "extract_images_per_second": n_images / extract_seconds if extract_seconds
                 else None},
-        cache={"path": str(features.path), "key": features.key, "hit": cache_hit},
+        cache={"path": str(features.path), "key": features.key, "hit": cache_hit,
+               "feature_dim": meta["feature_dim"]},
         history=getattr(fitted, "history_", []),
         params={"head_params": head_params or {}, "threshold": threshold, "n_boot": n_boot,
                 "seed": seed},
@@ -122,15 +121,17 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
     result = RunResult(record, {s: (features[s].ids, labels[s], probas[s]) for s in splits},
                        head=fitted)
     if save:
-        run_dir = Path(out_dir) if out_dir else default_run_dir(meta, "cached", head)
-        result.save(run_dir)
-        save_head(fitted, run_dir / "head.npz", metadata=head_metadata(meta, evaluation))
-        if record["history"]:
-            from .report import plot_training_curves
+        run_dir = Path(out_dir) if out_dir else default_run_dir(
+            meta["dataset"]["name"], meta["model"], meta["weights"], f"cached-{head}")
+        with run_lock(run_dir, "fit-head run"):
+            result.save(run_dir)
+            save_head(fitted, run_dir / "head.npz", metadata=head_metadata(meta, evaluation))
+            if record["history"]:
+                from .report import plot_training_curves
 
-            plot_training_curves(record["history"], run_dir / "curves.png",
-                                 title=f"{meta['model']} cached {head} head",
-                                 best_epoch=fitted.selection_.get("best_epoch"))
+                plot_training_curves(record["history"], run_dir / "curves.png",
+                                     title=f"{meta['model']} cached {head} head",
+                                     best_epoch=fitted.selection_.get("best_epoch"))
         logger.info("saved %s", run_dir)
     return result
 

@@ -684,3 +684,8 @@ def load_head(path) -> tuple[_Head, dict]:
     for attr, value in {**meta["learned"], "selection_": meta["selection"], **arrays}.items():
         setattr(head, attr, value)
     return head, meta["metadata"]
+
+
+def head_options() -> dict:
+    """``{head name: [parameter names]}``, read from each head's constructor."""
+    return {name: sorted(cls().get_params()) for name, cls in HEADS.items()}

@@ -1,16 +1,17 @@
-"""Runs -> tables and plots (matplotlib, written as PNG files)."""
+"""Runs -> tables and plots (PNG files).
+
+Figures use matplotlib's object-oriented API (``Figure``), never pyplot: nothing here touches
+the backend or the global figure list of a notebook that imports xfeat.
+"""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,8 @@ def plot_training_curves(history: list, path, *, title: str = "",
                          best_epoch: Optional[int] = None) -> Path:
     """Accuracy and loss per epoch, train vs val, the kept epoch marked."""
     epochs = [h["epoch"] for h in history]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    (ax_acc, ax_loss) = fig.subplots(1, 2)
     for ax, key, label in ((ax_acc, "accuracy", "accuracy"), (ax_loss, "loss", "loss")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train", ms=3)
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="val", ms=3)
@@ -34,7 +36,6 @@ def plot_training_curves(history: list, path, *, title: str = "",
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -48,7 +49,8 @@ def plot_class_balance(fractions: dict, class_names: list, path, *, title: str =
     """Grouped bars: the fraction of each class (x) in each split (one bar per split)."""
     splits = list(fractions)
     width = 0.8 / max(1, len(splits))
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(class_names) + 2), 3.8))
+    fig = Figure(figsize=(max(5, 1.6 * len(class_names) + 2), 3.8))
+    ax = fig.subplots()
     for k, split in enumerate(splits):
         xs = [c + (k - (len(splits) - 1) / 2) * width for c in range(len(class_names))]
         bars = ax.bar(xs, fractions[split], width, label=split,
@@ -66,7 +68,8 @@ def plot_projection(coords, splits, labels, class_names: list, path, *, title: s
                     axis_labels=("PC 1", "PC 2")) -> Path:
     """2-D scatter of a projection: colour = split, marker = class."""
     coords, splits, labels = np.asarray(coords), np.asarray(splits), np.asarray(labels)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.subplots()
     for split in dict.fromkeys(splits.tolist()):
         for c, name in enumerate(class_names):
             rows = (splits == split) & (labels == c)
@@ -85,7 +88,8 @@ def plot_projection(coords, splits, labels, class_names: list, path, *, title: s
 def plot_reliability(curves: dict, path, *, ece: Optional[dict] = None, title: str = "",
                      xlabel: str = "predicted probability") -> Path:
     """Reliability diagram, one line per split, from ``metrics.reliability_curve`` dicts."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfectly calibrated")
     for split, curve in curves.items():
         conf = np.asarray(curve["confidence"], dtype=float)
@@ -107,7 +111,6 @@ def _save(fig, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -156,7 +159,8 @@ def format_comparison_table(rows: list, markdown: bool = False) -> str:
 
 def plot_pareto(rows: list, path) -> Path:
     """Test AUC (and accuracy) against wall-clock seconds, one point per run."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5))
+    axes = fig.subplots(1, 2)
     markers = {"cached": "o", "frozen": "s", "full": "^", "lp-ft": "D"}
     colors = {}
     for ax, key, label in ((axes[0], "auc", "test ROC AUC"), (axes[1], "test_accuracy",
@@ -186,7 +190,6 @@ def plot_pareto(rows: list, path) -> Path:
     fig.legend(uniq.values(), uniq.keys(), loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 
@@ -194,7 +197,8 @@ def plot_roc_curves(results: list, path) -> Path:
     """ROC curves on test for every binary run, with the operating point chosen on val."""
     from sklearn.metrics import roc_curve
 
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots()
     for r in results:
         if "test" not in r.predictions or r.predictions["test"][2].shape[1] != 2:
             continue
@@ -212,7 +216,6 @@ def plot_roc_curves(results: list, path) -> Path:
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 
@@ -220,7 +223,8 @@ def plot_confusion_matrices(results: list, path) -> Path:
     n = len(results)
     cols = min(4, n)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 3.0 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, r in zip(axes.flat, results):
@@ -239,7 +243,6 @@ def plot_confusion_matrices(results: list, path) -> Path:
         ax.set_title(f"{rec['model']} {rec['mode']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 

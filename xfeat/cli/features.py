@@ -1,0 +1,85 @@
+"""``xfeat models``, ``extract`` and ``info``: the backbones and the feature cache."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..config import FEATURE_DTYPES, ExtractConfig
+from . import api_errors, cli
+from .options import data_options, default, json_option, model_options, run_options
+
+
+@cli.command("models")
+@json_option
+@api_errors
+def models_cmd(as_json):
+    """List every backbone: feature dimension, parameters, torchvision weights."""
+    from ..backbones import describe_backbones
+
+    rows = describe_backbones()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'model':<22} {'D':>5} {'params':>8}  weights")
+    for r in rows:
+        click.echo(f"{r['name']:<22} {r['feature_dim']:>5} {r['params_m']:>7.1f}M  "
+                   f"{', '.join(r['weights'])}")
+
+
+@cli.command("extract")
+@data_options
+@model_options
+@run_options
+@click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES),
+              default=default(ExtractConfig, "feature_dtype"), show_default=True,
+              help="Stored feature precision.")
+@click.option("--skip-bad", is_flag=True, help="Record and skip unreadable images.")
+@click.option("--force", is_flag=True, help="Recompute even if a complete cache entry exists.")
+@json_option
+@click.pass_context
+@api_errors
+def extract_cmd(ctx, as_json, **options):
+    """Run a backbone once over every split and cache the features (HDF5)."""
+    from ..cache import read_meta
+    from ..extract import extract
+
+    path = extract(progress=ctx.obj["progress"], **options)
+    if not ctx.obj["report"]:
+        return
+    meta = read_meta(path)
+    if as_json:
+        click.echo(json.dumps({"path": str(path), **meta}, indent=2))
+        return
+    click.echo(describe_cache(path, meta))
+
+
+@cli.command("info")
+@click.argument("cache_file", type=click.Path(exists=True, dir_okay=False))
+@json_option
+@api_errors
+def info_cmd(cache_file, as_json):
+    """Show what a feature cache file holds and how it was made."""
+    from ..cache import read_meta
+
+    meta = read_meta(cache_file)
+    click.echo(json.dumps(meta, indent=2) if as_json else describe_cache(cache_file, meta))
+
+
+def describe_cache(path, meta) -> str:
+    w = meta["weights"]
+    weights = w["id"] if w["kind"] != "file" else f"{w['id']} (sha256 {w['sha256'][:12]})"
+    p = meta["preprocessing"]
+    lines = [f"cache: {path}",
+             f"  model {meta['model']} (D={meta['feature_dim']}, {meta['feature_dtype']}), "
+             f"weights {weights}",
+             f"  dataset {meta['dataset']['name']} ({meta['dataset']['source']}), classes "
+             f"{', '.join(meta['class_names'])}; val {meta['split'].get('val')}",
+             f"  preprocessing: resize {p['resize_size']}, crop {p['crop_size']}, "
+             f"{p['interpolation']}" + (", EXIF orientation applied"
+                                        if p.get("exif_transpose") else "")]
+    for split, s in meta["splits"].items():
+        rate = s.get("images_per_second")
+        lines.append(f"  {split:<5} {s['n']:>6} images" +
+                     (f", {s['seconds_total']:.1f} s, {rate:.1f} img/s" if rate else ""))
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""``xfeat fit-head`` and ``predict``: heads on cached features, and applying them."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..config import HEAD_NAMES
+from . import api_errors, cli
+from .options import (json_option, model_options, n_boot_option, optional_data_options,
+                      predict_run_options, run_options, split_options, threshold_option)
+
+# CLI flag -> the head parameter it sets; which head takes which is read from the heads.
+_HEAD_FLAGS = {"C": "--C", "scoring": "--scoring", "class_weight": "--class-weight",
+               "refit_on_val": "--refit-on-val", "epochs": "--epochs", "lr": "--lr"}
+
+
+def head_params_from_flags(head: str, given: dict) -> dict:
+    """The head parameters a user set, refusing flags that belong to another head."""
+    from ..heads import head_options
+
+    accepted = set(head_options()[head])
+    ignored = [_HEAD_FLAGS[k] for k, v in given.items() if v is not None and k not in accepted]
+    if ignored:
+        takes = [flag for k, flag in _HEAD_FLAGS.items() if k in accepted]
+        raise click.UsageError(f"{', '.join(ignored)} do(es) not apply to --head {head}; it "
+                               f"takes {', '.join(takes) or 'no head options'}")
+    params = {k: v for k, v in given.items() if v is not None}
+    if params.get("class_weight") == "none":
+        params["class_weight"] = None
+    return params
+
+
+@cli.command("fit-head")
+@click.pass_context
+@optional_data_options
+@model_options
+@click.option("--cache", "cache_file", type=click.Path(dir_okay=False),
+              help="Use this feature cache (.h5) instead of --data/--model/--weights.")
+@click.option("--head", type=click.Choice(HEAD_NAMES), default="logreg", show_default=True,
+              help="logreg: C swept on val; linear: the tutorial's SGD recipe; knn: cosine "
+                   "k-NN, k chosen on val.")
+@threshold_option
+@click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=None,
+              help="logreg class weights [default: the head's, balanced].")
+@click.option("--C", "C", type=float, default=None, help="logreg: fix C instead of sweeping it.")
+@click.option("--scoring", type=click.Choice(["log_loss", "accuracy", "balanced_accuracy",
+                                              "roc_auc"]), default=None,
+              help="logreg: val score that chooses C [default: the head's, log_loss].")
+@click.option("--refit-on-val", is_flag=True, default=None,
+              help="logreg: refit on train+val with the chosen C.")
+@click.option("--epochs", type=int, default=None, help="linear: epochs [default: the head's].")
+@click.option("--lr", type=float, default=None,
+              help="linear: SGD learning rate [default: the head's].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/cached-HEAD].")
+@n_boot_option
+@run_options
+@json_option
+@api_errors
+def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, threshold,
+                 out_dir, n_boot, as_json, **options):
+    """Fit a head on cached features (extracting them first if needed) and evaluate it."""
+    from ..fit import fit_head
+    from ..thresholds import parse_threshold_rule
+
+    parse_threshold_rule(threshold)  # before any extraction
+    head_params = head_params_from_flags(head, {k: options.pop(k) for k in _HEAD_FLAGS})
+    if head == "linear":
+        head_params["seed"] = seed
+    if not data and not cache_file:
+        raise click.UsageError("give --data (and --model/--weights) or --cache FILE.h5")
+    extract_options = {**split_options(options), **options, "image_size": image_size,
+                       "seed": seed, "progress": ctx.obj["progress"]}
+    extract_options = {k: v for k, v in extract_options.items() if v is not None}
+    result = fit_head(data, model, weights=weights, cache=cache_file, head=head,
+                      threshold=threshold, head_params=head_params, out_dir=out_dir,
+                      n_boot=n_boot, extract_options=extract_options)
+    click.echo(json.dumps(result.record, indent=2) if as_json else result.table())
+
+
+@cli.command("predict")
+@click.option("--head", "head_path", required=True, type=click.Path(dir_okay=False),
+              help="A head.npz written by fit-head, or a model.pt written by finetune.")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_csv", type=click.Path(dir_okay=False), default="predictions.csv",
+              show_default=True, help="CSV: path, probability per class, predicted label.")
+@click.option("--weights", default=None,
+              help="Where the head's weights file is now, if it moved.")
+@predict_run_options
+@click.pass_context
+@api_errors
+def predict_cmd(ctx, head_path, images, out_csv, weights, **options):
+    """Classify image files or folders with a saved head and its backbone."""
+    from ..predict import predict
+
+    rows = predict(head_path, images, out_csv=out_csv, weights=weights,
+                   progress=ctx.obj["progress"], **options)
+    failed = [r for r in rows if r["error"]]
+    counts = {}
+    for r in rows:
+        if r["predicted"]:
+            counts[r["predicted"]] = counts.get(r["predicted"], 0) + 1
+    click.echo(f"{len(rows)} images -> {out_csv}: " +
+               ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) +
+               (f"; {len(failed)} unreadable (see the error column)" if failed else ""))

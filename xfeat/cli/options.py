@@ -1,0 +1,132 @@
+"""Shared click options. Defaults come from :mod:`xfeat.config`, so they are defined once."""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Optional
+
+import click
+
+from ..config import (DEFAULT_N_BOOT, DEFAULT_THRESHOLD, ExtractConfig, FinetuneConfig,
+                      SplitConfig)
+
+
+def default(cls, name: str):
+    """The default of field ``name`` of dataclass ``cls``, without instantiating it."""
+    return {f.name: f.default for f in fields(cls)}[name]
+
+
+def apply(f, options):
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def data_options(f, required: bool = True):
+    """--data and the validation carve-out recipe, plus the cache folder."""
+    return apply(f, [
+        click.option("--data", "-d", required=required, metavar="PATH|NAME",
+                     help="Folder ROOT/{train,val,test}/CLASS/*, a MedMNIST-style .npz, or a "
+                          "built-in name (pneumoniamnist, pneumoniamnist_224, ...)."),
+        click.option("--val-fraction", type=float, show_default=True,
+                     default=default(SplitConfig, "val_fraction"),
+                     help="Share of train carved out as val when val is missing or tiny."),
+        click.option("--split-seed", type=int, default=default(SplitConfig, "split_seed"),
+                     show_default=True, help="Seed of the val carve-out."),
+        click.option("--group-pattern", default=default(SplitConfig, "group_pattern"),
+                     show_default=True,
+                     help="Regex whose first group on a file name is the patient id (kept on "
+                          "one side of the split); '' disables grouping."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Feature cache folder [default: $XFEAT_CACHE or ./cache]."),
+    ])
+
+
+def optional_data_options(f):
+    """As :func:`data_options`, for commands that can take ``--cache`` instead."""
+    return data_options(f, required=False)
+
+
+def model_options(f):
+    """--model, --weights, --image-size, --seed."""
+    return apply(f, [
+        click.option("--model", "-m", default=default(ExtractConfig, "model"), show_default=True,
+                     help="Any torchvision classifier; `xfeat models` lists them."),
+        click.option("--weights", "-w", default=default(ExtractConfig, "weights"),
+                     show_default=True,
+                     help="none (random init), DEFAULT, a torchvision weights name such as "
+                          "IMAGENET1K_V1, or a local state-dict file."),
+        click.option("--image-size", type=int, default=None,
+                     help="Crop size override [default: the weights' own, e.g. 224]."),
+        click.option("--seed", type=int, default=default(ExtractConfig, "seed"),
+                     show_default=True, help="Seed of random initialisation (weights=none)."),
+    ])
+
+
+def run_options(f, batch_size: Optional[int] = default(ExtractConfig, "batch_size")):
+    """--batch-size (unless ``batch_size`` is None), --num-workers, --device."""
+    options = [
+        click.option("--num-workers", type=int, default=None,
+                     help="Data-loader processes [default: min(4, CPUs - 1)]."),
+        click.option("--device", default=None,
+                     help="cpu, cuda, cuda:N [default: cuda if available]."),
+    ]
+    if batch_size is not None:
+        options.insert(0, click.option("--batch-size", "-b", type=int, default=batch_size,
+                                       show_default=True, help="Images per forward pass."))
+    return apply(f, options)
+
+
+def loader_options(f):
+    """--num-workers, --device (the batch size is part of the training recipe)."""
+    return run_options(f, batch_size=None)
+
+
+def predict_run_options(f):
+    return run_options(f, batch_size=32)
+
+
+def threshold_option(f):
+    return click.option(
+        "--threshold", default=DEFAULT_THRESHOLD, show_default=True,
+        help="youden, a probability such as 0.5, or sensitivity:0.95 / specificity:0.9; "
+             "chosen on val.")(f)
+
+
+def n_boot_option(f):
+    return click.option("--n-boot", type=int, default=DEFAULT_N_BOOT, show_default=True,
+                        help="Bootstrap resamples for the test confidence intervals.")(f)
+
+
+def json_option(f, what: str = "results.json"):
+    return click.option("--json", "as_json", is_flag=True,
+                        help=f"Print {what} instead of the table.")(f)
+
+
+def finetune_options(f):
+    """The training recipe: every field of FinetuneConfig that a user sets."""
+    d = lambda name: default(FinetuneConfig, name)  # noqa: E731
+    return apply(f, [
+        click.option("--epochs", type=int, default=d("epochs"), show_default=True),
+        click.option("--batch-size", "-b", type=int, default=d("batch_size"), show_default=True),
+        click.option("--lr", type=float, default=d("lr"), show_default=True),
+        click.option("--momentum", type=float, default=d("momentum"), show_default=True),
+        click.option("--step-size", type=int, default=d("step_size"), show_default=True,
+                     help="StepLR: decay the learning rate every N epochs."),
+        click.option("--gamma", type=float, default=d("gamma"), show_default=True),
+        click.option("--weight-decay", type=float, default=d("weight_decay"),
+                     show_default=True),
+        click.option("--amp", type=click.Choice(["auto", "bf16", "none"]), default=d("amp"),
+                     show_default=True, help="auto: bf16 autocast on CUDA, fp32 on CPU."),
+        click.option("--channels-last/--no-channels-last", default=d("channels_last"),
+                     show_default=True),
+        click.option("--compile", is_flag=True, help="torch.compile the network (slow first "
+                                                     "epoch)."),
+        click.option("--max-train-images", type=int, default=None,
+                     help="Train on a stratified subset of train (quick runs)."),
+    ])
+
+
+def split_options(kwargs: dict) -> dict:
+    """Pop the data options into ``extract``'s keyword names."""
+    return {k: kwargs.pop(k) for k in ("val_fraction", "split_seed", "group_pattern",
+                                       "cache_dir") if k in kwargs}

@@ -1,0 +1,167 @@
+"""Every default in one place, as frozen dataclasses the API, the CLI and the records share.
+
+Importing this module costs nothing (no torch, no numpy), so ``xfeat --help`` reads its
+option defaults from here. A run records the dataclass it ran with (``asdict``), and a
+checkpoint resumes only with the same training fields.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Optional
+
+from .errors import ConfigError
+
+# Kermany file names: person123_bacteria_456.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0381-0001.jpeg.
+DEFAULT_GROUP_PATTERN = r"^(person\d+|(?:NORMAL\d+-)?IM-\d+)[_-]"
+FEATURE_DTYPES = ("float32", "float16")
+HEAD_NAMES = ("logreg", "linear", "knn")
+FINETUNE_MODES = ("full", "frozen", "lp-ft")
+COMPARE_MODES = ("cached", "frozen", "full", "lp-ft")
+RECIPES = ("tutorial", "modern")
+AMP_CHOICES = ("auto", "bf16", "none")
+DEFAULT_THRESHOLD = "youden"
+DEFAULT_N_BOOT = 1000
+DEFAULT_RUNS_DIR = "runs"
+
+
+def default_cache_dir() -> Path:
+    """``$XFEAT_CACHE`` if set, else ``./cache``."""
+    return Path(os.environ.get("XFEAT_CACHE", "cache"))
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How the validation split is carved out of train when the data has none (or a tiny one)."""
+
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What determines the cached features, and how the pass runs."""
+
+    model: str = "resnet18"
+    weights: str = "none"
+    image_size: Optional[int] = None
+    feature_dtype: str = "float32"
+    seed: int = 0
+    batch_size: int = 64
+    num_workers: Optional[int] = None
+    device: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning run: the training recipe and how it is evaluated.
+
+    ``mode``: ``full`` trains every layer; ``frozen`` only a new last layer with the backbone
+    forward every epoch (the transfer-learning tutorial's "fixed feature extractor"; as in the
+    tutorial the network runs in train mode, so BatchNorm statistics adapt); ``lp-ft`` starts
+    that layer from the logistic probe on the cached features, then trains all.
+
+    ``recipe``: ``tutorial`` (the PyTorch transfer-learning tutorial: SGD lr 1e-3, momentum
+    0.9, StepLR 7 / 0.1, no weight decay) or ``modern`` (AdamW, lr 1e-3 for the new layer and
+    ``backbone_lr_scale`` 0.1 of it for the backbone, weight decay 0.05, linear warm-up for
+    ``warmup_epochs`` then cosine decay to 0, label smoothing 0.1). ``None`` fields take the
+    recipe's value; :meth:`resolved` fills them in.
+    """
+
+    mode: str = "full"
+    recipe: str = "tutorial"
+    epochs: int = 25
+    lr: Optional[float] = None
+    momentum: float = 0.9
+    step_size: int = 7
+    gamma: float = 0.1
+    weight_decay: Optional[float] = None
+    warmup_epochs: Optional[int] = None
+    label_smoothing: Optional[float] = None
+    backbone_lr_scale: Optional[float] = None
+    batch_size: int = 32
+    max_train_images: Optional[int] = None
+    threshold: str = DEFAULT_THRESHOLD
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    n_boot: int = DEFAULT_N_BOOT
+    probe: Optional[str] = None
+
+    # Fields that do not change the trained network: a checkpoint resumes across them.
+    _NOT_TRAINING = ("threshold", "n_boot")
+    _RECIPE_DEFAULTS = {
+        "tutorial": {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0,
+                     "label_smoothing": 0.0, "backbone_lr_scale": 1.0},
+        "modern": {"lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 1,
+                   "label_smoothing": 0.1, "backbone_lr_scale": 0.1},
+    }
+
+    def __post_init__(self):
+        _check_choice("mode", self.mode, FINETUNE_MODES)
+        _check_choice("recipe", self.recipe, RECIPES)
+        _check_choice("amp", self.amp, AMP_CHOICES)
+        for name in ("epochs", "batch_size", "step_size"):
+            _check_positive_int(name, getattr(self, name))
+        if self.max_train_images is not None:
+            _check_positive_int("max_train_images", self.max_train_images, minimum=2)
+        if self.warmup_epochs is not None:
+            _check_positive_int("warmup_epochs", self.warmup_epochs, minimum=0)
+        _check_number("lr", self.lr, low=0.0, low_open=True)
+        for name in ("momentum", "gamma", "weight_decay"):
+            _check_number(name, getattr(self, name), low=0.0)
+        _check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+        _check_number("backbone_lr_scale", self.backbone_lr_scale, low=0.0)
+        if self.probe is not None and self.mode != "lp-ft":
+            raise ConfigError(f"probe={self.probe!r} applies to mode 'lp-ft' only, not "
+                              f"{self.mode!r}")
+        from .thresholds import parse_threshold_rule
+
+        parse_threshold_rule(self.threshold)
+
+    def resolved(self) -> "FinetuneConfig":
+        """A copy with every ``None`` recipe field set to the recipe's value."""
+        defaults = self._RECIPE_DEFAULTS[self.recipe]
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def training_key(self) -> dict:
+        """The fields that determine the trained network (a resumed run must match them)."""
+        return {k: v for k, v in asdict(self.resolved()).items() if k not in self._NOT_TRAINING}
+
+    def with_options(self, **options) -> "FinetuneConfig":
+        """A copy with some fields replaced; an unknown name is a :class:`ConfigError`."""
+        unknown = sorted(set(options) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown fine-tuning options {unknown}; expected some of "
+                              f"{sorted(f.name for f in fields(self))}")
+        return replace(self, **options)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r}: expected an integer >= {minimum}")
+
+
+def _check_number(name: str, value, *, low=None, high=None, low_open=False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bounds = (f" {'>' if low_open else '>='} {low}" if low is not None else "") + \
+            (f" and <= {high}" if high is not None else "")
+        raise ConfigError(f"{name}={value!r}: expected a number{bounds}")

@@ -1,0 +1,105 @@
+"""Where and how tensors run: the device, data loaders, and the memory layout.
+
+One place for the choices every pass shares (extraction, fine-tuning, predict), so they
+agree: loader workers and pinned memory, ``channels_last`` where it is faster.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .errors import ConfigError
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    """``None``/``auto``: CUDA when available, else the CPU; a clear error for a bad name."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} not understood; expected 'auto', 'cpu', 'cuda' or "
+                          "'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this "
+                          "machine; use --device cpu")
+    return dev
+
+
+def default_num_workers() -> int:
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int = 1,
+                num_workers: Optional[int], device: torch.device, batch_sampler=None,
+                persistent: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
+    """Batches in order (or ``batch_sampler``'s); pinned memory on CUDA; ``persistent`` keeps
+    the worker processes between passes (a training loader reused every epoch).
+
+    The loader draws its workers' base seed from its own generator, never from the global
+    RNG, so starting it (or not, with ``num_workers=0``) cannot shift dropout masks: results
+    do not depend on the number of workers or on where a run was resumed.
+    """
+    workers = default_num_workers() if num_workers is None else num_workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"num_workers={num_workers!r}: expected an integer >= 0")
+    sizing = {"batch_sampler": batch_sampler} if batch_sampler is not None else \
+        {"batch_size": batch_size}
+    return torch.utils.data.DataLoader(
+        dataset, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed), **sizing)
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 \
+        else x
+
+
+class PeakMemory:
+    """Peak memory while the block runs: this process plus its children (data-loader workers),
+    as proportional set size (shared pages counted once), sampled once a second (reading
+    /proc/PID/smaps_rollup costs CPU time itself). ``mib`` is the peak, ``increase_mib`` the
+    peak minus the memory held when the block started."""
+
+    interval = 1.0
+
+    def __enter__(self):
+        import threading
+
+        self.start = self.mib = process_memory_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self.mib = max(self.mib, process_memory_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.mib = round(max(self.mib, process_memory_mib()), 1)
+        self.increase_mib = round(self.mib - self.start, 1)
+
+
+def process_memory_mib(pid="self") -> float:
+    """PSS of a process and, recursively, its children (Linux /proc); else peak RSS so far."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        total = kib / 1024
+        base = f"/proc/{pid}/task"
+        for task in os.listdir(base):
+            with open(f"{base}/{task}/children") as f:
+                total += sum(process_memory_mib(child) for child in f.read().split())
+        return total
+    except (OSError, ValueError, StopIteration):
+        if pid != "self":
+            return 0.0  # a child that just exited
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
