@@ -8,8 +8,11 @@ import pytest
 from PIL import Image
 
 import xfeat
-from xfeat.analyze import (analyze, domain_shift, exact_duplicate_groups, hash_images,
-                           load_matching_dataset, near_duplicate_pairs, _image_table)
+from xfeat.analyze import analyze
+from xfeat.analyze.duplicates import (_image_table, exact_duplicate_groups, hash_images,
+                                      near_duplicate_pairs)
+from xfeat.analyze.inputs import load_matching_dataset
+from xfeat.analyze.shift import shift_section
 from xfeat.cache import CacheError, read_cache
 from xfeat.data import load_dataset
 from xfeat.fit import fit_head
@@ -172,7 +175,7 @@ def test_shift_detected_when_test_is_brighter(tmp_path):
         arr = np.asarray(Image.open(p), dtype=np.int16)
         Image.fromarray(np.clip(arr + 70, 0, 255).astype(np.uint8), "L").save(p)
     features = read_cache(xfeat.extract(root, "resnet18", cache_dir=tmp_path / "c", **EXTRACT))
-    shift = domain_shift(features, n_boot=200)
+    shift = shift_section(features, n_boot=200).summary
     assert shift["auc"] > 0.9 and shift["ci"][0] > 0.75, shift
     assert all(v["auc"] > 0.9 for v in shift["per_class"].values())
     assert "strong shift" in shift["meaning"]
