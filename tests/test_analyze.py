@@ -24,7 +24,8 @@ from xfeat.fit import fit_head
 from xfeat.metrics import compute_metrics, evaluate_splits
 from xfeat.results import RunResult, new_record
 
-from conftest import TINY, _blob_image, make_feature_set, make_image_folder, make_npz
+from conftest import (MOBILENET_WEIGHTS, TINY, _blob_image, chest_subset, make_feature_set,
+                      make_image_folder, make_npz)
 
 EXTRACT = dict(image_size=TINY, num_workers=0, progress=False)
 # Hand counts of the planted folder below (make_image_folder gives 40 train and 12 test per
@@ -507,3 +508,23 @@ def test_a_probe_of_another_cache_or_head_is_refused(planted_run, tmp_path):
         analyze(cache=cache, out_dir=tmp_path / "out", probe=knn, progress=False)
     with pytest.raises(ConfigError, match="no results.json"):
         analyze(cache=cache, out_dir=tmp_path / "out", probe=tmp_path, progress=False)
+
+
+@pytest.mark.integration
+def test_real_xrays_with_a_reused_probe(tmp_path):
+    chest = chest_subset(tmp_path / "chest", n_per_class=40)
+    cache = xfeat.extract(chest, "mobilenet_v2", weights=MOBILENET_WEIGHTS, batch_size=32,
+                          cache_dir=tmp_path / "c", progress=False)
+    fit_head(cache=cache, out_dir=tmp_path / "probe", n_boot=200)
+    result = analyze(cache=cache, probe=tmp_path / "probe", out_dir=tmp_path / "out",
+                     n_boot=200, progress=False)
+    probe = result["overfitting"]["runs"][0]
+    assert probe["metrics"]["test"]["roc_auc"] > 0.8  # ImageNet features separate the classes
+    assert result["class_balance"]["counts"]["test"] == {"NORMAL": 40, "PNEUMONIA": 40,
+                                                         "total": 80}
+    assert 0.0 <= result["shift"]["auc"] <= 1.0 and set(result["shift"]["per_class"]) == \
+        {"NORMAL", "PNEUMONIA"}
+    assert result["label_noise"]["n_train"] == 72 and result["label_noise"]["fraction_flagged"] < 0.25
+    assert result["params"]["probe"] == str(tmp_path / "probe")
+    for name in result["files"].values():
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
