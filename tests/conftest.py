@@ -1,12 +1,16 @@
-"""Tiny datasets made on the fly: image folders in every mode, MedMNIST-style npz files."""
+"""Tiny datasets made on the fly: image folders in every mode, MedMNIST-style npz files, and
+feature sets built from arrays (for the analyses that need no backbone)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from xfeat.cache import FeatureSet, SplitFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("XFEAT_SHARED", REPO.parent / "shared"))
@@ -59,6 +63,23 @@ def _save(arr: np.ndarray, stem: Path, mode: str) -> None:
         Image.fromarray(arr.astype(np.uint16) * 257).save(stem.with_suffix(".png"))
     else:
         raise ValueError(mode)
+
+
+def make_feature_set(splits: dict, class_names=("NORMAL", "PNEUMONIA"),
+                     name="synthetic") -> FeatureSet:
+    """A :class:`~xfeat.cache.FeatureSet` from ``{split: (features, labels[, ids])}``.
+
+    Ids default to ``SPLIT/NNNNNN``; the key is the sha256 of the arrays, so two sets differ
+    in key exactly when their contents differ.
+    """
+    out, digest = {}, hashlib.sha256()
+    for split, (X, y, *ids) in splits.items():
+        X, y = np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.int64)
+        ids = list(ids[0]) if ids else [f"{split}/{i:06d}" for i in range(len(y))]
+        out[split] = SplitFeatures(X, y, ids)
+        digest.update(X.tobytes() + y.tobytes())
+    meta = {"class_names": list(class_names), "dataset": {"name": name}}
+    return FeatureSet(path=Path(f"{name}.h5"), key=digest.hexdigest(), meta=meta, splits=out)
 
 
 def make_npz(path: Path, *, n=(20, 8, 8), channels=1, seed=0, n_classes=2) -> Path:

@@ -8,14 +8,24 @@ import pytest
 from PIL import Image
 
 import xfeat
-from xfeat.analyze import (analyze, domain_shift, exact_duplicate_groups, hash_images,
-                           load_matching_dataset, near_duplicate_pairs, _image_table)
+from xfeat.analyze import analyze
+from xfeat.analyze.balance import balance_section
+from xfeat.analyze.calibration import calibration_section
+from xfeat.analyze.duplicates import (_image_table, duplicates_section, exact_duplicate_groups,
+                                      hash_images, near_duplicate_pairs)
+from xfeat.analyze.gaps import gaps_section
+from xfeat.analyze.inputs import load_matching_dataset
+from xfeat.analyze.label_noise import label_noise_section
+from xfeat.analyze.shift import shift_section
 from xfeat.cache import CacheError, read_cache
 from xfeat.data import load_dataset
+from xfeat.errors import ConfigError
 from xfeat.fit import fit_head
-from xfeat.metrics import compute_metrics
+from xfeat.metrics import compute_metrics, evaluate_splits
+from xfeat.results import RunResult, new_record
 
-from conftest import TINY, _blob_image, make_image_folder, make_npz
+from conftest import (MOBILENET_WEIGHTS, TINY, _blob_image, chest_subset, make_feature_set,
+                      make_image_folder, make_npz)
 
 EXTRACT = dict(image_size=TINY, num_workers=0, progress=False)
 # Hand counts of the planted folder below (make_image_folder gives 40 train and 12 test per
@@ -172,7 +182,7 @@ def test_shift_detected_when_test_is_brighter(tmp_path):
         arr = np.asarray(Image.open(p), dtype=np.int16)
         Image.fromarray(np.clip(arr + 70, 0, 255).astype(np.uint8), "L").save(p)
     features = read_cache(xfeat.extract(root, "resnet18", cache_dir=tmp_path / "c", **EXTRACT))
-    shift = domain_shift(features, n_boot=200)
+    shift = shift_section(features, n_boot=200).summary
     assert shift["auc"] > 0.9 and shift["ci"][0] > 0.75, shift
     assert all(v["auc"] > 0.9 for v in shift["per_class"].values())
     assert "strong shift" in shift["meaning"]
@@ -292,3 +302,229 @@ def test_a_loaded_subsample_as_data_and_its_cache_alone(tmp_path):
     assert first["duplicates"]["exact"]["groups"] == second["duplicates"]["exact"]["groups"]
     assert second["duplicates"]["exact"]["n_images_hashed"] == \
         sum(len(s) for s in subset.splits.values())
+
+
+# --------------------------------------------------------------------------- one per section
+# Feature sets built from arrays, so each planted effect is exact and no backbone runs.
+
+def _blobs(rng, n_per_class, shift=0.0, dim=8):
+    """Two well-separated Gaussian classes (labels 0 then 1), optionally shifted."""
+    y = np.repeat([0, 1], n_per_class)
+    X = rng.normal(size=(len(y), dim)) + 3.0 * y[:, None] + shift
+    return X, y
+
+
+def _run_result(labels, probas, *, threshold=0.5, n_boot=0, history=(), fingerprint="fp",
+                class_names=("NORMAL", "PNEUMONIA")):
+    """A cached-logreg RunResult from given predictions, through the metrics fit_head uses."""
+    ev = evaluate_splits(labels, probas, threshold=threshold, n_boot=n_boot)
+    record = new_record(model="m", weights={"kind": "random", "id": "r", "sha256": None},
+                        mode="cached", head="logreg",
+                        dataset={"name": "d", "fingerprint": fingerprint,
+                                 "class_names": list(class_names)},
+                        threshold=ev["threshold"], selection={"C": 1.0}, metrics=ev["metrics"],
+                        **{"metrics_at_0.5": ev["metrics_at_0.5"]}, ci=ev["ci"],
+                        history=list(history))
+    return RunResult(record, {s: ([f"{s}/{i}" for i in range(len(y))], y, probas[s])
+                              for s, y in labels.items()})
+
+
+def test_balance_section_counts_baseline_and_prior_shift():
+    rng = np.random.default_rng(0)
+    features = make_feature_set({"train": (rng.normal(size=(40, 4)), [0] * 30 + [1] * 10),
+                                 "val": (rng.normal(size=(8, 4)), [0] * 6 + [1] * 2),
+                                 "test": (rng.normal(size=(20, 4)), [0] * 5 + [1] * 15)})
+    section = balance_section(features)
+    s = section.summary
+    assert s["counts"]["test"] == {"NORMAL": 5, "PNEUMONIA": 15, "total": 20}
+    assert s["fractions"]["train"] == [0.75, 0.25] and s["majority_class"] == "NORMAL"
+    assert s["majority_baseline"]["test"] == {"accuracy": 0.25, "balanced_accuracy": 0.5}
+    assert s["prior_shift"]["total_variation"] == pytest.approx(0.5)
+    assert "train is 75.0% NORMAL but test only 25.0%" in s["prior_shift"]["meaning"]
+    assert section.headlines == ["class priors: train 25.0% PNEUMONIA vs test 75.0%; "
+                                 "majority-class baseline accuracy on test 0.250"]
+    assert "| test | 5 (25.0%) | 15 (75.0%) | 20 |" in section.markdown
+    bars = section.figures["class_balance.png"].axes[0].patches
+    assert [b.get_height() for b in bars] == [0.75, 0.25, 0.75, 0.25, 0.25, 0.75]
+
+
+def test_shift_section_finds_shift_within_one_class_only():
+    rng = np.random.default_rng(0)
+    X_test, y_test = _blobs(rng, 30)
+    X_test[y_test == 0] += 2.0  # NORMAL test images come from elsewhere; PNEUMONIA do not
+    features = make_feature_set({"train": _blobs(rng, 60), "val": _blobs(rng, 10),
+                                 "test": (X_test, y_test)})
+    section = shift_section(features, n_boot=0)
+    s = section.summary
+    assert s["per_class"]["NORMAL"]["auc"] > 0.9
+    assert abs(s["per_class"]["PNEUMONIA"]["auc"] - 0.5) < 0.2
+    assert s["n_train_used"] == 120 and s["ci"] is None and s["folds"] == 5
+    assert "within class: NORMAL" in section.headlines[0]
+    scatter = section.figures["shift_projection.png"].axes[0].collections
+    assert sum(len(c.get_offsets()) for c in scatter) == 120 + 20 + 60
+    no_test = shift_section(make_feature_set({"train": _blobs(rng, 5), "val": _blobs(rng, 2)}))
+    assert no_test.summary == {"skipped": "the cache has no test split"} and not no_test.figures
+
+
+def test_duplicates_section_tables_follow_the_planted_pairs(tmp_path):
+    path = make_npz(tmp_path / "t.npz", n=(20, 6, 8))
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["test_images"][1] = arrays["train_images"][3]
+    np.savez(path, **arrays)
+    dataset = load_dataset(path)
+    rng = np.random.default_rng(0)
+    split_features = {s: [rng.normal(size=(len(sp), 16)), sp.labels, sp.ids]
+                      for s, sp in dataset.splits.items()}
+    split_features["test"][0][5] = split_features["train"][0][0] + 1e-3  # a near duplicate
+    features = make_feature_set(split_features)
+    section = duplicates_section(features, dataset, hash_images(dataset, progress=False),
+                                 threshold=0.999)
+    s = section.summary
+    assert [[m["id"] for m in g["members"]] for g in s["exact"]["groups"]] == \
+        [["train/000003", "test/000001"]]
+    assert s["exact"]["across_split_pairs"] == {"train-test": 1}
+    near_rows, columns = section.tables["duplicates_near.csv"]
+    assert [(r["id_a"], r["id_b"]) for r in near_rows] == [(dataset.splits["train"].ids[0],
+                                                            "test/000005")]
+    assert s["near"]["across_split_pairs"] == {"train-test": 1} and "similarity" in columns
+    assert len(section.tables["duplicates_exact.csv"][0]) == 2
+    assert s["patients"]["n_patients"] == 0  # npz ids name no patient
+    assert section.headlines[:2] == [
+        "1 group of pixel-identical images (2 images), 1 across splits (train-test: 1)",
+        "1 near-duplicate pair (cosine >= 0.999, not pixel-identical), 1 across splits"]
+
+
+def test_label_noise_section_ranks_the_flipped_labels_first():
+    rng = np.random.default_rng(0)
+    X, y = _blobs(rng, 40)
+    y[[3, 50]] = 1 - y[[3, 50]]  # one NORMAL filed as PNEUMONIA, and the reverse
+    features = make_feature_set({"train": (X, y), "val": _blobs(rng, 5)})
+    section = label_noise_section(features, C=1.0, n_folds=4)
+    s = section.summary
+    top = [(c["id"], c["given_label"], c["predicted_label"]) for c in s["top"][:2]]
+    assert sorted(top) == [("train/000003", "PNEUMONIA", "NORMAL"),
+                           ("train/000050", "NORMAL", "PNEUMONIA")]
+    rows, columns = section.tables["label_noise_candidates.csv"]
+    assert len(rows) == s["n_flagged"] and [r["rank"] for r in rows] == \
+        list(range(1, len(rows) + 1)) and columns[0] == "rank"
+    assert s["folds"] == 4 and s["out_of_fold"]["accuracy"] == pytest.approx(78 / 80, abs=0.02)
+    one = make_feature_set({"train": (X[:41], np.r_[np.zeros(40, int), 1]), "val": _blobs(rng, 5)})
+    assert "skipped" in label_noise_section(one, C=1.0).summary  # one PNEUMONIA image: no folds
+
+
+def test_gaps_section_reads_overfitting_and_a_val_test_gap(tmp_path):
+    y = np.repeat([0, 1], 50)
+    p = np.column_stack([1 - y, y]).astype(float) * 0.8 + 0.1  # right, at 0.9 confidence
+    wrong = p[:, ::-1]
+    labels = {"train": y, "val": y, "test": y}
+    probas = {"train": p, "val": np.where((np.arange(100) % 25 == 0)[:, None], wrong, p),
+              "test": np.where((np.arange(100) % 3 == 0)[:, None], wrong, p)}
+    probe = _run_result(labels, probas, n_boot=200)
+    history = [{"epoch": e, "train_accuracy": 0.5, "val_accuracy": 0.5, "train_loss": 1.0,
+                "val_loss": 1.0} for e in (1, 2)]
+    other = _run_result(labels, probas, history=history, fingerprint="other data")
+    other.save(tmp_path / "finetuned")
+    probe.save(tmp_path / "probe")
+    section = gaps_section(probe, [tmp_path / "finetuned", tmp_path / "probe"], fingerprint="fp")
+    runs = section.summary["runs"]
+    assert [r["name"] for r in runs] == ["logistic probe (fit_head)", "finetuned"]
+    gaps = runs[0]["gaps"]
+    assert gaps["train-val"]["accuracy"] == pytest.approx(0.04)
+    assert gaps["val-test"]["accuracy"] == pytest.approx(0.96 - 0.66)
+    assert "val overstates test accuracy by 30.0 points (val is outside the test 95% CI" in \
+        runs[0]["interpretation"]
+    assert "train and val accuracy agree within 4.0 points" in runs[0]["interpretation"]
+    assert not runs[1]["same_data"] and runs[1]["curves_png"] == "curves_finetuned.png"
+    assert any("made on other data, not comparable" in line for line in section.markdown)
+    section.figures["curves_finetuned.png"](tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert section.headlines[0].startswith("logistic probe accuracy train 1.000, val 0.960, test 0.660")
+
+
+def test_calibration_section_curves_and_threshold_effect():
+    y = np.repeat([0, 1], 50)
+    p1 = np.where(y == 1, 0.7, 0.4)  # at 0.5 every image is right; the rate in each bin is 0 or 1
+    proba = np.column_stack([1 - p1, p1])
+    probe = _run_result({"val": y, "test": y}, {"val": proba, "test": proba}, threshold=0.8)
+    section = calibration_section(probe)
+    s = section.summary
+    curve = s["curves"]["test"]
+    filled = [(c, a, n) for c, a, n in zip(curve["confidence"], curve["accuracy"], curve["count"])
+              if n]
+    assert filled == [(pytest.approx(0.4), 0.0, 50), (pytest.approx(0.7), 1.0, 50)]
+    assert s["ece"]["test"] == pytest.approx(compute_metrics(y, proba)["ece"])
+    th = s["threshold"]
+    assert th["value"] == 0.8 and th["test_at_0.5"]["accuracy"] == 1.0
+    assert th["test_at_chosen"]["accuracy"] == 0.5 and th["difference"]["accuracy"] == -0.5
+    assert "balanced accuracy 0.500 vs 1.000" in section.headlines[0]
+    lines = section.figures["reliability.png"].axes[0].get_lines()
+    assert [line.get_label() for line in lines][1:] == [
+        f"val (ECE {s['ece']['val']:.3f})", f"test (ECE {s['ece']['test']:.3f})"]
+    three = calibration_section(_run_result(
+        {"val": np.arange(6) % 3}, {"val": np.full((6, 3), 1 / 3)},
+        class_names=("a", "b", "c")))
+    assert three.summary["threshold"] is None and three.summary["x"] == "top-label confidence"
+
+
+# --------------------------------------------------------------------------- probe reuse
+
+def test_a_given_probe_gives_the_analysis_of_a_fitted_one(planted_run, tmp_path):
+    fitted_here, _, cache = planted_run
+    run_dir = fitted_here["params"]["runs"][0]
+    probe = fit_head(cache=cache, out_dir=tmp_path / "probe", n_boot=200)
+    sections = ("class_balance", "shift", "duplicates", "label_noise", "overfitting",
+                "calibration", "headlines")
+    for given in (probe, tmp_path / "probe"):  # in memory, and its folder (head.npz)
+        # its own folder among runs= is not listed twice
+        reused = analyze(cache=cache, out_dir=tmp_path / "out", runs=[run_dir, tmp_path / "probe"],
+                         probe=given, n_boot=200, progress=False)
+        for key in sections:
+            assert reused[key] == fitted_here[key], key
+        assert reused["params"]["probe"] == str(tmp_path / "probe")
+        assert fitted_here["params"]["probe"] is None
+    assert "Logistic probe reused from" in (tmp_path / "out" / "analysis.md").read_text()
+    # Reused, not refitted: a probe with another C drives label noise and the gaps.
+    strong = fit_head(cache=cache, save=False, n_boot=0, head_params={"C": 1e-3})
+    reused = analyze(cache=cache, out_dir=tmp_path / "out", probe=strong, n_boot=0,
+                     progress=False)
+    assert reused["label_noise"]["C"] == 1e-3
+    assert reused["overfitting"]["runs"][0]["metrics"]["test"]["log_loss"] == \
+        pytest.approx(strong["metrics"]["test"]["log_loss"])
+    assert reused["params"]["probe"] == "given, not saved"
+
+
+def test_a_probe_of_another_cache_or_head_is_refused(planted_run, tmp_path):
+    _, _, cache = planted_run
+    root = make_image_folder(tmp_path / "other", n_train=8, n_test=3)
+    other = fit_head(cache=xfeat.extract(root, "resnet18", cache_dir=tmp_path / "c", **EXTRACT),
+                     out_dir=tmp_path / "other_probe", n_boot=0)
+    for given in (other, tmp_path / "other_probe"):
+        with pytest.raises(ConfigError, match=r"was fitted on cache [0-9a-f]{16}, but this "
+                                              r"analysis reads cache [0-9a-f]{16}"):
+            analyze(cache=cache, out_dir=tmp_path / "out", probe=given, progress=False)
+    knn = fit_head(cache=cache, head="knn", save=False, n_boot=0)
+    with pytest.raises(ConfigError, match="is a cached knn run; analyze reuses only a logistic"):
+        analyze(cache=cache, out_dir=tmp_path / "out", probe=knn, progress=False)
+    with pytest.raises(ConfigError, match="no results.json"):
+        analyze(cache=cache, out_dir=tmp_path / "out", probe=tmp_path, progress=False)
+
+
+@pytest.mark.integration
+def test_real_xrays_with_a_reused_probe(tmp_path):
+    chest = chest_subset(tmp_path / "chest", n_per_class=40)
+    cache = xfeat.extract(chest, "mobilenet_v2", weights=MOBILENET_WEIGHTS, batch_size=32,
+                          cache_dir=tmp_path / "c", progress=False)
+    fit_head(cache=cache, out_dir=tmp_path / "probe", n_boot=200)
+    result = analyze(cache=cache, probe=tmp_path / "probe", out_dir=tmp_path / "out",
+                     n_boot=200, progress=False)
+    probe = result["overfitting"]["runs"][0]
+    assert probe["metrics"]["test"]["roc_auc"] > 0.8  # ImageNet features separate the classes
+    assert result["class_balance"]["counts"]["test"] == {"NORMAL": 40, "PNEUMONIA": 40,
+                                                         "total": 80}
+    assert 0.0 <= result["shift"]["auc"] <= 1.0 and set(result["shift"]["per_class"]) == \
+        {"NORMAL", "PNEUMONIA"}
+    assert result["label_noise"]["n_train"] == 72 and result["label_noise"]["fraction_flagged"] < 0.25
+    assert result["params"]["probe"] == str(tmp_path / "probe")
+    for name in result["files"].values():
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
