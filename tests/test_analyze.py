@@ -14,7 +14,7 @@ from xfeat.analyze.calibration import calibration_section
 from xfeat.analyze.duplicates import (_image_table, duplicates_section, exact_duplicate_groups,
                                       hash_images, near_duplicate_pairs)
 from xfeat.analyze.gaps import gaps_section
-from xfeat.analyze.inputs import load_matching_dataset
+from xfeat.features import load_matching_dataset
 from xfeat.analyze.label_noise import label_noise_section
 from xfeat.analyze.shift import shift_section
 from xfeat.cache import CacheError, read_cache

@@ -118,10 +118,10 @@ def test_killed_ranks_resume_their_shards(tmp_path):
 
 @pytest.mark.parametrize("n, batch, world", [(10, 4, 2), (9, 4, 2), (13, 4, 3), (5, 8, 2)])
 def test_epoch_batches_split_every_global_batch_across_ranks(n, batch, world):
-    from xfeat.finetune import _EpochBatches
+    from xfeat.finetune.data import EpochBatches
 
-    single = list(_EpochBatches(n, batch, seed=3))
-    ranks = [list(_EpochBatches(n, batch, seed=3, rank=r, world_size=world)) for r in range(world)]
+    single = list(EpochBatches(n, batch, seed=3))
+    ranks = [list(EpochBatches(n, batch, seed=3, rank=r, world_size=world)) for r in range(world)]
     assert all(len(r) == len(single) for r in ranks)  # every rank takes every step
     for step, keys in enumerate(single):
         real = sorted(k[0] for r in ranks for k in r[step] if not k[3])

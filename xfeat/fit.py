@@ -12,8 +12,8 @@ from typing import Optional, Union
 
 
 from . import cache as cache_io
-from .data import Dataset, SplitRecipe, load_dataset
-from .extract import extract, plan_extraction, split_extract_options
+from .errors import ConfigError
+from .features import load_features
 from .heads import create_head, save_head
 from .metrics import evaluate_splits
 from .results import RunResult, new_record
@@ -44,24 +44,10 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
     t_start = time.perf_counter()
     parse_threshold_rule(threshold)  # before any extraction
     check_writable(out_dir)
-    extract_options = dict(extract_options or {})
-    cache_hit = True
-    user_cache = cache is not None
-    if cache is None:
-        if data is None:
-            raise ValueError("fit_head needs data= (to build or reuse a cache) or cache=")
-        plan_options, run_options = split_extract_options(extract_options)
-        plan = plan_extraction(data, model, weights=weights, **plan_options)
-        cache_hit = cache_io.is_complete(plan.path)
-        cache = extract(plan=plan, **run_options)
-    features = cache if isinstance(cache, cache_io.FeatureSet) else cache_io.read_cache(cache)
+    loaded = load_features(data, model, weights=weights, cache=cache,
+                           extract_options=extract_options, command="fit_head")
+    features, cache_hit = loaded.features, loaded.cache_hit
     meta = features.meta
-    if user_cache and data is not None:
-        check_cache_matches_data(meta, data, cache_dir=extract_options.get("cache_dir"))
-    for split in ("train", "val"):
-        if split not in features.splits:
-            raise cache_io.CacheError(f"{features.path} has no {split!r} split; fit_head needs "
-                                      "train and val")
     t_fit = time.perf_counter()
     params = dict(head_params or {})
     train, val = features["train"], features["val"]
@@ -146,28 +132,15 @@ def head_metadata(meta: dict, evaluation: dict) -> dict:
             "dataset_fingerprint": meta["dataset"]["fingerprint"]}
 
 
-def check_cache_matches_data(meta: dict, data, *, cache_dir=None) -> None:
-    """A cache given together with ``data`` must have been made from exactly that data."""
-    if isinstance(data, Dataset):
-        fingerprint = data.fingerprint
-    else:
-        fingerprint = load_dataset(data, recipe=SplitRecipe.from_split_info(meta["split"]),
-                                   cache_dir=cache_dir).fingerprint
-    if fingerprint != meta["dataset"]["fingerprint"]:
-        raise cache_io.CacheError(
-            f"the cache {meta.get('key', '')[:16]} was made from different data than {data} "
-            "(its content or split changed); run without --cache to extract a fresh one")
-
-
 def check_head_matches(head_meta: dict, features_meta: dict, *, source: str = "features") -> None:
     """Refuse to apply a head to features of another backbone, weights or preprocessing."""
     for field, what in (("model", "backbone"), ("feature_dim", "feature dimension"),
                         ("preprocessing", "preprocessing")):
         if head_meta[field] != features_meta[field]:
-            raise ValueError(f"the head was trained on {what} {head_meta[field]!r} but {source} "
+            raise ConfigError(f"the head was trained on {what} {head_meta[field]!r} but {source} "
                              f"come from {features_meta[field]!r}; fit a head on these features "
                              "or extract them with the head's backbone")
     hw, fw = head_meta["weights"], features_meta["weights"]
     if (hw["kind"], hw.get("sha256") or hw["id"]) != (fw["kind"], fw.get("sha256") or fw["id"]):
-        raise ValueError(f"the head was trained on features of weights {hw['id']} but {source} "
+        raise ConfigError(f"the head was trained on features of weights {hw['id']} but {source} "
                          f"come from weights {fw['id']}")

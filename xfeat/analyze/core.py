@@ -18,7 +18,7 @@ from .balance import balance_section
 from .calibration import calibration_section
 from .duplicates import duplicates_section, hash_images
 from .gaps import gaps_section
-from .inputs import load_inputs
+from ..features import load_features
 from .label_noise import label_noise_section
 from .plots import save_figure
 from .probe import fit_or_reuse_probe
@@ -93,7 +93,9 @@ def analyze(data=None, model: str = "resnet18", *, weights="none",
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     options = dict(extract_options or {})
     options.setdefault("progress", progress)
-    features, dataset = load_inputs(data, model, weights=weights, cache=cache, options=options)
+    loaded = load_features(data, model, weights=weights, cache=cache, extract_options=options,
+                           with_dataset=True, command="analyze")
+    features, dataset = loaded.features, loaded.dataset
     meta = features.meta
     if out_dir is None:
         out_dir = default_run_dir(meta["dataset"]["name"], meta["model"], meta["weights"],

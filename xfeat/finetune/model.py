@@ -26,21 +26,27 @@ MODEL_FORMAT = "xfeat-finetuned"
 
 
 class ProbeHead(nn.Module):
-    """LP-FT's last layer: ``Linear((x - mean) / scale)``, the logistic probe kept unfolded.
+    """LP-FT's last layer: the logistic probe kept unfolded, ``Linear(standardise(x))``.
 
     Folding the standardisation into the weights (``W / scale``) makes them enormous where a
-    feature barely varies (random-init networks: scale ~1e-10), and training then diverges.
-    Here the affine part stays fixed buffers and the linear layer keeps the probe's well-scaled
-    coefficients; scales below 1e-3 of the median scale are raised to it, so a feature that
-    was nearly constant on the cache cannot blow up once train-mode BatchNorm moves it.
+    feature barely varies on the cache (random-init networks in eval mode: scale ~1e-10), and
+    once the network trains in train mode, where BatchNorm uses batch statistics, the features
+    are orders of magnitude larger and the loss diverges. Here the standardisation is a
+    ``BatchNorm1d`` without affine parameters, started at the probe's mean and variance: in
+    eval mode it is exactly the probe's; in train mode it standardises with the batch's own
+    statistics (and tracks them), so the linear layer keeps seeing well-scaled inputs.
     """
 
     def __init__(self, mean: np.ndarray, scale: np.ndarray, weight: np.ndarray,
                  bias: np.ndarray):
         super().__init__()
-        scale = np.maximum(scale, 1e-3 * float(np.median(scale)))
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        var = np.asarray(scale, dtype=np.float64) ** 2
+        # eps far below every variance, so that in eval mode this is the probe to float32.
+        eps = float(max(var.min() * 1e-6, 1e-38))
+        self.norm = nn.BatchNorm1d(len(var), eps=eps, affine=False)
+        with torch.no_grad():
+            self.norm.running_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+            self.norm.running_var.copy_(torch.as_tensor(var, dtype=torch.float32))
         self.linear = nn.Linear(weight.shape[1], weight.shape[0])
         with torch.no_grad():
             self.linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
@@ -55,7 +61,7 @@ class ProbeHead(nn.Module):
         return cls(probe.mean_, probe.scale_, W, b)
 
     def forward(self, x):
-        return self.linear((x - self.mean) / self.scale)
+        return self.linear(self.norm(x))
 
 
 def build_network(backbone: Backbone, n_classes: int, config: FinetuneConfig, *,

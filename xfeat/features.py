@@ -1,39 +1,64 @@
-"""What the analysis reads: a feature cache (built or reused) and the images behind it, verified."""
+"""Features for this data: the one prologue of every command that reads a feature cache.
+
+``load_features`` extracts (or reuses) the cache of ``data`` with ``model`` and ``weights``, or
+reads the cache it is given, checks that it holds the splits the caller needs and, when data
+is given too, that the cache was made from exactly that data. ``load_matching_dataset`` finds
+the images behind a cache (for the analyses that read pixels).
+"""
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
-from .. import cache as cache_io
-from ..data import DataError, Dataset, SplitRecipe, load_dataset
-from ..errors import ConfigError
-from ..extract import extract, plan_extraction, split_extract_options
+from . import cache as cache_io
+from .data import DataError, Dataset, SplitRecipe, load_dataset
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-def load_inputs(data, model: str, *, weights, cache, options: dict):
-    """``(features, dataset)``: the cache (extracted or reused as ``fit_head`` does, or the
-    one given) and the dataset it was made from."""
-    dataset = None
+@dataclass
+class Features:
+    """A feature cache read into memory, whether it was a cache hit, and its dataset."""
+
+    features: cache_io.FeatureSet
+    cache_hit: bool
+    dataset: Optional[Dataset] = None
+
+
+def load_features(data=None, model: str = "resnet18", *, weights="none", cache=None,
+                  extract_options: Optional[dict] = None, need: Sequence[str] = ("train", "val"),
+                  with_dataset: bool = False, command: str = "this command") -> Features:
+    """The features of ``data`` (extracted or reused) or of ``cache`` (a file or FeatureSet).
+
+    ``need``: splits that must be there. ``with_dataset``: also return the dataset behind the
+    cache (reloaded from its recorded source when only ``cache`` is given). A ``cache`` given
+    together with ``data`` must have been made from that data.
+    """
+    from .extract import extract, plan_extraction, split_extract_options
+
+    options = dict(extract_options or {})
+    dataset, hit = None, True
     if cache is None:
         if data is None:
-            raise ConfigError("analyze needs data= (to build or reuse a cache) or cache=")
+            raise ConfigError(f"{command} needs data= (to build or reuse a cache) or cache=")
         plan_options, run_options = split_extract_options(options)
         plan = plan_extraction(data, model, weights=weights, **plan_options)
+        hit = cache_io.is_complete(plan.path)
         cache = extract(plan=plan, **run_options)
         dataset = plan.dataset
     features = cache if isinstance(cache, cache_io.FeatureSet) else cache_io.read_cache(cache)
-    for split in ("train", "val"):
-        if split not in features.splits:
-            raise cache_io.CacheError(f"{features.path} has no {split!r} split; analyze needs "
-                                      "train and val")
-    if dataset is None:
+    missing = [s for s in need if s not in features.splits]
+    if missing:
+        raise cache_io.CacheError(f"{features.path} has no {missing[0]!r} split; {command} "
+                                  f"needs {', '.join(need)}")
+    if dataset is None and (with_dataset or data is not None):
         dataset = load_matching_dataset(
             features.meta, data, ids={s: sp.ids + features.skipped.get(s, [])
                                       for s, sp in features.splits.items()},
             cache_dir=options.get("cache_dir"))
-    return features, dataset
+    return Features(features, hit, dataset if with_dataset else None)
 
 
 def load_matching_dataset(meta: dict, data=None, *, ids: Optional[dict] = None,
@@ -41,7 +66,7 @@ def load_matching_dataset(meta: dict, data=None, *, ids: Optional[dict] = None,
     """The dataset a cache was made from (``data``, else its recorded source), verified.
 
     ``data`` may be a path, a built-in name or a :class:`~xfeat.data.Dataset`. The split
-    recipe is rebuilt from the cache's metadata, as ``fit.check_cache_matches_data`` does; a
+    recipe is rebuilt from the cache's metadata, and a
     different content or split fingerprint is refused. A cache of a subsample (``--quick``)
     reloaded from its source cannot be fingerprinted again: its images are then picked from
     the source by the cache's ``ids`` ({split: ids}), and every id must be there.
@@ -64,7 +89,7 @@ def load_matching_dataset(meta: dict, data=None, *, ids: Optional[dict] = None,
         return _select_ids(dataset, meta, ids)
     raise cache_io.CacheError(
         f"the cache {meta.get('key', '')[:16]} was made from different data than {source} "
-        "(its content or split changed); analyse without cache= to extract a fresh one")
+        "(its content or split changed); run without cache= (--cache) to extract a fresh one")
 
 
 def _select_ids(dataset: Dataset, meta: dict, ids: dict) -> Dataset:
@@ -77,7 +102,7 @@ def _select_ids(dataset: Dataset, meta: dict, ids: dict) -> Dataset:
             raise cache_io.CacheError(
                 f"the cache {meta.get('key', '')[:16]} is a subsample of {dataset.source}, but "
                 f"{len(missing)} of its {name} images are not there now (e.g. {missing[0]}); "
-                "analyse without cache= to extract a fresh one")
+                "run without cache= (--cache) to extract a fresh one")
         splits[name] = split.subset([index[i] for i in wanted])
     logger.warning("the cache is a subsample of %s: its images were matched by id, and their "
                    "content cannot be verified against the cache's fingerprint", dataset.source)
