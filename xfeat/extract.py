@@ -141,6 +141,9 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
         return _extract_sharded(plan, batch_size=batch_size, num_workers=num_workers,
                                 device=device, skip_bad=skip_bad, force=force,
                                 progress=progress)
+    if not force and cache.is_complete(plan.path):  # no lock: a read-only cache is usable
+        logger.info("cache hit: %s (backbone not run)", plan.path)
+        return plan.path
     with cache.entry_lock(plan.path):
         if force and plan.path.exists():
             plan.path.unlink()
