@@ -69,7 +69,7 @@ def test_lpft_layer_reproduces_the_probe(data, tmp_path):
     info = _init_from_probe(layer, plan, num_workers=0, device=None, progress=False)
     features = read_cache(info["cache"])
     probe = LogisticHead().fit(features["train"].features, features["train"].labels,
-                               features["val"].features, features["val"].labels)
+                               X_val=features["val"].features, y_val=features["val"].labels)
     with torch.no_grad():
         ours = torch.softmax(layer(torch.from_numpy(features["test"].features)), 1).numpy()
     np.testing.assert_allclose(ours, probe.predict_proba(features["test"].features), atol=1e-4)

@@ -194,20 +194,21 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
                  class_weight, C, scoring, refit_on_val, epochs, lr, out_dir, n_boot, as_json,
                  **extract_options):
     """Fit a head on cached features (extracting them first if needed) and evaluate it."""
-    given = {"--C": C, "--scoring": scoring, "--class-weight": class_weight,
-             "--refit-on-val": refit_on_val or None, "--epochs": epochs, "--lr": lr}
-    accepted = {"logreg": ("--C", "--scoring", "--class-weight", "--refit-on-val"),
-                "linear": ("--epochs", "--lr"), "knn": ()}[head]
-    ignored = [name for name, value in given.items() if value is not None and name not in accepted]
+    from .heads import head_options  # here, not at the top: `xfeat --help` stays light
+
+    takes = head_options()[head]
+    given = {"C": C, "scoring": scoring, "class_weight": class_weight,
+             "refit_on_val": refit_on_val or None, "epochs": epochs, "lr": lr}
+    flag = {name: "--" + name.replace("_", "-") for name in given}  # the option of each param
+    ignored = [flag[name] for name, value in given.items() if value is not None and name not in takes]
     if ignored:
+        accepted = [flag[name] for name in given if name in takes]
         raise click.UsageError(f"{', '.join(ignored)} do(es) not apply to --head {head}; "
                                f"it takes {', '.join(accepted) or 'no head options'}")
-    head_params = {"C": C, "scoring": scoring, "refit_on_val": refit_on_val or None,
-                   "epochs": epochs, "lr": lr}
-    head_params = {k: v for k, v in head_params.items() if v is not None}
+    head_params = {k: v for k, v in given.items() if v is not None}
     if class_weight is not None:
         head_params["class_weight"] = None if class_weight == "none" else class_weight
-    if head == "linear":
+    if "seed" in takes:
         head_params["seed"] = seed
     extract_options.update(image_size=image_size, seed=seed, progress=ctx.obj["progress"])
     extract_options = {k: v for k, v in extract_options.items() if v is not None}
