@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
+from sklearn.base import clone
 
 from . import cache as cache_io
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .features import load_features
 from .heads import create_head, save_head
 from .metrics import evaluate_splits
@@ -51,19 +53,20 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
     t_fit = time.perf_counter()
     params = dict(head_params or {})
     train, val = features["train"], features["val"]
+    _check_every_class_in_train(train.labels, meta["class_names"])
     threshold_on = None
     if params.get("refit_on_val"):
         # The threshold is chosen on val by the train-only model of the same C; the final
         # model is then refit on train+val, and its val numbers are in-sample.
         selector = create_head(head, **{**params, "refit_on_val": False})
-        selector.fit(train.features, train.labels, val.features, val.labels)
+        selector.fit(train.features, train.labels, X_val=val.features, y_val=val.labels)
         threshold_on = (val.labels, selector.predict_proba(val.features))
-        fitted = create_head(head, **{**params, "C": selector.C_})
-        fitted.fit(train.features, train.labels, val.features, val.labels)
+        fitted = clone(selector).set_params(C=selector.C_, refit_on_val=True)
+        fitted.fit(train.features, train.labels, X_val=val.features, y_val=val.labels)
         fitted.selection_ = {**selector.selection_, "refit_on_val": True}
     else:
         fitted = create_head(head, **params)
-        fitted.fit(train.features, train.labels, val.features, val.labels)
+        fitted.fit(train.features, train.labels, X_val=val.features, y_val=val.labels)
     fit_seconds = time.perf_counter() - t_fit
 
     t_eval = time.perf_counter()
@@ -120,6 +123,14 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
                                      best_epoch=fitted.selection_.get("best_epoch"))
         logger.info("saved %s", run_dir)
     return result
+
+
+def _check_every_class_in_train(labels, class_names: list) -> None:
+    """A head's probability columns are the classes it saw in train; xfeat needs all of them."""
+    missing = sorted(set(range(len(class_names))) - set(np.unique(labels).tolist()))
+    if missing:
+        raise DataError(f"the train split has no images of class(es) "
+                        f"{[class_names[i] for i in missing]}; every class must occur in train")
 
 
 def head_metadata(meta: dict, evaluation: dict) -> dict:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
+from scipy.special import softmax
 
 from .backbones import Preprocessing, create_backbone
 from .data import IMAGE_EXTENSIONS
@@ -88,7 +89,7 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     proba = np.full((len(files), len(classes)), np.nan)
     if ok.any():
         proba[ok] = head.predict_proba(outputs[ok]) if head is not None else \
-            _softmax(outputs[ok].astype(np.float64))
+            softmax(outputs[ok].astype(np.float64), axis=1)
     threshold = meta.get("threshold")
     rows = []
     for i, path in enumerate(files):
@@ -104,11 +105,6 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     if out_csv:
         write_csv(rows, out_csv)
     return rows
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def write_csv(rows: list, path: Union[str, Path]) -> Path:

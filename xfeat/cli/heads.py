@@ -66,7 +66,9 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
 
     parse_threshold_rule(threshold)  # before any extraction
     head_params = head_params_from_flags(head, {k: options.pop(k) for k in _HEAD_FLAGS})
-    if head == "linear":
+    from ..heads import head_options
+
+    if "seed" in head_options()[head]:
         head_params["seed"] = seed
     if not data and not cache_file:
         raise click.UsageError("give --data (and --model/--weights) or --cache FILE.h5")
