@@ -489,7 +489,7 @@ def test_load_never_unpickles(tmp_path):
 
 
 def test_load_rejects_files_that_are_not_heads(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no xfeat head file"):
+    with pytest.raises(ConfigError, match="no xfeat head file"):
         load_head(tmp_path / "missing.npz")
     np.savez(tmp_path / "plain.npz", a=np.arange(3))
     with pytest.raises(DataError, match=r"plain.npz is not an xfeat head file.*__meta__"):

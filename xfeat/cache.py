@@ -235,7 +235,7 @@ class CacheWriter:
     def __init__(self, path: Path, *, key: str, meta: dict, splits: dict, feature_dim: int,
                  dtype: str = "float32"):
         if dtype not in FEATURE_DTYPES:
-            raise ValueError(f"feature dtype {dtype!r} not supported; expected one of {FEATURE_DTYPES}")
+            raise CacheError(f"feature dtype {dtype!r} not supported; expected one of {FEATURE_DTYPES}")
         self.path, self.key, self.meta = Path(path), key, meta
         self.partial = partial_path(self.path)
         make_dirs(self.partial.parent)

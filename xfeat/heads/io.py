@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..files import atomic_write, dumps
 from .base import BaseHead
 from .registry import HEADS
@@ -88,7 +88,7 @@ def load_head(path) -> tuple[BaseHead, dict]:
     """Load a head written by :func:`save_head`; return ``(fitted_head, metadata)``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no xfeat head file at {path}")
+        raise ConfigError(f"no xfeat head file at {path}; expected a head.npz written by fit-head")
     meta, arrays = _read(path)
     if meta.get("head") not in HEADS:
         raise DataError(f"{path} holds unknown head {meta.get('head')!r}; expected one of: "
