@@ -103,3 +103,15 @@ def process_memory_mib(pid="self") -> float:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def family(model_name: str) -> str:
+    """The architecture family of a torchvision model name: resnet, mobilenet_v2, vit, ..."""
+    import re
+
+    name = model_name.split(":")[-1]
+    for prefix in ("mobilenet_v2", "mobilenet_v3", "efficientnet_v2", "shufflenet_v2",
+                   "wide_resnet", "regnet_x", "regnet_y", "swin_v2", "squeezenet"):
+        if name.startswith(prefix):
+            return prefix
+    return re.match(r"[a-z]+", name).group(0) if re.match(r"[a-z]+", name) else name

@@ -1,0 +1,14 @@
+"""The HDF5 feature cache: the only package that imports h5py.
+
+``read`` validates and loads complete entries; ``write`` keys, locks and fills them
+incrementally so that no crash leaves a file that could be mistaken for a complete one.
+"""
+from ..errors import CacheError
+from .read import (BASE_SPLITS, FEATURE_DTYPES, FORMAT, FORMAT_VERSION, PENULTIMATE, FeatureSet,
+                   SplitFeatures, is_complete, partial_path, read_cache, read_meta)
+from .write import CacheWriter, cache_key, entry_lock, entry_path, merge_shards, shard_path
+
+__all__ = ["BASE_SPLITS", "CacheError", "CacheWriter", "FEATURE_DTYPES", "FORMAT",
+           "FORMAT_VERSION", "FeatureSet", "PENULTIMATE", "SplitFeatures", "cache_key",
+           "entry_lock", "entry_path", "is_complete", "merge_shards", "partial_path",
+           "read_cache", "read_meta", "shard_path"]

@@ -1,0 +1,194 @@
+"""Reading a feature cache entry: validity, metadata and arrays.
+
+An entry is one HDF5 file ``NAME.h5``; only a file marked complete, whose every row was
+written, is read. Per split group (``train``, ``val``, ``test``, and augmented views such as
+``train.view1`` or ``test.flip``) it holds one ``(N, D_block)`` dataset per feature block
+(``features/penultimate``, ``features/layer3``, ...), plus ``labels``, ``ids`` and ``ok``.
+Format 1 files (one ``features`` dataset) read as a single ``penultimate`` block.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import h5py
+import numpy as np
+
+from ..errors import CacheError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "xfeat-features"
+FORMAT_VERSION = 2
+FEATURE_DTYPES = ("float32", "float16")
+BASE_SPLITS = ("train", "val", "test")
+PENULTIMATE = "penultimate"
+
+
+@dataclass
+class SplitFeatures:
+    """Features of one split (the chosen blocks side by side). Rows of images that could not
+    be read are dropped by default."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    ids: list
+    seconds: float = 0.0
+    blocks: list = field(default_factory=list)  # [(name, dim)] in column order
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FeatureSet:
+    """A complete cache entry read into memory.
+
+    ``splits``: train/val/test; ``views``: ``{base split: {view: SplitFeatures}}`` for the
+    augmented train views (``view1`` ...) and the test-time views of val/test (``flip``,
+    ``crop_tl`` ...), row for row the base split's images.
+    """
+
+    path: Path
+    key: str
+    meta: dict
+    splits: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)  # split -> ids of unreadable images
+    views: dict = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list:
+        return self.meta["class_names"]
+
+    @property
+    def blocks(self) -> list:
+        """``[(name, dim)]`` of the blocks read, in column order."""
+        return next(iter(self.splits.values())).blocks if self.splits else []
+
+    def __getitem__(self, split: str) -> SplitFeatures:
+        if split not in self.splits:
+            raise KeyError(f"cache {self.path.name} has no split {split!r}; it has "
+                           f"{sorted(self.splits)}")
+        return self.splits[split]
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def block_datasets(group: h5py.Group) -> dict:
+    """``{block name: dataset}`` of one split group, in stored order (format 1 or 2)."""
+    feats = group["features"]
+    if isinstance(feats, h5py.Dataset):
+        return {PENULTIMATE: feats}
+    order = json.loads(group.attrs.get("blocks", "[]")) or sorted(feats)
+    return {name: feats[name] for name in order}
+
+
+def rows_of(group: h5py.Group) -> int:
+    return next(iter(block_datasets(group).values())).shape[0]
+
+
+def all_rows_done(f: h5py.File) -> bool:
+    return all(int(f[s]["rows_done"][0]) == rows_of(f[s]) for s in f)
+
+
+def is_complete(path: Union[str, Path]) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f.attrs.get("complete", False)) and all_rows_done(f)
+    except (OSError, KeyError):
+        return False
+
+
+def read_meta(path: Union[str, Path]) -> dict:
+    """The attributes of a complete cache entry, without loading features."""
+    path = _check_readable(Path(path))
+    with h5py.File(path, "r") as f:
+        return _meta(f)
+
+
+def _meta(f: h5py.File) -> dict:
+    meta = json.loads(f.attrs["meta"])
+    meta["key"] = str(f.attrs["key"])
+    meta["splits"] = {s: {"n": rows_of(f[s]), **json.loads(f[s].attrs.get("stats", "{}"))}
+                      for s in f}
+    first = f[next(iter(f))]
+    meta.setdefault("blocks", [[name, ds.shape[1]] for name, ds in block_datasets(first).items()])
+    return meta
+
+
+def _check_readable(path: Path) -> Path:
+    if not path.is_file():
+        partial = partial_path(path)
+        hint = (" (an interrupted extraction left " + partial.name + "; run the same "
+                "`xfeat extract` command again to resume it)") if partial.exists() else ""
+        raise CacheError(f"cache file {path} does not exist{hint}")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise CacheError(f"{path} is not an xfeat feature cache")
+            if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
+                raise CacheError(f"{path} was written by a newer xfeat (format "
+                                 f"{int(f.attrs['format_version'])}); upgrade xfeat")
+            if not f.attrs.get("complete", False) or not all_rows_done(f):
+                raise CacheError(f"{path} is incomplete; re-run the extraction that made it")
+    except OSError as exc:
+        raise CacheError(f"cannot open {path} as HDF5: {exc}") from None
+    return path
+
+
+def read_cache(path: Union[str, Path], splits: Optional[Sequence[str]] = None, *,
+               blocks: Optional[Sequence[str]] = None, views: bool = True,
+               include_skipped: bool = False) -> FeatureSet:
+    """Read a complete cache entry into numpy arrays.
+
+    ``splits``: base splits to read (default all of train/val/test present); ``blocks``:
+    feature blocks to put side by side, in that order (default every stored block);
+    ``views``: also read the augmented and test-time views of those splits.
+    """
+    path = _check_readable(Path(path))
+    with h5py.File(path, "r") as f:
+        meta = _meta(f)
+        result = FeatureSet(path=path, key=meta["key"], meta=meta)
+        wanted = list(splits) if splits else [s for s in BASE_SPLITS if s in f]
+        for s in wanted:
+            if s not in f:
+                raise CacheError(f"{path} has no split {s!r}; it has {sorted(f)}")
+        for name in f:
+            base, _, view = name.partition(".")
+            if base not in wanted or (view and not views):
+                continue
+            part, skipped = _read_group(f[name], path, blocks, include_skipped)
+            if view:
+                result.views.setdefault(base, {})[view] = part
+            else:
+                result.splits[base] = part
+                if skipped:
+                    result.skipped[base] = skipped
+    return result
+
+
+def _read_group(g: h5py.Group, path: Path, blocks, include_skipped: bool):
+    stored = block_datasets(g)
+    names = list(blocks) if blocks else list(stored)
+    missing = [b for b in names if b not in stored]
+    if missing:
+        raise CacheError(f"{path} has no feature block {missing[0]!r}; it has {list(stored)} "
+                         "(extract again with --layers to add blocks)")
+    ok = g["ok"][()]
+    ids = [i.decode() if isinstance(i, bytes) else str(i) for i in g["ids"][()]]
+    rows = slice(None) if include_skipped else np.flatnonzero(ok)
+    arrays = [stored[b][()][rows] for b in names]
+    features = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
+    part = SplitFeatures(features=features, labels=g["labels"][()][rows],
+                         ids=ids if include_skipped else [ids[i] for i in rows],
+                         seconds=float(g["seconds"][0]),
+                         blocks=[(b, int(stored[b].shape[1])) for b in names])
+    return part, [ids[i] for i in np.flatnonzero(~ok)]
