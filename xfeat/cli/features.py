@@ -98,7 +98,8 @@ def info_cmd(cache_file, as_json):
 
 def describe_cache(path, meta) -> str:
     w = meta["weights"]
-    weights = w["id"] if w["kind"] != "file" else f"{w['id']} (sha256 {w['sha256'][:12]})"
+    weights = w["id"] if w["kind"] not in ("file", "torchscript") or not w.get("sha256") \
+        else f"{w['id']} (sha256 {w['sha256'][:12]})"
     p = meta["preprocessing"]
     lines = [f"cache: {path}",
              f"  model {meta['model']} (D={meta['feature_dim']}, {meta['feature_dtype']}), "
