@@ -22,7 +22,7 @@ from .config import default_cache_dir
 from .errors import ConfigError
 from .runtime import make_loader, resolve_device
 from .backbones import (Backbone, Preprocessing, WeightsInfo, create_backbone,
-                        default_preprocessing, feature_dim, resolve_weights)
+                        default_preprocessing, feature_dim, normalize_name, resolve_weights)
 from .data import DEFAULT_GROUP_PATTERN, Dataset, ImageReadError, Split, SplitRecipe, load_dataset
 
 logger = logging.getLogger(__name__)
@@ -70,14 +70,22 @@ def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, 
                     cache_dir: Union[str, Path, None] = None, image_size: Optional[int] = None,
                     feature_dtype: str = "float32", val_fraction: float = 0.1,
                     split_seed: int = 0, group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN,
-                    seed: int = 0, dataset: Optional[Dataset] = None) -> ExtractionPlan:
-    """Resolve the dataset, weights and preprocessing into a cache key and path."""
+                    seed: int = 0, dataset: Optional[Dataset] = None,
+                    resize_size: Optional[int] = None, mean: Optional[tuple] = None,
+                    std: Optional[tuple] = None) -> ExtractionPlan:
+    """Resolve the dataset, weights and preprocessing into a cache key and path.
+
+    ``image_size`` (the crop), ``resize_size``, ``mean`` and ``std`` override the weights'
+    own preprocessing (e.g. for a ``torchscript:PATH`` model without a sidecar JSON).
+    """
     if feature_dtype not in cache.FEATURE_DTYPES:
         raise ConfigError(f"feature dtype {feature_dtype!r} not supported; expected one of "
                          f"{cache.FEATURE_DTYPES}")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    model = normalize_name(model)
     info, tv_weights = resolve_weights(model, weights, seed=seed)
-    preprocessing = default_preprocessing(model, tv_weights).with_size(image_size)
+    preprocessing = default_preprocessing(model, tv_weights).with_size(
+        image_size, resize_size).with_normalization(mean, std)
     if dataset is None and isinstance(data, Dataset):
         dataset = data
     if dataset is None:
@@ -91,8 +99,8 @@ def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, 
                           feature_dtype, seed, key, path)
 
 
-_PLAN_OPTIONS = ("cache_dir", "image_size", "feature_dtype", "val_fraction", "split_seed",
-                 "group_pattern", "seed")
+_PLAN_OPTIONS = ("cache_dir", "image_size", "resize_size", "mean", "std", "feature_dtype",
+                 "val_fraction", "split_seed", "group_pattern", "seed")
 _RUN_OPTIONS = ("batch_size", "num_workers", "device", "skip_bad", "force", "progress")
 
 
@@ -112,7 +120,8 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
             feature_dtype: str = "float32", val_fraction: float = 0.1, split_seed: int = 0,
             group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN, seed: int = 0,
             skip_bad: bool = False, force: bool = False, progress: bool = True,
-            plan: Optional[ExtractionPlan] = None) -> Path:
+            plan: Optional[ExtractionPlan] = None, resize_size: Optional[int] = None,
+            mean: Optional[tuple] = None, std: Optional[tuple] = None) -> Path:
     """Extract penultimate features of every split into the cache; return the entry's path.
 
     A complete entry with the same key (dataset content and split, model, weights,
@@ -123,9 +132,11 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
     ----------
     data : folder ``ROOT/{train,val,test}/CLASS/*``, MedMNIST-style ``.npz``, a built-in name,
         or a :class:`~xfeat.data.Dataset` already loaded (e.g. a ``subsample``).
-    model : any torchvision classifier (``xfeat.list_backbones()``).
+    model : a torchvision classifier (``xfeat.list_backbones()``), ``timm:NAME``,
+        ``torchscript:PATH`` or ``inception_v3_fid``.
     weights : ``"none"``, ``"DEFAULT"``, a torchvision weights name, or a state-dict file.
     image_size : crop size override (tiny inputs for tests; default: the weights' own).
+    resize_size, mean, std : further overrides of the weights' preprocessing.
     num_workers : data-loader processes; default ``min(4, cpus - 1)``.
     skip_bad : record unreadable images (dropped by readers) instead of stopping.
     plan : a :class:`ExtractionPlan` from :func:`plan_extraction`; it then replaces ``data``,
@@ -135,7 +146,8 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
         plan = plan_extraction(data, model, weights=weights, cache_dir=cache_dir,
                                image_size=image_size, feature_dtype=feature_dtype,
                                val_fraction=val_fraction, split_seed=split_seed,
-                               group_pattern=group_pattern, seed=seed)
+                               group_pattern=group_pattern, seed=seed,
+                               resize_size=resize_size, mean=mean, std=std)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}: expected an integer >= 1")
     if distributed.is_distributed():
@@ -205,7 +217,8 @@ def _run(plan: ExtractionPlan, *, batch_size: int, num_workers: Optional[int],
     # Build (and download) first, so a failure here leaves no partial file behind.
     backbone = create_backbone(plan.model, plan.weights_arg, seed=plan.seed)
     backbone.preprocessing = plan.preprocessing
-    if plan.weights.kind == "file" and backbone.weights.sha256 != plan.weights.sha256:
+    if plan.weights.kind in ("file", "torchscript") and \
+            backbone.weights.sha256 != plan.weights.sha256:
         raise cache.CacheError(f"weights file {plan.weights.id} changed while extracting")
     meta = plan.meta
     meta["weights"]["sha256"] = backbone.weights.sha256

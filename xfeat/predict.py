@@ -52,6 +52,10 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
         weights, kwargs = "none", {"seed": seed}
     elif w["kind"] == "torchvision":
         weights, kwargs = weights_override or w["id"].rsplit(".", 1)[-1], {}
+    elif w["kind"] == "torchscript":  # the weights are inside the model's file
+        weights, kwargs = weights_override or "none", {}
+    elif w["kind"] == "timm":
+        weights, kwargs = weights_override or "DEFAULT", {}
     else:
         weights, kwargs = weights_override or w["id"], {}
         if not Path(weights).is_file():

@@ -19,11 +19,12 @@ from .files import describe_os_error, make_dirs
 
 
 def weights_tag(weights: dict) -> str:
-    """Short name of a weights record (``{kind, id}``): random, IMAGENET1K_V1, a file's stem."""
+    """Short name of a weights record (``{kind, id}``): random, IMAGENET1K_V1 (timm's tag:
+    a1_in1k), a file's stem."""
     kind, wid = weights["kind"], str(weights["id"])
     if kind == "random":
         return "random"
-    if kind == "torchvision":
+    if kind in ("torchvision", "timm"):
         return wid.rsplit(".", 1)[-1]
     return Path(wid).stem
 

@@ -1,8 +1,11 @@
 """Backbones: a name -> a network whose forward gives ``(N, D)`` penultimate features.
 
-Owns the registry (every torchvision classifier), which layer is the classifier, the feature
-dimension ``D``, how weights are resolved (random, torchvision's, a local file) and the
-preprocessing that travels with them. ``create_backbone`` is the one factory.
+Owns the registry and dispatches on the name: a torchvision classifier (``resnet50``,
+:mod:`.torchvision_models`), ``timm:NAME`` (:mod:`.timm_models`), ``torchscript:PATH`` or a
+registered TorchScript network such as ``inception_v3_fid`` (:mod:`.torchscript_models`).
+Each source says which layer is the classifier, the feature dimension ``D``, how weights are
+resolved (random, pretrained, a local file) and the preprocessing that travels with them;
+:mod:`.offline` finds weight files on this machine. ``create_backbone`` is the one factory.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError, WeightsUnavailableError
+from . import timm_models, torchscript_models
 from . import torchvision_models as tv
+from .offline import offline_weights
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .weights import WeightsInfo, weights_tag
 
@@ -24,12 +29,18 @@ logger = logging.getLogger(__name__)
 __all__ = ["Backbone", "BackboneError", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing",
            "WeightsInfo", "WeightsUnavailableError", "create_backbone", "default_preprocessing",
            "describe_backbones", "feature_dim", "list_backbones", "min_input_size",
-           "parameter_count", "resolve_weights", "weights_tag"]
+           "normalize_name", "offline_weights", "parameter_count", "resolve_weights",
+           "weights_tag"]
 
 
 @dataclass
 class Backbone:
-    """A feature extractor: ``model(x)`` returns ``(N, feature_dim)``."""
+    """A feature extractor: ``model(x)`` returns ``(N, feature_dim)``.
+
+    ``classifier_path`` names the stripped last layer (an ``Identity`` now), where fine-tuning
+    installs a new one; ``trainable`` is False for a module without trainable parameters
+    (a frozen TorchScript file), which only the new last layer can be trained on top of.
+    """
 
     name: str
     model: nn.Module
@@ -37,6 +48,8 @@ class Backbone:
     classifier_path: str
     preprocessing: Preprocessing
     weights: WeightsInfo
+    classifier_kind: str = "linear"  # or "conv": SqueezeNet ends with a 1x1 convolution
+    trainable: bool = True
 
     def new_classifier(self, n_classes: int) -> nn.Module:
         """A fresh classifier of the architecture's kind: ``Linear(D, C)``, or for SqueezeNet
@@ -49,59 +62,77 @@ class Backbone:
         """Install ``layer`` where the stripped classifier was (used by fine-tuning)."""
         _set_submodule(self.model, self.classifier_path, layer)
 
-    @property
-    def classifier_kind(self) -> str:
-        return tv.classifier_of(self.name)[2]
+    def check_trainable(self, mode: str) -> None:
+        """A clear error if fine-tuning mode ``mode`` needs parameters the network lacks."""
+        if not self.trainable:
+            raise BackboneError(
+                f"{self.name} cannot be fine-tuned with mode {mode!r}: its module has no "
+                "trainable parameters (frozen with torch.jit.freeze, or requires_grad=False); "
+                "use mode 'frozen' (train the new last layer only) or fit a head on the cached "
+                "features, or save the module without freezing it")
+
+
+def _source(name: str):
+    """The module that builds ``name``: timm, TorchScript or torchvision."""
+    if not isinstance(name, str):
+        raise BackboneError(f"model {name!r}: expected a name such as 'resnet50'")
+    if timm_models.handles(name):
+        return timm_models
+    if torchscript_models.handles(name):
+        return torchscript_models
+    return tv
+
+
+def normalize_name(name: str) -> str:
+    """The name as recorded: ``torchscript:`` paths made absolute, others unchanged."""
+    if torchscript_models.handles(name):
+        return torchscript_models.normalize_name(name)
+    return name
 
 
 def list_backbones() -> list:
-    """Names of every torchvision classification model."""
-    return list(tv.names())
+    """Every torchvision classification model, then the registered TorchScript networks whose
+    package is installed; any ``timm:NAME`` and ``torchscript:PATH`` work too."""
+    return list(tv.names()) + torchscript_models.available_registered()
 
 
 def feature_dim(name: str) -> int:
     """Penultimate feature dimension ``D`` of model ``name``."""
-    tv.check_name(name)
-    return tv.classifier_of(name)[1]
+    return _source(name).feature_dim(name)
 
 
 def min_input_size(name: str) -> int:
-    return tv.min_input_size(name)
+    """Smallest square input the architecture accepts (its only one, if fixed)."""
+    return _source(name).min_input_size(name)
 
 
 def parameter_count(name: str) -> int:
-    """Parameters of model ``name`` with its original classifier, counted without building it."""
-    return tv.parameter_count(name)
+    """Parameters of model ``name`` with its original classifier, counted without building it
+    (a TorchScript file is loaded)."""
+    return _source(name).parameter_count(name)
 
 
 def describe_backbones() -> list:
-    """One dict per model: name, feature_dim, parameters (millions), weights names."""
-    return tv.describe()
+    """One dict per model: name, feature_dim, parameters (millions), weights names, source."""
+    return [{**row, "source": "torchvision"} for row in tv.describe()] + \
+        torchscript_models.describe()
 
 
 def resolve_weights(name: str, weights: Union[str, Path, None], *, seed: int = 0):
     """``(WeightsInfo, torchvision weights entry or None)`` for a ``--weights`` value.
 
-    Accepts ``none`` (random init, seeded), ``DEFAULT`` or an enum name such as
-    ``IMAGENET1K_V1``, or a path to a local state-dict file. Never downloads.
+    Accepts ``none`` (random init, seeded), ``DEFAULT`` or, for torchvision, an enum name such
+    as ``IMAGENET1K_V1``, or a path to a local state-dict file; a TorchScript model takes
+    ``none`` only (its weights are inside its file). Never downloads.
     """
-    from torchvision.models import get_model_weights
-
-    from . import weights as w
-
-    tv.check_name(name)
-    return w.resolve(weights, enum=get_model_weights(name), seed=seed, model=name)
+    return _source(name).resolve_weights(name, weights, seed=seed)
 
 
 def default_preprocessing(name: str, tv_weights=None) -> Preprocessing:
-    """The preprocessing of ``tv_weights``, else of the model's DEFAULT weights, else ImageNet's."""
-    from torchvision.models import get_model_weights
-
-    w = tv_weights
-    if w is None:
-        enum = get_model_weights(name)
-        w = enum.DEFAULT if "DEFAULT" in enum.__members__ else None
-    return Preprocessing() if w is None else Preprocessing.from_transforms(w.transforms())
+    """The preprocessing of the weights: torchvision's ``transforms()`` (of ``tv_weights``,
+    else of the DEFAULT weights), timm's ``pretrained_cfg``, a TorchScript file's sidecar
+    JSON; ImageNet's when there is nothing to read it from."""
+    return _source(name).default_preprocessing(name, tv_weights)
 
 
 def create_backbone(name: str, weights: Union[str, Path, None] = "none", *,
@@ -111,32 +142,24 @@ def create_backbone(name: str, weights: Union[str, Path, None] = "none", *,
 
     Parameters
     ----------
-    name : any torchvision classification model (``list_backbones()``).
+    name : a torchvision classification model (``list_backbones()``), ``timm:NAME`` (with
+        timm installed), ``torchscript:PATH``, or a registered TorchScript network
+        (``inception_v3_fid``).
     weights : ``"none"`` (random init, seeded by ``seed``), ``"DEFAULT"`` / ``"IMAGENET1K_V1"``
-        (torchvision's, downloaded once), or the path of a local state-dict file (classifier
-        keys may be missing).
+        (torchvision's: a verified local copy, else downloaded once; timm's ``DEFAULT``), or
+        the path of a local state-dict file (classifier keys may be missing).
     image_size : crop size override (the resize keeps the weights' ratio), e.g. for tiny tests.
     """
-    from . import weights as w
-
-    info, tv_weights = resolve_weights(name, weights, seed=seed)
-    preprocessing = default_preprocessing(name, tv_weights).with_size(image_size)
+    source = _source(name)
+    info, tv_weights = source.resolve_weights(name, weights, seed=seed)
+    preprocessing = source.default_preprocessing(name, tv_weights).with_size(image_size)
     with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG stream untouched
         torch.manual_seed(seed)
-        model = tv.build(name)
-    path, dim, _ = tv.classifier_of(name)
-    if info.kind == "torchvision":
-        state, sha = w.download_state_dict(tv_weights.url, name=name, weights_id=info.id,
-                                           progress=progress)
-        info = WeightsInfo(info.kind, info.id, sha256=sha, url=info.url)
-        w.load_state_dict_into(model, state, classifier_path=path,
-                               source=f"torchvision weights {info.id}")
-    elif info.kind == "file":
-        w.load_state_dict_into(model, w.read_state_dict_file(Path(info.id)),
-                               classifier_path=path, source=info.id)
+        model, info, (path, dim, kind) = source.build(name, info, tv_weights, progress=progress)
     _set_submodule(model, path, nn.Identity())
     model.eval()
-    return Backbone(name, model, dim, path, preprocessing, info)
+    trainable = any(p.requires_grad for p in model.parameters())
+    return Backbone(name, model, dim, path, preprocessing, info, kind, trainable)
 
 
 def _set_submodule(model: nn.Module, path: str, layer: nn.Module) -> None:

@@ -16,6 +16,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
                       "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+INTERPOLATIONS = tuple(_PIL_INTERPOLATION)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,13 @@ class Preprocessing:
             resize_size = int(round(crop_size * self.resize_size / self.crop_size)) \
                 if isinstance(crop_size, int) and crop_size > 0 else crop_size
         return replace(self, crop_size=crop_size, resize_size=resize_size)
+
+    def with_normalization(self, mean=None, std=None) -> "Preprocessing":
+        """The same preprocessing with ``mean`` and/or ``std`` replaced (None keeps them)."""
+        if mean is None and std is None:
+            return self
+        return replace(self, mean=self.mean if mean is None else tuple(mean),
+                       std=self.std if std is None else tuple(std))
 
     def resized_shape(self, width: int, height: int) -> tuple:
         """``(w, h)`` after resizing the short side to ``resize_size`` (torchvision's rule:

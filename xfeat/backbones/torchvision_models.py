@@ -2,10 +2,13 @@
 
 Feature dimensions and parameter counts come from the architecture built on the meta device
 (no memory, no initialisation), so listing all models takes seconds and needs no weights.
+Like the other sources (:mod:`.timm_models`, :mod:`.torchscript_models`), it provides
+``resolve_weights``, ``default_preprocessing`` and ``build`` for :func:`create_backbone`.
 """
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torchvision
@@ -14,6 +17,8 @@ from torch.overrides import TorchFunctionMode
 from torchvision.models import get_model_builder, get_model_weights, list_models
 
 from ..errors import BackboneError
+from . import weights as w
+from .preprocessing import Preprocessing
 
 # Architectures whose input size is fixed or bounded below (others run at 32 px).
 _MIN_INPUT_SIZE = {"alexnet": 64, "inception_v3": 75, "googlenet": 32, "squeezenet1_0": 48,
@@ -56,7 +61,39 @@ def check_name(name: str) -> None:
                             "'timm:NAME', 'torchscript:PATH')")
 
 
-def build(name: str) -> nn.Module:
+def resolve_weights(name: str, weights, *, seed: int = 0) -> tuple:
+    """``(WeightsInfo, torchvision weights entry or None)``; never downloads."""
+    check_name(name)
+    return w.resolve(weights, enum=get_model_weights(name), seed=seed, model=name)
+
+
+def default_preprocessing(name: str, tv_weights=None) -> Preprocessing:
+    """The preprocessing of ``tv_weights``, else of the model's DEFAULT weights, else ImageNet's."""
+    if tv_weights is None:
+        enum = get_model_weights(name)
+        tv_weights = enum.DEFAULT if "DEFAULT" in enum.__members__ else None
+    return Preprocessing() if tv_weights is None else \
+        Preprocessing.from_transforms(tv_weights.transforms())
+
+
+def build(name: str, info, tv_weights, *, progress: bool = True) -> tuple:
+    """``(model with its classifier, WeightsInfo with the file's sha256, classifier_of(name))``;
+    seed the torch RNG first for the random initialisation."""
+    model = build_random(name)
+    path = classifier_of(name)[0]
+    if info.kind == "torchvision":
+        state, sha = w.download_state_dict(tv_weights.url, name=name, weights_id=info.id,
+                                           progress=progress)
+        info = w.WeightsInfo(info.kind, info.id, sha256=sha, url=info.url)
+        w.load_state_dict_into(model, state, classifier_path=path,
+                               source=f"torchvision weights {info.id}")
+    elif info.kind == "file":
+        w.load_state_dict_into(model, w.read_state_dict_file(Path(info.id)),
+                               classifier_path=path, source=info.id)
+    return model, info, classifier_of(name)
+
+
+def build_random(name: str) -> nn.Module:
     """The architecture with freshly initialised weights (seed it with the torch RNG)."""
     kwargs = {}
     if name in ("googlenet", "inception_v3"):
@@ -68,13 +105,18 @@ def build(name: str) -> nn.Module:
 def build_empty(name: str) -> nn.Module:
     """The architecture with its parameters on the meta device: no memory, no real init."""
     with _OnMeta():
-        return build(name)
+        return build_random(name)
 
 
 @functools.lru_cache(maxsize=None)
 def classifier_of(name: str) -> tuple:
     """``(path, feature_dim, "linear" | "conv")`` of the final classifier layer."""
     return describe_classifier(build_empty(name))
+
+
+def feature_dim(name: str) -> int:
+    check_name(name)
+    return classifier_of(name)[1]
 
 
 def describe_classifier(model: nn.Module) -> tuple:

@@ -1,8 +1,10 @@
 """Where a backbone's weights come from: random init, torchvision's, or a local file.
 
 ``resolve_weights`` turns a ``--weights`` value into a :class:`WeightsInfo` (what the cache key
-records) without reading or downloading anything; ``load_state_dict_into`` checks a state dict
-against the architecture key by key, so a file for another model is a clear error.
+records) without reading or downloading anything; ``download_state_dict`` prefers a verified
+local copy of torchvision's file (:mod:`.offline`) to the network; ``load_state_dict_into``
+checks a state dict against the architecture key by key, so a file for another model is a
+clear error.
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ logger = logging.getLogger(__name__)
 class WeightsInfo:
     """Where a backbone's weights come from; ``id`` is what the cache key records."""
 
-    kind: str  # "random" | "torchvision" | "file"
-    id: str  # "random(seed=0)" | "ResNet50_Weights.IMAGENET1K_V2" | file path
+    # "random" | "torchvision" | "file" | "torchscript" (inside the model's file) | "timm"
+    kind: str
+    # "random(seed=0)" | "ResNet50_Weights.IMAGENET1K_V2" | file path | "resnet18.a1_in1k"
+    id: str
     sha256: Optional[str] = None  # of the file, when there is one
     url: Optional[str] = None
 
@@ -38,7 +42,8 @@ class WeightsInfo:
 
     def key(self) -> dict:
         # A file is identified by its content, not by where it lies.
-        return {"kind": self.kind, "id": None if self.kind == "file" else self.id,
+        by_content = self.kind in ("file", "torchscript")
+        return {"kind": self.kind, "id": None if by_content else self.id,
                 "sha256": self.sha256, "url": self.url}
 
     @property
@@ -49,7 +54,7 @@ class WeightsInfo:
 def weights_tag(kind: str, weights_id: str) -> str:
     if kind == "random":
         return "random"
-    if kind == "torchvision":
+    if kind in ("torchvision", "timm"):  # IMAGENET1K_V2, a1_in1k
         return str(weights_id).rsplit(".", 1)[-1]
     return Path(str(weights_id)).stem
 
@@ -79,27 +84,49 @@ def resolve(value: Union[str, Path, None], *, enum=None, seed: int = 0, model: s
 
 
 def download_state_dict(url: str, *, name: str, weights_id: str, progress: bool = True):
-    """torchvision's weights file (from torch hub's folder, or downloaded there once)."""
-    from torch.hub import get_dir, load_state_dict_from_url
+    """``(state dict, sha256)`` of torchvision's weights file ``url``.
+
+    A verified local copy (torch hub's folder, a weights package) is used without touching
+    the network; otherwise the file is downloaded into torch hub's folder once.
+    """
+    from torch.hub import load_state_dict_from_url
+
+    from . import offline
 
     file_name = url.rsplit("/", 1)[-1]
+    local, sha, searched = offline.find_weights_file(file_name)
+    if local is not None:
+        logger.info("%s for %s: %s (sha256 %s)", weights_id, name, local, sha[:12])
+        return read_state_dict_file(local), sha
     try:
         state = load_state_dict_from_url(url, progress=progress, check_hash=True,
                                          map_location="cpu", weights_only=True)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        hint, others = offline.install_hint(file_name), offline.available_for(name)
         raise WeightsUnavailableError(
-            f"could not download {weights_id} for {name} from {url} ({exc}). If this machine is "
-            f"offline, download {file_name} on a connected machine and either pass it with "
+            f"could not download {weights_id} for {name} from {url} ({exc}); xfeat looked "
+            f"for {file_name} in: {'; '.join(searched)}. "
+            + (f"Available offline for {name}: --weights {' or '.join(others)}. "
+               if others else "") + "If this machine is offline, "
+            + (f"install the package that ships it, {hint}, or " if hint else "")
+            + f"download {file_name} on a connected machine and either pass it with "
             f"--weights /path/to/{file_name} or copy it to "
-            f"{Path(get_dir()) / 'checkpoints' / file_name}") from None
-    file_path = Path(get_dir()) / "checkpoints" / file_name
+            f"{offline.hub_checkpoints_dir() / file_name} (`xfeat weights` lists what is "
+            "available offline)") from None
+    file_path = offline.hub_checkpoints_dir() / file_name
     return state, (sha256_file(file_path) if file_path.is_file() else None)
 
 
 def read_state_dict_file(path: Path) -> dict:
-    """Tensors from a ``torch.save``d state dict (never unpickles code)."""
+    """Tensors from a ``torch.save``d state dict or a ``.safetensors`` file (never unpickles
+    code)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if Path(path).suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise BackboneError(

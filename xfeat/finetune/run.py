@@ -66,13 +66,15 @@ def finetune(data, model: str = "resnet18", *, weights="none",
              image_size: Optional[int] = None, cache_dir=None, val_fraction: float = 0.1,
              split_seed: int = 0, group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN,
              num_workers: Optional[int] = None, device: Optional[str] = None,
-             progress: bool = True, **options) -> Optional[RunResult]:
+             progress: bool = True, resize_size: Optional[int] = None,
+             mean: Optional[tuple] = None, std: Optional[tuple] = None,
+             **options) -> Optional[RunResult]:
     """Train ``model`` end to end, its new last layer only, or LP-FT; evaluate once on test.
 
     Parameters
     ----------
-    data, model, weights, image_size, cache_dir, val_fraction, split_seed, group_pattern :
-        as for :func:`xfeat.extract`; the splits are the cache's.
+    data, model, weights, image_size, cache_dir, val_fraction, split_seed, group_pattern,
+    resize_size, mean, std : as for :func:`xfeat.extract`; the splits are the cache's.
     config : a :class:`~xfeat.config.FinetuneConfig` (mode, recipe, epochs, lr, ...);
         ``**options`` replace some of its fields, e.g. ``mode="frozen", epochs=5``.
     out_dir : the run folder (default ``runs/DATASET/MODEL-WEIGHTS/MODE-linear``).
@@ -86,7 +88,8 @@ def finetune(data, model: str = "resnet18", *, weights="none",
     run = _prepare(data, model, weights, config, out_dir=out_dir, resume=resume,
                    image_size=image_size, cache_dir=cache_dir, val_fraction=val_fraction,
                    split_seed=split_seed, group_pattern=group_pattern,
-                   num_workers=num_workers, device=device, progress=progress)
+                   num_workers=num_workers, device=device, progress=progress,
+                   preprocessing={"resize_size": resize_size, "mean": mean, "std": std})
     lock = run_lock(run.run_dir, "fine-tuning run") if run.world.is_main else _no_lock()
     with lock:
         if run.world.is_main and not resume and run.checkpoint.exists():
@@ -118,7 +121,8 @@ class _no_lock:
 
 
 def _prepare(data, model, weights, config, *, out_dir, resume, image_size, cache_dir,
-             val_fraction, split_seed, group_pattern, num_workers, device, progress) -> _Run:
+             val_fraction, split_seed, group_pattern, num_workers, device, progress,
+             preprocessing) -> _Run:
     """Resolve the data, weights and device; decide the run folder."""
     from ..extract import plan_extraction
 
@@ -131,7 +135,8 @@ def _prepare(data, model, weights, config, *, out_dir, resume, image_size, cache
     plan = plan_extraction(data, model, weights=weights,
                            cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
                            image_size=image_size, val_fraction=val_fraction,
-                           split_seed=split_seed, group_pattern=group_pattern, seed=config.seed)
+                           split_seed=split_seed, group_pattern=group_pattern, seed=config.seed,
+                           **preprocessing)
     labels = plan.dataset.splits["train"].labels
     rows = None
     if config.max_train_images is not None and config.max_train_images < len(labels):
