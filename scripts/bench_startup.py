@@ -29,7 +29,7 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     times = {name: [] for name in COMMANDS}
-    for name, cmd in COMMANDS.items():  # warm the file cache once
+    for cmd in COMMANDS.values():  # warm the file cache once
         subprocess.run(cmd, check=True, capture_output=True)
     for _ in range(args.repeats):
         for name, cmd in COMMANDS.items():

@@ -10,14 +10,14 @@ def _writer(path, n=(5, 3), dim=4, dtype="float32", key="k1"):
     splits = {"train": ([f"t{i}" for i in range(n[0])], np.arange(n[0]) % 2),
               "val": ([f"v{i}" for i in range(n[1])], np.arange(n[1]) % 2)}
     return CacheWriter(path, key=key, meta={"class_names": ["a", "b"]}, splits=splits,
-                       feature_dim=dim, dtype=dtype)
+                       blocks=[("penultimate", dim)], dtype=dtype)
 
 
 def _fill(writer, split, rows, dim=4, batch=2, start=0):
     for s in range(start, rows, batch):
         n = min(batch, rows - s)
         feats = np.arange(s * dim, (s + n) * dim, dtype=np.float32).reshape(n, dim)
-        writer.write(split, s, feats, np.ones(n, bool), seconds=0.1)
+        writer.write(split, s, {"penultimate": feats}, np.ones(n, bool), seconds=0.1)
 
 
 def test_key_is_canonical_and_sensitive():
@@ -92,8 +92,9 @@ def test_unreadable_partial_is_restarted(tmp_path):
 def test_skipped_rows_are_dropped_unless_asked(tmp_path):
     path = tmp_path / "e.h5"
     w = _writer(path, n=(3, 1))
-    w.write("train", 0, np.ones((3, 4), np.float32), np.array([True, False, True]), seconds=0)
-    w.write("val", 0, np.ones((1, 4), np.float32), np.array([True]), seconds=0)
+    w.write("train", 0, {"penultimate": np.ones((3, 4), np.float32)},
+            np.array([True, False, True]), seconds=0)
+    w.write("val", 0, {"penultimate": np.ones((1, 4), np.float32)}, np.array([True]), seconds=0)
     w.finalize({})
     fs = read_cache(path)
     assert fs["train"].ids == ["t0", "t2"] and fs.skipped == {"train": ["t1"]}
@@ -102,9 +103,9 @@ def test_skipped_rows_are_dropped_unless_asked(tmp_path):
 
 def test_float16_and_bad_dtype(tmp_path):
     w = _writer(tmp_path / "h.h5", dtype="float16")
-    assert w.file["train"]["features"].dtype == np.float16
+    assert w.file["train"]["features"]["penultimate"].dtype == np.float16
     w.close()
-    with pytest.raises(ValueError, match="'float64' not supported"):
+    with pytest.raises(CacheError, match="'float64' not supported"):
         _writer(tmp_path / "x.h5", dtype="float64")
 
 
@@ -117,3 +118,36 @@ def test_foreign_hdf5_is_rejected(tmp_path):
     (tmp_path / "text.h5").write_text("hello")
     with pytest.raises(CacheError, match="cannot open"):
         read_cache(tmp_path / "text.h5")
+
+
+def test_blocks_views_and_format_1_files(tmp_path):
+    """Blocks are side by side in the order asked; views are read with their base split; a
+    format-1 file (one ``features`` dataset) reads as its penultimate block."""
+    splits = {"train": (["a", "b"], np.array([0, 1])), "train.view1": (["a", "b"], np.array([0, 1]))}
+    w = CacheWriter(tmp_path / "b.h5", key="kb", meta={"class_names": ["x", "y"]}, splits=splits,
+                    blocks=[("layer3", 2), ("penultimate", 3)])
+    for group, base in (("train", 0.0), ("train.view1", 10.0)):
+        w.write(group, 0, {"layer3": np.full((2, 2), base, np.float32),
+                           "penultimate": np.full((2, 3), base + 1, np.float32)},
+                np.ones(2, bool), seconds=0.1)
+    w.finalize({})
+    fs = read_cache(tmp_path / "b.h5")
+    assert fs.blocks == [("layer3", 2), ("penultimate", 3)]
+    np.testing.assert_array_equal(fs["train"].features[0], [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(fs.views["train"]["view1"].features[0], [10, 10, 11, 11, 11])
+    only = read_cache(tmp_path / "b.h5", blocks=["penultimate"], views=False)
+    assert only["train"].features.shape == (2, 3) and not only.views
+    with pytest.raises(CacheError, match="no feature block 'layer9'"):
+        read_cache(tmp_path / "b.h5", blocks=["layer9"])
+    assert read_meta(tmp_path / "b.h5")["blocks"] == [["layer3", 2], ["penultimate", 3]]
+
+    old = tmp_path / "v1.h5"
+    with h5py.File(old, "w") as f:
+        f.attrs.update(format="xfeat-features", format_version=1, key="k1", complete=True,
+                       meta='{"class_names": ["x", "y"]}')
+        g = f.create_group("train")
+        g["features"] = np.ones((2, 4), np.float32)
+        g["labels"], g["ok"] = np.array([0, 1]), np.ones(2, bool)
+        g["ids"] = np.array([b"a", b"b"])
+        g["rows_done"], g["seconds"] = np.array([2]), np.array([0.5])
+    assert read_cache(old).blocks == [("penultimate", 4)]

@@ -31,7 +31,8 @@ def test_extract_then_reuse_then_info(image_folder, cache_dir):
     assert second.exit_code == 0 and "cache hit" in second.stderr
     assert summary["path"] in second.output
     info = _run("info", summary["path"])
-    assert info.exit_code == 0 and "resnet18 (D=512, float32)" in info.output
+    assert info.exit_code == 0 and "model resnet18 (float32)" in info.output
+    assert "blocks: penultimate (D=512)" in info.output
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, image_folder):

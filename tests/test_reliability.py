@@ -184,10 +184,10 @@ def test_exif_orientation_is_applied_everywhere_and_recorded(tmp_path):
     ds = load_dataset(data)
     split, row = next((sp, i) for sp in ds.splits.values() for i, p in enumerate(sp.paths)
                       if p.endswith("exif.jpeg"))
-    from xfeat.extract import _SplitImages
+    from xfeat.views import ViewImages
     from xfeat.store import build_store
 
-    extracted, _ = _SplitImages(split, prep)[row]  # extract and predict read this way
+    extracted, _ = ViewImages(split, prep)[row]  # extract and predict read this way
     store, _ = build_store(ds, prep, cache_dir=tmp_path / "c", progress=False)
     stored = prep.center_crop(store[split.name][row])  # fine-tuning reads this way
     np.testing.assert_array_equal(extracted.permute(1, 2, 0).numpy(), stored)

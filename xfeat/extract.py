@@ -1,31 +1,36 @@
 """The one pass: images -> backbone -> HDF5 cache, resumable, timed per stage.
 
 ``plan_extraction`` resolves everything that determines the features (dataset content and
-split, model, weights, preprocessing, dtype) into a cache key without building the model;
-``extract`` reuses a complete entry for that key or fills it batch by batch.
+split, model, weights, preprocessing, blocks, views, precision, dtype) into a cache key
+without building the model; ``extract`` reuses a complete entry for that key or fills it
+batch by batch (see :mod:`xfeat.forward` for the pass itself).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__, cache, distributed
+from .backbones import (Preprocessing, WeightsInfo, create_backbone, default_preprocessing,
+                        normalize_name, resolve_weights)
+from .blocks import parse_layers, resolve_blocks
 from .config import default_cache_dir
+from .data import DEFAULT_GROUP_PATTERN, Dataset, SplitRecipe, load_dataset
 from .errors import ConfigError
-from .runtime import make_loader, resolve_device
-from .backbones import (Backbone, Preprocessing, WeightsInfo, create_backbone,
-                        default_preprocessing, feature_dim, normalize_name, resolve_weights)
-from .data import DEFAULT_GROUP_PATTERN, Dataset, ImageReadError, Split, SplitRecipe, load_dataset
+from .runtime import resolve_device, should_compile
+from .views import parse_tta, train_views, tta_views
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8")
+INT8_CALIBRATION_IMAGES = 256
 
 
 @dataclass
@@ -37,11 +42,20 @@ class ExtractionPlan:
     weights: WeightsInfo
     weights_arg: str
     preprocessing: Preprocessing
-    feature_dim: int
+    blocks: list  # [(name, dim)]
     feature_dtype: str
     seed: int
     key: str
     path: Path
+    views: int = 0
+    tta: tuple = ()
+    precision: str = "fp32"
+    layers: tuple = ("penultimate",)
+    groups: dict = field(default_factory=dict)  # cache group -> (base split, view or None)
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(dim for _, dim in self.blocks)
 
     @property
     def meta(self) -> dict:
@@ -55,6 +69,10 @@ class ExtractionPlan:
             "class_names": ds.class_names,
             "model": self.model,
             "feature_dim": self.feature_dim,
+            "blocks": [list(b) for b in self.blocks],
+            "layers": list(self.layers),
+            "views": {"train": self.views, "tta": list(self.tta), "seed": self.seed},
+            "precision": self.precision,
             "feature_dtype": self.feature_dtype,
             "weights": {"kind": self.weights.kind, "id": self.weights.id,
                         "sha256": self.weights.sha256, "url": self.weights.url,
@@ -72,36 +90,53 @@ def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, 
                     split_seed: int = 0, group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN,
                     seed: int = 0, dataset: Optional[Dataset] = None,
                     resize_size: Optional[int] = None, mean: Optional[tuple] = None,
-                    std: Optional[tuple] = None) -> ExtractionPlan:
-    """Resolve the dataset, weights and preprocessing into a cache key and path.
+                    std: Optional[tuple] = None, layers="penultimate", views: int = 0,
+                    tta=None, precision: str = "fp32") -> ExtractionPlan:
+    """Resolve the dataset, weights, preprocessing and blocks into a cache key and path.
 
     ``image_size`` (the crop), ``resize_size``, ``mean`` and ``std`` override the weights'
     own preprocessing (e.g. for a ``torchscript:PATH`` model without a sidecar JSON).
     """
     if feature_dtype not in cache.FEATURE_DTYPES:
         raise ConfigError(f"feature dtype {feature_dtype!r} not supported; expected one of "
-                         f"{cache.FEATURE_DTYPES}")
+                          f"{cache.FEATURE_DTYPES}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     model = normalize_name(model)
     info, tv_weights = resolve_weights(model, weights, seed=seed)
     preprocessing = default_preprocessing(model, tv_weights).with_size(
         image_size, resize_size).with_normalization(mean, std)
-    if dataset is None and isinstance(data, Dataset):
-        dataset = data
+    layers, tta = parse_layers(layers), parse_tta(tta)
+    blocks = resolve_blocks(model, layers, preprocessing.crop_size)
+    view_names = train_views(views)
     if dataset is None:
-        dataset = load_dataset(data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern),
-                               cache_dir=cache_dir)
-    key = cache.cache_key({"dataset": dataset.fingerprint, "model": model,
-                           "weights": info.key(), "preprocessing": preprocessing.to_dict(),
-                           "feature_dtype": feature_dtype})
+        dataset = data if isinstance(data, Dataset) else load_dataset(
+            data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern),
+            cache_dir=cache_dir)
+    groups = {s: (s, None) for s in dataset.splits}
+    groups.update({f"train.{v}": ("train", v) for v in view_names})
+    groups.update({f"{s}.{v}": (s, v) for s in ("val", "test") if s in dataset.splits
+                   for v in tta_views(tta)})
+    fields = {"dataset": dataset.fingerprint, "model": model, "weights": info.key(),
+              "preprocessing": preprocessing.to_dict(), "feature_dtype": feature_dtype,
+              "blocks": [name for name, _ in blocks], "views": view_names, "tta": list(tta)}
+    if views:
+        fields["view_seed"] = seed
+    if precision != "fp32":
+        fields["precision"] = {"kind": precision, "calibration": INT8_CALIBRATION_IMAGES}
+    key = cache.cache_key(fields)
     path = cache.entry_path(cache_dir, f"{dataset.name}-{model}-{info.tag}", key)
-    return ExtractionPlan(dataset, model, info, str(weights), preprocessing, feature_dim(model),
-                          feature_dtype, seed, key, path)
+    return ExtractionPlan(dataset, model, info, str(weights), preprocessing, blocks,
+                          feature_dtype, seed, key, path, views=views, tta=tta,
+                          precision=precision, layers=layers, groups=groups)
 
 
 _PLAN_OPTIONS = ("cache_dir", "image_size", "resize_size", "mean", "std", "feature_dtype",
-                 "val_fraction", "split_seed", "group_pattern", "seed")
-_RUN_OPTIONS = ("batch_size", "num_workers", "device", "skip_bad", "force", "progress")
+                 "val_fraction", "split_seed", "group_pattern", "seed", "layers", "views",
+                 "tta", "precision")
+_RUN_OPTIONS = ("batch_size", "num_workers", "device", "skip_bad", "force", "progress",
+                "compile", "channels_last")
 
 
 def split_extract_options(options: dict) -> tuple:
@@ -109,24 +144,22 @@ def split_extract_options(options: dict) -> tuple:
     unknown = set(options) - set(_PLAN_OPTIONS) - set(_RUN_OPTIONS)
     if unknown:
         raise ConfigError(f"unknown extract options {sorted(unknown)}; expected some of "
-                         f"{sorted(_PLAN_OPTIONS + _RUN_OPTIONS)}")
+                          f"{sorted(_PLAN_OPTIONS + _RUN_OPTIONS)}")
     return ({k: v for k, v in options.items() if k in _PLAN_OPTIONS},
             {k: v for k, v in options.items() if k in _RUN_OPTIONS})
 
 
 def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, None] = "none",
-            cache_dir: Union[str, Path, None] = None, image_size: Optional[int] = None,
-            batch_size: int = 64, num_workers: Optional[int] = None, device: Optional[str] = None,
-            feature_dtype: str = "float32", val_fraction: float = 0.1, split_seed: int = 0,
-            group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN, seed: int = 0,
-            skip_bad: bool = False, force: bool = False, progress: bool = True,
-            plan: Optional[ExtractionPlan] = None, resize_size: Optional[int] = None,
-            mean: Optional[tuple] = None, std: Optional[tuple] = None) -> Path:
-    """Extract penultimate features of every split into the cache; return the entry's path.
+            batch_size: int = 64, num_workers: Optional[int] = None,
+            device: Optional[str] = None, skip_bad: bool = False, force: bool = False,
+            compile="auto", channels_last: Optional[bool] = None, progress: bool = True,
+            plan: Optional[ExtractionPlan] = None, **plan_options) -> Path:
+    """Extract features of every split into the cache; return the entry's path.
 
     A complete entry with the same key (dataset content and split, model, weights,
-    preprocessing, dtype) is reused without building the model. An interrupted run resumes
-    from its last written batch. Concurrent runs for one entry wait for each other.
+    preprocessing, blocks, views, precision, dtype) is reused without building the model. An
+    interrupted run resumes from its last written batch. Concurrent runs for one entry wait
+    for each other.
 
     Parameters
     ----------
@@ -135,25 +168,27 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
     model : a torchvision classifier (``xfeat.list_backbones()``), ``timm:NAME``,
         ``torchscript:PATH`` or ``inception_v3_fid``.
     weights : ``"none"``, ``"DEFAULT"``, a torchvision weights name, or a state-dict file.
-    image_size : crop size override (tiny inputs for tests; default: the weights' own).
-    resize_size, mean, std : further overrides of the weights' preprocessing.
-    num_workers : data-loader processes; default ``min(4, cpus - 1)``.
+    layers : ``"penultimate"`` (default), ``"stages"``, or ``"node,node,..."``: the feature
+        blocks cached, each global-average-pooled (see :mod:`xfeat.blocks`).
+    views : augmented views cached per train image (the fine-tuning augmentation, seeded).
+    tta : ``"flip"``, ``"crops"`` or ``"flip,crops"``: test-time views of val and test.
+    precision : ``"fp32"`` or ``"int8"`` (CPU; quantized after calibration on train images).
+    compile : ``"auto"`` (compile when there are enough images to amortise it), ``"on"``,
+        ``"off"``. ``channels_last``: None picks the faster layout for the model family.
     skip_bad : record unreadable images (dropped by readers) instead of stopping.
     plan : a :class:`ExtractionPlan` from :func:`plan_extraction`; it then replaces ``data``,
-        ``model``, ``weights`` and every other option that determines the features.
+        ``model``, ``weights`` and every option of ``plan_options``.
+    **plan_options : cache_dir, image_size, resize_size, mean, std, feature_dtype, layers,
+        views, tta, precision, val_fraction, split_seed, group_pattern, seed.
     """
     if plan is None:
-        plan = plan_extraction(data, model, weights=weights, cache_dir=cache_dir,
-                               image_size=image_size, feature_dtype=feature_dtype,
-                               val_fraction=val_fraction, split_seed=split_seed,
-                               group_pattern=group_pattern, seed=seed,
-                               resize_size=resize_size, mean=mean, std=std)
-    if batch_size < 1:
+        plan = plan_extraction(data, model, weights=weights, **plan_options)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}: expected an integer >= 1")
+    run = dict(batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
+               compile=compile, channels_last=channels_last, progress=progress)
     if distributed.is_distributed():
-        return _extract_sharded(plan, batch_size=batch_size, num_workers=num_workers,
-                                device=device, skip_bad=skip_bad, force=force,
-                                progress=progress)
+        return _extract_sharded(plan, device=device, force=force, **run)
     if not force and cache.is_complete(plan.path):  # no lock: a read-only cache is usable
         logger.info("cache hit: %s (backbone not run)", plan.path)
         return plan.path
@@ -163,13 +198,11 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
         if cache.is_complete(plan.path):
             logger.info("cache hit: %s (backbone not run)", plan.path)
             return plan.path
-        _run(plan, batch_size=batch_size, num_workers=num_workers, device=device,
-             skip_bad=skip_bad, progress=progress)
+        _run(plan, device=device, **run)
         return plan.path
 
 
-def _extract_sharded(plan: ExtractionPlan, *, batch_size, num_workers, device, skip_bad, force,
-                     progress) -> Path:
+def _extract_sharded(plan: ExtractionPlan, *, device, force, **run) -> Path:
     """Under torchrun: each rank extracts a contiguous block of every split into its own
     shard file (resumable like any entry); rank 0 then merges the shards, in order, into the
     entry a single process would have written, and marks it complete."""
@@ -194,16 +227,15 @@ def _extract_sharded(plan: ExtractionPlan, *, batch_size, num_workers, device, s
                                 key=f"{plan.key}/shard{world.rank}of{world.size}")
     with cache.entry_lock(shard.path):
         if not cache.is_complete(shard.path):
-            _run(shard, batch_size=batch_size, num_workers=num_workers, device=str(dev),
-                 skip_bad=skip_bad, progress=progress and world.is_main)
+            _run(shard, device=str(dev), **{**run, "progress": run["progress"] and
+                                            world.is_main})
     distributed.barrier()
     if world.is_main:
         with cache.entry_lock(plan.path):
             if not cache.is_complete(plan.path):
                 t0 = time.perf_counter()
-                splits = {s: (sp.ids, sp.labels) for s, sp in plan.dataset.splits.items()}
                 cache.merge_shards(plan.path, shard_paths, key=plan.key, meta=plan.meta,
-                                   splits=splits, feature_dim=plan.feature_dim,
+                                   splits=_group_rows(plan), blocks=plan.blocks,
                                    dtype=plan.feature_dtype)
                 logger.info("merged %d shards into %s in %.2f s", world.size, plan.path.name,
                             time.perf_counter() - t0)
@@ -211,9 +243,23 @@ def _extract_sharded(plan: ExtractionPlan, *, batch_size, num_workers, device, s
     return plan.path
 
 
+def _group_rows(plan: ExtractionPlan) -> dict:
+    """``{cache group: (ids, labels)}``: every view holds its base split's images."""
+    splits = plan.dataset.splits
+    return {g: (splits[base].ids, splits[base].labels) for g, (base, _) in plan.groups.items()}
+
+
 def _run(plan: ExtractionPlan, *, batch_size: int, num_workers: Optional[int],
-         device: Optional[str], skip_bad: bool, progress: bool) -> None:
+         device: Optional[str], skip_bad: bool, compile, channels_last: Optional[bool],
+         progress: bool) -> None:
+    from .forward import Runner, extract_group
+    from .views import ViewImages
+
     dev = resolve_device(device)
+    if plan.precision == "int8":
+        from .quantize import check_int8
+
+        check_int8(plan.model, dev)
     # Build (and download) first, so a failure here leaves no partial file behind.
     backbone = create_backbone(plan.model, plan.weights_arg, seed=plan.seed)
     backbone.preprocessing = plan.preprocessing
@@ -222,128 +268,41 @@ def _run(plan: ExtractionPlan, *, batch_size: int, num_workers: Optional[int],
         raise cache.CacheError(f"weights file {plan.weights.id} changed while extracting")
     meta = plan.meta
     meta["weights"]["sha256"] = backbone.weights.sha256
-    backbone.model.to(dev)
-    if dev.type == "cuda":
-        backbone.model.to(memory_format=torch.channels_last)
-    splits = plan.dataset.splits
-    writer = cache.CacheWriter(plan.path, key=plan.key, meta=meta,
-                               splits={s: (sp.ids, sp.labels) for s, sp in splits.items()},
-                               feature_dim=plan.feature_dim, dtype=plan.feature_dtype)
+    writer = cache.CacheWriter(plan.path, key=plan.key, meta=meta, splits=_group_rows(plan),
+                               blocks=plan.blocks, dtype=plan.feature_dtype)
     try:
+        todo = sum(writer.n_rows(g) - writer.rows_done(g) for g in plan.groups)
+        compiled = should_compile(compile, todo) or plan.precision == "int8"
+        if compiled and compile == "auto":
+            logger.info("compiling the model: %d images to extract (--compile off to skip)",
+                        todo)
+        runner = Runner(backbone, plan.blocks, dev, batch_size=batch_size,
+                        channels_last=channels_last, compile=compiled,
+                        cache_dir=plan.path.parent, precision=plan.precision,
+                        calibration=_calibration_images(plan) if plan.precision == "int8"
+                        else None)
         stats = {}
-        for name, split in splits.items():
-            start = writer.rows_done(name)
+        for group, (base, view) in plan.groups.items():
+            start, split = writer.rows_done(group), plan.dataset.splits[base]
+            stats[group] = {"resumed_from_row": start, "images": 0}
             if start < len(split):
-                stats[name] = _extract_split(backbone, split, writer, start=start, device=dev,
+                images = ViewImages(split, plan.preprocessing, view, seed=plan.seed, start=start)
+                stats[group] = extract_group(runner, images, writer, group, start=start,
                                              batch_size=batch_size, num_workers=num_workers,
                                              skip_bad=skip_bad, progress=progress)
-            else:
-                stats[name] = {"resumed_from_row": start, "images": 0}
-            total = float(writer.file[name]["seconds"][0])
-            stats[name]["seconds_total"] = total
-            stats[name]["images_per_second"] = len(split) / total if total else None
+            total = float(writer.file[group]["seconds"][0])
+            stats[group].update(seconds_total=total,
+                                images_per_second=len(split) / total if total else None)
         writer.finalize(stats)
     finally:
         writer.close()
 
 
-class _SplitImages(torch.utils.data.Dataset):
-    """Decoded, resized and cropped uint8 images of one split, from row ``start`` on."""
+def _calibration_images(plan: ExtractionPlan):
+    """The first train images (centre crops), uint8 NCHW, for int8 calibration."""
+    from .views import ViewImages
 
-    def __init__(self, split: Split, preprocessing: Preprocessing, start: int = 0):
-        self.split, self.preprocessing, self.start = split, preprocessing, start
-
-    def __len__(self) -> int:
-        return len(self.split) - self.start
-
-    def __getitem__(self, i: int):
-        row = self.start + i
-        size = self.preprocessing.crop_size
-        try:
-            image = self.split.read_image(row, draft_size=self.preprocessing.resize_size,
-                                          exif_transpose=self.preprocessing.exif_transpose)
-            array = self.preprocessing.resize_and_crop(image)
-            error = ""
-        except ImageReadError as exc:
-            array, error = np.zeros((size, size, 3), dtype=np.uint8), exc.reason
-        return torch.from_numpy(array).permute(2, 0, 1), error
-
-
-@torch.inference_mode()
-def _extract_split(backbone: Backbone, split: Split, writer: cache.CacheWriter, *, start: int,
-                   device: torch.device, batch_size: int, num_workers: Optional[int],
-                   skip_bad: bool, progress: bool) -> dict:
-    loader = make_loader(_SplitImages(split, backbone.preprocessing, start),
-                         batch_size=batch_size, num_workers=num_workers, device=device)
-    wait = forward = write = 0.0
-    row = start
-    t_start = time.perf_counter()
-    bar = tqdm(total=len(split), initial=start, unit="img", desc=f"{backbone.name} {split.name}",
-               disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    for images, errors in loader:
-        t1 = time.perf_counter()
-        ok = np.array([not e for e in errors])
-        if not ok.all() and not skip_bad:
-            raise ImageReadError(*_first_error(split, row, errors))
-        for i in np.flatnonzero(~ok):
-            logger.warning("skipping unreadable image %s: %s", _sample_path(split, row + i),
-                           errors[i])
-        x = backbone.preprocessing.normalize(images.to(device, non_blocking=True))
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        features = backbone.model(x).float().cpu().numpy()
-        t2 = time.perf_counter()
-        features[~ok] = np.nan
-        writer.write(split.name, row, features, ok, seconds=t2 - t0 + (time.perf_counter() - t2))
-        t3 = time.perf_counter()
-        wait, forward, write = wait + (t1 - t0), forward + (t2 - t1), write + (t3 - t2)
-        row += len(features)
-        bar.update(len(features))
-        t0 = t3
-    bar.close()
-    elapsed = time.perf_counter() - t_start
-    n = len(split) - start
-    logger.info("%s: %d images in %.1f s (%.1f img/s; waiting for data %.1f s, forward %.1f s, "
-                "write %.1f s)", split.name, n, elapsed, n / elapsed if elapsed else 0, wait,
-                forward, write)
-    return {"resumed_from_row": start, "images": n, "seconds": elapsed,
-            "data_wait_seconds": wait, "forward_seconds": forward, "write_seconds": write,
-            "device": str(device), "batch_size": batch_size}
-
-
-def _first_error(split: Split, row: int, errors) -> tuple:
-    i = next(i for i, e in enumerate(errors) if e)
-    return _sample_path(split, row + i), errors[i]
-
-
-def _sample_path(split: Split, row: int) -> str:
-    return split.paths[row] if split.paths is not None else split.ids[row]
-
-
-@torch.inference_mode()
-def embed_files(backbone: Backbone, paths, *, batch_size: int = 32,
-                num_workers: Optional[int] = None, device: Optional[str] = None,
-                progress: bool = True):
-    """Outputs of ``backbone.model`` for image files: ``(array (N, D) with NaN rows, errors)``.
-
-    An unreadable file gives a NaN row and its error message instead of stopping the rest.
-    """
-    dev = resolve_device(device)
-    backbone.model.to(dev).eval()
-    split = Split("files", [str(p) for p in paths], np.zeros(len(paths), dtype=np.int64),
-                  paths=[str(p) for p in paths])
-    loader = make_loader(_SplitImages(split, backbone.preprocessing), batch_size=batch_size,
-                         num_workers=num_workers, device=dev)
-    features, errors = [], []
-    with tqdm(total=len(split), unit="img", desc=backbone.name, disable=not progress) as bar:
-        for images, errs in loader:
-            out = backbone.model(backbone.preprocessing.normalize(images.to(dev))).float().cpu()
-            out = out.numpy()
-            out[[bool(e) for e in errs]] = np.nan
-            features.append(out)
-            base = len(errors)
-            errors += [f"cannot read image {split.paths[base + i]}: {e}" if e else ""
-                       for i, e in enumerate(errs)]
-            bar.update(len(errs))
-    return (np.concatenate(features) if features else np.zeros((0, 0), np.float32)), errors
+    split = plan.dataset.splits["train"]
+    n = min(INT8_CALIBRATION_IMAGES, len(split))
+    images = ViewImages(split.subset(range(n)), plan.preprocessing)
+    return torch.stack([images[i][0] for i in range(n)])

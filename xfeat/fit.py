@@ -62,7 +62,7 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
     result = RunResult(record, {s: (sp.ids, labels[s], probas[s])
                                 for s, sp in features.splits.items()}, head=fitted)
     if save:
-        _save(result, features.meta, head, evaluation, out_dir)
+        _save(result, features.meta, head, evaluation, out_dir, features.blocks)
     return result
 
 
@@ -124,13 +124,15 @@ def _record(features, fitted, head: str, evaluation: dict, timing: dict, *, cach
     return record
 
 
-def _save(result: RunResult, meta: dict, head: str, evaluation: dict, out_dir) -> Path:
+def _save(result: RunResult, meta: dict, head: str, evaluation: dict, out_dir,
+          blocks: list) -> Path:
     """results.json, predictions, head.npz (and the training curves) in the run folder."""
     run_dir = Path(out_dir) if out_dir else default_run_dir(
         meta["dataset"]["name"], meta["model"], meta["weights"], f"cached-{head}")
     with run_lock(run_dir, "fit-head run"):
         result.save(run_dir)
-        save_head(result.head, run_dir / "head.npz", metadata=head_metadata(meta, evaluation))
+        save_head(result.head, run_dir / "head.npz",
+                  metadata=head_metadata(meta, evaluation, blocks))
         if result.record["history"]:
             from .report import plot_training_curves
 
@@ -149,25 +151,33 @@ def _check_every_class_in_train(labels, class_names: list) -> None:
                         f"{[class_names[i] for i in missing]}; every class must occur in train")
 
 
-def head_metadata(meta: dict, evaluation: dict) -> dict:
-    """What a saved head must know to be applied again: the cache key fields and threshold."""
+def head_metadata(meta: dict, evaluation: dict, blocks: list) -> dict:
+    """What a saved head must know to be applied again: its backbone, blocks, threshold."""
     return {"threshold": evaluation["threshold"]["value"],
             "threshold_rule": evaluation["threshold"]["rule"],
             "class_names": meta["class_names"], "model": meta["model"],
-            "feature_dim": meta["feature_dim"], "weights": meta["weights"],
-            "preprocessing": meta["preprocessing"], "cache_key": meta["key"],
-            "dataset_fingerprint": meta["dataset"]["fingerprint"]}
+            "blocks": [list(b) for b in blocks], "feature_dim": sum(d for _, d in blocks),
+            "weights": meta["weights"], "preprocessing": meta["preprocessing"],
+            "cache_key": meta["key"], "dataset_fingerprint": meta["dataset"]["fingerprint"]}
 
 
 def check_head_matches(head_meta: dict, features_meta: dict, *, source: str = "features") -> None:
-    """Refuse to apply a head to features of another backbone, weights or preprocessing."""
-    for field, what in (("model", "backbone"), ("feature_dim", "feature dimension"),
-                        ("preprocessing", "preprocessing")):
+    """Refuse to apply a head to features of another backbone, weights, preprocessing or
+    blocks."""
+    for field, what in (("model", "backbone"), ("preprocessing", "preprocessing")):
         if head_meta[field] != features_meta[field]:
-            raise ConfigError(f"the head was trained on {what} {head_meta[field]!r} but {source} "
-                             f"come from {features_meta[field]!r}; fit a head on these features "
-                             "or extract them with the head's backbone")
+            raise ConfigError(f"the head was trained on {what} {head_meta[field]!r} but "
+                              f"{source} come from {features_meta[field]!r}; fit a head on "
+                              "these features or extract them with the head's backbone")
+    head_blocks = [tuple(b) for b in head_meta.get("blocks") or
+                   [("penultimate", head_meta["feature_dim"])]]
+    have = {tuple(b) for b in features_meta.get("blocks") or
+            [("penultimate", features_meta["feature_dim"])]}
+    missing = [b for b in head_blocks if b not in have]
+    if missing:
+        raise ConfigError(f"the head was trained on feature blocks {head_blocks} but {source} "
+                          f"lack {missing}; extract them with the head's --layers")
     hw, fw = head_meta["weights"], features_meta["weights"]
     if (hw["kind"], hw.get("sha256") or hw["id"]) != (fw["kind"], fw.get("sha256") or fw["id"]):
-        raise ConfigError(f"the head was trained on features of weights {hw['id']} but {source} "
-                         f"come from weights {fw['id']}")
+        raise ConfigError(f"the head was trained on features of weights {hw['id']} but "
+                          f"{source} come from weights {fw['id']}")

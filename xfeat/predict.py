@@ -10,7 +10,6 @@ from scipy.special import softmax
 
 from .backbones import Preprocessing, create_backbone
 from .errors import ConfigError, DataError
-from .extract import embed_files
 from .files import write_csv
 from .heads import load_head
 from .images import IMAGE_EXTENSIONS, check_utf8_names, scan_image_files, warn_skipped
@@ -69,6 +68,30 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
     return backbone
 
 
+def _probabilities(network, head, meta: dict, files: list, *, batch_size, num_workers, device,
+                   progress):
+    """``(proba (N, C) with NaN rows, errors)`` of the files through backbone and head."""
+    from .forward import Runner, embed_files
+    from .runtime import resolve_device
+
+    if head is None:  # a fine-tuned network returns logits
+        blocks = [("penultimate", len(meta["class_names"]))]
+    else:
+        blocks = [tuple(b) for b in meta.get("blocks") or [("penultimate", meta["feature_dim"])]]
+    runner = Runner(network, blocks, resolve_device(device), batch_size=batch_size)
+    outputs, errors = embed_files(runner, files, batch_size=batch_size, num_workers=num_workers,
+                                  progress=progress)
+    out = outputs[None]
+    X = np.concatenate([out[name] for name, _ in blocks], axis=1) if out else \
+        np.zeros((0, sum(d for _, d in blocks)), np.float32)
+    ok = np.array([not e for e in errors], dtype=bool)
+    proba = np.full((len(files), len(meta["class_names"])), np.nan)
+    if ok.any():
+        proba[ok] = head.predict_proba(X[ok]) if head is not None else \
+            softmax(X[ok].astype(np.float64), axis=1)
+    return proba, errors
+
+
 def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
             out_csv: Union[str, Path, None] = None, weights: Optional[str] = None,
             batch_size: int = 32, num_workers: Optional[int] = None,
@@ -92,14 +115,10 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
         head, meta = load_head(head_path)
         network = _backbone_for(meta, weights)
     files = expand_images(images)
-    outputs, errors = embed_files(network, files, batch_size=batch_size,
-                                  num_workers=num_workers, device=device, progress=progress)
+    proba, errors = _probabilities(network, head, meta, files, batch_size=batch_size,
+                                   num_workers=num_workers, device=device, progress=progress)
     ok = np.array([not e for e in errors], dtype=bool)
     classes = meta["class_names"]
-    proba = np.full((len(files), len(classes)), np.nan)
-    if ok.any():
-        proba[ok] = head.predict_proba(outputs[ok]) if head is not None else \
-            softmax(outputs[ok].astype(np.float64), axis=1)
     threshold = meta.get("threshold")
     rows = []
     for i, path in enumerate(files):

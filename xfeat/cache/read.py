@@ -79,6 +79,14 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def group_order(f: h5py.File) -> list:
+    """Groups in reading order: train, val, test, then each split's views as stored."""
+    names = list(f)
+    base = [s for s in BASE_SPLITS if s in names] + \
+        [s for s in names if "." not in s and s not in BASE_SPLITS]
+    return base + [n for b in base for n in names if n.startswith(b + ".")]
+
+
 def block_datasets(group: h5py.Group) -> dict:
     """``{block name: dataset}`` of one split group, in stored order (format 1 or 2)."""
     feats = group["features"]
@@ -118,7 +126,7 @@ def _meta(f: h5py.File) -> dict:
     meta = json.loads(f.attrs["meta"])
     meta["key"] = str(f.attrs["key"])
     meta["splits"] = {s: {"n": rows_of(f[s]), **json.loads(f[s].attrs.get("stats", "{}"))}
-                      for s in f}
+                      for s in group_order(f)}
     first = f[next(iter(f))]
     meta.setdefault("blocks", [[name, ds.shape[1]] for name, ds in block_datasets(first).items()])
     return meta
@@ -161,7 +169,7 @@ def read_cache(path: Union[str, Path], splits: Optional[Sequence[str]] = None, *
         for s in wanted:
             if s not in f:
                 raise CacheError(f"{path} has no split {s!r}; it has {sorted(f)}")
-        for name in f:
+        for name in group_order(f):
             base, _, view = name.partition(".")
             if base not in wanted or (view and not views):
                 continue

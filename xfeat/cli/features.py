@@ -7,7 +7,8 @@ import click
 
 from ..config import FEATURE_DTYPES, ExtractConfig
 from . import api_errors, cli
-from .options import data_options, default, json_option, model_options, run_options
+from .options import (data_options, default, feature_options, json_option, model_options,
+                      run_options)
 
 
 @cli.command("models")
@@ -64,6 +65,11 @@ def weights_cmd(as_json):
 @click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES),
               default=default(ExtractConfig, "feature_dtype"), show_default=True,
               help="Stored feature precision.")
+@feature_options
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="torch.compile the backbone: auto compiles from 3,000 images, where it pays "
+                   "for its ~20 s (a few seconds once cached in --cache-dir).")
 @click.option("--skip-bad", is_flag=True, help="Record and skip unreadable images.")
 @click.option("--force", is_flag=True, help="Recompute even if a complete cache entry exists.")
 @json_option
@@ -98,12 +104,14 @@ def info_cmd(cache_file, as_json):
 
 def describe_cache(path, meta) -> str:
     w = meta["weights"]
-    weights = w["id"] if w["kind"] not in ("file", "torchscript") or not w.get("sha256") \
-        else f"{w['id']} (sha256 {w['sha256'][:12]})"
+    weights = w["id"] if w["kind"] != "file" else f"{w['id']} (sha256 {w['sha256'][:12]})"
     p = meta["preprocessing"]
+    blocks = meta.get("blocks") or [["penultimate", meta["feature_dim"]]]
     lines = [f"cache: {path}",
-             f"  model {meta['model']} (D={meta['feature_dim']}, {meta['feature_dtype']}), "
+             f"  model {meta['model']} ({meta['feature_dtype']}"
+             f"{', ' + meta['precision'] if meta.get('precision', 'fp32') != 'fp32' else ''}), "
              f"weights {weights}",
+             "  blocks: " + ", ".join(f"{name} (D={dim})" for name, dim in blocks),
              f"  dataset {meta['dataset']['name']} ({meta['dataset']['source']}), classes "
              f"{', '.join(meta['class_names'])}; val {meta['split'].get('val')}",
              f"  preprocessing: resize {p['resize_size']}, crop {p['crop_size']}, "
@@ -111,6 +119,24 @@ def describe_cache(path, meta) -> str:
                                         if p.get("exif_transpose") else "")]
     for split, s in meta["splits"].items():
         rate = s.get("images_per_second")
-        lines.append(f"  {split:<5} {s['n']:>6} images" +
+        lines.append(f"  {split:<14} {s['n']:>6} images" +
                      (f", {s['seconds_total']:.1f} s, {rate:.1f} img/s" if rate else ""))
     return "\n".join(lines)
+
+
+@cli.command("nodes")
+@click.argument("model")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@json_option
+@api_errors
+def nodes_cmd(model, image_size, as_json):
+    """The stage nodes (--layers stages) and every node name of a torchvision model."""
+    from ..blocks import describe_nodes
+
+    info = describe_nodes(model, image_size)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{model}: --layers stages caches " + ", ".join(
+        f"{name} (D={dim})" for name, dim in info["blocks_for_stages"]))
+    click.echo("nodes for --layers NODE,NODE: " + " ".join(info["nodes"]))

@@ -149,3 +149,21 @@ def cache_source(ctx, data, cache_file, options: dict, *, image_size, seed) -> d
     extract_options = {**split_options(options), **options, "image_size": image_size,
                        "seed": seed, "progress": ctx.obj["progress"]}
     return {k: v for k, v in extract_options.items() if v is not None}
+
+
+def feature_options(f):
+    """What is cached besides the penultimate features of the centre crop."""
+    return apply(f, [
+        click.option("--layers", default="penultimate", show_default=True,
+                     help="penultimate, stages (each stage's pooled output too), or node names "
+                          "NODE,NODE (`xfeat nodes MODEL`); one forward pass."),
+        click.option("--views", type=int, default=0, show_default=True,
+                     help="Augmented views cached per train image (the fine-tuning "
+                          "augmentation, seeded); heads train on all of them."),
+        click.option("--tta", default=None, metavar="flip|crops|flip,crops",
+                     help="Test-time views of val and test to cache (probabilities are "
+                          "averaged over them)."),
+        click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
+                     show_default=True,
+                     help="int8: quantized CPU extraction (calibrated on 256 train images)."),
+    ])

@@ -1,0 +1,153 @@
+"""The forward pass: images -> the model as it runs fastest here -> feature blocks.
+
+:class:`Runner` is the backbone prepared for inference (blocks, device, memory layout,
+optionally compiled or int8); :func:`extract_group` streams one split (or view) of a dataset
+through it into the cache writer, timing each stage; :func:`embed_files` does the same for
+loose files (``predict``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .blocks import BlockExtractor
+from .data import Split
+from .errors import ImageReadError
+from .runtime import (channels_last_default, compile_for_inference, make_loader,
+                      to_memory_format)
+from .views import ViewImages
+
+logger = logging.getLogger(__name__)
+
+
+class Runner:
+    """``runner(uint8 NCHW batch)`` -> ``{block: float32 (N, D)}`` on the CPU.
+
+    ``channels_last=None`` picks the faster layout for the model family; ``compiled`` batches
+    are padded to ``batch_size`` so that one static graph serves every batch. A compilation
+    that fails falls back to eager mode with a warning: extraction never fails because of it.
+    """
+
+    def __init__(self, backbone, blocks: list, device: torch.device, *, batch_size: int,
+                 channels_last: Optional[bool] = None, compile: bool = False,
+                 cache_dir=".", precision: str = "fp32", calibration=None):
+        self.backbone, self.device, self.batch_size = backbone, device, batch_size
+        self.normalize = backbone.preprocessing.normalize
+        self.channels_last = channels_last_default(backbone.name, device) \
+            if channels_last is None else channels_last
+        module = BlockExtractor(backbone.model, blocks).eval().to(device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.eager = module
+        if precision == "int8":
+            from .quantize import check_int8, quantize_int8
+
+            check_int8(backbone.name, device)
+            module = quantize_int8(module, calibration, self._prepare, batch_size)
+            compile = True  # int8 kernels come from inductor
+        self.compiled = compile_for_inference(module, cache_dir) if compile else None
+        self.module = module
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(images.to(self.device, non_blocking=True))
+        return to_memory_format(x, self.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> dict:
+        x = self._prepare(images)
+        n = len(x)
+        if self.compiled is not None:
+            if n < self.batch_size:  # one static shape: pad the last batch
+                x = torch.cat([x, x[:1].expand(self.batch_size - n, *x.shape[1:])])
+            try:
+                out = self.compiled(x)
+            except Exception as exc:  # inductor could not build this graph here
+                logger.warning("torch.compile failed (%s); continuing in eager mode",
+                               str(exc).splitlines()[0][:200])
+                self.compiled = None
+                return self(images)
+        else:
+            out = self.module(x)
+        return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
+
+
+def extract_group(runner: Runner, images: ViewImages, writer, group: str, *, start: int,
+                  batch_size: int, num_workers: Optional[int], skip_bad: bool,
+                  progress: bool) -> dict:
+    """Stream ``images`` (one split or view, from row ``start``) into ``writer``'s ``group``."""
+    split = images.split
+    loader = make_loader(images, batch_size=batch_size, num_workers=num_workers,
+                         device=runner.device)
+    wait = forward = write = 0.0
+    row, t_start = start, time.perf_counter()
+    bar = tqdm(total=len(split), initial=start, unit="img", dynamic_ncols=True,
+               desc=f"{runner.backbone.name} {group}", disable=not progress)
+    t0 = t_start
+    for batch, errors in loader:
+        t1 = time.perf_counter()
+        ok = np.array([not e for e in errors])
+        if not ok.all() and not skip_bad:
+            i = int(np.flatnonzero(~ok)[0])
+            raise ImageReadError(sample_path(split, row + i), errors[i])
+        for i in np.flatnonzero(~ok):
+            logger.warning("skipping unreadable image %s: %s", sample_path(split, row + i),
+                           errors[i])
+        blocks = runner(batch)
+        t2 = time.perf_counter()
+        for array in blocks.values():
+            array[~ok] = np.nan
+        writer.write(group, row, blocks, ok, seconds=time.perf_counter() - t0)
+        t3 = time.perf_counter()
+        wait, forward, write = wait + (t1 - t0), forward + (t2 - t1), write + (t3 - t2)
+        row += len(ok)
+        bar.update(len(ok))
+        t0 = t3
+    bar.close()
+    elapsed, n = time.perf_counter() - t_start, len(split) - start
+    logger.info("%s: %d images in %.1f s (%.1f img/s; waiting for data %.1f s, forward %.1f s, "
+                "write %.1f s)", group, n, elapsed, n / elapsed if elapsed else 0, wait,
+                forward, write)
+    return {"resumed_from_row": start, "images": n, "seconds": elapsed,
+            "data_wait_seconds": wait, "forward_seconds": forward, "write_seconds": write,
+            "device": str(runner.device), "batch_size": batch_size,
+            "channels_last": runner.channels_last, "compiled": runner.compiled is not None}
+
+
+def sample_path(split: Split, row: int) -> str:
+    return split.paths[row] if split.paths is not None else split.ids[row]
+
+
+def embed_files(runner: Runner, paths, *, views=(None,), batch_size: int = 32,
+                num_workers: Optional[int] = None, progress: bool = True):
+    """``({view: {block: (N, D) with NaN rows}}, errors)`` for image files.
+
+    An unreadable file gives NaN rows and its error message instead of stopping the rest.
+    """
+    split = Split("files", [str(p) for p in paths], np.zeros(len(paths), dtype=np.int64),
+                  paths=[str(p) for p in paths])
+    outputs, errors = {}, []
+    for view in views:
+        images = ViewImages(split, runner.backbone.preprocessing, view)
+        loader = make_loader(images, batch_size=batch_size, num_workers=num_workers,
+                             device=runner.device)
+        parts, errs = [], []
+        with tqdm(total=len(split), unit="img", desc=f"{runner.backbone.name} {view or ''}",
+                  disable=not progress) as bar:
+            for batch, batch_errors in loader:
+                out = runner(batch)
+                bad = [bool(e) for e in batch_errors]
+                for array in out.values():
+                    array[bad] = np.nan
+                parts.append(out)
+                errs += [f"cannot read image {split.paths[len(errs) + i]}: {e}" if e else ""
+                         for i, e in enumerate(batch_errors)]
+                bar.update(len(bad))
+        outputs[view] = {b: np.concatenate([p[b] for p in parts]) for b in parts[0]} \
+            if parts else {}
+        errors = errs
+    return outputs, errors
