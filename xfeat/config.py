@@ -68,6 +68,9 @@ class FinetuneConfig:
     ``backbone_lr_scale`` 0.1 of it for the backbone, weight decay 0.05, linear warm-up for
     ``warmup_epochs`` then cosine decay to 0, label smoothing 0.1). ``None`` fields take the
     recipe's value; :meth:`resolved` fills them in.
+
+    ``adapt="adabn"``: *transductive*: the test split is evaluated after re-estimating the
+    BatchNorm statistics on its images (labels unused); train and val are not affected.
     """
 
     mode: str = "full"
@@ -90,9 +93,10 @@ class FinetuneConfig:
     seed: int = 0
     n_boot: int = DEFAULT_N_BOOT
     probe: Optional[str] = None
+    adapt: Optional[str] = None
 
     # Fields that do not change the trained network: a checkpoint resumes across them.
-    _NOT_TRAINING = ("threshold", "n_boot")
+    _NOT_TRAINING = ("threshold", "n_boot", "adapt")
     _RECIPE_DEFAULTS = {
         "tutorial": {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0,
                      "label_smoothing": 0.0, "backbone_lr_scale": 1.0},
@@ -118,6 +122,10 @@ class FinetuneConfig:
         if self.probe is not None and self.mode != "lp-ft":
             raise ConfigError(f"probe={self.probe!r} applies to mode 'lp-ft' only, not "
                               f"{self.mode!r}")
+        if self.adapt not in (None, "adabn"):
+            raise ConfigError(f"adapt={self.adapt!r}: a fine-tuned network takes 'adabn' "
+                              "(BatchNorm statistics re-estimated on the test images, "
+                              "transductive)")
         from .thresholds import parse_threshold_rule
 
         parse_threshold_rule(self.threshold)

@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
+
 from . import cache as cache_io
 from .data import DataError, Dataset, SplitRecipe, load_dataset
 from .errors import ConfigError
@@ -29,26 +31,29 @@ class Features:
 
 def load_features(data=None, model: str = "resnet18", *, weights="none", cache=None,
                   extract_options: Optional[dict] = None, need: Sequence[str] = ("train", "val"),
-                  with_dataset: bool = False, command: str = "this command") -> Features:
+                  blocks: Optional[Sequence[str]] = None, with_dataset: bool = False,
+                  command: str = "this command") -> Features:
     """The features of ``data`` (extracted or reused) or of ``cache`` (a file or FeatureSet).
 
-    ``need``: splits that must be there. ``with_dataset``: also return the dataset behind the
-    cache (reloaded from its recorded source when only ``cache`` is given). A ``cache`` given
-    together with ``data`` must have been made from that data.
-    """
-    from .extract import extract, plan_extraction, split_extract_options
+    Several backbones at once: ``model="a+b"`` (``weights`` one value for all, or
+    ``"a=W,b=W"``) or ``cache=[A.h5, B.h5]``: the caches must hold the same images, split by
+    split; their blocks are put side by side, named ``MODEL:BLOCK``.
 
+    ``need``: splits that must be there. ``blocks``: the blocks to use (default all).
+    ``with_dataset``: also return the dataset behind the cache (reloaded from its recorded
+    source when only ``cache`` is given). A ``cache`` given together with ``data`` must have
+    been made from that data.
+    """
     options = dict(extract_options or {})
+    caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
     dataset, hit = None, True
     if cache is None:
         if data is None:
             raise ConfigError(f"{command} needs data= (to build or reuse a cache) or cache=")
-        plan_options, run_options = split_extract_options(options)
-        plan = plan_extraction(data, model, weights=weights, **plan_options)
-        hit = cache_io.is_complete(plan.path)
-        cache = extract(plan=plan, **run_options)
-        dataset = plan.dataset
-    features = cache if isinstance(cache, cache_io.FeatureSet) else cache_io.read_cache(cache)
+        caches, hit, dataset = _extract_all(data, model, weights, options)
+    sets = [c if isinstance(c, cache_io.FeatureSet) else
+            cache_io.read_cache(c, blocks=None if len(caches) > 1 else blocks) for c in caches]
+    features = sets[0] if len(sets) == 1 else merge_feature_sets(sets, blocks)
     missing = [s for s in need if s not in features.splits]
     if missing:
         raise cache_io.CacheError(f"{features.path} has no {missing[0]!r} split; {command} "
@@ -59,6 +64,71 @@ def load_features(data=None, model: str = "resnet18", *, weights="none", cache=N
                                       for s, sp in features.splits.items()},
             cache_dir=options.get("cache_dir"))
     return Features(features, hit, dataset if with_dataset else None)
+
+
+def _extract_all(data, model: str, weights, options: dict):
+    """Extract (or reuse) the cache of every backbone in ``model`` ("a+b")."""
+    from .compare import parse_weights
+    from .extract import extract, plan_extraction, split_extract_options
+
+    models = [m for m in str(model).split("+") if m]
+    weights_by_model = parse_weights(weights, models) if isinstance(weights, dict) or \
+        "=" in str(weights) else {m: weights for m in models}
+    plan_options, run_options = split_extract_options(options)
+    paths, hit, dataset = [], True, None
+    for m in models:
+        plan = plan_extraction(data if dataset is None else dataset, m,
+                               weights=weights_by_model[m], **plan_options)
+        hit = hit and cache_io.is_complete(plan.path)
+        paths.append(extract(plan=plan, **run_options))
+        dataset = plan.dataset
+    return paths, hit, dataset
+
+
+def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
+    """Several caches of the same images as one FeatureSet, blocks side by side."""
+    first = sets[0]
+    for other in sets[1:]:
+        if other.meta["dataset"]["fingerprint"] != first.meta["dataset"]["fingerprint"]:
+            raise cache_io.CacheError(
+                f"{other.path.name} and {first.path.name} do not hold the same images (their "
+                "data or split differ); extract both from the same data and split")
+        for split, part in first.splits.items():
+            theirs = other.splits.get(split)
+            if theirs is None or theirs.ids != part.ids:
+                raise cache_io.CacheError(
+                    f"{other.path.name} and {first.path.name} do not hold the same {split} "
+                    "images (ids differ); extract both from the same data and split")
+    names = [f"{fs.meta['model']}:{b}" for fs in sets for b, _ in fs.blocks]
+    chosen = list(blocks) if blocks else names
+    unknown = [b for b in chosen if b not in names]
+    if unknown:
+        raise ConfigError(f"no block {unknown[0]!r} among {names}")
+
+    def merged(parts: list) -> cache_io.SplitFeatures:
+        columns, dims = {}, []
+        for fs_part, fs in zip(parts, sets):
+            start = 0
+            for b, d in fs_part.blocks:
+                columns[f"{fs.meta['model']}:{b}"] = fs_part.features[:, start:start + d]
+                start += d
+        dims = [(b, columns[b].shape[1]) for b in chosen]
+        return cache_io.SplitFeatures(np.concatenate([columns[b] for b in chosen], axis=1),
+                                      parts[0].labels, parts[0].ids, max(p.seconds for p in parts),
+                                      dims)
+
+    meta = {**first.meta, "model": "+".join(fs.meta["model"] for fs in sets),
+            "sources": [{k: fs.meta[k] for k in ("model", "weights", "preprocessing", "blocks",
+                                                 "key")} for fs in sets]}
+    result = cache_io.FeatureSet(first.path, "+".join(fs.key for fs in sets), meta,
+                                 skipped=first.skipped)
+    result.splits = {s: merged([fs.splits[s] for fs in sets]) for s in first.splits}
+    for base, views in first.views.items():
+        common = [v for v in views if all(v in fs.views.get(base, {}) for fs in sets)]
+        result.views[base] = {v: merged([fs.views[base][v] for fs in sets]) for v in common}
+    meta["blocks"] = [list(b) for b in next(iter(result.splits.values())).blocks]
+    meta["feature_dim"] = sum(d for _, d in meta["blocks"])
+    return result
 
 
 def load_matching_dataset(meta: dict, data=None, *, ids: Optional[dict] = None,

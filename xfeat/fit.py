@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from sklearn.base import clone
@@ -26,66 +26,152 @@ logger = logging.getLogger(__name__)
 
 
 def fit_head(data=None, model: str = "resnet18", *, weights="none",
-             cache: Union[str, Path, cache_io.FeatureSet, None] = None, head: str = "logreg",
-             threshold: Union[str, float] = "youden", head_params: Optional[dict] = None,
-             out_dir: Union[str, Path, None] = None, n_boot: int = 1000, seed: int = 0,
-             extract_options: Optional[dict] = None, save: bool = True) -> RunResult:
+             cache: Union[str, Path, cache_io.FeatureSet, list, None] = None,
+             head: str = "logreg", threshold: Union[str, float] = "youden",
+             head_params: Optional[dict] = None, out_dir: Union[str, Path, None] = None,
+             n_boot: int = 1000, seed: int = 0, extract_options: Optional[dict] = None,
+             blocks: Optional[Sequence[str]] = None, use_views: bool = True,
+             tta=None, adapt: Optional[str] = None, save: bool = True) -> RunResult:
     """Fit ``head`` on the cached features of ``model`` and evaluate it on every split.
 
     Parameters
     ----------
     data, model, weights : what to extract (the cache is built or reused); or give ``cache``.
-    cache : a cache file (``.h5``) or a :class:`~xfeat.cache.FeatureSet` already in memory.
+        ``model="a+b"`` (or ``cache=[A, B]``) puts several backbones' features side by side.
+    cache : a cache file (``.h5``), a :class:`~xfeat.cache.FeatureSet`, or a list of them.
         With ``data`` too, the cache must have been made from that data.
     head : ``logreg`` (C swept on val), ``linear`` (the tutorial's SGD recipe) or ``knn``.
     threshold : ``youden``, a probability such as ``0.5``, or ``sensitivity:0.95``; chosen on val.
     head_params : head options, e.g. ``{"C": 0.1}``, ``{"epochs": 25}``, ``{"refit_on_val": True}``.
+    blocks : feature blocks to use (default every cached block); each column is standardised.
+    use_views : train on the cached augmented views of the train images too (if any).
+    tta : ``"flip"``, ``"crops"`` or ``"flip,crops"``: val and test features are the mean of the
+        centre crop's and those cached views' features (for a linear head: the mean logit).
+    adapt : ``standardize``, ``coral`` or ``em``: *transductive* site adaptation to the test
+        images (their labels are never read; see :mod:`xfeat.adapt`).
     out_dir : where results.json, predictions.npz and head.npz go
         (default ``runs/DATASET/MODEL-WEIGHTS/cached-HEAD``).
     """
+    from .adapt import check_method
+    from .views import parse_tta
+
     t_start = time.perf_counter()
     parse_threshold_rule(threshold)  # before any extraction
+    adapt, tta = check_method(adapt), parse_tta(tta)
     check_writable(out_dir)
-    loaded = load_features(data, model, weights=weights, cache=cache,
+    loaded = load_features(data, model, weights=weights, cache=cache, blocks=blocks,
                            extract_options=extract_options, command="fit_head")
     features = loaded.features
-    fitted, threshold_on, fit_seconds = _fit(features, head, dict(head_params or {}))
+    inputs = _inputs(features, use_views=use_views, tta=tta)
+    fitted, threshold_on, fit_seconds = _fit(inputs, head, dict(head_params or {}),
+                                             features.meta["class_names"])
     t_eval = time.perf_counter()
-    probas = {s: fitted.predict_proba(sp.features) for s, sp in features.splits.items()}
+    probas, adaptation = _predict(fitted, inputs, adapt, features.meta["class_names"], seed)
     labels = {s: sp.labels for s, sp in features.splits.items()}
     evaluation = evaluate_splits(labels, probas, threshold=threshold, n_boot=n_boot, seed=seed,
                                  threshold_on=threshold_on)
     timing = {"fit": fit_seconds, "evaluate": time.perf_counter() - t_eval, "start": t_start}
+    params = {"head_params": head_params or {}, "threshold": threshold, "n_boot": n_boot,
+              "seed": seed, "blocks": [b for b, _ in features.blocks], "tta": list(tta),
+              "train_views": inputs["train_views"], "adapt": adapt}
     record = _record(features, fitted, head, evaluation, timing, cache_hit=loaded.cache_hit,
-                     params={"head_params": head_params or {}, "threshold": threshold,
-                             "n_boot": n_boot, "seed": seed})
+                     params=params)
+    if adaptation:
+        record["adaptation"] = adaptation
+        record["transductive"] = True
     result = RunResult(record, {s: (sp.ids, labels[s], probas[s])
                                 for s, sp in features.splits.items()}, head=fitted)
     if save:
-        _save(result, features.meta, head, evaluation, out_dir, features.blocks)
+        source = _adaptation_source(inputs, probas["val"], features.meta["class_names"])
+        _save(result, features.meta, head, evaluation, out_dir, features.blocks, source)
     return result
 
 
-def _fit(features, head: str, params: dict):
+def _adaptation_source(inputs: dict, val_proba: np.ndarray, class_names: list) -> dict:
+    """What ``predict --adapt`` needs of the source: feature statistics of train, and the
+    bias-corrected temperature scaling fitted on val with the train prior (for EM)."""
+    from .adapt import fit_bcts
+
+    X, y = inputs["train_features"], inputs["train_labels"]
+    t, b = fit_bcts(np.log(np.clip(val_proba, 1e-12, 1)), inputs["val_labels"])
+    prior = np.bincount(y, minlength=len(class_names)) / len(y)
+    return {"mean": X.mean(0).tolist(), "std": X.std(0).tolist(),
+            "calibration": {"temperature": t, "bias": b.tolist(), "source_prior": prior.tolist()}}
+
+
+def _inputs(features, *, use_views: bool, tta: tuple) -> dict:
+    """The arrays a head sees: train (+ its augmented views), val and test (TTA-averaged)."""
+    from .views import tta_views
+
+    train = features["train"]
+    views = list(features.views.get("train", {}).values()) if use_views else []
+    X = np.concatenate([train.features] + [v.features for v in views]) if views else \
+        train.features
+    y = np.concatenate([train.labels] * (1 + len(views)))
+    evaluated = {}
+    for split, part in features.splits.items():
+        X_split = part.features
+        if tta and split != "train":
+            cached = features.views.get(split, {})
+            names = tta_views(tta)
+            missing = [v for v in names if v not in cached]
+            if missing:
+                raise cache_io.CacheError(f"{features.path.name} has no {split} views "
+                                          f"{missing}; extract with --tta {','.join(tta)}")
+            X_split = np.mean([part.features] + [cached[v].features for v in names], axis=0)
+        evaluated[split] = X_split
+    return {"train": (X, y), "eval": evaluated, "val_labels": features["val"].labels,
+            "train_features": train.features, "train_labels": train.labels,
+            "train_views": len(views)}
+
+
+def _fit(inputs: dict, head: str, params: dict, class_names: list):
     """``(fitted head, threshold_on, seconds)``: every choice made on val.
 
     With ``refit_on_val`` the threshold is chosen on val by the train-only model of the same
     C (``threshold_on``); the final model is then refit on train+val.
     """
     t0 = time.perf_counter()
-    train, val = features["train"], features["val"]
-    _check_every_class_in_train(train.labels, features.meta["class_names"])
-    fit_kwargs = dict(X_val=val.features, y_val=val.labels)
+    X, y = inputs["train"]
+    _check_every_class_in_train(y, class_names)
+    fit_kwargs = dict(X_val=inputs["eval"]["val"], y_val=inputs["val_labels"])
     if not params.get("refit_on_val"):
-        fitted = create_head(head, **params).fit(train.features, train.labels, **fit_kwargs)
+        fitted = create_head(head, **params).fit(X, y, **fit_kwargs)
         return fitted, None, time.perf_counter() - t0
     selector = create_head(head, **{**params, "refit_on_val": False})
-    selector.fit(train.features, train.labels, **fit_kwargs)
-    threshold_on = (val.labels, selector.predict_proba(val.features))
+    selector.fit(X, y, **fit_kwargs)
+    threshold_on = (inputs["val_labels"], selector.predict_proba(inputs["eval"]["val"]))
     fitted = clone(selector).set_params(C=selector.C_, refit_on_val=True)
-    fitted.fit(train.features, train.labels, **fit_kwargs)
+    fitted.fit(X, y, **fit_kwargs)
     fitted.selection_ = {**selector.selection_, "refit_on_val": True}
     return fitted, threshold_on, time.perf_counter() - t0
+
+
+def _predict(fitted, inputs: dict, adapt: Optional[str], class_names: list, seed: int):
+    """Probabilities per split; with ``adapt``, the test split's are transductive."""
+    from . import adapt as adaptation
+
+    X = dict(inputs["eval"])
+    details = None
+    if adapt in adaptation.FEATURE_METHODS and "test" in X:
+        X["test"] = getattr(adaptation, adapt)(inputs["train_features"], X["test"])
+        details = {"method": adapt, "target": "test images (labels not read)"}
+    probas = {s: fitted.predict_proba(x) for s, x in X.items()}
+    if adapt == "em" and "test" in X:
+        prior = np.bincount(inputs["train_labels"], minlength=len(class_names)) / \
+            len(inputs["train_labels"])
+        probas["test"], details = adaptation.em_adapt(probas["val"], inputs["val_labels"],
+                                                      probas["test"], prior)
+        shift = adaptation.within_class_shift(inputs["train_features"], inputs["train_labels"],
+                                              X["test"], probas["test"].argmax(1), seed=seed)
+        details.update(method="em", target="test images (labels not read)",
+                       within_class_shift_auc={class_names[c]: v for c, v in shift.items()},
+                       warning=adaptation.em_warning(shift, class_names))
+        if details["warning"]:
+            logger.warning("%s", details["warning"])
+    if details:
+        details["transductive"] = True
+    return probas, details
 
 
 def _record(features, fitted, head: str, evaluation: dict, timing: dict, *, cache_hit: bool,
@@ -113,7 +199,7 @@ def _record(features, fitted, head: str, evaluation: dict, timing: dict, *, cach
                 "extract_images_per_second": n_images / extract_seconds if extract_seconds
                 else None},
         cache={"path": str(features.path), "key": features.key, "hit": cache_hit,
-               "feature_dim": meta["feature_dim"]},
+               "feature_dim": sum(d for _, d in features.blocks)},
         history=getattr(fitted, "history_", []),
         params=params,
         skipped=features.skipped,
@@ -125,14 +211,15 @@ def _record(features, fitted, head: str, evaluation: dict, timing: dict, *, cach
 
 
 def _save(result: RunResult, meta: dict, head: str, evaluation: dict, out_dir,
-          blocks: list) -> Path:
+          blocks: list, adaptation_source: dict) -> Path:
     """results.json, predictions, head.npz (and the training curves) in the run folder."""
     run_dir = Path(out_dir) if out_dir else default_run_dir(
         meta["dataset"]["name"], meta["model"], meta["weights"], f"cached-{head}")
     with run_lock(run_dir, "fit-head run"):
         result.save(run_dir)
         save_head(result.head, run_dir / "head.npz",
-                  metadata=head_metadata(meta, evaluation, blocks))
+                  metadata={**head_metadata(meta, evaluation, blocks),
+                            "adaptation_source": adaptation_source})
         if result.record["history"]:
             from .report import plot_training_curves
 
@@ -153,11 +240,14 @@ def _check_every_class_in_train(labels, class_names: list) -> None:
 
 def head_metadata(meta: dict, evaluation: dict, blocks: list) -> dict:
     """What a saved head must know to be applied again: its backbone, blocks, threshold."""
+    sources = meta.get("sources") or [{k: meta[k] for k in ("model", "weights", "preprocessing")}]
     return {"threshold": evaluation["threshold"]["value"],
             "threshold_rule": evaluation["threshold"]["rule"],
             "class_names": meta["class_names"], "model": meta["model"],
             "blocks": [list(b) for b in blocks], "feature_dim": sum(d for _, d in blocks),
             "weights": meta["weights"], "preprocessing": meta["preprocessing"],
+            "sources": [{k: src[k] for k in ("model", "weights", "preprocessing")}
+                        for src in sources],
             "cache_key": meta["key"], "dataset_fingerprint": meta["dataset"]["fingerprint"]}
 
 

@@ -12,6 +12,7 @@ from .backbones import Preprocessing, create_backbone
 from .errors import ConfigError, DataError
 from .files import write_csv
 from .heads import load_head
+from .views import parse_tta
 from .images import IMAGE_EXTENSIONS, check_utf8_names, scan_image_files, warn_skipped
 
 logger = logging.getLogger(__name__)
@@ -68,40 +69,108 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
     return backbone
 
 
-def _probabilities(network, head, meta: dict, files: list, *, batch_size, num_workers, device,
-                   progress):
-    """``(proba (N, C) with NaN rows, errors)`` of the files through backbone and head."""
+def _features(sources: list, blocks: list, files: list, views, *, weights, batch_size,
+              num_workers, device, progress):
+    """``(X (N, D) per view, errors)``: the head's blocks, every source's backbone run once."""
     from .forward import Runner, embed_files
     from .runtime import resolve_device
 
+    dev = resolve_device(device)
+    prefixed = len(sources) > 1
+    columns, errors = {v: {} for v in views}, None
+    for src in sources:
+        mine = [(b.split(":", 1)[1] if prefixed else b, d) for b, d in blocks
+                if not prefixed or b.startswith(src["model"] + ":")]
+        runner = Runner(_backbone_for(src, weights if not prefixed else None), mine, dev,
+                        batch_size=batch_size)
+        outputs, errs = embed_files(runner, files, views=views, batch_size=batch_size,
+                                    num_workers=num_workers, progress=progress)
+        errors = errs if errors is None else [a or b for a, b in zip(errors, errs)]
+        for view, out in outputs.items():
+            for b, _ in mine:
+                columns[view][f"{src['model']}:{b}" if prefixed else b] = out[b]
+    X = {v: np.concatenate([cols[b] for b, _ in blocks], axis=1) for v, cols in columns.items()}
+    return X, errors
+
+
+def _probabilities(network, head, meta: dict, files: list, *, weights, tta, adapt,
+                   batch_size, num_workers, device, progress):
+    """``(proba (N, C) with NaN rows, errors, adaptation)`` of the files.
+
+    ``tta``: features averaged over the centre crop and the test-time views. ``adapt``
+    (transductive): the batch of files is the target of the adaptation.
+    """
+    from .views import tta_views
+
+    views = [None] + tta_views(tta)
     if head is None:  # a fine-tuned network returns logits
-        blocks = [("penultimate", len(meta["class_names"]))]
+        blocks, sources = [("penultimate", len(meta["class_names"]))], None
     else:
         blocks = [tuple(b) for b in meta.get("blocks") or [("penultimate", meta["feature_dim"])]]
-    runner = Runner(network, blocks, resolve_device(device), batch_size=batch_size)
-    outputs, errors = embed_files(runner, files, batch_size=batch_size, num_workers=num_workers,
-                                  progress=progress)
-    out = outputs[None]
-    X = np.concatenate([out[name] for name, _ in blocks], axis=1) if out else \
-        np.zeros((0, sum(d for _, d in blocks)), np.float32)
+        sources = meta.get("sources") or [meta]
+    if sources is None:
+        from .forward import Runner, embed_files
+        from .runtime import resolve_device
+
+        runner = Runner(network, blocks, resolve_device(device), batch_size=batch_size)
+        out, errors = embed_files(runner, files, views=views, batch_size=batch_size,
+                                  num_workers=num_workers, progress=progress)
+        X = {v: o["penultimate"] for v, o in out.items()}
+    else:
+        X, errors = _features(sources, blocks, files, views, weights=weights,
+                              batch_size=batch_size, num_workers=num_workers, device=device,
+                              progress=progress)
+    features = np.mean([X[v] for v in views], axis=0) if X else np.zeros((0, 0), np.float32)
     ok = np.array([not e for e in errors], dtype=bool)
     proba = np.full((len(files), len(meta["class_names"])), np.nan)
+    adaptation = None
     if ok.any():
-        proba[ok] = head.predict_proba(X[ok]) if head is not None else \
-            softmax(X[ok].astype(np.float64), axis=1)
-    return proba, errors
+        if head is None:
+            proba[ok] = softmax(features[ok].astype(np.float64), axis=1)
+        else:
+            proba[ok], adaptation = _head_proba(head, meta, features[ok], adapt)
+    return proba, errors, adaptation
+
+
+def _head_proba(head, meta: dict, X: np.ndarray, adapt):
+    """The head's probabilities; with ``adapt`` (transductive), the files given are the target,
+    aligned to the statistics the head recorded when it was fitted."""
+    from . import adapt as adaptation
+
+    if adapt is None:
+        return head.predict_proba(X), None
+    recorded = meta.get("adaptation_source")
+    if not recorded:
+        raise ConfigError("this head file records no source statistics for --adapt; fit it "
+                          "again with this xfeat")
+    details = {"method": adapt, "transductive": True, "target": f"the {len(X)} images given"}
+    if adapt == "standardize":
+        X = adaptation.standardize_to(X, recorded["mean"], recorded["std"])
+        return head.predict_proba(X), details
+    adjusted, em = adaptation.em_on_batch(head.predict_proba(X), recorded["calibration"])
+    return adjusted, {**details, **em}
 
 
 def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
             out_csv: Union[str, Path, None] = None, weights: Optional[str] = None,
-            batch_size: int = 32, num_workers: Optional[int] = None,
-            device: Optional[str] = None, progress: bool = True) -> list:
+            tta=None, adapt: Optional[str] = None, batch_size: int = 32,
+            num_workers: Optional[int] = None, device: Optional[str] = None,
+            progress: bool = True) -> list:
     """Classify image files with a saved head (``head.npz`` from fit-head) or a fine-tuned
     network (``model.pt`` from finetune); one dict per image (and a CSV if asked).
 
     Each row: ``path``, ``p_<class>`` per class, ``predicted`` (class name, using the head's
     val-chosen threshold for binary problems) and ``error`` (non-empty for unreadable files).
+    ``tta``: ``flip``/``crops``/``flip,crops``, features averaged over the views.
+    ``adapt``: ``standardize`` or ``em``, *transductive*: the images given are the target
+    (at least 20 of them); their labels are not needed.
     """
+    from .adapt import check_method
+
+    adapt = check_method(adapt, ("standardize", "em"))
+    if adapt and Path(head_path).suffix == ".pt":
+        raise ConfigError("--adapt applies to heads (head.npz); for a fine-tuned network use "
+                          "finetune --adapt adabn")
     if out_csv is not None:
         from .runs import check_writable
 
@@ -113,10 +182,13 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
         head = None
     else:
         head, meta = load_head(head_path)
-        network = _backbone_for(meta, weights)
+        network = None  # each source backbone of the head is built below
     files = expand_images(images)
-    proba, errors = _probabilities(network, head, meta, files, batch_size=batch_size,
-                                   num_workers=num_workers, device=device, progress=progress)
+    proba, errors, adaptation = _probabilities(
+        network, head, meta, files, weights=weights, tta=parse_tta(tta), adapt=adapt,
+        batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    if adaptation:
+        logger.info("transductive adaptation (%s) to the %d images given", adapt, len(files))
     ok = np.array([not e for e in errors], dtype=bool)
     classes = meta["class_names"]
     threshold = meta.get("threshold")

@@ -7,7 +7,7 @@ import click
 
 from ..config import HEAD_NAMES
 from . import api_errors, cli
-from .options import (cache_source, json_option, model_options, n_boot_option,
+from .options import (cache_source, feature_options, json_option, model_options, n_boot_option,
                       optional_data_options, predict_run_options, run_options, threshold_option)
 
 # CLI flag -> the head parameter it sets; which head takes which is read from the heads.
@@ -35,11 +35,19 @@ def head_params_from_flags(head: str, given: dict) -> dict:
 @click.pass_context
 @optional_data_options
 @model_options
-@click.option("--cache", "cache_file", type=click.Path(dir_okay=False),
-              help="Use this feature cache (.h5) instead of --data/--model/--weights.")
+@click.option("--cache", "cache_file", type=click.Path(dir_okay=False), multiple=True,
+              help="Use this feature cache (.h5) instead of --data/--model/--weights; "
+                   "repeat it to put several backbones' features side by side.")
 @click.option("--head", type=click.Choice(HEAD_NAMES), default="logreg", show_default=True,
               help="logreg: C swept on val; linear: the tutorial's SGD recipe; knn: cosine "
                    "k-NN, k chosen on val.")
+@click.option("--blocks", default=None, metavar="BLOCK,BLOCK",
+              help="Feature blocks of the cache to use [default: all]; `xfeat info` lists them.")
+@feature_options
+@click.option("--ignore-views", is_flag=True,
+              help="Train on the centre crops only, even if the cache holds augmented views.")
+@click.option("--adapt", type=click.Choice(["standardize", "coral", "em"]), default=None,
+              help="TRANSDUCTIVE site adaptation to the test images (labels never read).")
 @threshold_option
 @click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=None,
               help="logreg class weights [default: the head's, balanced].")
@@ -58,8 +66,8 @@ def head_params_from_flags(head: str, given: dict) -> dict:
 @run_options
 @json_option
 @api_errors
-def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, threshold,
-                 out_dir, n_boot, as_json, **options):
+def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, blocks,
+                 ignore_views, tta, adapt, threshold, out_dir, n_boot, as_json, **options):
     """Fit a head on cached features (extracting them first if needed) and evaluate it."""
     from ..fit import fit_head
     from ..thresholds import parse_threshold_rule
@@ -70,9 +78,14 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
 
     if "seed" in head_options()[head]:
         head_params["seed"] = seed
-    extract_options = cache_source(ctx, data, cache_file, options, image_size=image_size,
-                                   seed=seed)
+    extract_options = cache_source(ctx, data, cache_file, {**options, "tta": tta},
+                                   image_size=image_size, seed=seed)
+    cache_file = list(cache_file) if len(cache_file) > 1 else (cache_file[0] if cache_file
+                                                                 else None)
     result = fit_head(data, model, weights=weights, cache=cache_file, head=head,
+                      blocks=blocks.split(",") if blocks else None,
+                      use_views=not ignore_views,
+                      tta=tta, adapt=adapt,
                       threshold=threshold, head_params=head_params, out_dir=out_dir,
                       n_boot=n_boot, extract_options=extract_options)
     click.echo(json.dumps(result.record, indent=2) if as_json else result.table())
@@ -86,14 +99,18 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
               show_default=True, help="CSV: path, probability per class, predicted label.")
 @click.option("--weights", default=None,
               help="Where the head's weights file is now, if it moved.")
+@click.option("--tta", default=None, metavar="flip|crops|flip,crops",
+              help="Average the features of these test-time views with the centre crop's.")
+@click.option("--adapt", type=click.Choice(["standardize", "em"]), default=None,
+              help="TRANSDUCTIVE: adapt to the images given (at least 20), their labels unused.")
 @predict_run_options
 @click.pass_context
 @api_errors
-def predict_cmd(ctx, head_path, images, out_csv, weights, **options):
+def predict_cmd(ctx, head_path, images, out_csv, weights, tta, adapt, **options):
     """Classify image files or folders with a saved head and its backbone."""
     from ..predict import predict
 
-    rows = predict(head_path, images, out_csv=out_csv, weights=weights,
+    rows = predict(head_path, images, out_csv=out_csv, weights=weights, tta=tta, adapt=adapt,
                    progress=ctx.obj["progress"], **options)
     failed = [r for r in rows if r["error"]]
     counts = {}

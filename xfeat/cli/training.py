@@ -27,6 +27,9 @@ from .options import (cache_source, data_options, default, finetune_options, jso
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--probe", type=click.Path(dir_okay=False), default=None,
               help="lp-ft: start from this head.npz of fit-head (default: fit one on the cache).")
+@click.option("--adapt", type=click.Choice(["adabn"]), default=None,
+              help="TRANSDUCTIVE: evaluate test with BatchNorm statistics re-estimated on the "
+                   "test images (labels never read).")
 @n_boot_option
 @json_option
 @click.pass_context

@@ -81,3 +81,26 @@ def evaluate(model: nn.Module, loader, *, normalize, device: torch.device, amp_d
     return {"loss": total_loss / len(labels), "accuracy": float((proba.argmax(1) == labels).mean()),
             "proba": proba.astype(np.float64), "labels": labels,
             "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def adabn(model: nn.Module, loader, *, normalize, device: torch.device, amp_dtype=None,
+          channels_last: bool = True) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on the images
+    of ``loader`` (AdaBN, Li et al. 2016): the cumulative mean and variance of one pass in
+    train mode, with every weight unchanged. The labels are not used."""
+    import copy
+
+    adapted = copy.deepcopy(model)
+    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    adapted.eval()
+    for m in norms:
+        m.train()
+    for images, _ in loader:
+        x = to_memory_format(normalize(images.to(device, non_blocking=True)), channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            adapted(x)
+    return adapted.eval()

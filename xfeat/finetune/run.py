@@ -26,7 +26,7 @@ from ..results import RunResult, new_record
 from ..runs import default_run_dir, run_lock
 from ..runtime import resolve_device
 from .data import mix_seed, split_loader
-from .loop import evaluate, train_one_epoch
+from .loop import adabn, evaluate, train_one_epoch
 from .model import (build_network, load_checkpoint, make_optimizer, save_checkpoint,
                     save_model, save_state_dict)
 
@@ -294,17 +294,23 @@ def _end_epoch(run: _Run, epoch: int, tr: dict, va: dict, lr: float, net, optimi
 
 
 def _evaluate_best(run: _Run, store, net):
-    """The best epoch's weights on every split; the threshold chosen on val."""
+    """The best epoch's weights on every split; the threshold chosen on val. With
+    ``adapt="adabn"`` the test split is evaluated with BatchNorm statistics re-estimated on
+    its own images (transductive; labels unused)."""
     from ..metrics import evaluate_splits
 
     net.load_state_dict(torch.load(run.run_dir / "best_model.pt", map_location=run.device,
                                    weights_only=True))
     t0 = time.perf_counter()
     _, eval_loader = _loaders(run, store)
-    outputs = {s: evaluate(net, eval_loader(s), normalize=run.plan.preprocessing.normalize,
-                           device=run.device, amp_dtype=run.amp_dtype,
-                           channels_last=run.config.channels_last)
-               for s in run.plan.dataset.splits}
+    common = dict(normalize=run.plan.preprocessing.normalize, device=run.device,
+                  amp_dtype=run.amp_dtype, channels_last=run.config.channels_last)
+    outputs = {}
+    for split in run.plan.dataset.splits:
+        model = net
+        if split == "test" and run.config.adapt == "adabn":
+            model = adabn(net, eval_loader(split), **common)
+        outputs[split] = evaluate(model, eval_loader(split), **common)
     evaluation = evaluate_splits({s: o["labels"] for s, o in outputs.items()},
                                  {s: o["proba"] for s, o in outputs.items()},
                                  threshold=run.config.threshold, n_boot=run.config.n_boot,
@@ -346,6 +352,9 @@ def _write_record(run: _Run, backbone, net, outputs: dict, evaluation: dict,
                                                           for h in history]))},
         cache={"path": run.lpft["cache"], "key": None, "hit": None} if run.lpft else None,
         history=history,
+        **({"transductive": True, "adaptation": {
+            "method": "adabn", "target": "test images (labels not read)", "transductive": True}}
+           if config.adapt else {}),
         params={**config.to_dict(), "weights": plan.weights.id, "device": str(run.device),
                 "num_workers": run.num_workers, "parameters": n_params,
                 "trainable_parameters": n_trainable, "train_images": n_train,
