@@ -1,12 +1,15 @@
 """Benchmark the heads on a chest-X-ray-sized feature problem.
 
-    python scripts/bench_heads.py [--features FILE.npz] [--repeats 5] [--json]
+    python scripts/bench_heads.py [--features FILE.npz | --cache FILE.h5] [--repeats 3] [--json]
 
-Times ``LogisticHead().fit`` (full C sweep + refit) ``--repeats`` times, measures its peak
-memory in a fresh subprocess, and times ``LinearHead`` (25 epochs) and ``KNNHead`` once.
-Without ``--features`` the problem is synthetic (5,216 x 2,048 float32 train + 580 val,
-ReLU-like features with a low-rank class signal, 26% / 74% classes); with it, the npz must
-hold ``X_train, y_train, X_val, y_val``.
+Times ``LogisticHead().fit`` (the full C sweep scored on val) with each solver --
+``solver="sklearn"`` (scikit-learn's LogisticRegression, L-BFGS) and ``solver="lbfgs32"``
+(the hand-written float32 objective) -- on the same data, ``--repeats`` times each,
+alternating the two so that a change in the machine's load hits both; measures each one's
+peak extra memory in a fresh subprocess; prints the speed ratio.  Then times ``LinearHead``
+(25 epochs) and ``KNNHead`` once.  Without ``--features``/``--cache`` the problem is synthetic
+(5,216 x 2,048 float32 train + 580 val, ReLU-like features with a low-rank class signal,
+26% / 74% classes); an npz must hold ``X_train, y_train, X_val, y_val``.
 """
 
 from __future__ import annotations
@@ -20,17 +23,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 
 from xfeat.heads import KNNHead, LinearHead, LogisticHead
+from xfeat.heads.logistic import SOLVERS
 
 MEMORY_NOTE = (
-    "peak memory = (peak RSS during fit) - (RSS just before fit), in a fresh subprocess that has "
-    "already loaded the features and run one small warm-up fit (imports, BLAS buffers); the peak is "
-    "reset before the fit via /proc/self/clear_refs, or, where that is refused, taken from ru_maxrss "
-    "(then a lower bound if loading peaked higher). Ratio = growth / X_train.nbytes."
+    "peak memory = (peak RSS during fit) - (RSS just before fit), in a fresh subprocess per solver "
+    "that has already loaded the features and run one small warm-up fit (imports, BLAS buffers); "
+    "the peak is reset before the fit via /proc/self/clear_refs, or, where that is refused, taken "
+    "from ru_maxrss (then a lower bound if loading peaked higher). Ratio = growth / X_train.nbytes. "
+    "tracemalloc = peak of the allocations Python and numpy report, in a second fit."
 )
 
 
@@ -71,32 +77,117 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_worker(path: str) -> None:
-    """Run in a fresh process: print the peak RSS growth of one LogisticHead fit as JSON."""
+def _fit(data: dict, solver: str) -> LogisticHead:
+    return LogisticHead(solver=solver).fit(data["X_train"], data["y_train"],
+                                           X_val=data["X_val"], y_val=data["y_val"])
+
+
+def memory_worker(path: str, solver: str) -> None:
+    """Run in a fresh process: print the peak memory growth of one LogisticHead fit as JSON."""
     data = load_features(path)
-    small = {k: v[:: max(1, len(v) // 200)] for k, v in data.items()}  # keeps both classes
-    LogisticHead().fit(small["X_train"], small["y_train"], small["X_val"], small["y_val"])  # warm-up
+    _fit({k: v[:: max(1, len(v) // 200)] for k, v in data.items()}, solver)  # warm-up
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
         method, before = "VmHWM after clear_refs", _rss_kib("VmRSS")
     except OSError:
         method, before = "ru_maxrss delta", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    LogisticHead().fit(data["X_train"], data["y_train"], data["X_val"], data["y_val"])
+    _fit(data, solver)
     if method.startswith("VmHWM"):
         after = _rss_kib("VmHWM")
     else:
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     growth = (after - before) * 1024
+    tracemalloc.start()
+    _fit(data, solver)
+    traced = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     print(json.dumps({"method": method, "peak_growth_bytes": growth,
-                      "ratio": growth / data["X_train"].nbytes}))
+                      "ratio": growth / data["X_train"].nbytes,
+                      "tracemalloc_peak_bytes": traced}))
 
 
-def measure_memory(path: str) -> dict:
-    cmd = [sys.executable, __file__, "--_memory-worker", path]
+def measure_memory(path: str, solver: str) -> dict:
+    cmd = [sys.executable, __file__, "--_memory-worker", path, "--_solver", solver]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory measurement subprocess failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def load_data(args) -> tuple[dict, object]:
+    """(train/val arrays, the FeatureSet or None) from --cache, --features or synthetic."""
+    if args.cache:
+        import xfeat
+
+        features = xfeat.read_cache(args.cache)
+        return {"X_train": features["train"].features, "y_train": features["train"].labels,
+                "X_val": features["val"].features, "y_val": features["val"].labels}, features
+    return (load_features(args.features) if args.features else make_synthetic()), None
+
+
+def time_solvers(data: dict, solvers: list, repeats: int) -> dict:
+    """Seconds per fit for each solver, the solvers alternating within each repeat."""
+    times = {s: [] for s in solvers}
+    heads = {}
+    for _ in range(repeats):
+        for solver in solvers:
+            t0 = time.perf_counter()
+            heads[solver] = _fit(data, solver)
+            times[solver].append(time.perf_counter() - t0)
+    yv = data["y_val"]
+    return {s: {"seconds": times[s], "median_seconds": statistics.median(times[s]),
+                "n_C_tried": len(heads[s].selection_["sweep"]), "C": heads[s].C_,
+                "val_accuracy": float(np.mean(heads[s].predict(data["X_val"]) == yv)),
+                "max_abs_proba_diff_vs_first": float(np.max(np.abs(
+                    heads[s].predict_proba(data["X_val"])
+                    - heads[solvers[0]].predict_proba(data["X_val"]))))}
+            for s in solvers}
+
+
+def time_other_heads(data: dict) -> dict:
+    others = {}
+    Xva, yva = data["X_val"], data["y_val"]
+    for name, h in (("LinearHead(epochs=25)", LinearHead()), ("KNNHead", KNNHead())):
+        t0 = time.perf_counter()
+        h.fit(data["X_train"], data["y_train"], X_val=Xva, y_val=yva)
+        seconds = time.perf_counter() - t0
+        choice = f"best_epoch={h.best_epoch_}" if hasattr(h, "best_epoch_") else f"k={h.k_}"
+        others[name] = {"seconds": seconds, "val_accuracy": float(np.mean(h.predict(Xva) == yva)),
+                        "choice": choice}
+    return others
+
+
+def print_report(result: dict, args) -> None:
+    shapes, lr, memory = result["shapes"], result["logreg"], result["peak_memory"]
+    print(f"data: {result['source']}  train {tuple(shapes['X_train'])} {shapes['dtype']}, val "
+          f"{tuple(shapes['X_val'])}, train class fractions {shapes['class_fractions_train']}")
+    m = result["machine"]
+    print(f"machine: {m['cpus']} CPUs, 1-min load average {m['load_avg_1min_before']:.2f} before / "
+          f"{m['load_avg_1min_after']:.2f} after (other processes share the CPUs)")
+    print(f"LogisticHead().fit (C sweep scored on val), {args.repeats} runs per solver, alternating:")
+    print(f"{'solver':<10}{'median s':>10}{'C':>10}{'#C':>4}{'val acc':>9}{'peak MiB':>10}"
+          f"{'x X':>6}{'traced MiB':>12}  runs (s)")
+    for solver, r in lr.items():
+        mem = memory[solver]
+        print(f"{solver:<10}{r['median_seconds']:>10.2f}{r['C']:>10.3g}{r['n_C_tried']:>4}"
+              f"{r['val_accuracy']:>9.4f}{mem['peak_growth_bytes'] / 2**20:>10.1f}"
+              f"{mem['ratio']:>6.2f}{mem['tracemalloc_peak_bytes'] / 2**20:>12.1f}  "
+              + ", ".join(f"{t:.2f}" for t in r["seconds"]))
+    if "speedup_lbfgs32_over_sklearn" in result:
+        print(f"speed ratio: sklearn median / lbfgs32 median = "
+              f"{result['speedup_lbfgs32_over_sklearn']:.2f} (the hand-written solver stays the "
+              f"default only if >= 1.5 at equal memory); max |proba difference| on val = "
+              f"{lr['lbfgs32']['max_abs_proba_diff_vs_first']:.2g}")
+    if result["fit_head_seconds"]:
+        times = result["fit_head_seconds"]
+        print("xfeat.fit_head (sweep + threshold + metrics on every split + 1000-resample "
+              f"bootstrap), {args.repeats} runs: " + ", ".join(f"{t:.2f}" for t in times)
+              + f" s; median {statistics.median(times):.2f} s")
+    for name, o in result["others"].items():
+        print(f"{name:<24}{o['seconds']:>8.2f} s  val acc {o['val_accuracy']:.4f}  {o['choice']}"
+              "  (1 run)")
+    print(f"memory ({memory[next(iter(memory))]['method']}), feature matrix "
+          f"{result['logreg_feature_matrix_bytes'] / 2**20:.1f} MiB. note: {MEMORY_NOTE}")
 
 
 def main(argv=None) -> dict:
@@ -105,33 +196,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--features", help="npz with X_train, y_train, X_val, y_val (default: synthetic)")
     ap.add_argument("--cache", help="an xfeat feature cache (.h5): its train/val features, and "
                                     "the whole fit_head (sweep, threshold, metrics, bootstrap) timed")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--solvers", nargs="+", choices=SOLVERS, default=list(SOLVERS))
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_solver", dest="solver", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_worker:
-        return memory_worker(args.memory_worker)
+        return memory_worker(args.memory_worker, args.solver)
 
-    source = args.cache or args.features or "synthetic features"
     load_before = os.getloadavg()[0]
-    features = None
-    if args.cache:
-        import xfeat
-
-        features = xfeat.read_cache(args.cache)
-        data = {"X_train": features["train"].features, "y_train": features["train"].labels,
-                "X_val": features["val"].features, "y_val": features["val"].labels}
-    else:
-        data = load_features(args.features) if args.features else make_synthetic()
-    Xtr, ytr, Xva, yva = data["X_train"], data["y_train"], data["X_val"], data["y_val"]
-
-    times, head = [], None
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        head = LogisticHead().fit(Xtr, ytr, Xva, yva)
-        times.append(time.perf_counter() - t0)
-    val_acc = float(np.mean(head.predict(Xva) == yva))
-
+    data, features = load_data(args)
+    logreg = time_solvers(data, args.solvers, args.repeats)
     fit_head_times = []
     if features is not None:
         import xfeat
@@ -140,59 +216,32 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             xfeat.fit_head(cache=features, save=False)
             fit_head_times.append(time.perf_counter() - t0)
-
     with tempfile.TemporaryDirectory() as tmp:
         path = args.features
         if path is None:
             path = str(Path(tmp) / "features.npz")
             np.savez(path, **data)
-        memory = measure_memory(path)
-
-    others = {}
-    for name, h in (("LinearHead(epochs=25)", LinearHead()), ("KNNHead", KNNHead())):
-        t0 = time.perf_counter()
-        h.fit(Xtr, ytr, Xva, yva)
-        seconds = time.perf_counter() - t0
-        choice = f"best_epoch={h.best_epoch_}" if hasattr(h, "best_epoch_") else f"k={h.k_}"
-        others[name] = {"seconds": seconds, "val_accuracy": float(np.mean(h.predict(Xva) == yva)),
-                        "choice": choice}
-
+        memory = {solver: measure_memory(path, solver) for solver in args.solvers}
+    Xtr, ytr = data["X_train"], data["y_train"]
     result = {
-        "source": source,
-        "machine": {"cpus": os.cpu_count(), "load_avg_1min_before": load_before,
-                    "load_avg_1min_after": os.getloadavg()[0]},
-        "shapes": {"X_train": list(Xtr.shape), "X_val": list(Xva.shape), "dtype": str(Xtr.dtype),
+        "source": args.cache or args.features or "synthetic features",
+        "machine": {"cpus": os.cpu_count(), "load_avg_1min_before": load_before},
+        "shapes": {"X_train": list(Xtr.shape), "X_val": list(data["X_val"].shape),
+                   "dtype": str(Xtr.dtype),
                    "class_fractions_train": (np.bincount(ytr) / len(ytr)).round(3).tolist()},
-        "logreg": {"seconds": times, "median_seconds": statistics.median(times),
-                   "n_C_tried": len(head.selection_["sweep"]), "C": head.C_, "val_accuracy": val_acc,
-                   "peak_memory": memory, "feature_matrix_bytes": Xtr.nbytes},
-        "others": others,
+        "logreg": logreg, "peak_memory": memory, "logreg_feature_matrix_bytes": Xtr.nbytes,
+        "others": time_other_heads(data),
         "fit_head_seconds": fit_head_times,
         "memory_note": MEMORY_NOTE,
     }
+    if {"sklearn", "lbfgs32"} <= set(logreg):
+        result["speedup_lbfgs32_over_sklearn"] = (logreg["sklearn"]["median_seconds"]
+                                                  / logreg["lbfgs32"]["median_seconds"])
+    result["machine"]["load_avg_1min_after"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(result, indent=2))
-        return result
-
-    lr = result["logreg"]
-    print(f"data: {source}  train {tuple(Xtr.shape)} {Xtr.dtype}, val {tuple(Xva.shape)}, "
-          f"train class fractions {result['shapes']['class_fractions_train']}")
-    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.2f} before / "
-          f"{result['machine']['load_avg_1min_after']:.2f} after (other processes share the CPUs)")
-    print(f"LogisticHead().fit (C sweep scored on val + final model), {args.repeats} runs: "
-          + ", ".join(f"{t:.2f}" for t in times) + " s")
-    print(f"{'head':<24}{'median s':>10}{'val acc':>9}  choice")
-    print(f"{'LogisticHead':<24}{lr['median_seconds']:>10.2f}{val_acc:>9.4f}  "
-          f"C={head.C_:.3g} ({lr['n_C_tried']} C values tried)")
-    if fit_head_times:
-        print(f"xfeat.fit_head (sweep + threshold + metrics on every split + 1000-resample "
-              f"bootstrap), {args.repeats} runs: " + ", ".join(f"{t:.2f}" for t in fit_head_times)
-              + f" s; median {statistics.median(fit_head_times):.2f} s")
-    for name, o in others.items():
-        print(f"{name:<24}{o['seconds']:>10.2f}{o['val_accuracy']:>9.4f}  {o['choice']}  (1 run)")
-    print(f"LogisticHead peak extra memory: {memory['peak_growth_bytes'] / 2**20:.1f} MiB = "
-          f"{memory['ratio']:.2f}x the {Xtr.nbytes / 2**20:.1f} MiB feature matrix ({memory['method']})")
-    print(f"note: {MEMORY_NOTE}")
+    else:
+        print_report(result, args)
     return result
 
 

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 
 import xfeat
 from xfeat.cache import CacheError, read_cache
+from xfeat.errors import DataError
 from xfeat.fit import check_head_matches, fit_head
 from xfeat.heads import load_head
 from xfeat.results import SCHEMA, load_result
@@ -118,3 +120,12 @@ def test_refit_on_val_chooses_the_threshold_out_of_sample(features):
     assert refit["threshold"] == plain["threshold"]  # from the train-only model's val scores
     assert "in-sample" in refit["notes"][0]
     assert refit["metrics"]["test"] != plain["metrics"]["test"]  # the model did change
+
+
+def test_every_class_must_occur_in_train(features):
+    """A head's probability columns are the classes it saw; a class absent from train would
+    shift every later column, so fit_head refuses before fitting."""
+    three = dataclasses.replace(features, meta={**features.meta,
+                                                "class_names": [*features.class_names, "COVID"]})
+    with pytest.raises(DataError, match=r"no images of class\(es\) \['COVID'\]"):
+        fit_head(cache=three, save=False, n_boot=0)

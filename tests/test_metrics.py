@@ -1,23 +1,17 @@
 import json
 import math
-import time
 import warnings
 
 import numpy as np
 import pytest
-from scipy.stats import norm
 from sklearn import metrics as skm
 
+from xfeat import metrics, stats
 from xfeat.metrics import (
     METRIC_NAMES,
-    _metric_arrays,
-    _predict,
-    bootstrap_ci,
     choose_threshold,
     compute_metrics,
-    delong_test,
     format_metrics_table,
-    paired_bootstrap,
     parse_threshold_rule,
     reliability_curve,
 )
@@ -37,6 +31,7 @@ def _multiclass_data(n, n_classes=3, seed=0):
     logits = rng.normal(size=(n, n_classes)) + 1.2 * np.eye(n_classes)[y]
     proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     return y, proba
+
 
 
 # ----------------------------------------------------------------------------- compute_metrics
@@ -151,86 +146,13 @@ def test_bad_threshold_raises():
         compute_metrics(y, proba, threshold=1.5)
 
 
-# ----------------------------------------------------------------------------- bootstrap
 
-def test_weighted_core_matches_explicit_resample():
-    # A bootstrap resample as counts must give the same metrics as the resampled arrays.
-    for y, proba in (_binary_data(80, seed=3), _multiclass_data(80, seed=3)):
-        idx = np.random.default_rng(1).integers(0, 80, 80)
-        w = np.bincount(idx, minlength=80)[None, :].astype(float)
-        got = _metric_arrays(w, y, proba, _predict(proba, 0.5), METRIC_NAMES)
-        want = compute_metrics(y[idx], proba[idx])
-        for name in METRIC_NAMES:
-            assert got[name][0] == pytest.approx(want[name]), name
+def test_statistics_are_re_exported_from_metrics():
+    from xfeat.metrics import bootstrap_ci, delong_test, format_p_value, paired_bootstrap
 
-
-def test_bootstrap_ci_contains_estimate_and_is_reproducible():
-    y, proba = _binary_data(624)
-    point = compute_metrics(y, proba)
-    ci = bootstrap_ci(y, proba, seed=7)
-    assert set(ci) == {"accuracy", "roc_auc", "sensitivity", "specificity"}
-    for name, (lo, hi) in ci.items():
-        assert lo < point[name] < hi, name
-    assert bootstrap_ci(y, proba, seed=7) == ci
-    assert bootstrap_ci(y, proba, seed=8) != ci
-
-
-def test_bootstrap_ci_narrower_with_more_samples():
-    widths = []
-    for n in (150, 2400):
-        y, proba = _binary_data(n, seed=n)
-        lo, hi = bootstrap_ci(y, proba, metrics=("roc_auc",), n_boot=300)["roc_auc"]
-        widths.append(hi - lo)
-    assert widths[1] < widths[0] / 2  # ~ 1/sqrt(16) = 1/4 expected
-
-
-def test_bootstrap_ci_level_and_all_metrics():
-    y, proba = _multiclass_data(200)
-    wide = bootstrap_ci(y, proba, metrics=METRIC_NAMES, n_boot=200, level=0.99)
-    narrow = bootstrap_ci(y, proba, metrics=METRIC_NAMES, n_boot=200, level=0.5)
-    for name in METRIC_NAMES:
-        assert wide[name][0] <= narrow[name][0] <= narrow[name][1] <= wide[name][1], name
-
-
-def test_bootstrap_drops_undefined_resamples():
-    # 2 positives in 40: many resamples lack a positive, AUC must still come out finite.
-    y = np.zeros(40, dtype=int)
-    y[:2] = 1
-    p1 = np.where(y == 1, 0.9, np.linspace(0.1, 0.95, 40))
-    ci = bootstrap_ci(y, np.column_stack([1 - p1, p1]), metrics=["roc_auc"], n_boot=300)
-    assert all(np.isfinite(ci["roc_auc"]))
-    ci = bootstrap_ci(np.ones(5, int), np.tile([0.2, 0.8], (5, 1)), metrics=["roc_auc"])
-    assert all(math.isnan(v) for v in ci["roc_auc"])
-
-
-def test_bootstrap_is_fast():
-    y, proba = _binary_data(624)
-    start = time.perf_counter()
-    bootstrap_ci(y, proba, n_boot=1000)
-    assert time.perf_counter() - start < 1.0
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    ({"metrics": ["auc"]}, "unknown metric 'auc'"),
-    ({"n_boot": 0}, "n_boot must be a positive integer, got 0"),
-    ({"level": 95}, r"level must be a number in \(0, 1\)"),
-])
-def test_bootstrap_rejects_bad_arguments(kwargs, match):
-    y, proba = _binary_data(20)
-    with pytest.raises(ValueError, match=match):
-        bootstrap_ci(y, proba, **kwargs)
-
-
-def test_paired_bootstrap_against_itself_and_a_worse_model():
-    y, proba = _binary_data(300)
-    same = paired_bootstrap(y, proba, proba, metric="roc_auc", n_boot=300)
-    assert same["diff"] == 0 and same["ci"] == [0.0, 0.0] and same["p_value"] == 1.0
-    assert same["a"] == pytest.approx(compute_metrics(y, proba)["roc_auc"])
-    _, noise = _binary_data(300, seed=1, signal=0.0)
-    res = paired_bootstrap(y, proba, noise, metric="accuracy", n_boot=500)
-    assert res["metric"] == "accuracy" and res["diff"] == pytest.approx(res["a"] - res["b"])
-    assert res["diff"] > 0.15 and res["ci"][0] > 0 and res["p_value"] < 0.01
-    assert paired_bootstrap(y, proba, noise, n_boot=500) == res  # seeded
+    assert (bootstrap_ci, delong_test, paired_bootstrap, format_p_value) == (
+        stats.bootstrap_ci, stats.delong_test, stats.paired_bootstrap, stats.format_p_value)
+    assert {"bootstrap_ci", "delong_test", "paired_bootstrap"} <= set(metrics.__all__)
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -286,48 +208,6 @@ def test_choose_threshold_fixed_and_errors():
     with pytest.raises(ValueError, match="binary labels 0/1, got label 2"):
         choose_threshold([0, 1, 2], [0.1, 0.2, 0.3], "youden")
 
-
-# ----------------------------------------------------------------------------- DeLong
-
-def _delong_brute_force(y, a, b):
-    pos, neg = y == 1, y == 0
-    comps = []
-    for s in (a, b):
-        psi = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
-        comps.append((psi.mean(), psi.mean(axis=1), psi.mean(axis=0)))
-    aucs = np.array([c[0] for c in comps])
-    s10 = np.cov(np.vstack([c[1] for c in comps]))
-    s01 = np.cov(np.vstack([c[2] for c in comps]))
-    cov = s10 / pos.sum() + s01 / neg.sum()
-    return aucs, cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
-
-
-def test_delong_matches_brute_force():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 60)
-    a = np.round(y + rng.normal(size=60), 1)  # rounding creates ties
-    b = np.round(0.5 * y + rng.normal(size=60), 1)
-    res = delong_test(y, a, b)
-    aucs, var = _delong_brute_force(y, a, b)
-    assert [res["auc_a"], res["auc_b"]] == pytest.approx(list(aucs))
-    assert res["auc_a"] == pytest.approx(skm.roc_auc_score(y, a))
-    assert res["z"] == pytest.approx((aucs[0] - aucs[1]) / np.sqrt(var))
-    assert res["p_value"] == pytest.approx(2 * norm.sf(abs(res["z"])))
-    half = 1.959964 * np.sqrt(var)
-    assert res["ci"] == pytest.approx([res["diff"] - half, res["diff"] + half], rel=1e-5)
-
-
-def test_delong_identical_scores():
-    y, proba = _binary_data(100)
-    res = delong_test(y, proba[:, 1], proba[:, 1])
-    assert res["diff"] == 0 and res["z"] == 0 and res["p_value"] == 1.0
-
-
-def test_delong_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"score_b must have shape \(4,\)"):
-        delong_test([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], [0.1, 0.9])
-    with pytest.raises(ValueError, match="at least 2 samples of each class"):
-        delong_test([0, 1, 0], [0.1, 0.9, 0.2], [0.2, 0.8, 0.1])
 
 
 # ----------------------------------------------------------------------------- reporting

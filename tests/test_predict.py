@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from xfeat.errors import ConfigError, DataError
 from xfeat.cli import cli
 from xfeat.fit import fit_head
 from xfeat.predict import expand_images, predict
@@ -54,7 +55,7 @@ def test_unreadable_image_is_reported_not_fatal(trained, tmp_path):
 
 def test_missing_inputs(trained, tmp_path):
     _, head_path, _ = trained
-    with pytest.raises(FileNotFoundError, match="no such image file or folder"):
+    with pytest.raises(DataError, match="no such image file or folder"):
         expand_images([tmp_path / "nothing.png"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
@@ -79,7 +80,7 @@ def test_moved_weights_file(tmp_path):
     moved = tmp_path / "moved.pth"
     shutil.move(weights, moved)
     head = tmp_path / "run" / "head.npz"
-    with pytest.raises(FileNotFoundError, match="pass its current location with --weights"):
+    with pytest.raises(ConfigError, match="pass its current location with --weights"):
         predict(head, [root / "test"], progress=False)
     rows = predict(head, [root / "test"], weights=moved, num_workers=0, progress=False)
     assert len(rows) == 4 and all(r["predicted"] for r in rows)

@@ -26,6 +26,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from .errors import CacheError  # noqa: F401  (re-exported)
+from .files import describe_os_error, make_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +86,20 @@ def partial_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def entry_lock(path: Path):
-    """Inter-process lock for one entry: a second extractor waits instead of corrupting it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Inter-process lock for one entry: a second extractor waits instead of corrupting it.
+
+    Only writers lock: a complete entry is read without one, so a read-only cache works.
+    """
+    make_dirs(path.parent)
     lock = FileLock(str(path.with_name(path.name + ".lock")))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         logger.info("another process is writing %s; waiting for it to finish", path.name)
         lock.acquire()
+    except OSError as exc:
+        raise CacheError(describe_os_error(exc, path.with_name(path.name + ".lock")) +
+                         " (the cache folder must be writable to add an entry)") from None
     try:
         yield
     finally:
@@ -228,34 +235,51 @@ class CacheWriter:
     def __init__(self, path: Path, *, key: str, meta: dict, splits: dict, feature_dim: int,
                  dtype: str = "float32"):
         if dtype not in FEATURE_DTYPES:
-            raise ValueError(f"feature dtype {dtype!r} not supported; expected one of {FEATURE_DTYPES}")
+            raise CacheError(f"feature dtype {dtype!r} not supported; expected one of {FEATURE_DTYPES}")
         self.path, self.key, self.meta = Path(path), key, meta
         self.partial = partial_path(self.path)
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self._open_existing(splits, feature_dim, dtype) or \
-            self._create(splits, feature_dim, dtype)
+        make_dirs(self.partial.parent)
+        self.file = self._open_existing(splits, feature_dim, dtype)
+        if self.file is None:
+            _check_free_space(self.partial.parent, splits, feature_dim, dtype)
+            try:
+                self.file = self._create(splits, feature_dim, dtype)
+            except OSError as exc:
+                self._discard()
+                raise CacheError(describe_os_error(exc, self.partial)) from None
 
     # -- set-up
     def _open_existing(self, splits: dict, feature_dim: int, dtype: str):
+        """The partial file of an interrupted run, if it is intact and of this extraction;
+        a damaged one (a crash or a full disk while it was created) is reported and removed."""
         if not self.partial.exists():
             return None
+        f = None
         try:
             f = h5py.File(self.partial, "r+")
-        except OSError as exc:
-            logger.warning("cannot reopen %s (%s); starting it again", self.partial.name, exc)
-            self.partial.unlink()
+            layout_ok = f.attrs.get("key") == self.key and sorted(f) == sorted(splits) and all(
+                f[s]["features"].shape == (len(ids), feature_dim) and
+                f[s]["features"].dtype == dtype for s, (ids, _) in splits.items())
+            done = {s: int(f[s]["rows_done"][0]) for s in f} if layout_ok else None
+        except Exception as exc:  # h5py raises OSError, KeyError, ValueError for damage
+            _close_quietly(f)
+            logger.warning("%s is damaged (%s); starting the extraction again",
+                           self.partial, str(exc).splitlines()[0][:160])
+            self._discard()
             return None
-        layout_ok = f.attrs.get("key") == self.key and sorted(f) == sorted(splits) and all(
-            f[s]["features"].shape == (len(ids), feature_dim) and f[s]["features"].dtype == dtype
-            for s, (ids, _) in splits.items())
         if not layout_ok:
             f.close()
             logger.warning("%s does not match this extraction; starting it again", self.partial.name)
-            self.partial.unlink()
+            self._discard()
             return None
-        done = {s: int(f[s]["rows_done"][0]) for s in f}
         logger.info("resuming %s: rows already written %s", self.partial.name, done)
         return f
+
+    def _discard(self) -> None:
+        try:
+            self.partial.unlink(missing_ok=True)
+        except OSError as exc:
+            raise CacheError(describe_os_error(exc, self.partial)) from None
 
     def _create(self, splits: dict, feature_dim: int, dtype: str) -> h5py.File:
         f = h5py.File(self.partial, "w")
@@ -293,12 +317,16 @@ class CacheWriter:
         stop = start + len(features)
         if start != self.rows_done(split):
             raise RuntimeError(f"write at row {start} but {split} has {self.rows_done(split)} rows done")
-        g["features"][start:stop] = features
-        g["ok"][start:stop] = ok
-        self.file.flush()
-        g["seconds"][0] = g["seconds"][0] + seconds
-        g["rows_done"][0] = stop
-        self.file.flush()
+        try:
+            g["features"][start:stop] = features
+            g["ok"][start:stop] = ok
+            self.file.flush()
+            g["seconds"][0] = g["seconds"][0] + seconds
+            g["rows_done"][0] = stop
+            self.file.flush()
+        except OSError as exc:
+            raise CacheError(describe_os_error(exc, self.partial) + "; the rows written so far "
+                             "are kept and the same command resumes from them") from None
 
     def finalize(self, split_stats: dict) -> Path:
         """Record per-split stats, mark complete and atomically move the file into place."""
@@ -313,8 +341,34 @@ class CacheWriter:
         return self.path
 
     def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
+        _close_quietly(self.file)
+
+
+def _close_quietly(f) -> None:
+    """Close an h5py file; a failure to flush (full disk) is logged, never raised from here:
+    whatever was not flushed is not counted in ``rows_done`` and is redone on resume."""
+    if f is None:
+        return
+    try:
+        if f.id.valid:
+            f.close()
+    except Exception as exc:
+        logger.warning("closing %s failed: %s", getattr(f, "filename", "the cache file"),
+                       str(exc).splitlines()[0][:160])
+
+
+def _check_free_space(folder: Path, splits: dict, feature_dim: int, dtype: str) -> None:
+    """Refuse to start an entry that cannot fit: the arrays are allocated up front."""
+    import shutil
+
+    rows = sum(len(ids) for ids, _ in splits.values())
+    ids_bytes = sum(len(str(i)) + 16 for ids, _ in splits.values() for i in ids)
+    need = rows * (feature_dim * np.dtype(dtype).itemsize + 10) + ids_bytes + (1 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise CacheError(f"not enough space in {folder} for the cache entry: it needs about "
+                         f"{need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free; free some "
+                         "space or choose another --cache-dir")
 
 
 def _preallocated(group: h5py.Group, name: str, shape: tuple, dtype, fill) -> None:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, cache, distributed
 from .config import default_cache_dir
+from .errors import ConfigError
 from .runtime import make_loader, resolve_device
 from .backbones import (Backbone, Preprocessing, WeightsInfo, create_backbone,
                         default_preprocessing, feature_dim, resolve_weights)
@@ -72,7 +73,7 @@ def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, 
                     seed: int = 0, dataset: Optional[Dataset] = None) -> ExtractionPlan:
     """Resolve the dataset, weights and preprocessing into a cache key and path."""
     if feature_dtype not in cache.FEATURE_DTYPES:
-        raise ValueError(f"feature dtype {feature_dtype!r} not supported; expected one of "
+        raise ConfigError(f"feature dtype {feature_dtype!r} not supported; expected one of "
                          f"{cache.FEATURE_DTYPES}")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     info, tv_weights = resolve_weights(model, weights, seed=seed)
@@ -99,7 +100,7 @@ def split_extract_options(options: dict) -> tuple:
     """``extract`` keyword options -> (those of ``plan_extraction``, those of the run)."""
     unknown = set(options) - set(_PLAN_OPTIONS) - set(_RUN_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown extract options {sorted(unknown)}; expected some of "
+        raise ConfigError(f"unknown extract options {sorted(unknown)}; expected some of "
                          f"{sorted(_PLAN_OPTIONS + _RUN_OPTIONS)}")
     return ({k: v for k, v in options.items() if k in _PLAN_OPTIONS},
             {k: v for k, v in options.items() if k in _RUN_OPTIONS})
@@ -136,11 +137,14 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
                                val_fraction=val_fraction, split_seed=split_seed,
                                group_pattern=group_pattern, seed=seed)
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise ConfigError(f"batch_size={batch_size!r}: expected an integer >= 1")
     if distributed.is_distributed():
         return _extract_sharded(plan, batch_size=batch_size, num_workers=num_workers,
                                 device=device, skip_bad=skip_bad, force=force,
                                 progress=progress)
+    if not force and cache.is_complete(plan.path):  # no lock: a read-only cache is usable
+        logger.info("cache hit: %s (backbone not run)", plan.path)
+        return plan.path
     with cache.entry_lock(plan.path):
         if force and plan.path.exists():
             plan.path.unlink()

@@ -134,3 +134,8 @@ def read_json(path) -> object:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise OutputError(f"{path} is not valid JSON ({exc}); delete it and run again") from None
+
+
+def save_figure(figure, path, dpi: int = 110) -> Path:
+    """A matplotlib figure as a PNG at ``path``, atomically (no pyplot involved)."""
+    return atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=dpi))

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
+from sklearn.base import clone
 
 from . import cache as cache_io
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .features import load_features
 from .heads import create_head, save_head
 from .metrics import evaluate_splits
@@ -46,34 +48,50 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
     check_writable(out_dir)
     loaded = load_features(data, model, weights=weights, cache=cache,
                            extract_options=extract_options, command="fit_head")
-    features, cache_hit = loaded.features, loaded.cache_hit
-    meta = features.meta
-    t_fit = time.perf_counter()
-    params = dict(head_params or {})
-    train, val = features["train"], features["val"]
-    threshold_on = None
-    if params.get("refit_on_val"):
-        # The threshold is chosen on val by the train-only model of the same C; the final
-        # model is then refit on train+val, and its val numbers are in-sample.
-        selector = create_head(head, **{**params, "refit_on_val": False})
-        selector.fit(train.features, train.labels, val.features, val.labels)
-        threshold_on = (val.labels, selector.predict_proba(val.features))
-        fitted = create_head(head, **{**params, "C": selector.C_})
-        fitted.fit(train.features, train.labels, val.features, val.labels)
-        fitted.selection_ = {**selector.selection_, "refit_on_val": True}
-    else:
-        fitted = create_head(head, **params)
-        fitted.fit(train.features, train.labels, val.features, val.labels)
-    fit_seconds = time.perf_counter() - t_fit
-
+    features = loaded.features
+    fitted, threshold_on, fit_seconds = _fit(features, head, dict(head_params or {}))
     t_eval = time.perf_counter()
-    splits = list(features.splits)
-    probas = {s: fitted.predict_proba(features[s].features) for s in splits}
-    labels = {s: features[s].labels for s in splits}
+    probas = {s: fitted.predict_proba(sp.features) for s, sp in features.splits.items()}
+    labels = {s: sp.labels for s, sp in features.splits.items()}
     evaluation = evaluate_splits(labels, probas, threshold=threshold, n_boot=n_boot, seed=seed,
                                  threshold_on=threshold_on)
-    eval_seconds = time.perf_counter() - t_eval
+    timing = {"fit": fit_seconds, "evaluate": time.perf_counter() - t_eval, "start": t_start}
+    record = _record(features, fitted, head, evaluation, timing, cache_hit=loaded.cache_hit,
+                     params={"head_params": head_params or {}, "threshold": threshold,
+                             "n_boot": n_boot, "seed": seed})
+    result = RunResult(record, {s: (sp.ids, labels[s], probas[s])
+                                for s, sp in features.splits.items()}, head=fitted)
+    if save:
+        _save(result, features.meta, head, evaluation, out_dir)
+    return result
 
+
+def _fit(features, head: str, params: dict):
+    """``(fitted head, threshold_on, seconds)``: every choice made on val.
+
+    With ``refit_on_val`` the threshold is chosen on val by the train-only model of the same
+    C (``threshold_on``); the final model is then refit on train+val.
+    """
+    t0 = time.perf_counter()
+    train, val = features["train"], features["val"]
+    _check_every_class_in_train(train.labels, features.meta["class_names"])
+    fit_kwargs = dict(X_val=val.features, y_val=val.labels)
+    if not params.get("refit_on_val"):
+        fitted = create_head(head, **params).fit(train.features, train.labels, **fit_kwargs)
+        return fitted, None, time.perf_counter() - t0
+    selector = create_head(head, **{**params, "refit_on_val": False})
+    selector.fit(train.features, train.labels, **fit_kwargs)
+    threshold_on = (val.labels, selector.predict_proba(val.features))
+    fitted = clone(selector).set_params(C=selector.C_, refit_on_val=True)
+    fitted.fit(train.features, train.labels, **fit_kwargs)
+    fitted.selection_ = {**selector.selection_, "refit_on_val": True}
+    return fitted, threshold_on, time.perf_counter() - t0
+
+
+def _record(features, fitted, head: str, evaluation: dict, timing: dict, *, cache_hit: bool,
+            params: dict) -> dict:
+    """The ``results.json`` record of a head on the cache."""
+    meta = features.meta
     extract_seconds = sum(s.get("seconds_total") or 0 for s in meta["splits"].values())
     n_images = sum(s["n"] for s in meta["splits"].values())
     record = new_record(
@@ -88,38 +106,47 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
         metrics=evaluation["metrics"],
         **{"metrics_at_0.5": evaluation["metrics_at_0.5"]},
         ci=evaluation["ci"],
-        timing={"extract_seconds": extract_seconds, "fit_seconds": fit_seconds,
-                "evaluate_seconds": eval_seconds,
-                "total_seconds": extract_seconds + fit_seconds + eval_seconds,
-                "wall_seconds": time.perf_counter() - t_start,
+        timing={"extract_seconds": extract_seconds, "fit_seconds": timing["fit"],
+                "evaluate_seconds": timing["evaluate"],
+                "total_seconds": extract_seconds + timing["fit"] + timing["evaluate"],
+                "wall_seconds": time.perf_counter() - timing["start"],
                 "extract_images_per_second": n_images / extract_seconds if extract_seconds
                 else None},
         cache={"path": str(features.path), "key": features.key, "hit": cache_hit,
                "feature_dim": meta["feature_dim"]},
         history=getattr(fitted, "history_", []),
-        params={"head_params": head_params or {}, "threshold": threshold, "n_boot": n_boot,
-                "seed": seed},
+        params=params,
         skipped=features.skipped,
     )
-    if threshold_on is not None:
+    if fitted.selection_.get("refit_on_val"):
         record["notes"] = ["refit on train+val: val metrics are in-sample; the threshold was "
                            "chosen on val with the train-only model of the same C"]
-    result = RunResult(record, {s: (features[s].ids, labels[s], probas[s]) for s in splits},
-                       head=fitted)
-    if save:
-        run_dir = Path(out_dir) if out_dir else default_run_dir(
-            meta["dataset"]["name"], meta["model"], meta["weights"], f"cached-{head}")
-        with run_lock(run_dir, "fit-head run"):
-            result.save(run_dir)
-            save_head(fitted, run_dir / "head.npz", metadata=head_metadata(meta, evaluation))
-            if record["history"]:
-                from .report import plot_training_curves
+    return record
 
-                plot_training_curves(record["history"], run_dir / "curves.png",
-                                     title=f"{meta['model']} cached {head} head",
-                                     best_epoch=fitted.selection_.get("best_epoch"))
-        logger.info("saved %s", run_dir)
-    return result
+
+def _save(result: RunResult, meta: dict, head: str, evaluation: dict, out_dir) -> Path:
+    """results.json, predictions, head.npz (and the training curves) in the run folder."""
+    run_dir = Path(out_dir) if out_dir else default_run_dir(
+        meta["dataset"]["name"], meta["model"], meta["weights"], f"cached-{head}")
+    with run_lock(run_dir, "fit-head run"):
+        result.save(run_dir)
+        save_head(result.head, run_dir / "head.npz", metadata=head_metadata(meta, evaluation))
+        if result.record["history"]:
+            from .report import plot_training_curves
+
+            plot_training_curves(result.record["history"], run_dir / "curves.png",
+                                 title=f"{meta['model']} cached {head} head",
+                                 best_epoch=result.head.selection_.get("best_epoch"))
+    logger.info("saved %s", run_dir)
+    return run_dir
+
+
+def _check_every_class_in_train(labels, class_names: list) -> None:
+    """A head's probability columns are the classes it saw in train; xfeat needs all of them."""
+    missing = sorted(set(range(len(class_names))) - set(np.unique(labels).tolist()))
+    if missing:
+        raise DataError(f"the train split has no images of class(es) "
+                        f"{[class_names[i] for i in missing]}; every class must occur in train")
 
 
 def head_metadata(meta: dict, evaluation: dict) -> dict:

@@ -1,17 +1,19 @@
 """``predict``: apply a saved head to new image files with the backbone it was trained on."""
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
+from scipy.special import softmax
 
 from .backbones import Preprocessing, create_backbone
-from .data import IMAGE_EXTENSIONS
+from .errors import ConfigError, DataError
 from .extract import embed_files
+from .files import write_csv
 from .heads import load_head
+from .images import IMAGE_EXTENSIONS, check_utf8_names, scan_image_files, warn_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -22,16 +24,19 @@ def expand_images(inputs: Sequence[Union[str, Path]]) -> list:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                           and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found, skipped = scan_image_files(p, recursive=True)
+            warn_skipped(skipped, str(p))
             if not found:
-                raise ValueError(f"folder {p} holds no images with extensions "
-                                 f"{', '.join(IMAGE_EXTENSIONS)}")
+                raise DataError(f"folder {p} holds no images with extensions "
+                                f"{', '.join(IMAGE_EXTENSIONS)}")
             files.extend(found)
-        elif p.exists():
+        elif p.is_file():
             files.append(p)
+        elif p.is_symlink():
+            raise DataError(f"{p} is a dangling symbolic link; expected an image file")
         else:
-            raise FileNotFoundError(f"no such image file or folder: {p}")
+            raise DataError(f"no such image file or folder: {p}")
+    check_utf8_names(files, "the images given")
     return files
 
 
@@ -39,7 +44,7 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
     w = meta["weights"]
     if w["kind"] == "random":
         if weights_override:
-            raise ValueError(f"the head's backbone has random weights ({w['id']}); --weights "
+            raise ConfigError(f"the head's backbone has random weights ({w['id']}); --weights "
                              "does not apply")
         seed = w.get("seed")
         if seed is None:  # caches written before the seed was recorded
@@ -50,15 +55,13 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
     else:
         weights, kwargs = weights_override or w["id"], {}
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"the head was trained on features of weights file {w['id']}, "
+            raise ConfigError(f"the head was trained on features of weights file {w['id']}, "
                                     "which is not there; pass its current location with --weights")
     backbone = create_backbone(meta["model"], weights, progress=False, **kwargs)
     if w.get("sha256") and backbone.weights.sha256 and backbone.weights.sha256 != w["sha256"]:
-        raise ValueError(f"weights {weights} (sha256 {backbone.weights.sha256[:12]}) are not the "
+        raise ConfigError(f"weights {weights} (sha256 {backbone.weights.sha256[:12]}) are not the "
                          f"weights the head was trained with (sha256 {w['sha256'][:12]})")
-    p = meta["preprocessing"]
-    backbone.preprocessing = Preprocessing(p["resize_size"], p["crop_size"], tuple(p["mean"]),
-                                           tuple(p["std"]), p["interpolation"])
+    backbone.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     return backbone
 
 
@@ -72,6 +75,10 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     Each row: ``path``, ``p_<class>`` per class, ``predicted`` (class name, using the head's
     val-chosen threshold for binary problems) and ``error`` (non-empty for unreadable files).
     """
+    if out_csv is not None:
+        from .runs import check_writable
+
+        check_writable(Path(out_csv).parent)
     if Path(head_path).suffix == ".pt":  # a network from `xfeat finetune`
         from .finetune import load_finetuned
 
@@ -88,7 +95,7 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     proba = np.full((len(files), len(classes)), np.nan)
     if ok.any():
         proba[ok] = head.predict_proba(outputs[ok]) if head is not None else \
-            _softmax(outputs[ok].astype(np.float64))
+            softmax(outputs[ok].astype(np.float64), axis=1)
     threshold = meta.get("threshold")
     rows = []
     for i, path in enumerate(files):
@@ -102,20 +109,5 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
             row.update(predicted="", error=errors[i])
         rows.append(row)
     if out_csv:
-        write_csv(rows, out_csv)
+        write_csv(out_csv, rows, ["path", *[f"p_{c}" for c in classes], "predicted", "error"])
     return rows
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
-def write_csv(rows: list, path: Union[str, Path]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path

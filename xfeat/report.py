@@ -13,6 +13,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .files import save_figure, write_csv, write_json, write_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,9 +36,7 @@ def plot_training_curves(history: list, path, *, title: str = "",
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- comparison
@@ -114,8 +114,7 @@ def plot_pareto(rows: list, path) -> Path:
     uniq = dict(zip(labels, handles))
     fig.legend(uniq.values(), uniq.keys(), loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_roc_curves(results: list, path) -> Path:
@@ -140,8 +139,7 @@ def plot_roc_curves(results: list, path) -> Path:
     ax.set_title("ROC on test (dots: threshold chosen on val)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrices(results: list, path) -> Path:
@@ -167,26 +165,20 @@ def plot_confusion_matrices(results: list, path) -> Path:
         ax.set_ylabel("true", fontsize=8)
         ax.set_title(f"{rec['model']} {rec['mode']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def write_comparison_report(comparison, results: list, *, analyses: Optional[dict] = None) -> Path:
     """report.md, report.html, comparison.csv/json and the PNGs, in ``comparison.out_dir``."""
-    import csv
-    import json
+    from .stats import format_p_value
 
     out = Path(comparison.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison.rows
-    (out / "comparison.json").write_text(json.dumps(
-        {"rows": rows, "tests": comparison.tests, "time_savings": comparison.savings,
-         "notes": comparison.notes}, indent=2))
-    with open(out / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+    write_json(out / "comparison.json", {"rows": rows, "tests": comparison.tests,
+                                         "time_savings": comparison.savings,
+                                         "notes": comparison.notes})
+    write_csv(out / "comparison.csv", rows, list(rows[0]))
     plot_pareto(rows, out / "pareto.png")
     plot_roc_curves(results, out / "roc.png")
     plot_confusion_matrices(results, out / "confusion.png")
@@ -211,10 +203,12 @@ def write_comparison_report(comparison, results: list, *, analyses: Optional[dic
         for t in comparison.tests[1:]:
             auc = (f"{t['auc_diff']:+.3f} [{t['auc_diff_ci'][0]:+.3f}, {t['auc_diff_ci'][1]:+.3f}]"
                    if "auc_diff" in t else "—")
-            md.append(f"| {t['model']} {t['mode']} | {auc} | "
-                      f"{t.get('auc_p_value', float('nan')):.3g} | {t['accuracy_diff']:+.3f} "
+            auc_p = format_p_value(t["auc_p_value"]) if "auc_p_value" in t else "—"
+            md.append(f"| {t['model']} {t['mode']} | {auc} | {auc_p} | "
+                      f"{t['accuracy_diff']:+.3f} "
                       f"[{t['accuracy_diff_ci'][0]:+.3f}, {t['accuracy_diff_ci'][1]:+.3f}] | "
-                      f"{t['accuracy_p_value']:.3g} | {'yes' if t['significant'] else 'no'} |")
+                      f"{format_p_value(t['accuracy_p_value'], t.get('n_boot'))} | "
+                      f"{'yes' if t['significant'] else 'no'} |")
         md.append("")
     md += ["## Accuracy against time", "", "![Pareto plot](pareto.png)", "",
            "## ROC curves on test", "", "![ROC curves](roc.png)", "",
@@ -232,8 +226,8 @@ def write_comparison_report(comparison, results: list, *, analyses: Optional[dic
     md += ["## Files", "", "- `comparison.csv`, `comparison.json`: the table and tests above",
            "- `runs/*/results.json`: every run in full (schema xfeat-result/1)", ""]
     text = "\n".join(md)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(markdown_to_html(text, title="xfeat comparison"))
+    write_text(out / "report.md", text)
+    write_text(out / "report.html", markdown_to_html(text, title="xfeat comparison"))
     return out / "report.md"
 
 

@@ -35,6 +35,7 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import ConfigError
 from .files import atomic_write, write_json
 from .metrics import format_metrics_table
 
@@ -103,10 +104,10 @@ def load_result(path) -> RunResult:
     if path.is_dir():
         path = path / "results.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no results.json at {path}")
+        raise ConfigError(f"no results.json at {path}; expected a run folder of fit-head or finetune")
     record = json.loads(path.read_text())
     if record.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not an xfeat result (schema {record.get('schema')!r}, "
+        raise ConfigError(f"{path} is not an xfeat result (schema {record.get('schema')!r}, "
                          f"expected {SCHEMA!r})")
     predictions = {}
     pred_path = path.with_name("predictions.npz")

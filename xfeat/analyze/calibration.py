@@ -23,7 +23,7 @@ def calibration_section(probe: RunResult) -> Section:
         "x": f"predicted probability of {names[1]}" if binary else "top-label confidence",
         "ece": {s: rec["metrics"][s]["ece"] for s in splits},
         "brier": {s: rec["metrics"][s]["brier"] for s in splits},
-        "curves": {s: _reliability(probe.predictions[s][1], probe.predictions[s][2])
+        "curves": {s: reliability_curve(probe.predictions[s][1], probe.predictions[s][2])
                    for s in splits},
         "threshold": None,
     }
@@ -39,12 +39,6 @@ def calibration_section(probe: RunResult) -> Section:
     return Section("calibration", "Calibration and operating point", summary,
                    headlines=_headlines(summary), markdown=_markdown(summary),
                    figures={"reliability.png": figure})
-
-
-# heads API: see merge
-def _reliability(y, proba) -> dict:
-    # Becomes sklearn.calibration.calibration_curve; today's gives per-bin counts as well.
-    return reliability_curve(y, proba)
 
 
 def _headlines(s: dict) -> list:

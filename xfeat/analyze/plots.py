@@ -12,7 +12,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..files import atomic_write
+from .. import files
 
 SPLIT_COLORS = {"train": "tab:blue", "val": "tab:green", "test": "tab:red"}
 CLASS_MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
@@ -84,7 +84,7 @@ def save_figure(figure: Union[Figure, Callable], path) -> Path:
     """Write ``figure`` as a PNG at ``path``, atomically; a callable is given the path."""
     path = Path(path)
     if isinstance(figure, Figure):
-        atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=DPI))
+        files.save_figure(figure, path, dpi=DPI)
     else:
         figure(path)
     return path

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from ..errors import ConfigError
 from ..fit import fit_head
@@ -92,15 +92,6 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, *, C: float, n_folds: int = 
     return _oof_proba(X, y, C, folds, seed), folds
 
 
-# heads API: see merge
 def _oof_proba(X: np.ndarray, y: np.ndarray, C: float, n_folds: int, seed: int) -> np.ndarray:
-    # Becomes cross_val_predict(LogisticHead(C=C), X, y, cv=StratifiedKFold(n_folds,
-    # shuffle=True, random_state=seed), method="predict_proba"). Today's fit needs a val
-    # split: the held-out fold is passed, and with C fixed it chooses nothing.
-    proba = np.zeros((len(y), int(y.max()) + 1))
-    for fit_rows, held_out in StratifiedKFold(n_folds, shuffle=True,
-                                              random_state=seed).split(X, y):
-        head = LogisticHead(C=C).fit(X[fit_rows], y[fit_rows], X[held_out], y[held_out])
-        p = head.predict_proba(X[held_out])
-        proba[held_out, :p.shape[1]] = p
-    return proba
+    return cross_val_predict(LogisticHead(C=C), X, y, method="predict_proba",
+                             cv=StratifiedKFold(n_folds, shuffle=True, random_state=seed))

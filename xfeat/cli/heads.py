@@ -7,8 +7,8 @@ import click
 
 from ..config import HEAD_NAMES
 from . import api_errors, cli
-from .options import (json_option, model_options, n_boot_option, optional_data_options,
-                      predict_run_options, run_options, split_options, threshold_option)
+from .options import (cache_source, json_option, model_options, n_boot_option,
+                      optional_data_options, predict_run_options, run_options, threshold_option)
 
 # CLI flag -> the head parameter it sets; which head takes which is read from the heads.
 _HEAD_FLAGS = {"C": "--C", "scoring": "--scoring", "class_weight": "--class-weight",
@@ -66,13 +66,12 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
 
     parse_threshold_rule(threshold)  # before any extraction
     head_params = head_params_from_flags(head, {k: options.pop(k) for k in _HEAD_FLAGS})
-    if head == "linear":
+    from ..heads import head_options
+
+    if "seed" in head_options()[head]:
         head_params["seed"] = seed
-    if not data and not cache_file:
-        raise click.UsageError("give --data (and --model/--weights) or --cache FILE.h5")
-    extract_options = {**split_options(options), **options, "image_size": image_size,
-                       "seed": seed, "progress": ctx.obj["progress"]}
-    extract_options = {k: v for k, v in extract_options.items() if v is not None}
+    extract_options = cache_source(ctx, data, cache_file, options, image_size=image_size,
+                                   seed=seed)
     result = fit_head(data, model, weights=weights, cache=cache_file, head=head,
                       threshold=threshold, head_params=head_params, out_dir=out_dir,
                       n_boot=n_boot, extract_options=extract_options)

@@ -130,3 +130,12 @@ def split_options(kwargs: dict) -> dict:
     """Pop the data options into ``extract``'s keyword names."""
     return {k: kwargs.pop(k) for k in ("val_fraction", "split_seed", "group_pattern",
                                        "cache_dir") if k in kwargs}
+
+
+def cache_source(ctx, data, cache_file, options: dict, *, image_size, seed) -> dict:
+    """Check that --data or --cache is given; return ``extract``'s options from the rest."""
+    if not data and not cache_file:
+        raise click.UsageError("give --data (and --model/--weights) or --cache FILE.h5")
+    extract_options = {**split_options(options), **options, "image_size": image_size,
+                       "seed": seed, "progress": ctx.obj["progress"]}
+    return {k: v for k, v in extract_options.items() if v is not None}

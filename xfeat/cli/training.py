@@ -7,9 +7,9 @@ import click
 
 from ..config import COMPARE_MODES, FINETUNE_MODES, HEAD_NAMES, FinetuneConfig
 from . import api_errors, cli
-from .options import (data_options, default, finetune_options, json_option, loader_options,
-                      model_options, n_boot_option, optional_data_options, run_options,
-                      split_options, threshold_option)
+from .options import (cache_source, data_options, default, finetune_options, json_option,
+                      loader_options, model_options, n_boot_option, optional_data_options,
+                      run_options, split_options, threshold_option)
 
 
 @cli.command("finetune")
@@ -111,11 +111,8 @@ def analyze_cmd(ctx, data, model, weights, image_size, seed, cache_file, runs,
     overfitting, calibration."""
     from ..analyze import analyze
 
-    if not data and not cache_file:
-        raise click.UsageError("give --data (and --model/--weights) or --cache FILE.h5")
-    extract_options = {**split_options(options), **options, "image_size": image_size,
-                       "seed": seed, "progress": ctx.obj["progress"]}
-    extract_options = {k: v for k, v in extract_options.items() if v is not None}
+    extract_options = cache_source(ctx, data, cache_file, options, image_size=image_size,
+                                   seed=seed)
     analysis = analyze(data, model, weights=weights, cache=cache_file, out_dir=out_dir,
                        runs=runs, near_duplicate_threshold=near_duplicate_threshold,
                        n_folds=n_folds, n_boot=n_boot, seed=seed,

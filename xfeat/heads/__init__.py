@@ -1,0 +1,27 @@
+"""Heads: scikit-learn classifiers trained on cached (N, D) feature arrays, and their files.
+
+Every head is a scikit-learn estimator (``clone``, ``get_params``, ``set_params``, ``score``
+work): ``__init__`` stores parameters only, ``fit(X, y, *, X_val=None, y_val=None)``
+validates, learns and returns ``self``, learned attributes end in ``_``.  The val split is
+the only data a head uses to make a choice (C, k, best epoch); a head whose choice is fixed
+needs none.
+
+============  ================  ===============================================
+name          class             choice made on val
+============  ================  ===============================================
+``logreg``    LogisticHead      C (CLIP-style sweep), unless ``C`` is given
+``linear``    LinearHead        the best epoch
+``knn``       KNNHead           k, unless ``ks`` holds one value
+============  ================  ===============================================
+
+Heads are saved by :func:`save_head` as one pickle-free ``.npz`` and read by :func:`load_head`.
+"""
+
+from .io import FORMAT, FORMAT_VERSION, load_head, save_head
+from .knn import KNNHead
+from .linear import LinearHead
+from .logistic import LogisticHead
+from .registry import HEADS, create_head, head_options
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KNNHead", "LinearHead", "LogisticHead",
+           "create_head", "head_options", "load_head", "save_head"]

@@ -1,0 +1,108 @@
+"""Saving and loading fitted heads, without pickle.
+
+A head file is one ``.npz``: the head's learned arrays as plain numeric entries, plus a JSON
+string under ``__meta__`` (format, head name, constructor parameters, learned scalars, the
+selection record and the caller's metadata).  It is read with
+``np.load(..., allow_pickle=False)``, so loading a file can run no code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from sklearn.utils.validation import check_is_fitted
+
+from ..errors import ConfigError, DataError
+from ..files import atomic_write, dumps
+from .base import BaseHead
+from .registry import HEADS
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "xfeat-head"
+# 1: the first release.  2: heads became scikit-learn estimators; LogisticHead gained the
+# parameter ``solver`` and the learned ``n_iter_``, and ``classes_`` may hold any labels.
+# Version-1 files load unchanged (a parameter they lack takes its default); the bump makes an
+# older xfeat refuse a version-2 file with "upgrade" instead of an unknown-parameter error.
+FORMAT_VERSION = 2
+
+
+def save_head(head: BaseHead, path, *, metadata: dict) -> Path:
+    """Write a fitted head to one ``.npz`` (numeric arrays + a JSON ``__meta__``), atomically.
+
+    ``metadata`` (threshold, class names, cache key, ...) must be JSON-serialisable; it is
+    returned unchanged by :func:`load_head`.
+    """
+    name = next((n for n, cls in HEADS.items() if type(head) is cls), None)
+    if name is None:
+        raise TypeError(f"cannot save {type(head).__name__}; expected one of: "
+                        f"{', '.join(cls.__name__ for cls in HEADS.values())}.")
+    check_is_fitted(head, "classes_")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "head": name,
+        "params": head.get_params(deep=False),
+        # hasattr: a head loaded from an older file may lack an attribute added since
+        "learned": {attr: getattr(head, attr) for attr in head._scalars if hasattr(head, attr)},
+        "selection": head.selection_,
+        "metadata": metadata,
+    }
+    try:
+        meta_json = dumps(meta, indent=None)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"metadata for the {name} head is not JSON-serialisable: {exc}") from exc
+    arrays = {attr: np.asarray(getattr(head, attr)) for attr in head._arrays}
+    path = atomic_write(path, lambda f: np.savez(f, __meta__=np.array(meta_json), **arrays))
+    logger.info("saved %s head to %s", name, path)
+    return path
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    """The ``__meta__`` dict and the arrays of a head file."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array, not an .npz archive")
+        with data:
+            if "__meta__" not in data.files:
+                raise ValueError("it has no '__meta__' entry")
+            meta = json.loads(data["__meta__"].item())
+            arrays = {key: data[key] for key in data.files if key != "__meta__"}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # text, pickle, truncated ...
+        raise DataError(f"{path} is not an xfeat head file ({exc}).") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path} is not an xfeat head file (format is not {FORMAT!r}).")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DataError(f"{path} has format_version {version!r}; this xfeat reads versions up "
+                        f"to {FORMAT_VERSION}. Upgrade xfeat to load it.")
+    return meta, arrays
+
+
+def load_head(path) -> tuple[BaseHead, dict]:
+    """Load a head written by :func:`save_head`; return ``(fitted_head, metadata)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no xfeat head file at {path}; expected a head.npz written by fit-head")
+    meta, arrays = _read(path)
+    if meta.get("head") not in HEADS:
+        raise DataError(f"{path} holds unknown head {meta.get('head')!r}; expected one of: "
+                        f"{', '.join(sorted(HEADS))}.")
+    cls = HEADS[meta["head"]]
+    missing = [a for a in cls._arrays if a not in arrays]
+    if missing:
+        raise DataError(f"{path} is missing arrays {missing} for a {meta['head']} head.")
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
+    unknown = sorted(set(params) - set(cls().get_params(deep=False)))
+    if unknown:
+        raise DataError(f"{path} has parameters {unknown} that {cls.__name__} does not take; "
+                        "it was written by another version of xfeat.")
+    head = cls(**params)
+    for attr, value in {**meta["learned"], "selection_": meta["selection"], **arrays}.items():
+        setattr(head, attr, value)
+    return head, meta["metadata"]
