@@ -119,6 +119,15 @@ def _run(cmd: list, log: Path, kill_after, timeout: float, killed: list) -> int:
     return proc.returncode
 
 
+def _written_rows(group: h5py.Group) -> np.ndarray:
+    """The rows of one split written so far: its features dataset, or its blocks side by
+    side (a cache with several feature blocks keeps one dataset per block in a group)."""
+    done, features = int(group["rows_done"][0]), group["features"]
+    if isinstance(features, h5py.Dataset):
+        return features[:done]
+    return np.concatenate([features[name][:done] for name in sorted(features)], axis=1)
+
+
 class ExtractPhase:
     name = "extract"
 
@@ -139,7 +148,7 @@ class ExtractPhase:
             if path.exists():
                 try:
                     with h5py.File(path, "r", locking=False) as f:
-                        return {s: f[s]["features"][:int(f[s]["rows_done"][0])] for s in f}
+                        return {s: _written_rows(f[s]) for s in f}
                 except (OSError, KeyError):  # killed while the file was being created
                     return {}
         return {}

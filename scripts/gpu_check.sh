@@ -12,8 +12,9 @@
 #
 # Within 8 minutes (every stage has its own `timeout`); a table at the end; everything
 # (table, JSON lines, logs) under $OUT when set, else a temporary folder. Fails at once, with
-# the reason, when no GPU is visible. Data: --data PATH, else ../shared/data/chest_xray224
-# when present, else synthetic 224x224 JPEGs (the table says which).
+# the reason, when no GPU is visible. Data: --data PATH, else the shared chest X-rays when
+# present ($XFEAT_SHARED, ../shared or ./shared), else synthetic 224x224 JPEGs (the table says
+# which).
 #
 #   scripts/gpu_check.sh [--data PATH] [--model resnet50] [--images 2048]
 #   scripts/gpu_check.sh --cpu-dry-run   # the whole script on the CPU, tiny (tests the script)
@@ -81,6 +82,7 @@ stage() {
     echo "== $name (limit ${limit} s)"
     timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
     tail -n 3 "$OUT/$name.log"
+    STAGE_SECONDS=$((SECONDS - t0))
     if [[ $rc -ne 0 ]]; then
         local why="exit status $rc"
         [[ $rc -eq 124 || $rc -eq 137 ]] && why="timed out after ${limit} s"
@@ -89,8 +91,13 @@ stage() {
 }
 
 # --- data: a stratified subset of the real X-rays as symlinks, or synthetic JPEGs
-DATA=${DATA:-$REPO/../shared/data/chest_xray224}
-timeout 120 "$PY" - "$DATA" "$OUT/work/data" "$IMAGES" <<'PY'
+if [[ -z $DATA ]]; then
+    for shared in "${XFEAT_SHARED:-$REPO/../shared}" "$REPO/shared"; do
+        [[ -d $shared/data/chest_xray224 ]] && DATA=$shared/data/chest_xray224 && break
+    done
+fi
+DATA=${DATA:-../shared/data/chest_xray224}
+timeout 60 "$PY" - "$DATA" "$OUT/work/data" "$IMAGES" <<'PY'
 import sys
 from pathlib import Path
 
@@ -147,10 +154,12 @@ def sync():
 
 backbone = create_backbone(model, "none", image_size=size)
 split = load_dataset(root).splits["train"]
-images = [backbone.preprocessing.resize_and_crop(split.read_image(i))
+prep = backbone.preprocessing
+images = [prep.resize_and_crop(split.read_image(i, draft_size=prep.resize_size,  # as extract
+                                                exif_transpose=prep.exif_transpose))
           for i in range(min(batch, len(split)))]
 x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-net, norm = backbone.model.to(dev).eval(), backbone.preprocessing.normalize
+net, norm = backbone.model.to(dev).eval(), prep.normalize
 forward = {}
 for name, channels_last, dtype in (("fp32", False, None), ("fp32 channels_last", True, None),
                                    ("bf16 channels_last", True, torch.bfloat16)):
@@ -169,8 +178,10 @@ for name, channels_last, dtype in (("fp32", False, None), ("fp32 channels_last",
             step()
             n += 1
         sync()
-        forward[name] = n * len(xb) / (time.perf_counter() - t0)
-    record(f"forward only, {name}", f"{forward[name]:.0f} img/s ({model}, batch {len(xb)})")
+        seconds = time.perf_counter() - t0
+        forward[name] = n * len(xb) / seconds
+    record(f"forward only, {name}", f"{forward[name]:.0f} img/s ({model}, batch {len(xb)})",
+           seconds=seconds)
 
 t0 = time.perf_counter()
 path = xfeat.extract(root, model, image_size=size, batch_size=batch, device=str(dev),
@@ -221,7 +232,8 @@ stage torchrun 100 "$PY" -m torch.distributed.run --standalone --nproc_per_node=
     -q extract --data "$OUT/work/data" --model "$MODEL" --image-size "$IMAGE_SIZE" \
     --batch-size "$BATCH" --device "$DEVICE" --cache-dir "$OUT/work/cache-torchrun"
 if [[ -f $OUT/extract_cache.txt ]] && compgen -G "$OUT/work/cache-torchrun/*.h5" > /dev/null; then
-    "$PY" - "$(cat "$OUT/extract_cache.txt")" "$OUT/work/cache-torchrun" "$RESULTS" <<'PY'
+    "$PY" - "$(cat "$OUT/extract_cache.txt")" "$OUT/work/cache-torchrun" "$RESULTS" \
+        "$STAGE_SECONDS" <<'PY'
 import json
 import sys
 from pathlib import Path
@@ -239,7 +251,7 @@ with open(sys.argv[3], "a") as f:
                         "result": f"ids {'equal' if same_ids else 'DIFFER'}, "
                                   f"max abs feature diff {diff:.1e}",
                         "status": "ok" if same_ids and diff < 1e-3 else "FAIL",
-                        "seconds": 0}) + "\n")
+                        "seconds": int(sys.argv[4])}) + "\n")
 PY
 fi
 
@@ -251,7 +263,8 @@ import json
 import sys
 
 rows = [json.loads(line) for line in open(sys.argv[1])]
-device = "CPU dry run" if sys.argv[3] == "cpu" else "CUDA"
+device = ("CPU dry run: tests the script; its speeds mean nothing" if sys.argv[3] == "cpu"
+          else "CUDA")
 print(f"xfeat GPU check ({device}), data: {sys.argv[4]}, {sys.argv[5]} s in all; "
       f"outputs in {sys.argv[2]}")
 print("| check | result | s | status |\n|---|---|---|---|")
