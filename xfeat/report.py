@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .files import save_figure, write_csv, write_json, write_text
+from .files import atomic_write, save_figure, write_csv, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def write_comparison_report(comparison, results: list, *, analyses: Optional[dic
     if curves:
         md += ["## Training curves", ""]
         for name, src in curves:
-            md += [f"### {name}", "", f"![{name}]({_relative(src, out)})", ""]
+            md += [f"### {name}", "", f"![{name}]({_figure_link(src, out)})", ""]
     if analyses:
         md += ["## Why test accuracy lags", ""]
         for model, path in analyses.items():
@@ -231,13 +231,21 @@ def write_comparison_report(comparison, results: list, *, analyses: Optional[dic
     return out / "report.md"
 
 
-def _relative(path, start: Path) -> str:
-    """``path`` relative to ``start`` when inside it (reports stay movable), else absolute."""
-    path, start = Path(path).resolve(), Path(start).resolve()
+def _figure_link(path, out: Path) -> str:
+    """A link to the figure ``path`` relative to the report folder ``out``, so the folder can
+    be moved, copied or zipped and still show it. A figure outside ``out`` (a run folder kept
+    elsewhere, or the original's after the comparison folder was copied) is copied into
+    ``out/figures`` first: a link leaving the folder would break with the first move."""
+    from urllib.parse import quote
+
+    path, out = Path(path).resolve(), Path(out).resolve()
     try:
-        return path.relative_to(start).as_posix()
+        rel = path.relative_to(out)
     except ValueError:
-        return path.as_posix()
+        rel = Path("figures") / f"{path.parent.name}-{path.name}"
+        data = path.read_bytes()
+        atomic_write(out / rel, lambda f: f.write(data))
+    return quote(rel.as_posix())
 
 
 def markdown_to_html(text: str, title: str = "xfeat report") -> str:
