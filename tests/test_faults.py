@@ -62,15 +62,14 @@ def test_a_table_row_fails_on_any_difference():
 
 @pytest.mark.integration
 def test_short_drill_on_the_real_xrays_loses_nothing(tmp_path):
-    """Two kills per phase through the CLI, as a user runs it. Loader workers 0: with
-    workers, extract loses rows (the strict xfail below)."""
+    """Two kills per phase through the CLI, as a user runs it (the default loader)."""
     if not CHEST.is_dir():
         pytest.fail(f"the shared chest X-ray data is missing at {CHEST}")
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "fault_drill.py"), "--data", str(CHEST),
          "--kills", "2", "--extract-images", "48", "--extract-image-size", "64",
          "--finetune-images", "24", "--finetune-image-size", "32", "--epochs", "2",
-         "--num-workers", "0", "--keep", str(tmp_path / "work")],
+         "--keep", str(tmp_path / "work")],
         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
         timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -93,11 +92,6 @@ time.sleep(120)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "xfeat.cache: CacheWriter._open_existing treats 'unable to lock file' (errno 11) as "
-    "damage and deletes the partial file: after `kill -9` of an extraction its orphaned "
-    "data-loader worker still holds the file's HDF5 lock for a few seconds, and a restart "
-    "in that window throws away every row written (found by scripts/fault_drill.py)"))
 def test_resume_keeps_the_rows_while_another_process_holds_the_partial_open(tmp_path, caplog):
     root = make_image_folder(tmp_path / "d", n_train=120, n_test=4)
     cache_dir = tmp_path / "cache"

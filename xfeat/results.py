@@ -117,6 +117,7 @@ def load_result(path) -> RunResult:
                 if f"{split}_proba" in z.files:
                     predictions[split] = (z[f"{split}_ids"].tolist(), z[f"{split}_labels"],
                                           z[f"{split}_proba"])
+    record["run_dir"] = str(path.parent)  # where it is now (folders get moved and copied)
     return RunResult(record, predictions)
 
 

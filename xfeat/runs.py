@@ -64,9 +64,20 @@ def run_lock(run_dir: Union[str, Path], what: str = "run"):
     except OSError as exc:
         raise OutputError(describe_os_error(exc, run_dir / ".lock")) from None
     try:
+        _remove_stray_temporaries(run_dir)
         yield run_dir
     finally:
         lock.release()
+
+
+def _remove_stray_temporaries(run_dir: Path) -> None:
+    """Temporary files of :func:`xfeat.files.atomic_write` left by a killed process: with the
+    folder's lock held no writer is using them."""
+    for tmp in run_dir.glob(".*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def check_writable(path: Optional[Union[str, Path]]) -> None:

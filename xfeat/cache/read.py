@@ -109,7 +109,7 @@ def is_complete(path: Union[str, Path]) -> bool:
     if not path.is_file():
         return False
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:
             return bool(f.attrs.get("complete", False)) and all_rows_done(f)
     except (OSError, KeyError):
         return False
@@ -118,7 +118,7 @@ def is_complete(path: Union[str, Path]) -> bool:
 def read_meta(path: Union[str, Path]) -> dict:
     """The attributes of a complete cache entry, without loading features."""
     path = _check_readable(Path(path))
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         return _meta(f)
 
 
@@ -139,7 +139,7 @@ def _check_readable(path: Path) -> Path:
                 "`xfeat extract` command again to resume it)") if partial.exists() else ""
         raise CacheError(f"cache file {path} does not exist{hint}")
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:
             if f.attrs.get("format") != FORMAT:
                 raise CacheError(f"{path} is not an xfeat feature cache")
             if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
@@ -162,7 +162,7 @@ def read_cache(path: Union[str, Path], splits: Optional[Sequence[str]] = None, *
     ``views``: also read the augmented and test-time views of those splits.
     """
     path = _check_readable(Path(path))
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         meta = _meta(f)
         result = FeatureSet(path=path, key=meta["key"], meta=meta)
         wanted = list(splits) if splits else [s for s in BASE_SPLITS if s in f]

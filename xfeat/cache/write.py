@@ -109,7 +109,7 @@ class CacheWriter:
             return None
         f = None
         try:
-            f = h5py.File(self.partial, "r+")
+            f = h5py.File(self.partial, "r+", locking=False)
             layout_ok = self._layout_matches(f, splits, dtype)
             done = {s: int(f[s]["rows_done"][0]) for s in f} if layout_ok else None
         except Exception as exc:  # h5py raises OSError, KeyError, ValueError for damage
@@ -134,7 +134,7 @@ class CacheWriter:
             raise CacheError(describe_os_error(exc, self.partial)) from None
 
     def _create(self, splits: dict, dtype: str) -> h5py.File:
-        f = h5py.File(self.partial, "w")
+        f = h5py.File(self.partial, "w", locking=False)
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["key"] = self.key
