@@ -1,10 +1,15 @@
-"""Benchmark `xfeat finetune` epochs against a plain PyTorch-tutorial loop, side by side.
+"""`xfeat finetune` training speed against the fastest training step this machine runs.
 
-Tutorial loop: ImageFolder + PIL decode + RandomResizedCrop/flip/ToTensor/Normalize every
-epoch, then a val pass with Resize/CenterCrop; SGD(lr 1e-3, momentum 0.9), StepLR(7, 0.1).
-xfeat: `finetune(mode="full")` and `finetune(mode="frozen")`, same model, batch size, images,
-data-loader workers and torch threads. An epoch is the train pass plus the val pass; the
-decoded store xfeat builds once is reported separately (a one-off cost).
+On the same real images, batch size and threads:
+
+(a) the fastest fp32 training step on in-memory tensors (normalise, forward, cross-entropy,
+    backward, SGD step; steady state after warm-up): the best of eager NCHW, eager
+    channels_last and ``torch.compile`` in channels_last;
+(b) ``xfeat finetune --mode full`` as a user runs it (decoded store, random-resized-crop +
+    flip every epoch from seeded generators, loader workers, val pass not counted): its
+    training images per second, by default and with ``--compile``; ``--mode frozen`` for
+    reference.
+Prints (b)/(a) per configuration.
 
     python scripts/bench_finetune.py --data ../shared/data/chest_xray224 --model resnet18
 """
@@ -13,19 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-import torchvision
 from torch import nn
-from torchvision import transforms
 
 import xfeat
-from xfeat.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone
-from xfeat.extract import default_num_workers
+from xfeat.backbones import create_backbone
+from xfeat.data import load_dataset
 
 
 def make_subset(src: Path, dst: Path, n_train: int, n_val: int) -> Path:
@@ -43,50 +46,52 @@ def make_subset(src: Path, dst: Path, n_train: int, n_val: int) -> Path:
     return dst
 
 
-def tutorial_epochs(root: Path, model: str, epochs: int, batch_size: int, workers: int) -> list:
-    """The PyTorch transfer-learning tutorial's loop, timed per epoch (train + val)."""
-    prep = create_backbone(model, "none").preprocessing
-    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    tf = {"train": transforms.Compose([transforms.RandomResizedCrop(prep.crop_size),
-                                       transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                                       normalize]),
-          "val": transforms.Compose([transforms.Resize(prep.resize_size),
-                                     transforms.CenterCrop(prep.crop_size),
-                                     transforms.ToTensor(), normalize])}
-    sets = {s: torchvision.datasets.ImageFolder(root / s, tf[s]) for s in ("train", "val")}
-    loaders = {s: torch.utils.data.DataLoader(sets[s], batch_size=batch_size,
-                                              shuffle=s == "train", num_workers=workers)
-               for s in sets}
-    torch.manual_seed(0)
-    backbone = create_backbone(model, "none")  # the same architecture and init as xfeat's
-    backbone.replace_classifier(nn.Linear(backbone.feature_dim, len(sets["train"].classes)))
-    net = backbone.model
-    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
-    criterion = nn.CrossEntropyLoss()
-    times = []
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        for phase in ("train", "val"):
-            net.train(phase == "train")
-            for x, y in loaders[phase]:
-                optimizer.zero_grad()
-                with torch.set_grad_enabled(phase == "train"):
-                    loss = criterion(net(x), y)
-                    if phase == "train":
-                        loss.backward()
-                        optimizer.step()
-        scheduler.step()
-        times.append(time.perf_counter() - t0)
-    return times
+def training_step_speed(model: str, x: torch.Tensor, y: torch.Tensor, batch: int,
+                        layout: str, compiled: bool, steps: int) -> dict:
+    """Steady-state img/s of full training steps on in-memory tensors."""
+    backbone = create_backbone(model, "none")
+    backbone.replace_classifier(backbone.new_classifier(2))
+    net = backbone.model.train()
+    cl = layout == "channels_last"
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    step_fn = net
+    t0 = time.perf_counter()
+    if compiled:
+        step_fn = torch.compile(net)
+
+    def step(i):
+        xb = backbone.preprocessing.normalize(x[i:i + batch])
+        xb = xb.contiguous(memory_format=torch.channels_last) if cl else xb
+        loss = nn.functional.cross_entropy(step_fn(xb), y[i:i + batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step(0)
+    setup = time.perf_counter() - t0
+    step(batch)
+    starts = [(k * batch) % (len(x) - batch + 1) for k in range(steps)]
+    t0 = time.perf_counter()
+    for i in starts:
+        step(i)
+    seconds = time.perf_counter() - t0
+    return {"layout": layout, "compiled": compiled, "images_per_second": steps * batch / seconds,
+            "setup_seconds": setup}
 
 
-def xfeat_epochs(root: Path, model: str, mode: str, epochs: int, batch_size: int, workers: int,
-                 tmp: Path) -> dict:
-    result = xfeat.finetune(root, model, mode=mode, epochs=epochs, batch_size=batch_size,
-                            num_workers=workers, cache_dir=tmp / "cache", out_dir=tmp / mode,
-                            n_boot=0, progress=False)
-    return {"epoch_seconds": [h["seconds"] for h in result["history"]],
+def xfeat_epochs(root: Path, model: str, mode: str, epochs: int, batch: int, tmp: Path,
+                 compile: bool) -> dict:
+    out = tmp / f"run-{mode}-{int(compile)}"
+    t0 = time.perf_counter()
+    result = xfeat.finetune(root, model, mode=mode, epochs=epochs, batch_size=batch,
+                            compile=compile, cache_dir=tmp / "cache", out_dir=out, n_boot=0,
+                            progress=False)
+    history = result["history"]
+    return {"mode": mode, "compile": compile, "wall_seconds": time.perf_counter() - t0,
+            "images_per_second_per_epoch": [h["images_per_second"] for h in history],
+            "images_per_second": max(h["images_per_second"] for h in history),
             "store_seconds": result["timing"]["store_seconds"]}
 
 
@@ -95,41 +100,48 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/chest_xray224"))
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--n-train", type=int, default=256)
+    parser.add_argument("--n-train", type=int, default=512)
     parser.add_argument("--n-val", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=default_num_workers())
+    parser.add_argument("--steps", type=int, default=12, help="timed steps of (a)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = make_subset(args.data, tmp / "data", args.n_train, args.n_val)
-        common = (args.model, args.epochs, args.batch_size, args.num_workers)
-        tutorial = tutorial_epochs(root, *common)
-        full = xfeat_epochs(root, *common[:1], "full", *common[1:], tmp)
-        frozen = xfeat_epochs(root, *common[:1], "frozen", *common[1:], tmp)
-    med = statistics.median
-    result = {"model": args.model, "train_images": args.n_train, "val_images": args.n_val,
-              "batch_size": args.batch_size, "num_workers": args.num_workers,
-              "threads": torch.get_num_threads(), "device": "cpu",
-              "tutorial_epoch_seconds": tutorial, "xfeat_full_epoch_seconds": full["epoch_seconds"],
-              "xfeat_frozen_epoch_seconds": frozen["epoch_seconds"],
-              "xfeat_store_seconds": full["store_seconds"],
-              "speedup_full_vs_tutorial": med(tutorial) / med(full["epoch_seconds"]),
-              "speedup_frozen_vs_full": med(full["epoch_seconds"]) / med(frozen["epoch_seconds"])}
+        prep = create_backbone(args.model, "none").preprocessing
+        split = load_dataset(root).splits["train"]
+        x = torch.from_numpy(np.stack([prep.resize_and_crop(split.read_image(i))
+                                       for i in range(len(split))])).permute(0, 3, 1, 2)
+        y = torch.from_numpy(split.labels)
+        reference = [training_step_speed(args.model, x, y, args.batch_size, layout, compiled,
+                                         args.steps)
+                     for layout, compiled in (("contiguous", False), ("channels_last", False),
+                                              ("channels_last", True))]
+        fastest = max(reference, key=lambda r: r["images_per_second"])
+        runs = [xfeat_epochs(root, args.model, "full", args.epochs, args.batch_size, tmp, False),
+                xfeat_epochs(root, args.model, "full", args.epochs, args.batch_size, tmp, True),
+                xfeat_epochs(root, args.model, "frozen", args.epochs, args.batch_size, tmp,
+                             False)]
+    result = {"model": args.model, "threads": torch.get_num_threads(), "reference": reference,
+              "fastest": fastest, "xfeat": runs,
+              "ratios": [r["images_per_second"] / fastest["images_per_second"] for r in runs]}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.model}, {args.n_train} train + {args.n_val} val images, batch {args.batch_size}, "
-          f"{args.num_workers} loader workers, {result['threads']} torch threads, CPU")
-    print(f"tutorial loop epoch (train+val):  median {med(tutorial):6.1f} s  {tutorial}")
-    print(f"xfeat finetune --mode full epoch: median {med(full['epoch_seconds']):6.1f} s  "
-          f"(+ {full['store_seconds']:.1f} s once to decode the store)")
-    print(f"xfeat finetune --mode frozen:     median {med(frozen['epoch_seconds']):6.1f} s")
-    print(f"speed-up full vs tutorial: {result['speedup_full_vs_tutorial']:.2f}x   (target >= 1.5x)")
-    print(f"speed-up frozen vs full:   {result['speedup_frozen_vs_full']:.2f}x")
+    print(f"{args.model}, {len(split)} train images, batch {args.batch_size}, "
+          f"{result['threads']} threads")
+    for r in reference:
+        print(f"(a) training step in memory, {r['layout']}{' compiled' if r['compiled'] else ''}: "
+              f"{r['images_per_second']:.1f} img/s (setup {r['setup_seconds']:.1f} s)")
+    for r, ratio in zip(runs, result["ratios"]):
+        print(f"(b) xfeat finetune --mode {r['mode']}{' --compile' if r['compile'] else ''}: "
+              f"best epoch {r['images_per_second']:.1f} img/s (epochs: "
+              f"{', '.join(f'{v:.1f}' for v in r['images_per_second_per_epoch'])}; store "
+              f"{r['store_seconds']:.1f} s once) -> {ratio:.2f}x the fastest step "
+              f"({fastest['layout']}{' compiled' if fastest['compiled'] else ''})")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ class FinetuneConfig:
     max_train_images: Optional[int] = None
     threshold: str = DEFAULT_THRESHOLD
     amp: str = "auto"
-    channels_last: bool = True
+    channels_last: Optional[bool] = None
     compile: bool = False
     seed: int = 0
     n_boot: int = DEFAULT_N_BOOT

@@ -140,8 +140,9 @@ def finetune_options(f):
                           "modern 0.1]."),
         click.option("--amp", type=click.Choice(["auto", "bf16", "none"]), default=d("amp"),
                      show_default=True, help="auto: bf16 autocast on CUDA, fp32 on CPU."),
-        click.option("--channels-last/--no-channels-last", default=d("channels_last"),
-                     show_default=True),
+        click.option("--channels-last/--no-channels-last", default=None,
+                     help="Memory layout [default: channels_last where it is faster for the "
+                          "model family on this device]."),
         click.option("--compile", is_flag=True, help="torch.compile the network (slow first "
                                                      "epoch)."),
         click.option("--max-train-images", type=int, default=None,

@@ -107,11 +107,11 @@ def compare(data, models: Sequence[str] = ("resnet18", "resnet50", "shufflenet_v
 
     config = _finetune_config(finetune, finetune_options)
     weights_by_model = _validate(models, weights, modes, head, n_boot, config)
+    modes_by_model, notes = _supported_modes(models, weights_by_model, modes, config.seed)
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     dataset = load_dataset(data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern),
                            cache_dir=cache_dir)
-    notes = []
     if quick:
         dataset = dataset.subsample(QUICK_SIZES, seed=config.seed)
         requested = config.epochs
@@ -124,7 +124,8 @@ def compare(data, models: Sequence[str] = ("resnet18", "resnet50", "shufflenet_v
                    {"cache_dir": cache_dir, "image_size": image_size, "num_workers": num_workers,
                     "device": device, "progress": progress, "seed": config.seed})
     with run_lock(out_dir, "comparison"):
-        results, failed = _run_all(setup, models, weights_by_model, modes, out_dir / "runs")
+        results, failed = _run_all(setup, models, weights_by_model, modes_by_model,
+                                   out_dir / "runs")
         notes += [f"{f['model']} {f['mode']} failed: {f['error']}" for f in failed]
         if not results:
             raise TrainingDiverged("every run of the comparison failed: " + "; ".join(notes))
@@ -156,11 +157,29 @@ def _validate(models, weights, modes, head, n_boot, config: FinetuneConfig) -> d
     return weights_by_model
 
 
-def _run_all(setup: _Setup, models, weights_by_model, modes, run_root: Path):
+def _supported_modes(models, weights_by_model, modes, seed: int) -> tuple:
+    """``({model: modes}, notes)``: fine-tuning modes are skipped, with a note, for a backbone
+    that cannot be trained (a frozen TorchScript module such as ``inception_v3_fid``)."""
+    from ..backbones import create_backbone
+
+    plan, notes = {}, []
+    for m in models:
+        plan[m] = list(modes)
+        training = [mode for mode in modes if mode in ("full", "lp-ft")]
+        if not training or not m.startswith(("torchscript:", "inception_v3_fid")):
+            continue
+        if not create_backbone(m, weights_by_model[m], seed=seed, progress=False).trainable:
+            plan[m] = [mode for mode in modes if mode not in training]
+            notes.append(f"{m}: {', '.join(training)} skipped: its TorchScript module has no "
+                         "trainable parameters (the cached head and the frozen baseline run)")
+    return plan, notes
+
+
+def _run_all(setup: _Setup, models, weights_by_model, modes_by_model: dict, run_root: Path):
     """Every pair, reusing finished runs; a diverging run is recorded as failed."""
     results, failed = [], []
     for model in models:
-        for mode in modes:
+        for mode in modes_by_model[model]:
             run_dir = run_root / _run_name(setup, model, weights_by_model[model], mode)
             result = _run_or_reuse(setup, run_dir, model, weights_by_model[model], mode)
             if result is None:

@@ -137,6 +137,10 @@ def _prepare(data, model, weights, config, *, out_dir, resume, image_size, cache
                            image_size=image_size, val_fraction=val_fraction,
                            split_seed=split_seed, group_pattern=group_pattern, seed=config.seed,
                            **preprocessing)
+    if config.channels_last is None:
+        from ..runtime import channels_last_default
+
+        config = config.with_options(channels_last=channels_last_default(plan.model, dev))
     labels = plan.dataset.splits["train"].labels
     rows = None
     if config.max_train_images is not None and config.max_train_images < len(labels):
