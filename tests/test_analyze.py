@@ -9,6 +9,7 @@ from PIL import Image
 
 import xfeat
 from xfeat.analyze import analyze
+from xfeat.analyze.adaptation import adaptation_section
 from xfeat.analyze.balance import balance_section
 from xfeat.analyze.calibration import calibration_section
 from xfeat.analyze.duplicates import (_image_table, duplicates_section, exact_duplicate_groups,
@@ -21,6 +22,7 @@ from xfeat.cache import CacheError, read_cache
 from xfeat.data import load_dataset
 from xfeat.errors import ConfigError
 from xfeat.fit import fit_head
+from xfeat.heads import LogisticHead
 from xfeat.metrics import compute_metrics, evaluate_splits
 from xfeat.results import RunResult, new_record
 
@@ -193,16 +195,18 @@ def test_files_written_and_json_round_trips(planted_run):
     out = result.out_dir
     for name in ("analysis.json", "analysis.md", "class_balance.png", "shift_projection.png",
                  "reliability.png", "duplicates_exact.csv", "duplicates_near.csv",
-                 "patients_across_splits.csv", "label_noise_candidates.csv"):
+                 "patients_across_splits.csv", "label_noise_candidates.csv",
+                 "adaptation_gaps.png", "adaptation_transductive.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert json.loads((out / "analysis.json").read_text()) == result.record
     json.dumps(result.record, allow_nan=False)
     md = (out / "analysis.md").read_text()
     for section in ("## Headlines", "## 1. Class balance", "## 2. Train/test shift",
                     "## 3. Duplicates", "## 4. Label-noise", "## 5. Overfitting",
-                    "## 6. Calibration"):
+                    "## 6. Calibration", "## 7. Site adaptation to the test images (transductive)"):
         assert section in md, section
-    for png in ("class_balance.png", "shift_projection.png", "reliability.png"):
+    for png in ("class_balance.png", "shift_projection.png", "reliability.png",
+                "adaptation_gaps.png"):
         assert f"]({png})" in md
     assert all(h in result.summary() for h in result["headlines"])
     assert str(out / "analysis.md") in result.summary()
@@ -467,6 +471,75 @@ def test_calibration_section_curves_and_threshold_effect():
     assert three.summary["threshold"] is None and three.summary["x"] == "top-label confidence"
 
 
+def _overlapping_classes(rng, n_normal, n_pneumonia, dim=8):
+    """NORMAL then PNEUMONIA, three standard deviations apart along the first feature."""
+    y = np.r_[np.zeros(n_normal, int), np.ones(n_pneumonia, int)]
+    X = rng.normal(size=(len(y), dim))
+    X[:, 0] += 3.0 * y
+    return X, y
+
+
+def test_adaptation_section_flags_em_under_covariate_shift():
+    rng = np.random.default_rng(0)
+    X_test, y_test = _overlapping_classes(rng, 60, 100)  # prior 0.625, train's 0.733
+    # The NORMAL test images come from another site: off to the side, and part of the way
+    # towards PNEUMONIA, so the probe calls more of them PNEUMONIA than it should.
+    X_test[y_test == 0, 0] += 1.0
+    X_test[y_test == 0, 1:4] += 1.5
+    features = make_feature_set({"train": _overlapping_classes(rng, 80, 220),
+                                 "val": _overlapping_classes(rng, 20, 60),
+                                 "test": (X_test, y_test)})
+    head = LogisticHead().fit(features["train"].features, features["train"].labels,
+                              X_val=features["val"].features, y_val=features["val"].labels)
+    probe = _run_result({s: features[s].labels for s in features.splits},
+                        {s: head.predict_proba(features[s].features) for s in features.splits},
+                        threshold="youden")
+    probe.head = head
+    section = adaptation_section(features, probe)
+    s = section.summary
+    rows, columns = section.tables["adaptation_transductive.csv"]
+    assert [r["method"] for r in rows] == ["none", "standardize", "coral", "em"]
+    assert [r["transductive"] for r in rows] == [False, True, True, True]
+    assert len({(r["val_accuracy"], r["val_roc_auc"]) for r in rows}) == 1  # val never adapted
+    assert all(r["val"] == s["methods"][0]["val"] for r in s["methods"])
+    none = s["methods"][0]
+    assert none["test"]["accuracy"] == pytest.approx(probe["metrics"]["test"]["accuracy"])
+    assert none["gap"]["accuracy"] == pytest.approx(
+        probe["metrics"]["val"]["accuracy"] - probe["metrics"]["test"]["accuracy"])
+    assert s["threshold"] == {"value": probe["threshold"]["value"], "rule": "youden",
+                              "chosen_on": "val"}
+    # EM: pushed further from the actual prior by the shifted NORMAL images, and says why.
+    em = s["em"]
+    assert em["actual_test_prior"]["PNEUMONIA"] == 0.625
+    assert em["estimated_test_prior"]["PNEUMONIA"] > em["train_prior"]["PNEUMONIA"] > 0.625
+    assert em["within_class_shift_auc"]["NORMAL"] > 0.8
+    assert "within class NORMAL (AUC" in em["warning"]
+    assert em["implausible"] and "moves the prior away" in em["implausible_reasons"][0]
+    assert section.headlines[1].startswith(
+        f"EM estimates a test PNEUMONIA prior of {em['estimated_test_prior']['PNEUMONIA']:.3f} "
+        "(train 0.733, actual 0.625): implausible — the shift is in the images "
+        "(within-class shift AUC NORMAL")
+    assert "prefer standardize (test accuracy" in section.headlines[1]
+    # Labelled transductive, and plain about what the test labels are used for.
+    assert s["transductive"] is True and "transductive" in section.title.lower()
+    assert "test adaptation (transductive)" in section.markdown[section.markdown.index(
+        "Test split adapted transductively (test images, not their labels):") + 2]
+    assert "Test labels are read only to report these numbers" in section.markdown[0]
+    assert any("Check with test labels (diagnostic only" in line for line in section.markdown)
+    bars = section.figures["adaptation_gaps.png"].axes[0].patches
+    assert len(bars) == 4 * 3
+    # Without the probe's head, a LogisticHead of its C is fitted; the table keeps its shape.
+    probe.head = None
+    refit = adaptation_section(features, probe).summary
+    assert "fitted on train" in refit["head"] and len(refit["methods"]) == 4
+    small = make_feature_set({"train": _blobs(rng, 10), "val": _blobs(rng, 5),
+                              "test": _blobs(rng, 5)})
+    skipped = adaptation_section(small, probe)
+    assert skipped.summary["skipped"] == ("test has 10 images; the adaptations need at least 20 "
+                                          "to estimate their statistics")
+    assert skipped.summary["transductive"] is True and not skipped.figures
+
+
 # --------------------------------------------------------------------------- probe reuse
 
 def test_a_given_probe_gives_the_analysis_of_a_fitted_one(planted_run, tmp_path):
@@ -474,7 +547,7 @@ def test_a_given_probe_gives_the_analysis_of_a_fitted_one(planted_run, tmp_path)
     run_dir = fitted_here["params"]["runs"][0]
     probe = fit_head(cache=cache, out_dir=tmp_path / "probe", n_boot=200)
     sections = ("class_balance", "shift", "duplicates", "label_noise", "overfitting",
-                "calibration", "headlines")
+                "calibration", "adaptation", "headlines")
     for given in (probe, tmp_path / "probe"):  # in memory, and its folder (head.npz)
         # its own folder among runs= is not listed twice
         reused = analyze(cache=cache, out_dir=tmp_path / "out", runs=[run_dir, tmp_path / "probe"],

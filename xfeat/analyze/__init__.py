@@ -1,6 +1,6 @@
 """``analyze``: what is wrong with a dataset, before a model is blamed for it.
 
-One feature cache and the images behind it are examined by six diagnoses, one module each,
+One feature cache and the images behind it are examined by seven diagnoses, one module each,
 every one returning a :class:`~xfeat.analyze.section.Section`:
 
 1. ``balance``: class fractions per split, the majority-class baseline, the prior shift;
@@ -9,7 +9,9 @@ every one returning a :class:`~xfeat.analyze.section.Section`:
    similarity of embeddings) and patient ids present in more than one split;
 4. ``label_noise``: out-of-fold probabilities on train, confident-learning rule;
 5. ``gaps``: train/val/test gaps of a logistic probe and of any given runs;
-6. ``calibration``: calibration of the probe and the effect of the val-chosen threshold.
+6. ``calibration``: calibration of the probe and the effect of the val-chosen threshold;
+7. ``adaptation``: the probe's val-test gap after each *transductive* site adaptation of
+   :mod:`xfeat.adapt` (standardize, coral, em), and whether EM's test prior is plausible.
 
 ``core.analyze`` reads the inputs (``inputs``), fits or reuses the probe (``probe``), runs
 the sections and then writes ``analysis.json``, ``analysis.md``, the PNG figures (``plots``)

@@ -14,6 +14,7 @@ from .. import cache as cache_io
 from ..errors import ConfigError
 from ..files import jsonable, make_dirs, write_csv, write_json, write_text
 from ..runs import default_run_dir
+from .adaptation import adaptation_section
 from .balance import balance_section
 from .calibration import calibration_section
 from .duplicates import duplicates_section, hash_images
@@ -27,10 +28,10 @@ from .shift import DOMAIN_C, MAX_TRAIN_PER_TEST, shift_section
 logger = logging.getLogger(__name__)
 
 SCHEMA = "xfeat-analysis/1"
-# The report runs in reading order (1-6); its headlines put first what most often explains
+# The report runs in reading order (1-7); its headlines put first what most often explains
 # a test gap: leaked images, then shift, then priors.
 HEADLINE_ORDER = ("duplicates", "shift", "class_balance", "label_noise", "overfitting",
-                  "calibration")
+                  "calibration", "adaptation")
 
 
 @dataclass
@@ -86,7 +87,8 @@ def analyze(data=None, model: str = "resnet18", *, weights="none",
     -------
     Analysis
         ``record`` with keys ``class_balance``, ``shift``, ``duplicates``, ``label_noise``,
-        ``overfitting``, ``calibration`` and ``headlines``; ``summary()`` prints them.
+        ``overfitting``, ``calibration``, ``adaptation`` and ``headlines``; ``summary()``
+        prints them.
     """
     t_start = time.perf_counter()
     _check_params(near_duplicate_threshold, n_folds, n_boot)
@@ -118,6 +120,7 @@ def analyze(data=None, model: str = "resnet18", *, weights="none",
                           n_folds=n_folds, seed=seed),
         functools.partial(gaps_section, fitted, runs, fingerprint=meta["dataset"]["fingerprint"]),
         functools.partial(calibration_section, fitted),
+        functools.partial(adaptation_section, features, fitted, seed=seed),
     ]
     sections = []
     for diagnose in diagnoses:

@@ -88,3 +88,28 @@ def save_figure(figure: Union[Figure, Callable], path) -> Path:
     else:
         figure(path)
     return path
+
+
+def plot_grouped_bars(values: dict, groups: list, *, title: str = "", ylabel: str = "",
+                      group_labels: Optional[list] = None) -> Figure:
+    """Grouped bars: ``{series: [one value per group]}``, one bar per series in each group.
+
+    A missing value (None or NaN) leaves its bar out; each bar is labelled with its value.
+    """
+    series = list(values)
+    width = 0.8 / max(1, len(series))
+    fig = Figure(figsize=(max(5.5, 0.5 * len(groups) * len(series) + 2), 3.8), layout="tight")
+    ax = fig.subplots()
+    for k, name in enumerate(series):
+        heights = [np.nan if v is None else float(v) for v in values[name]]
+        xs = [g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, heights, width, label=name)
+        ax.bar_label(bars, labels=["" if np.isnan(h) else f"{h:+.3f}" for h in heights],
+                     fontsize=7)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xticks(range(len(groups)), group_labels or groups)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return fig
