@@ -56,6 +56,16 @@ def test_files_follow_the_umask(outputs):
     assert all(mode == 0o644 for mode in found.values()), {k: oct(v) for k, v in found.items()}
 
 
+def test_analyses_are_linked_as_pages_a_browser_shows(outputs):
+    """report.html links analysis.html (a browser shows a .md as raw text); report.md the .md."""
+    cmp = outputs / "cmp"
+    page = (cmp / "analysis" / "resnet18" / "analysis.html").read_text()
+    assert page.startswith("<!doctype html>") and "<h1>Data analysis: xray</h1>" in page
+    assert "<strong>" in page and "**" not in page
+    assert 'href="analysis/resnet18/analysis.html"' in (cmp / "report.html").read_text()
+    assert "](analysis/resnet18/analysis.md)" in (cmp / "report.md").read_text()
+
+
 def test_undefined_metrics_are_null(tmp_path):
     """PPV when no image is predicted positive, AUC with one class in test: null, not NaN."""
     arrays = dict(np.load(make_npz(tmp_path / "tiny.npz")))

@@ -3,8 +3,9 @@
 Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON
 messages separated by NUL bytes on file descriptors 3 and 4), so the standard library is
 enough. Checked in place, after moving the report folder, and after a zip round trip: every
-``<img>`` is decoded and laid out, no image link is absolute, the page logs no error, and a
-screenshot of the first screen is written and is not blank.
+``<img>`` is decoded and laid out, no image link is absolute, the page logs no error, the
+verdict is the first section and starts on the first screen, and a screenshot of that screen
+is written and is not blank.
 """
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ VIEWPORT = (1280, 1000)  # a laptop screen: what a reader sees first
 _IMAGES_JS = """JSON.stringify(Array.from(document.images, im => ({
     src: im.getAttribute('src'), complete: im.complete, naturalWidth: im.naturalWidth,
     naturalHeight: im.naturalHeight, width: im.getBoundingClientRect().width})))"""
+_SECTIONS_JS = """JSON.stringify(Array.from(document.querySelectorAll('h2'), h => {
+    let bottom = h.getBoundingClientRect().bottom, right = 0;
+    for (let e = h.nextElementSibling; e && e.tagName !== 'H2'; e = e.nextElementSibling) {
+        bottom = Math.max(bottom, e.getBoundingClientRect().bottom);
+        right = Math.max(right, e.scrollWidth > e.clientWidth ? Infinity : 0);
+    }
+    return {text: h.textContent, top: h.getBoundingClientRect().top, bottom: bottom,
+            overflows: right > 0};
+}))"""
 
 
 def find_chromium():
@@ -121,10 +131,11 @@ class DevToolsPipe:
         self.events.clear()
         self.call("Page.navigate", session=True, url=path.resolve().as_uri())
         self.wait_for("Page.loadEventFired")  # <img> elements delay the load event
-        images = json.loads(self.call("Runtime.evaluate", session=True, expression=_IMAGES_JS,
-                                      returnByValue=True)["result"]["value"])
+        images, sections = (json.loads(self.call("Runtime.evaluate", session=True,
+                                                 expression=js, returnByValue=True)
+                                       ["result"]["value"]) for js in (_IMAGES_JS, _SECTIONS_JS))
         shot = self.call("Page.captureScreenshot", session=True, format="png")["data"]
-        return {"images": images, "errors": _errors(self.events),
+        return {"images": images, "sections": sections, "errors": _errors(self.events),
                 "screenshot": base64.b64decode(shot)}
 
     def close(self) -> None:
@@ -166,12 +177,20 @@ def browser(tmp_path_factory):
 
 
 def _compare(out: Path):
-    """A real comparison (beside ``out``: its data and cache): every mode, every figure."""
-    data = out.parent / "xray"
+    """A real comparison (beside ``out``: its data, weights and cache): every mode, every
+    figure, a model from weights in a file and one from random weights."""
+    import torch
+    import torchvision
+
+    data, weights = out.parent / "xray", out.parent / "r18.pt"
     if not data.exists():
         make_image_folder(data, n_train=20, n_test=8)
-    compare(data, ["resnet18"], out_dir=out, cache_dir=out.parent / "cache", epochs=2,
-            image_size=TINY, num_workers=0, n_boot=50, progress=False)
+    if not weights.exists():
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18().state_dict(), weights)
+    compare(data, ["resnet18", "mobilenet_v3_small"], weights=f"resnet18={weights}",
+            out_dir=out, cache_dir=out.parent / "cache", epochs=2, image_size=TINY,
+            num_workers=0, n_boot=50, progress=False)
     return out
 
 
@@ -193,6 +212,8 @@ def _check_as_a_reader(browser, folder: Path, screenshot: Path) -> dict:
             f"{im['src']} does not load in {folder}"
         assert im["width"] > 0, f"{im['src']} is not laid out"
     assert page["errors"] == [], page["errors"]
+    verdict = page["sections"][0]
+    assert verdict["text"] == "Verdict" and verdict["top"] < VIEWPORT[1] / 3, page["sections"]
     shot = np.asarray(Image.open(io.BytesIO(page["screenshot"])).convert("L"))
     assert shot.shape == VIEWPORT[::-1] and shot.std() > 5, "the screenshot is blank"
     return page
@@ -200,7 +221,11 @@ def _check_as_a_reader(browser, folder: Path, screenshot: Path) -> dict:
 
 def test_report_shows_every_figure_in_a_browser(browser, report, tmp_path):
     page = _check_as_a_reader(browser, report, tmp_path / "report.png")
-    assert len(page["images"]) >= 6  # pareto, roc, confusion, curves of frozen/full/lp-ft
+    assert len(page["images"]) >= 9  # pareto, roc, confusion, curves of frozen/full/lp-ft x 2
+    # The verdict, then the timings: both read on the first screen of a laptop, in full.
+    timings = page["sections"][1]
+    assert [s["text"] for s in page["sections"][:3]] == ["Verdict", "Time", "Results"]
+    assert timings["bottom"] < VIEWPORT[1] and not timings["overflows"], page["sections"]
 
 
 @contextlib.contextmanager

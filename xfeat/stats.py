@@ -2,7 +2,8 @@
 
 :func:`bootstrap_ci` (percentile-bootstrap intervals of any metric of :mod:`xfeat.metrics`),
 :func:`paired_bootstrap` (two models scored on the same resamples), :func:`delong_test` (two
-correlated ROC AUCs) and :func:`format_p_value` (a p-value as text, never ``0``).  Results
+correlated ROC AUCs), :func:`format_p_value` (a p-value as text, never ``0``) and
+:func:`format_interval` (a value with its interval, ``0.843 [0.81–0.87]``).  Results
 are plain JSON-ready dicts; :mod:`xfeat.metrics` re-exports the three tests.
 """
 
@@ -198,3 +199,16 @@ def format_p_value(p, n_boot=None):
     if p < 1e-3:
         return f"{p:.1e}"
     return f"{p:.4f}" if p < 0.01 else f"{p:.3f}"
+
+
+def format_interval(value, ci=None, digits=3):
+    """``0.843 [0.81–0.87]``: the value with ``digits`` decimals, its interval with one fewer
+    (the bounds of a bootstrap interval are rougher than the estimate). ``None`` or NaN is
+    ``—``; an interval that is missing or undefined is left out."""
+    if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
+        return "—"
+    text = f"{value:.{digits}f}"
+    if ci is None or any(b is None or math.isnan(b) for b in ci):
+        return text
+    d = max(digits - 1, 0)
+    return f"{text} [{ci[0]:.{d}f}–{ci[1]:.{d}f}]"

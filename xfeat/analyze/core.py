@@ -154,7 +154,7 @@ def _check_params(threshold, n_folds, n_boot) -> None:
 def _record(features, out_dir: Path, params: dict, sections: list, timing: dict) -> dict:
     """``analysis.json``: provenance, then the headlines and every section's summary."""
     meta = features.meta
-    files = {"json": "analysis.json", "markdown": "analysis.md"}
+    files = {"json": "analysis.json", "markdown": "analysis.md", "html": "analysis.html"}
     for s in sections:
         files.update({name.replace(".", "_"): name for name in [*s.figures, *s.tables]})
     by_priority = sorted(sections, key=lambda s: HEADLINE_ORDER.index(s.name))
@@ -181,8 +181,14 @@ def _write(out_dir: Path, record: dict, sections: list) -> None:
             write_csv(out_dir / name, rows, columns)
         for name, figure in s.figures.items():
             save_figure(figure, out_dir / name)
+    from ..report import markdown_to_html
+
     write_json(out_dir / "analysis.json", record)
-    write_text(out_dir / "analysis.md", render_markdown(record, sections))
+    text = render_markdown(record, sections)
+    write_text(out_dir / "analysis.md", text)
+    # A browser shows a .md as raw text; the same page as HTML, for the comparison's links.
+    write_text(out_dir / "analysis.html",
+               markdown_to_html(text, title=f"Data analysis: {record['dataset']['name']}"))
 
 
 def render_markdown(record: dict, sections: list) -> str:

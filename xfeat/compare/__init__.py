@@ -1,7 +1,8 @@
 """``compare``: speed and accuracy of every (backbone, mode) pair, side by side, with a report.
 
 ``run`` orchestrates the runs (reused, resumed, validated up front); ``table`` turns saved
-results into the table, the significance tests and the time savings.
+results into the table rows, the best run, the significance tests and the timings;
+``verdict`` says what they mean in a few sentences, which the report opens with.
 """
 from ..config import COMPARE_MODES as MODES
 from .run import QUICK_EPOCHS, QUICK_SIZES, Comparison, compare, parse_weights

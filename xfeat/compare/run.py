@@ -28,11 +28,17 @@ QUICK_EPOCHS = 2
 
 @dataclass
 class Comparison:
-    """The rows of the comparison table, the statistical tests and where the report is."""
+    """The comparison: its verdict, table rows, timings and tests, and where the report is.
+
+    ``verdict`` (:func:`~xfeat.compare.verdict.build_verdict`) says in plain words what the
+    rows, ``timings`` (per model, :func:`~xfeat.compare.table.timing_rows`) and ``tests``
+    (:func:`~xfeat.compare.table.significance`) hold.
+    """
 
     rows: list
     tests: list
-    savings: list
+    timings: list
+    verdict: dict
     out_dir: Path
     notes: list = field(default_factory=list)
 
@@ -42,18 +48,13 @@ class Comparison:
         return format_comparison_table(self.rows)
 
     def summary(self) -> str:
-        """The notes, the table, the time savings and the tests, for a terminal."""
-        from ..stats import format_p_value
+        """The notes, the verdict, the table and the timings, for a terminal."""
+        from ..report import format_timings_table
 
-        lines = [f"note: {note}" for note in self.notes] + [self.table()]
-        lines += [f"- {line}" for line in self.savings]
-        for t in self.tests[1:]:
-            auc = (f"AUC diff {t['auc_diff']:+.3f} (p {format_p_value(t['auc_p_value'])}), "
-                   if t.get("auc_diff") is not None else "")
-            lines.append(f"- {t['model']} {t['mode']} vs {t['against']}: {auc}accuracy diff "
-                         f"{t['accuracy_diff']:+.3f} (p "
-                         f"{format_p_value(t['accuracy_p_value'], t.get('n_boot'))})")
-        lines.append(f"report: {self.out_dir / 'report.md'} (and report.html)")
+        lines = [f"note: {note}" for note in self.notes] + ["Verdict:"]
+        lines += [f"- {line}" for line in self.verdict["sentences"]]
+        lines += ["", self.table(), "", format_timings_table(self.timings), "",
+                  f"report: {self.out_dir / 'report.md'} (and report.html)"]
         return "\n".join(lines)
 
 
@@ -248,15 +249,18 @@ def _run(setup: _Setup, run_dir: Path, model: str, weights, mode: str) -> RunRes
 def _report(setup: _Setup, results, notes, out_dir: Path, models, weights_by_model,
             analyze: bool) -> Comparison:
     from ..report import write_comparison_report
-    from .table import linear_on_cache, significance, table_row, time_savings
+    from .table import best_run, linear_on_cache, significance, table_row, timing_rows
+    from .verdict import build_verdict
 
     rows = [table_row(model, mode, r) for model, mode, r in results]
-    tests = significance(results)
+    best = best_run(rows)
+    tests = significance(results, rows, best)
     baselines = {model: linear_on_cache(r, _frozen_epochs(results, model), out_dir / "runs")
                  for model, mode, r in results if mode == "cached"}
-    savings = time_savings(rows, baselines)
+    timings = timing_rows(rows, baselines)
+    verdict = build_verdict(rows, tests, timings, best)
     analyses = _analyses(setup, results, out_dir, models, weights_by_model) if analyze else {}
-    comparison = Comparison(rows, tests, savings, out_dir, notes)
+    comparison = Comparison(rows, tests, timings, verdict, out_dir, notes)
     write_comparison_report(comparison, [r for _, _, r in results], analyses=analyses)
     return comparison
 
