@@ -43,12 +43,12 @@ def fit_row(name: str, cache, *, blocks, views: bool, tta, adapt=None, n_boot: i
     result = fit_head(cache=cache, blocks=blocks, use_views=views, tta=tta, adapt=adapt,
                       save=False, n_boot=n_boot)
     seconds = time.perf_counter() - t0
-    test, ci = result["metrics"]["test"], result["ci"]["test"]
+    test, ci = result["metrics"]["test"], result["ci"].get("test", {})
     return {"row": name, "blocks": blocks or "all", "views": views, "tta": tta, "adapt": adapt,
             "transductive": bool(adapt), "val_auc": result["metrics"]["val"]["roc_auc"],
             "val_log_loss": result["metrics"]["val"]["log_loss"],
-            "test_accuracy": test["accuracy"], "test_accuracy_ci": ci["accuracy"],
-            "test_auc": test["roc_auc"], "test_auc_ci": ci["roc_auc"],
+            "test_accuracy": test["accuracy"], "test_accuracy_ci": ci.get("accuracy"),
+            "test_auc": test["roc_auc"], "test_auc_ci": ci.get("roc_auc"),
             "sensitivity": test["sensitivity"], "specificity": test["specificity"],
             "C": result["selection"].get("C"), "threshold": result["threshold"]["value"],
             "adaptation": result.record.get("adaptation"), "seconds": seconds}
