@@ -124,7 +124,7 @@ def test_compare_cli_quick_note(tmp_path):
                                       "--n-boot", "20", "--out", str(tmp_path / "cmp"),
                                       "--cache-dir", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
-    assert "note: --quick" in result.output and "2 epochs instead of 25" in result.output
+    assert "note: --quick" in result.output and "2 epoch(s) instead of 25" in result.output
     assert "report:" in result.output
 
 
@@ -166,7 +166,7 @@ def test_verdict_words_speed_accuracy_and_p_values():
     best, speed, significant, not_significant = verdict["sentences"]
     assert best.startswith("Best run by val AUC, among runs from pretrained weights: "
                            "resnet18 cached (val AUC 0.900)")
-    assert "accuracy 0.800 [0.76–0.83], AUC 0.900 [0.85–0.94] (95% bootstrap CIs)" in best
+    assert "accuracy 0.800 [0.760–0.830], AUC 0.900 [0.850–0.940] (95% bootstrap CIs)" in best
     # 100 s frozen vs 150 + 1 s cached: slower, said so, never "0.66x faster".
     assert "is 1.51x slower than the frozen baseline (100 s, 5 epochs), losing 0.050 test " \
            "accuracy (0.800 vs 0.850)" in speed
@@ -186,7 +186,7 @@ def test_transductive_runs_are_labelled():
     assert run_caveat("random", True) == f"{RANDOM_WEIGHTS}; transductive"
     table = format_comparison_table([row], markdown=True)
     assert "| resnet18 | full | file | transductive |" in table
-    assert "0.800 [0.76–0.83]" in table
+    assert "0.800 [0.760–0.830]" in table
     verdict = build_verdict([row], [], [], 0)
     assert verdict["best"]["transductive"] and "It is transductive" in verdict["sentences"][0]
 

@@ -202,13 +202,12 @@ def format_p_value(p, n_boot=None):
 
 
 def format_interval(value, ci=None, digits=3):
-    """``0.843 [0.81–0.87]``: the value with ``digits`` decimals, its interval with one fewer
-    (the bounds of a bootstrap interval are rougher than the estimate). ``None`` or NaN is
-    ``—``; an interval that is missing or undefined is left out."""
+    """``0.843 [0.814–0.872]``: the value and its interval with ``digits`` decimals (fewer
+    could show an estimate outside its own rounded interval). ``None`` or NaN is ``—``; an
+    interval that is missing or undefined is left out."""
     if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
         return "—"
     text = f"{value:.{digits}f}"
     if ci is None or any(b is None or math.isnan(b) for b in ci):
         return text
-    d = max(digits - 1, 0)
-    return f"{text} [{ci[0]:.{d}f}–{ci[1]:.{d}f}]"
+    return f"{text} [{ci[0]:.{digits}f}–{ci[1]:.{digits}f}]"

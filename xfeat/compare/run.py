@@ -118,9 +118,9 @@ def compare(data, models: Sequence[str] = ("resnet18", "resnet50", "shufflenet_v
         requested = config.epochs
         config = config.with_options(epochs=min(config.epochs, QUICK_EPOCHS))
         sizes = ", ".join(f"{s} {sum(c)}" for s, c in dataset.counts().items())
-        notes.append(f"--quick: a stratified subset ({sizes} images) and {config.epochs} epochs "
-                     f"instead of {requested}; no figure is extrapolated to the full data or "
-                     "to more epochs.")
+        notes.append(f"--quick: a stratified subset ({sizes} images) and {config.epochs} "
+                     f"epoch(s) instead of {requested}; no figure is extrapolated to the full "
+                     "data or to more epochs.")
     setup = _Setup(dataset, config, head, n_boot, quick,
                    {"cache_dir": cache_dir, "image_size": image_size, "num_workers": num_workers,
                     "device": device, "progress": progress, "seed": config.seed})

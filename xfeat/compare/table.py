@@ -44,7 +44,7 @@ def table_row(model: str, mode: str, result: RunResult) -> dict:
     transductive = bool(r.get("transductive"))
     return {
         "model": model, "mode": mode, "head": r["head"],
-        "weights": w["id"] if w["kind"] != "file" else Path(w["id"]).name,
+        "weights": w["id"] if w["kind"] not in ("file", "torchscript") else Path(w["id"]).name,
         "weights_kind": w["kind"], "transductive": transductive,
         "caveat": run_caveat(w["kind"], transductive),
         "parameters": n_params, "trainable_parameters": trainable,
