@@ -91,6 +91,9 @@ def test_fit_head_picks_blocks_trains_on_views_and_averages_tta(rich):
     with_views = fit_head(cache=path, blocks=["penultimate"], save=False, n_boot=0)
     assert base["params"]["train_views"] == 0 and with_views["params"]["train_views"] == 2
     assert base.head.n_features_in_ == 512
+    in_memory = fit_head(cache=read_cache(path), blocks=["penultimate"], use_views=False,
+                         save=False, n_boot=0)  # a FeatureSet already read: same selection
+    np.testing.assert_array_equal(in_memory.predictions["test"][2], base.predictions["test"][2])
     assert not np.allclose(base.predictions["test"][2], with_views.predictions["test"][2])
     stages = fit_head(cache=path, save=False, n_boot=0)
     assert stages.head.n_features_in_ == 64 + 128 + 256 + 512

@@ -53,7 +53,10 @@ def load_features(data=None, model: str = "resnet18", *, weights="none", cache=N
         caches, hit, dataset = _extract_all(data, model, weights, options)
     sets = [c if isinstance(c, cache_io.FeatureSet) else
             cache_io.read_cache(c, blocks=None if len(caches) > 1 else blocks) for c in caches]
-    features = sets[0] if len(sets) == 1 else merge_feature_sets(sets, blocks)
+    if len(sets) > 1:
+        features = merge_feature_sets(sets, blocks)
+    else:
+        features = select_blocks(sets[0], blocks) if blocks else sets[0]
     missing = [s for s in need if s not in features.splits]
     if missing:
         raise cache_io.CacheError(f"{features.path} has no {missing[0]!r} split; {command} "
@@ -83,6 +86,31 @@ def _extract_all(data, model: str, weights, options: dict):
         paths.append(extract(plan=plan, **run_options))
         dataset = plan.dataset
     return paths, hit, dataset
+
+
+def select_blocks(features, blocks: Sequence[str]):
+    """A FeatureSet with only ``blocks`` (in that order) of one already in memory."""
+    have = [b for b, _ in features.blocks]
+    if list(blocks) == have:
+        return features
+    missing = [b for b in blocks if b not in have]
+    if missing:
+        raise cache_io.CacheError(f"{features.path} has no feature block {missing[0]!r}; it has "
+                                  f"{have} (extract again with --layers to add blocks)")
+    starts = dict(zip(have, np.cumsum([0] + [d for _, d in features.blocks])))
+    dims = dict(features.blocks)
+
+    def part(p):
+        cols = np.concatenate([np.arange(starts[b], starts[b] + dims[b]) for b in blocks])
+        return cache_io.SplitFeatures(p.features[:, cols], p.labels, p.ids, p.seconds,
+                                      [(b, dims[b]) for b in blocks])
+
+    result = cache_io.FeatureSet(features.path, features.key, features.meta,
+                                 skipped=features.skipped)
+    result.splits = {s: part(p) for s, p in features.splits.items()}
+    result.views = {b: {v: part(p) for v, p in views.items()}
+                    for b, views in features.views.items()}
+    return result
 
 
 def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
