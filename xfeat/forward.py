@@ -52,6 +52,7 @@ class Runner:
             compile = True  # int8 kernels come from inductor
         self.compiled = compile_for_inference(module, cache_dir) if compile else None
         self.module = module
+        self.static = precision == "int8"  # an exported graph takes whole batches only
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images.to(self.device, non_blocking=True))
@@ -61,9 +62,10 @@ class Runner:
     def __call__(self, images: torch.Tensor) -> dict:
         x = self._prepare(images)
         n = len(x)
+        if (self.compiled is not None or self.static) and n < self.batch_size:
+            # one static shape: pad the last batch
+            x = torch.cat([x, x[:1].expand(self.batch_size - n, *x.shape[1:])])
         if self.compiled is not None:
-            if n < self.batch_size:  # one static shape: pad the last batch
-                x = torch.cat([x, x[:1].expand(self.batch_size - n, *x.shape[1:])])
             try:
                 out = self.compiled(x)
             except Exception as exc:  # inductor could not build this graph here

@@ -146,11 +146,26 @@ def should_compile(choice, n_images: int) -> bool:
     return n_images >= AUTO_COMPILE_MIN_IMAGES
 
 
-def compile_for_inference(module: torch.nn.Module, cache_dir) -> torch.nn.Module:
+def compile_for_inference(module: torch.nn.Module, cache_dir):
     """``torch.compile`` with inductor's weight freezing (constant-folds BatchNorm, prepacks
-    weights), static shapes; its artifacts are kept under ``cache_dir/inductor`` so a later
-    run compiles in seconds."""
+    weights, lowers int8 graphs to oneDNN's kernels), static shapes; its artifacts are kept
+    under ``cache_dir/inductor`` so a later run compiles in seconds."""
     if isinstance(module, torch.jit.ScriptModule):
         return module
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
-    return torch.compile(module, dynamic=False, options={"freezing": True})
+    return _Frozen(torch.compile(module, dynamic=False))
+
+
+class _Frozen:
+    """Calls a compiled module with inductor's ``freezing`` on: compilation happens at the
+    first call, and only a config patch around it (not ``torch.compile(options=...)``) lets
+    inductor lower quantized convolutions."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *args):
+        from torch._inductor import config
+
+        with config.patch(freezing=True):
+            return self.compiled(*args)
