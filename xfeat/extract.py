@@ -193,8 +193,9 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
         logger.info("cache hit: %s (backbone not run)", plan.path)
         return plan.path
     with cache.entry_lock(plan.path):
-        if force and plan.path.exists():
-            plan.path.unlink()
+        if force:  # recompute: neither a complete entry nor an interrupted one is reused
+            plan.path.unlink(missing_ok=True)
+            cache.partial_path(plan.path).unlink(missing_ok=True)
         if cache.is_complete(plan.path):
             logger.info("cache hit: %s (backbone not run)", plan.path)
             return plan.path
@@ -271,11 +272,12 @@ def _run(plan: ExtractionPlan, *, batch_size: int, num_workers: Optional[int],
     writer = cache.CacheWriter(plan.path, key=plan.key, meta=meta, splits=_group_rows(plan),
                                blocks=plan.blocks, dtype=plan.feature_dtype)
     try:
-        todo = sum(writer.n_rows(g) - writer.rows_done(g) for g in plan.groups)
-        compiled = should_compile(compile, todo) or plan.precision == "int8"
+        # Decided on the whole entry, so that a resumed run computes the rest the same way.
+        total = sum(writer.n_rows(g) for g in plan.groups)
+        compiled = should_compile(compile, total) or plan.precision == "int8"
         if compiled and compile == "auto":
-            logger.info("compiling the model: %d images to extract (--compile off to skip)",
-                        todo)
+            logger.info("compiling the model: %d images in the entry (--compile off to skip)",
+                        total)
         runner = Runner(backbone, plan.blocks, dev, batch_size=batch_size,
                         channels_last=channels_last, compile=compiled,
                         cache_dir=plan.path.parent, precision=plan.precision,

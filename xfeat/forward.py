@@ -43,7 +43,6 @@ class Runner:
         module = BlockExtractor(backbone.model, blocks).eval().to(device)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
-        self.eager = module
         if precision == "int8":
             from .quantize import check_int8, quantize_int8
 
@@ -60,11 +59,11 @@ class Runner:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> dict:
+        n = len(images)
+        if self.compiled is not None or self.static:
+            images = pad_batch(images, self.batch_size)  # one static shape for every batch
         x = self._prepare(images)
-        n = len(x)
-        if (self.compiled is not None or self.static) and n < self.batch_size:
-            # one static shape: pad the last batch
-            x = torch.cat([x, x[:1].expand(self.batch_size - n, *x.shape[1:])])
+        out = None
         if self.compiled is not None:
             try:
                 out = self.compiled(x)
@@ -72,10 +71,14 @@ class Runner:
                 logger.warning("torch.compile failed (%s); continuing in eager mode",
                                str(exc).splitlines()[0][:200])
                 self.compiled = None
-                return self(images)
-        else:
+        if out is None:
             out = self.module(x)
         return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
+
+
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` with its first row repeated up to ``size`` rows (a static batch shape)."""
+    return x if len(x) >= size else torch.cat([x, x[:1].expand(size - len(x), *x.shape[1:])])
 
 
 def extract_group(runner: Runner, images: ViewImages, writer, group: str, *, start: int,

@@ -52,7 +52,9 @@ def quantize_int8(module: torch.nn.Module, calibration: torch.Tensor, prepare,
 
     if calibration is None or len(calibration) == 0:
         raise ConfigError("int8 extraction needs calibration images from the train split")
-    batches = [_padded(prepare(calibration[i:i + batch_size]), batch_size)
+    from .forward import pad_batch
+
+    batches = [prepare(pad_batch(calibration[i:i + batch_size], batch_size))
                for i in range(0, len(calibration), batch_size)]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -65,7 +67,3 @@ def quantize_int8(module: torch.nn.Module, calibration: torch.Tensor, prepare,
         converted = convert_pt2e(prepared)
     logger.info("int8: calibrated on %d train images", len(calibration))
     return converted
-
-
-def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x if len(x) == n else torch.cat([x, x[:1].expand(n - len(x), *x.shape[1:])])

@@ -150,8 +150,8 @@ def compile_for_inference(module: torch.nn.Module, cache_dir):
     """``torch.compile`` with inductor's weight freezing (constant-folds BatchNorm, prepacks
     weights, lowers int8 graphs to oneDNN's kernels), static shapes; its artifacts are kept
     under ``cache_dir/inductor`` so a later run compiles in seconds."""
-    if isinstance(module, torch.jit.ScriptModule):
-        return module
+    if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
+        return None  # a TorchScript graph is already compiled its own way
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
     return _Frozen(torch.compile(module, dynamic=False))
 
