@@ -63,9 +63,7 @@ def standardize_to(target: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.
 def em_on_batch(proba: np.ndarray, calibration: dict) -> tuple:
     """EM on new images with the calibration and prior recorded when the head was fitted."""
     _check_target(proba, "the batch")
-    eps = 1e-12
-    calibrated = softmax(np.log(np.clip(proba, eps, 1)) / calibration["temperature"]
-                         + np.asarray(calibration["bias"]), axis=1)
+    calibrated = calibrator(calibration["temperature"], calibration["bias"])(proba)
     prior, adjusted, iterations = em_prior(calibrated, np.asarray(calibration["source_prior"]))
     return adjusted, {"target_prior": prior.tolist(), "iterations": iterations}
 
@@ -121,18 +119,29 @@ def em_prior(proba: np.ndarray, source_prior: np.ndarray, max_iter: int = 1000,
     return prior, w / w.sum(1, keepdims=True), iterations
 
 
+def calibrator(temperature: float, bias) -> "callable":
+    """``proba -> softmax(log(proba) / T + b)``: the bias-corrected temperature scaling."""
+    bias = np.asarray(bias)
+
+    def calibrate(proba: np.ndarray) -> np.ndarray:
+        return softmax(np.log(np.clip(proba, 1e-12, 1)) / temperature + bias, axis=1)
+    return calibrate
+
+
 def em_adapt(val_proba: np.ndarray, val_labels: np.ndarray, target_proba: np.ndarray,
              source_prior: np.ndarray) -> tuple:
-    """BCTS on val, then EM on the target: ``(adjusted target proba, details)``."""
+    """BCTS on val, then EM on the target: ``(calibrate, adjusted target proba, details)``.
+
+    The decision threshold for the adjusted probabilities must be chosen on
+    ``calibrate(val_proba)``: the space they live in.
+    """
     _check_target(target_proba, "the target")
-    eps = 1e-12
-    t, b = fit_bcts(np.log(np.clip(val_proba, eps, 1)), val_labels)
-    calibrated = softmax(np.log(np.clip(target_proba, eps, 1)) / t + b, axis=1)
-    val_cal = softmax(np.log(np.clip(val_proba, eps, 1)) / t + b, axis=1)
-    prior, adjusted, iterations = em_prior(calibrated, source_prior)
-    return adjusted, {"temperature": t, "bias": b.tolist(), "iterations": iterations,
-                      "source_prior": source_prior.tolist(), "target_prior": prior.tolist(),
-                      "val_calibrated_mean": val_cal.mean(0).tolist()}
+    t, b = fit_bcts(np.log(np.clip(val_proba, 1e-12, 1)), val_labels)
+    calibrate = calibrator(t, b)
+    prior, adjusted, iterations = em_prior(calibrate(target_proba), source_prior)
+    return calibrate, adjusted, {"temperature": t, "bias": b.tolist(), "iterations": iterations,
+                                 "source_prior": source_prior.tolist(),
+                                 "target_prior": prior.tolist()}
 
 
 def within_class_shift(source: np.ndarray, source_labels: np.ndarray, target: np.ndarray,

@@ -116,6 +116,10 @@ def select_blocks(features, blocks: Sequence[str]):
 def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
     """Several caches of the same images as one FeatureSet, blocks side by side."""
     first = sets[0]
+    models = [fs.meta["model"] for fs in sets]
+    if len(set(models)) != len(models):
+        raise ConfigError(f"the caches come from models {models}: each backbone may appear once "
+                          "(their blocks are named MODEL:BLOCK)")
     for other in sets[1:]:
         if other.meta["dataset"]["fingerprint"] != first.meta["dataset"]["fingerprint"]:
             raise cache_io.CacheError(

@@ -82,21 +82,29 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
     result = RunResult(record, {s: (sp.ids, labels[s], probas[s])
                                 for s, sp in features.splits.items()}, head=fitted)
     if save:
-        source = _adaptation_source(inputs, probas["val"], features.meta["class_names"])
+        source = _adaptation_source(inputs, fitted.predict_proba(inputs["eval"]["val"]),
+                                    features.meta["class_names"], threshold)
         _save(result, features.meta, head, evaluation, out_dir, features.blocks, source)
     return result
 
 
-def _adaptation_source(inputs: dict, val_proba: np.ndarray, class_names: list) -> dict:
+def _adaptation_source(inputs: dict, val_proba: np.ndarray, class_names: list,
+                       threshold) -> dict:
     """What ``predict --adapt`` needs of the source: feature statistics of train, and the
-    bias-corrected temperature scaling fitted on val with the train prior (for EM)."""
-    from .adapt import fit_bcts
+    bias-corrected temperature scaling fitted on val with the train prior and the threshold
+    chosen on the calibrated val probabilities (for EM)."""
+    from .adapt import calibrator, fit_bcts
+    from .metrics import choose_threshold
 
     X, y = inputs["train_features"], inputs["train_labels"]
     t, b = fit_bcts(np.log(np.clip(val_proba, 1e-12, 1)), inputs["val_labels"])
     prior = np.bincount(y, minlength=len(class_names)) / len(y)
-    return {"mean": X.mean(0).tolist(), "std": X.std(0).tolist(),
-            "calibration": {"temperature": t, "bias": b.tolist(), "source_prior": prior.tolist()}}
+    calibration = {"temperature": t, "bias": b.tolist(), "source_prior": prior.tolist()}
+    if len(class_names) == 2:
+        calibrated = calibrator(t, b)(val_proba)[:, 1]
+        calibration["threshold"] = float(choose_threshold(inputs["val_labels"], calibrated,
+                                                          threshold))
+    return {"mean": X.mean(0).tolist(), "std": X.std(0).tolist(), "calibration": calibration}
 
 
 def _inputs(features, *, use_views: bool, tta: tuple) -> dict:
@@ -160,8 +168,12 @@ def _predict(fitted, inputs: dict, adapt: Optional[str], class_names: list, seed
     if adapt == "em" and "test" in X:
         prior = np.bincount(inputs["train_labels"], minlength=len(class_names)) / \
             len(inputs["train_labels"])
-        probas["test"], details = adaptation.em_adapt(probas["val"], inputs["val_labels"],
-                                                      probas["test"], prior)
+        calibrate, probas["test"], details = adaptation.em_adapt(
+            probas["val"], inputs["val_labels"], probas["test"], prior)
+        # The threshold is chosen on val in the space of the adjusted probabilities.
+        probas.update({s: calibrate(p) for s, p in probas.items() if s != "test"})
+        details["note"] = ("train and val probabilities are temperature-scaled (BCTS fitted on "
+                           "val); the threshold is chosen on them")
         shift = adaptation.within_class_shift(inputs["train_features"], inputs["train_labels"],
                                               X["test"], probas["test"].argmax(1), seed=seed)
         details.update(method="em", target="test images (labels not read)",

@@ -79,8 +79,9 @@ def _features(sources: list, blocks: list, files: list, views, *, weights, batch
     prefixed = len(sources) > 1
     columns, errors = {v: {} for v in views}, None
     for src in sources:
-        mine = [(b.split(":", 1)[1] if prefixed else b, d) for b, d in blocks
-                if not prefixed or b.startswith(src["model"] + ":")]
+        prefix = src["model"] + ":"
+        mine = [(b[len(prefix):] if prefixed else b, d) for b, d in blocks
+                if not prefixed or b.startswith(prefix)]
         runner = Runner(_backbone_for(src, weights if not prefixed else None), mine, dev,
                         batch_size=batch_size)
         outputs, errs = embed_files(runner, files, views=views, batch_size=batch_size,
@@ -148,7 +149,8 @@ def _head_proba(head, meta: dict, X: np.ndarray, adapt):
         X = adaptation.standardize_to(X, recorded["mean"], recorded["std"])
         return head.predict_proba(X), details
     adjusted, em = adaptation.em_on_batch(head.predict_proba(X), recorded["calibration"])
-    return adjusted, {**details, **em}
+    # EM's probabilities are calibrated ones: their threshold was chosen on calibrated val.
+    return adjusted, {**details, **em, "threshold": recorded["calibration"].get("threshold")}
 
 
 def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
@@ -192,6 +194,8 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     ok = np.array([not e for e in errors], dtype=bool)
     classes = meta["class_names"]
     threshold = meta.get("threshold")
+    if adaptation and adaptation.get("threshold") is not None:
+        threshold = adaptation["threshold"]
     rows = []
     for i, path in enumerate(files):
         row = {"path": str(path), **{f"p_{c}": float(proba[i, j]) for j, c in enumerate(classes)}}

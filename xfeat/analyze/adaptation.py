@@ -40,7 +40,8 @@ def adaptation_section(features, probe: RunResult, *, seed: int = 0) -> Section:
     adapts it: ``standardize`` and ``coral`` map the test features to train's statistics;
     ``em`` re-weights the test probabilities to a test prior estimated by EM, after
     bias-corrected temperature scaling on val, from the train prior. Val is never adapted, so
-    its numbers are the same in every row and the change in the val - test gap is the change
+    its numbers are the same in every row (em's row: its calibrated val, on which its threshold
+    is chosen) and the change in the val - test gap is the change
     on test. Where the probe's own head cannot be applied to these features (a run folder
     without ``head.npz``, or fitted on other blocks), a :class:`~xfeat.heads.LogisticHead`
     with the probe's C is fitted on train instead, its threshold chosen on val by the same
@@ -71,11 +72,17 @@ def adaptation_section(features, probe: RunResult, *, seed: int = 0) -> Section:
         if method in adapt.FEATURE_METHODS:
             X_test = getattr(adapt, method)(tr.features, X_test)
         p_test = head.predict_proba(X_test)
-        if method == "em":
-            p_test, em = _em(features, p_val, p_test, seed=seed)
-        test = _metrics(te.labels, p_test, threshold)
-        rows.append({"method": method, "transductive": method != "none", "val": dict(val),
-                     "test": test, "gap": {m: diff(val[m], test[m]) for m in GAP_METRICS}})
+        row_val, row_threshold = val, threshold
+        if method == "em":  # val and threshold in the calibrated space EM works in
+            p_test, em, calibrate = _em(features, p_val, p_test, seed=seed)
+            p_cal = calibrate(p_val)
+            row_threshold = None if threshold is None else float(choose_threshold(
+                va.labels, p_cal[:, 1], probe.record["threshold"]["rule"]))
+            row_val = _metrics(va.labels, p_cal, row_threshold)
+        test = _metrics(te.labels, p_test, row_threshold)
+        rows.append({"method": method, "transductive": method != "none", "val": dict(row_val),
+                     "threshold": row_threshold, "test": test,
+                     "gap": {m: diff(row_val[m], test[m]) for m in GAP_METRICS}})
     summary = {
         "transductive": True,
         "target": "test images (labels not read by any method)",
@@ -144,7 +151,7 @@ def _em(features, p_val, p_test, *, seed: int):
     tr, va, te = features["train"], features["val"], features["test"]
     k = len(names)
     train_prior = np.bincount(tr.labels, minlength=k) / len(tr)
-    adjusted, details = adapt.em_adapt(p_val, va.labels, p_test, train_prior)
+    calibrate, adjusted, details = adapt.em_adapt(p_val, va.labels, p_test, train_prior)
     shift = adapt.within_class_shift(tr.features, tr.labels, te.features, adjusted.argmax(1),
                                      seed=seed)
     estimate = np.asarray(details["target_prior"])
@@ -161,6 +168,8 @@ def _em(features, p_val, p_test, *, seed: int):
         reasons.append(f"it is {error:.3f} from the actual test prior (tolerance "
                        f"{EM_PRIOR_TOLERANCE})")
     return adjusted, {
+        "calibration": "BCTS fitted on val: em's val row and threshold are on calibrated "
+                       "probabilities",
         "train_prior": dict(zip(names, train_prior.tolist())),
         "estimated_test_prior": dict(zip(names, estimate.tolist())),
         "actual_test_prior": dict(zip(names, actual.tolist())),
@@ -175,7 +184,7 @@ def _em(features, p_val, p_test, *, seed: int):
         "label_use": {"within_class_shift_auc": "label-free: fit-head --adapt em shows it too",
                       "warning": "label-free: fit-head --adapt em shows it too",
                       "implausible": "reads test labels: diagnostic only"},
-    }
+    }, calibrate
 
 
 def _total_variation(p, q) -> float:
@@ -241,8 +250,10 @@ def _markdown(s: dict) -> list:
     out = ["**Transductive**: each method adapts the test split to its own unlabelled images, as "
            "`fit-head --adapt METHOD` does: `standardize` and `coral` map the test features to "
            "train's mean and spread (CORAL: covariance), `em` re-weights the test probabilities "
-           "to a test class prior that EM estimates from them. Val is never adapted, so its "
-           "numbers are the same in every row. " + LABEL_USE, "",
+           "to a test class prior that EM estimates from them. Val is never adapted: its "
+           "numbers are the same in every row, except em's, whose val probabilities are the "
+           "temperature-scaled ones (BCTS fitted on val) its threshold is chosen on. "
+           + LABEL_USE, "",
            f"Head: {s['head']}, {at}. ECE: top-label, 15 bins. Gap: val - test.", "",
            "Test split adapted transductively (test images, not their labels):", ""]
     out += md_table(

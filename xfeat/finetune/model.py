@@ -31,22 +31,23 @@ class ProbeHead(nn.Module):
     Folding the standardisation into the weights (``W / scale``) makes them enormous where a
     feature barely varies on the cache (random-init networks in eval mode: scale ~1e-10), and
     once the network trains in train mode, where BatchNorm uses batch statistics, the features
-    are orders of magnitude larger and the loss diverges. Here the standardisation is a
-    ``BatchNorm1d`` without affine parameters, started at the probe's mean and variance: in
-    eval mode it is exactly the probe's; in train mode it standardises with the batch's own
-    statistics (and tracks them), so the linear layer keeps seeing well-scaled inputs.
+    are orders of magnitude larger and the loss diverges. Here the standardisation is a batch
+    norm without affine parameters, started at the probe's mean and variance: in eval mode it
+    is exactly the probe's; in training it standardises with the batch's own statistics (and
+    tracks them), so the linear layer keeps seeing well-scaled inputs. A batch of one image
+    uses the running statistics. ``eps`` is a buffer, saved with the weights.
     """
 
     def __init__(self, mean: np.ndarray, scale: np.ndarray, weight: np.ndarray,
-                 bias: np.ndarray):
+                 bias: np.ndarray, momentum: float = 0.1):
         super().__init__()
         var = np.asarray(scale, dtype=np.float64) ** 2
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("running_var", torch.as_tensor(var, dtype=torch.float32))
         # eps far below every variance, so that in eval mode this is the probe to float32.
-        eps = float(max(var.min() * 1e-6, 1e-38))
-        self.norm = nn.BatchNorm1d(len(var), eps=eps, affine=False)
-        with torch.no_grad():
-            self.norm.running_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-            self.norm.running_var.copy_(torch.as_tensor(var, dtype=torch.float32))
+        self.register_buffer("eps", torch.tensor(float(max(var.min() * 1e-6, 1e-38)),
+                                                 dtype=torch.float64))
         self.linear = nn.Linear(weight.shape[1], weight.shape[0])
         with torch.no_grad():
             self.linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
@@ -60,21 +61,32 @@ class ProbeHead(nn.Module):
             W, b = np.vstack([np.zeros_like(W), W]), np.concatenate([[0.0], b])
         return cls(probe.mean_, probe.scale_, W, b)
 
+    @classmethod
+    def empty(cls, dim: int, n_classes: int) -> "ProbeHead":
+        """A head of the right shape whose values a state dict will replace (resume, load)."""
+        return cls(np.zeros(dim), np.ones(dim), np.zeros((n_classes, dim)), np.zeros(n_classes))
+
     def forward(self, x):
-        return self.linear(self.norm(x))
+        batch_stats = self.training and x.shape[0] > 1
+        z = nn.functional.batch_norm(x, self.running_mean, self.running_var,
+                                     training=batch_stats, momentum=self.momentum,
+                                     eps=float(self.eps))
+        return self.linear(z)
 
 
 def build_network(backbone: Backbone, n_classes: int, config: FinetuneConfig, *,
                   probe=None) -> tuple:
-    """``(network, head)``: the backbone with a new, seeded last layer (LP-FT: from ``probe``)."""
+    """``(network, head)``: the backbone with a new, seeded last layer. LP-FT: the layer of the
+    logistic ``probe`` (or, resuming, an empty one that the checkpoint fills)."""
     if config.mode != "frozen":
         backbone.check_trainable(config.mode)
-    if probe is not None:
+    if config.mode == "lp-ft":
         if backbone.classifier_kind != "linear":
             raise ConfigError(f"lp-ft needs a linear last layer; {backbone.name} ends with a 1x1 "
                               "convolution followed by ReLU, which a linear probe cannot "
                               "initialise; use --mode full")
-        head = ProbeHead.from_logistic(probe)
+        head = ProbeHead.from_logistic(probe) if probe is not None else \
+            ProbeHead.empty(backbone.feature_dim, n_classes)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -180,7 +192,7 @@ def load_finetuned(path: Union[str, Path]):
     backbone = create_backbone(obj["model"], "none")
     n_classes, d = len(obj["class_names"]), backbone.feature_dim
     if obj.get("head") == "probe":  # the buffers and weights come from the state dict
-        head = ProbeHead(np.zeros(d), np.ones(d), np.zeros((n_classes, d)), np.zeros(n_classes))
+        head = ProbeHead.empty(d, n_classes)
     else:
         head = backbone.new_classifier(n_classes)
     backbone.replace_classifier(head)
