@@ -84,7 +84,7 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
     if save:
         source = _adaptation_source(inputs, fitted.predict_proba(inputs["eval"]["val"]),
                                     features.meta["class_names"], threshold)
-        _save(result, features.meta, head, evaluation, out_dir, features.blocks, source)
+        _save(result, features.meta, head, evaluation, out_dir, features.blocks, source, tta)
     return result
 
 
@@ -223,14 +223,14 @@ def _record(features, fitted, head: str, evaluation: dict, timing: dict, *, cach
 
 
 def _save(result: RunResult, meta: dict, head: str, evaluation: dict, out_dir,
-          blocks: list, adaptation_source: dict) -> Path:
+          blocks: list, adaptation_source: dict, tta=()) -> Path:
     """results.json, predictions, head.npz (and the training curves) in the run folder."""
     run_dir = Path(out_dir) if out_dir else default_run_dir(
         meta["dataset"]["name"], meta["model"], meta["weights"], f"cached-{head}")
     with run_lock(run_dir, "fit-head run"):
         result.save(run_dir)
         save_head(result.head, run_dir / "head.npz",
-                  metadata={**head_metadata(meta, evaluation, blocks),
+                  metadata={**head_metadata(meta, evaluation, blocks, tta),
                             "adaptation_source": adaptation_source})
         if result.record["history"]:
             from .report import plot_training_curves
@@ -250,7 +250,7 @@ def _check_every_class_in_train(labels, class_names: list) -> None:
                         f"{[class_names[i] for i in missing]}; every class must occur in train")
 
 
-def head_metadata(meta: dict, evaluation: dict, blocks: list) -> dict:
+def head_metadata(meta: dict, evaluation: dict, blocks: list, tta=()) -> dict:
     """What a saved head must know to be applied again: its backbone, blocks, threshold."""
     sources = meta.get("sources") or [{k: meta[k] for k in ("model", "weights", "preprocessing")}]
     return {"threshold": evaluation["threshold"]["value"],
@@ -260,7 +260,8 @@ def head_metadata(meta: dict, evaluation: dict, blocks: list) -> dict:
             "weights": meta["weights"], "preprocessing": meta["preprocessing"],
             "sources": [{k: src[k] for k in ("model", "weights", "preprocessing")}
                         for src in sources],
-            "cache_key": meta["key"], "dataset_fingerprint": meta["dataset"]["fingerprint"]}
+            "cache_key": meta["key"], "dataset_fingerprint": meta["dataset"]["fingerprint"],
+            "tta": list(tta), "precision": meta.get("precision", "fp32")}
 
 
 def check_head_matches(head_meta: dict, features_meta: dict, *, source: str = "features") -> None:

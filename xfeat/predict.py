@@ -12,6 +12,7 @@ from .backbones import Preprocessing, create_backbone
 from .errors import ConfigError, DataError
 from .files import write_csv
 from .heads import load_head
+from .config import default_cache_dir
 from .views import parse_tta
 from .images import IMAGE_EXTENSIONS, check_utf8_names, scan_image_files, warn_skipped
 
@@ -70,7 +71,7 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
 
 
 def _features(sources: list, blocks: list, files: list, views, *, weights, batch_size,
-              num_workers, device, progress):
+              num_workers, device, compile, progress):
     """``(X (N, D) per view, errors)``: the head's blocks, every source's backbone run once."""
     from .forward import Runner, embed_files
     from .runtime import resolve_device
@@ -83,7 +84,7 @@ def _features(sources: list, blocks: list, files: list, views, *, weights, batch
         mine = [(b[len(prefix):] if prefixed else b, d) for b, d in blocks
                 if not prefixed or b.startswith(prefix)]
         runner = Runner(_backbone_for(src, weights if not prefixed else None), mine, dev,
-                        batch_size=batch_size)
+                        batch_size=batch_size, compile=compile, cache_dir=default_cache_dir())
         outputs, errs = embed_files(runner, files, views=views, batch_size=batch_size,
                                     num_workers=num_workers, progress=progress)
         errors = errs if errors is None else [a or b for a, b in zip(errors, errs)]
@@ -95,7 +96,7 @@ def _features(sources: list, blocks: list, files: list, views, *, weights, batch
 
 
 def _probabilities(network, head, meta: dict, files: list, *, weights, tta, adapt,
-                   batch_size, num_workers, device, progress):
+                   batch_size, num_workers, device, compile, progress):
     """``(proba (N, C) with NaN rows, errors, adaptation)`` of the files.
 
     ``tta``: features averaged over the centre crop and the test-time views. ``adapt``
@@ -113,14 +114,15 @@ def _probabilities(network, head, meta: dict, files: list, *, weights, tta, adap
         from .forward import Runner, embed_files
         from .runtime import resolve_device
 
-        runner = Runner(network, blocks, resolve_device(device), batch_size=batch_size)
+        runner = Runner(network, blocks, resolve_device(device), batch_size=batch_size,
+                        compile=compile, cache_dir=default_cache_dir())
         out, errors = embed_files(runner, files, views=views, batch_size=batch_size,
                                   num_workers=num_workers, progress=progress)
         X = {v: o["penultimate"] for v, o in out.items()}
     else:
         X, errors = _features(sources, blocks, files, views, weights=weights,
                               batch_size=batch_size, num_workers=num_workers, device=device,
-                              progress=progress)
+                              compile=compile, progress=progress)
     features = np.mean([X[v] for v in views], axis=0) if X else np.zeros((0, 0), np.float32)
     ok = np.array([not e for e in errors], dtype=bool)
     proba = np.full((len(files), len(meta["class_names"])), np.nan)
@@ -157,7 +159,7 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
             out_csv: Union[str, Path, None] = None, weights: Optional[str] = None,
             tta=None, adapt: Optional[str] = None, batch_size: int = 32,
             num_workers: Optional[int] = None, device: Optional[str] = None,
-            progress: bool = True) -> list:
+            compile: bool = False, progress: bool = True) -> list:
     """Classify image files with a saved head (``head.npz`` from fit-head) or a fine-tuned
     network (``model.pt`` from finetune); one dict per image (and a CSV if asked).
 
@@ -165,11 +167,13 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     val-chosen threshold for binary problems) and ``error`` (non-empty for unreadable files).
     ``tta``: ``flip``/``crops``/``flip,crops``, features averaged over the views.
     ``adapt``: ``standardize`` or ``em``, *transductive*: the images given are the target
-    (at least 20 of them); their labels are not needed.
+    (at least 20 of them); their labels are not needed. ``compile``: ``torch.compile`` the
+    backbone (worth it for thousands of images).
     """
     from .adapt import check_method
 
     adapt = check_method(adapt, ("standardize", "em"))
+    tta_given = tta is not None
     if adapt and Path(head_path).suffix == ".pt":
         raise ConfigError("--adapt applies to heads (head.npz); for a fine-tuned network use "
                           "finetune --adapt adabn")
@@ -186,9 +190,17 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
         head, meta = load_head(head_path)
         network = None  # each source backbone of the head is built below
     files = expand_images(images)
+    if not tta_given and meta.get("tta"):
+        tta = meta["tta"]  # the head's val choices and threshold were made on these views
+        logger.info("averaging the features of the views %s, as the head was fitted "
+                    "(--tta to change)", ",".join(tta))
+    if meta.get("precision", "fp32") != "fp32":
+        logger.warning("the head was fitted on %s features; predict extracts fp32 ones",
+                       meta["precision"])
     proba, errors, adaptation = _probabilities(
         network, head, meta, files, weights=weights, tta=parse_tta(tta), adapt=adapt,
-        batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+        batch_size=batch_size, num_workers=num_workers, device=device, compile=compile,
+        progress=progress)
     if adaptation:
         logger.info("transductive adaptation (%s) to the %d images given", adapt, len(files))
     ok = np.array([not e for e in errors], dtype=bool)
@@ -207,6 +219,10 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
             logger.warning("%s", errors[i])
             row.update(predicted="", error=errors[i])
         rows.append(row)
+    if adaptation:  # every row says so: these probabilities depend on the whole batch
+        for row in rows:
+            row["adaptation"] = f"{adapt} (transductive)"
     if out_csv:
-        write_csv(out_csv, rows, ["path", *[f"p_{c}" for c in classes], "predicted", "error"])
+        columns = ["path", *[f"p_{c}" for c in classes], "predicted", "error"]
+        write_csv(out_csv, rows, columns + (["adaptation"] if adaptation else []))
     return rows

@@ -28,8 +28,7 @@ def check_int8(model_name: str, device: torch.device) -> None:
     from .runtime import family
 
     if device.type != "cpu":
-        raise ConfigError("--precision int8 is for CPU extraction; on a GPU use fp32 (bf16 "
-                          "autocast is applied there)")
+        raise ConfigError("--precision int8 is for CPU extraction; on a GPU use fp32")
     if family(model_name) not in INT8_FASTER:
         raise ConfigError(f"--precision int8 is not offered for {model_name}: it was not "
                           "faster than compiled fp32 on this CPU (offered for: "

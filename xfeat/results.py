@@ -21,6 +21,8 @@
   ``full`` and ``frozen``)
 - ``history``: per-epoch records (trained heads and fine-tuning), else ``[]``
 - ``params``: the options of the run
+- ``transductive`` (true) and ``adaptation`` (``{method, target, ...}``): only when the run
+  used the unlabelled test images (``--adapt``); ``em`` adds the estimated prior and a warning
 
 Next to it, ``predictions.npz`` holds ``{split}_ids``, ``{split}_labels`` and
 ``{split}_proba`` for every split, so later reports never need to recompute anything.
@@ -74,9 +76,15 @@ class RunResult:
         r = self.record
         th = r["threshold"]
         w = r["weights"]
-        weights = w["id"] if w["kind"] != "file" else Path(w["id"]).name
+        weights = w["id"] if w["kind"] not in ("file", "torchscript") else Path(w["id"]).name
         lines = [f"{r['model']} ({weights}) | mode {r['mode']} | head {r['head']} | "
                  f"{r['dataset']['name']}"]
+        if r.get("transductive"):
+            a = r.get("adaptation") or {}
+            lines.append(f"TRANSDUCTIVE: --adapt {a.get('method')} used the {a.get('target')}; "
+                         "test numbers are not comparable with inductive runs")
+            if a.get("warning"):
+                lines.append(f"warning: {a['warning']}")
         sel = r.get("selection") or {}
         chosen = {k: v for k, v in sel.items() if k in ("C", "k", "best_epoch", "scoring")}
         if chosen:

@@ -5,7 +5,9 @@ augmentation (RandomResizedCrop + horizontal flip on the resized square), each d
 generator seeded by (seed, image id, view): the same pixels whether a run is resumed, sharded
 or made again. ``--tta flip|crops|flip,crops`` caches deterministic views of val and test:
 ``flip`` (the mirrored centre crop), ``crops`` (the four corner crops of the resized square),
-both (the corners mirrored too). Heads average their *probabilities* over a split's views.
+both (the corners mirrored too). ``fit-head --tta`` and ``predict --tta`` average the
+*features* of a split's views (for a linear head: its logits), so the val choices and the
+threshold see exactly what test sees.
 """
 from __future__ import annotations
 

@@ -62,6 +62,15 @@ def _check_probe(probe: RunResult, features) -> None:
         raise ConfigError(f"probe= {where} is a {rec.get('mode')} {rec.get('head')} run; analyze "
                           "reuses only a logistic probe on the cache (fit_head with "
                           "head='logreg'), or pass probe=None to fit one")
+    params = rec.get("params") or {}
+    changed = [name for name, value in (("adapt", params.get("adapt")),
+                                        ("tta", params.get("tta")),
+                                        ("train views", params.get("train_views")))
+               if value]
+    if rec.get("transductive") or changed:
+        raise ConfigError(f"probe= {where} used {', '.join(changed) or 'adaptation'}: analyze "
+                          "diagnoses the plain probe on the centre crops; pass a fit-head run "
+                          "without those options, or probe=None to fit one")
     key = (rec.get("cache") or {}).get("key") or ""
     if key != features.key:
         raise ConfigError(f"probe= {where} was fitted on cache {key[:16] or '(none)'}, but this "

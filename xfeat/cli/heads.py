@@ -80,6 +80,15 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
         head_params["seed"] = seed
     extract_options = cache_source(ctx, data, cache_file, {**options, "tta": tta},
                                    image_size=image_size, seed=seed)
+    if cache_file:
+        extraction = {"--layers": options.get("layers") != "penultimate",
+                      "--views": bool(options.get("views")),
+                      "--precision": options.get("precision") != "fp32"}
+        given = [flag for flag, set_ in extraction.items() if set_]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} choose what to extract, and --cache "
+                                   "gives features already extracted; use --blocks to pick "
+                                   "blocks of the cache, or --data to extract")
     cache_file = list(cache_file) if len(cache_file) > 1 else (cache_file[0] if cache_file
                                                                  else None)
     result = fit_head(data, model, weights=weights, cache=cache_file, head=head,
@@ -103,14 +112,17 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
               help="Average the features of these test-time views with the centre crop's.")
 @click.option("--adapt", type=click.Choice(["standardize", "em"]), default=None,
               help="TRANSDUCTIVE: adapt to the images given (at least 20), their labels unused.")
+@click.option("--compile", is_flag=True,
+              help="torch.compile the backbone (pays off for thousands of images).")
 @predict_run_options
 @click.pass_context
 @api_errors
-def predict_cmd(ctx, head_path, images, out_csv, weights, tta, adapt, **options):
+def predict_cmd(ctx, head_path, images, out_csv, weights, tta, adapt, compile, **options):
     """Classify image files or folders with a saved head and its backbone."""
     from ..predict import predict
 
     rows = predict(head_path, images, out_csv=out_csv, weights=weights, tta=tta, adapt=adapt,
+                   compile=compile,
                    progress=ctx.obj["progress"], **options)
     failed = [r for r in rows if r["error"]]
     counts = {}

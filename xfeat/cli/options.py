@@ -175,8 +175,8 @@ def feature_options(f):
                      help="Augmented views cached per train image (the fine-tuning "
                           "augmentation, seeded); heads train on all of them."),
         click.option("--tta", default=None, metavar="flip|crops|flip,crops",
-                     help="Test-time views of val and test to cache (probabilities are "
-                          "averaged over them)."),
+                     help="Test-time views of val and test to cache; fit-head averages the "
+                          "features of the centre crop and these views."),
         click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
                      show_default=True,
                      help="int8: quantized CPU extraction (calibrated on 256 train images)."),

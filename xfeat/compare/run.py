@@ -198,12 +198,14 @@ def _run_name(setup: _Setup, model: str, weights, mode: str) -> str:
     config = {"dataset": setup.dataset.fingerprint, "model": model, "weights": info.key(),
               "mode": mode, "image_size": setup.extract_options["image_size"],
               "n_boot": setup.n_boot, "seed": setup.finetune.seed}
+    config["threshold"] = setup.finetune.threshold
     if mode == "cached":
         config["head"] = setup.head
         kind = f"cached-{setup.head}"
     else:
         config["finetune"] = {k: v for k, v in setup.finetune.training_key().items()
                               if k != "mode"}
+        config["adapt"] = setup.finetune.adapt
         kind = f"{mode}-{setup.finetune.epochs}ep"
     return config_run_name(model, {"kind": info.kind, "id": info.id},
                            kind + ("-quick" if setup.quick else ""), config)
@@ -237,7 +239,8 @@ def _run(setup: _Setup, run_dir: Path, model: str, weights, mode: str) -> RunRes
     options = setup.extract_options
     if mode == "cached":
         return fit_head(setup.dataset, model, weights=weights, head=setup.head, out_dir=run_dir,
-                        n_boot=setup.n_boot, seed=setup.finetune.seed, extract_options=options)
+                        threshold=setup.finetune.threshold, n_boot=setup.n_boot,
+                        seed=setup.finetune.seed, extract_options=options)
     config = setup.finetune.with_options(mode=mode, n_boot=setup.n_boot)
     return finetune(setup.dataset, model, weights=weights, config=config, out_dir=run_dir,
                     resume=(run_dir / "checkpoint.pt").is_file(),

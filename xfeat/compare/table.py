@@ -117,7 +117,7 @@ def significance(results, rows: list, best: Optional[int]) -> list:
             continue
         y_sorted, pa, pb = np.asarray(y)[order], np.asarray(p)[order], np.asarray(p_b)[order_b]
         entry = {"model": model, "mode": mode, "caveat": row["caveat"], "against": tests[0]["best"]}
-        if pa.shape[1] == 2:
+        if pa.shape[1] == 2 and len(np.unique(y_sorted)) == 2:  # DeLong needs both classes
             d = delong_test(y_sorted, pa[:, 1], pb[:, 1])
             entry.update(auc_diff=d["diff"], auc_p_value=d["p_value"], auc_diff_ci=d["ci"])
         n_boot = 2000

@@ -145,9 +145,9 @@ def _prepare(data, model, weights, config, *, out_dir, resume, image_size, cache
     rows = None
     if config.max_train_images is not None and config.max_train_images < len(labels):
         rows = stratified_rows(labels, config.max_train_images, config.seed)
+    kind = f"{config.mode}-linear" + ("" if config.recipe == "tutorial" else f"-{config.recipe}")
     run_dir = Path(out_dir) if out_dir else default_run_dir(
-        plan.dataset.name, plan.model, {"kind": plan.weights.kind, "id": plan.weights.id},
-        f"{config.mode}-linear")
+        plan.dataset.name, plan.model, {"kind": plan.weights.kind, "id": plan.weights.id}, kind)
     return _Run(config, plan, dev, amp, run_dir, rows, num_workers, progress, world)
 
 
@@ -170,6 +170,10 @@ def _build_model(run: _Run):
     if config.mode == "lp-ft":
         probe, run.lpft = _lpft_probe(run)
     net, head = build_network(backbone, len(plan.dataset.class_names), config, probe=probe)
+    if config.adapt == "adabn" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                           for m in net.modules()):
+        raise ConfigError(f"--adapt adabn re-estimates BatchNorm statistics, and {plan.model} "
+                          "has no BatchNorm layer; run without --adapt")
     net = net.to(run.device)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -234,34 +238,40 @@ def _loaders(run: _Run, store):
 
 
 def _train(run: _Run, store, net, optimizer, scheduler, per_step: bool) -> None:
-    """The epochs: train, evaluate on val, keep the best, checkpoint (rank 0)."""
-    config, model = run.config, run.plan.model
+    """The epochs, from the first not yet done (the caller's random stream stays untouched)."""
     runner = net
     if run.world.size > 1:
         runner = nn.parallel.DistributedDataParallel(
             net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    runner = torch.compile(runner) if config.compile else runner
+    runner = torch.compile(runner) if run.config.compile else runner
     run.run_dir.mkdir(parents=True, exist_ok=True)
     train_loader, eval_loader = _loaders(run, store)
-    val_loader = eval_loader("val")
-    normalize = run.plan.preprocessing.normalize
+    loaders = (train_loader, eval_loader("val"))
     first = run.state["epoch"] + 1 if run.state else 1
-    for epoch in range(first, config.epochs + 1):
-        torch.manual_seed(mix_seed(config.seed, epoch, -2) % 2**63)  # dropout: same on resume
-        lr_now = optimizer.param_groups[0]["lr"]
-        train_loader.batch_sampler.set_epoch(epoch)
-        tr = train_one_epoch(runner, train_loader, optimizer, normalize=normalize,
-                             device=run.device, amp_dtype=run.amp_dtype,
-                             channels_last=config.channels_last,
-                             label_smoothing=config.label_smoothing,
-                             step_scheduler=scheduler if per_step else None,
-                             progress=run.progress and run.world.is_main,
-                             desc=f"{model} {config.mode} epoch {epoch}/{config.epochs}")
-        if not per_step:
-            scheduler.step()
-        if not run.world.is_main:  # rank 0 alone evaluates, keeps the best epoch, checkpoints
-            distributed.barrier()
-            continue
+    with torch.random.fork_rng(devices=[]):
+        for epoch in range(first, run.config.epochs + 1):
+            _epoch(run, epoch, runner, net, loaders, optimizer, scheduler, per_step)
+
+
+def _epoch(run: _Run, epoch: int, runner, net, loaders, optimizer, scheduler,
+           per_step: bool) -> None:
+    """One epoch: train, then (rank 0) evaluate on val, keep the best and checkpoint."""
+    config, model = run.config, run.plan.model
+    train_loader, val_loader = loaders
+    normalize = run.plan.preprocessing.normalize
+    torch.manual_seed(mix_seed(config.seed, epoch, -2) % 2**63)  # dropout: same on resume
+    lr_now = optimizer.param_groups[0]["lr"]
+    train_loader.batch_sampler.set_epoch(epoch)
+    tr = train_one_epoch(runner, train_loader, optimizer, normalize=normalize,
+                         device=run.device, amp_dtype=run.amp_dtype,
+                         channels_last=config.channels_last,
+                         label_smoothing=config.label_smoothing,
+                         step_scheduler=scheduler if per_step else None,
+                         progress=run.progress and run.world.is_main,
+                         desc=f"{model} {config.mode} epoch {epoch}/{config.epochs}")
+    if not per_step:
+        scheduler.step()
+    if run.world.is_main:
         va = evaluate(net, val_loader, normalize=normalize, device=run.device,
                       amp_dtype=run.amp_dtype, channels_last=config.channels_last)
         if not math.isfinite(va["loss"]):
@@ -269,7 +279,7 @@ def _train(run: _Run, store, net, optimizer, scheduler, per_step: bool) -> None:
                                    f"{va['loss']} (the network outputs inf or NaN); lower the "
                                    "learning rate (--lr)")
         _end_epoch(run, epoch, tr, va, lr_now, net, optimizer, scheduler)
-        distributed.barrier()
+    distributed.barrier()
 
 
 def _end_epoch(run: _Run, epoch: int, tr: dict, va: dict, lr: float, net, optimizer,
