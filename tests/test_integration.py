@@ -42,3 +42,23 @@ def test_pretrained_features_separate_the_classes(mobilenet_cache):
     clf = LogisticRegression(C=0.1, max_iter=2000).fit(fs["train"].features, fs["train"].labels)
     auc = roc_auc_score(fs["test"].labels, clf.predict_proba(fs["test"].features)[:, 1])
     assert auc > 0.8, f"ImageNet MobileNetV2 features should separate NORMAL/PNEUMONIA, AUC {auc}"
+
+
+def test_closing_the_gap_on_real_xrays(chest, tmp_path):
+    """Stages, views, TTA and a transductive adaptation, end to end on real images."""
+    from xfeat.fit import fit_head
+
+    path = xfeat.extract(chest, "mobilenet_v2", weights=MOBILENET_WEIGHTS, image_size=96,
+                         layers="stages", views=1, tta="flip", batch_size=32,
+                         cache_dir=tmp_path, progress=False)
+    fs = read_cache(path)
+    assert [b for b, _ in fs.blocks] == ["features.3", "features.6", "features.13",
+                                         "penultimate"]
+    assert set(fs.views["train"]) == {"view1"} and set(fs.views["test"]) == {"flip"}
+    result = fit_head(cache=path, tta="flip", adapt="standardize", n_boot=50,
+                      out_dir=tmp_path / "run")
+    assert result["transductive"] and result["params"]["train_views"] == 1
+    assert result["metrics"]["test"]["roc_auc"] > 0.8
+    rows = xfeat.predict(tmp_path / "run" / "head.npz", [chest / "test" / "NORMAL"],
+                         num_workers=0, progress=False)  # the head's own TTA by default
+    assert len(rows) == 40 and all(r["predicted"] for r in rows)

@@ -22,12 +22,13 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
 
+from .config import FIT_ADAPTATIONS
 from .errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 FEATURE_METHODS = ("standardize", "coral")
-METHODS = FEATURE_METHODS + ("em",)
+METHODS = FIT_ADAPTATIONS
 MIN_TARGET_IMAGES = 20  # fewer cannot estimate a mean and spread per feature
 EM_SHIFT_WARNING_AUC = 0.6  # within-class train/target separability above which EM is unsafe
 

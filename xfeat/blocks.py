@@ -62,10 +62,10 @@ def _resolve(model_name: str, layers: tuple, crop_size: int) -> tuple:
 
 
 def _stripped(model: nn.Module, model_name: str) -> nn.Module:
-    from .backbones import _set_submodule
+    from .backbones import set_submodule
     from .backbones import torchvision_models as tv
 
-    _set_submodule(model, tv.classifier_of(model_name)[0], nn.Identity())
+    set_submodule(model, tv.classifier_of(model_name)[0], nn.Identity())
     return model.eval()
 
 

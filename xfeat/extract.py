@@ -21,7 +21,7 @@ from . import __version__, cache, distributed
 from .backbones import (Preprocessing, WeightsInfo, create_backbone, default_preprocessing,
                         normalize_name, resolve_weights)
 from .blocks import parse_layers, resolve_blocks
-from .config import default_cache_dir
+from .config import INT8_CALIBRATION_IMAGES, PRECISIONS, ExtractConfig, default_cache_dir
 from .data import DEFAULT_GROUP_PATTERN, Dataset, SplitRecipe, load_dataset
 from .errors import ConfigError
 from .runtime import resolve_device, should_compile
@@ -29,8 +29,6 @@ from .views import parse_tta, train_views, tta_views
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8")
-INT8_CALIBRATION_IMAGES = 256
 
 
 @dataclass
@@ -91,11 +89,13 @@ def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, 
                     seed: int = 0, dataset: Optional[Dataset] = None,
                     resize_size: Optional[int] = None, mean: Optional[tuple] = None,
                     std: Optional[tuple] = None, layers="penultimate", views: int = 0,
-                    tta=None, precision: str = "fp32") -> ExtractionPlan:
+                    tta=None, precision: str = "fp32",
+                    batch_size: Optional[int] = None) -> ExtractionPlan:
     """Resolve the dataset, weights, preprocessing and blocks into a cache key and path.
 
     ``image_size`` (the crop), ``resize_size``, ``mean`` and ``std`` override the weights'
     own preprocessing (e.g. for a ``torchscript:PATH`` model without a sidecar JSON).
+    ``batch_size`` matters only to int8, whose calibration batches are that size.
     """
     if feature_dtype not in cache.FEATURE_DTYPES:
         raise ConfigError(f"feature dtype {feature_dtype!r} not supported; expected one of "
@@ -124,7 +124,8 @@ def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, 
     if views:
         fields["view_seed"] = seed
     if precision != "fp32":
-        fields["precision"] = {"kind": precision, "calibration": INT8_CALIBRATION_IMAGES}
+        fields["precision"] = {"kind": precision, "calibration": INT8_CALIBRATION_IMAGES,
+                               "batch_size": batch_size or ExtractConfig().batch_size}
     key = cache.cache_key(fields)
     path = cache.entry_path(cache_dir, f"{dataset.name}-{model}-{info.tag}", key)
     return ExtractionPlan(dataset, model, info, str(weights), preprocessing, blocks,
@@ -182,12 +183,16 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
         views, tta, precision, val_fraction, split_seed, group_pattern, seed.
     """
     if plan is None:
-        plan = plan_extraction(data, model, weights=weights, **plan_options)
+        plan = plan_extraction(data, model, weights=weights, batch_size=batch_size,
+                               **plan_options)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}: expected an integer >= 1")
     run = dict(batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
                compile=compile, channels_last=channels_last, progress=progress)
     if distributed.is_distributed():
+        if plan.precision == "int8":
+            raise ConfigError("--precision int8 calibrates on one process's train images; run "
+                              "it without torchrun (or extract fp32 under torchrun)")
         return _extract_sharded(plan, device=device, force=force, **run)
     if not force and cache.is_complete(plan.path):  # no lock: a read-only cache is usable
         logger.info("cache hit: %s (backbone not run)", plan.path)

@@ -81,7 +81,8 @@ def _extract_all(data, model: str, weights, options: dict):
     paths, hit, dataset = [], True, None
     for m in models:
         plan = plan_extraction(data if dataset is None else dataset, m,
-                               weights=weights_by_model[m], **plan_options)
+                               weights=weights_by_model[m],
+                               batch_size=run_options.get("batch_size"), **plan_options)
         hit = hit and cache_io.is_complete(plan.path)
         paths.append(extract(plan=plan, **run_options))
         dataset = plan.dataset

@@ -42,6 +42,16 @@ def describe_os_error(exc: OSError, path) -> str:
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
+def safe_name(name: str) -> str:
+    """``name`` usable as one file or folder name: letters, digits and ``-_.`` kept."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+
+
+def file_mode() -> int:
+    """The permissions ``open(path, "w")`` would give a new file: 0666 minus the umask."""
+    return 0o666 & ~_umask()
+
+
 def make_dirs(path) -> Path:
     """``mkdir -p`` that fails with an :class:`OutputError` naming the folder."""
     path = Path(path)
@@ -72,7 +82,7 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -15,12 +15,12 @@ from typing import Optional, Union
 
 from .config import DEFAULT_RUNS_DIR
 from .errors import OutputError
-from .files import describe_os_error, make_dirs
+from .files import describe_os_error, make_dirs, safe_name
 
 
 def weights_tag(weights: dict) -> str:
-    """Short name of a weights record (``{kind, id}``): random, IMAGENET1K_V1 (timm's tag:
-    a1_in1k), a file's stem."""
+    """Short name of a weights record (``{kind, id}``): random, IMAGENET1K_V1 (torchvision),
+    a1_in1k (a timm tag), or a file's stem."""
     kind, wid = weights["kind"], str(weights["id"])
     if kind == "random":
         return "random"
@@ -32,17 +32,13 @@ def weights_tag(weights: dict) -> str:
 def default_run_dir(dataset: str, model: str, weights: dict, kind: str,
                     root: Union[str, Path] = DEFAULT_RUNS_DIR) -> Path:
     """``root/DATASET/MODEL-WEIGHTS/KIND``."""
-    return Path(root) / dataset / f"{_safe(model)}-{_safe(weights_tag(weights))}" / kind
+    return Path(root) / dataset / f"{safe_name(model)}-{safe_name(weights_tag(weights))}" / kind
 
 
 def config_run_name(model: str, weights: dict, kind: str, config: dict) -> str:
     """A readable folder name unique per configuration: ``MODEL-WEIGHTS-KIND-HASH8``."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    return f"{_safe(model)}-{_safe(weights_tag(weights))}-{kind}-{digest.hexdigest()[:8]}"
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+    return f"{safe_name(model)}-{safe_name(weights_tag(weights))}-{kind}-{digest.hexdigest()[:8]}"
 
 
 @contextmanager

@@ -11,7 +11,16 @@ from typing import Optional
 
 import torch
 
+from .config import COMPILE_CHOICES
 from .errors import ConfigError
+
+
+def mix_seed(*values) -> int:
+    """A 64-bit seed from a tuple of values (stable across processes, platforms, resumes)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=8).digest(),
+                          "little")
 
 
 def resolve_device(device: Optional[str] = None) -> torch.device:
@@ -123,7 +132,6 @@ def family(model_name: str) -> str:
 # channels_last (1.2x-5x faster there). On CUDA channels_last is used throughout.
 CHANNELS_LAST_SLOWER_ON_CPU = frozenset({"convnext", "efficientnet_v2", "googlenet",
                                          "inception", "swin", "vit"})
-COMPILE_CHOICES = ("auto", "on", "off")
 # torch.compile costs ~20 s the first time (a few seconds with a warm cache) and makes the
 # forward pass 1.1-1.6x faster here: it pays off from a few thousand images.
 AUTO_COMPILE_MIN_IMAGES = 3000

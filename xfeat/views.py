@@ -11,13 +11,13 @@ threshold see exactly what test sees.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .errors import ConfigError, ImageReadError
+from .runtime import mix_seed
 
 TTA_KINDS = ("flip", "crops")
 CORNERS = ("crop_tl", "crop_tr", "crop_bl", "crop_br")
@@ -53,9 +53,6 @@ def train_views(k: int) -> list:
     return [f"view{i}" for i in range(1, k + 1)]
 
 
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
-
 
 def render(square: np.ndarray, preprocessing, view: Optional[str], *, seed: int = 0,
            image_id: str = "") -> np.ndarray:
@@ -66,7 +63,7 @@ def render(square: np.ndarray, preprocessing, view: Optional[str], *, seed: int 
     flip = view.startswith("flip")
     name = view[5:] if view.startswith("flip_") else view
     if name.startswith("view"):
-        return _augmented(square, crop, _seed(seed, image_id, name))
+        return _augmented(square, crop, mix_seed(seed, image_id, name))
     if name == "flip":
         out = preprocessing.center_crop(square)
     elif name in CORNERS:

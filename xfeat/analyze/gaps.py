@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from ..files import safe_name
 from ..report import plot_training_curves
 from ..results import RunResult, load_result
 from .section import SPLIT_ORDER, Section, diff, fmt, is_nan, md_table
@@ -37,7 +38,7 @@ def gaps_section(probe: RunResult, runs: Sequence = (), *, fingerprint: str = ""
         history = rec.get("history") or []
         if history and all(f"{p}_{m}" in history[0] for p in ("train", "val")
                            for m in ("accuracy", "loss")):
-            entry["curves_png"] = f"curves_{_safe(name)}.png"
+            entry["curves_png"] = f"curves_{safe_name(name)}.png"
             figures[entry["curves_png"]] = functools.partial(
                 plot_training_curves, history, title=name,
                 best_epoch=(rec.get("selection") or {}).get("best_epoch"))
@@ -100,8 +101,6 @@ def _meaning(entry: dict) -> str:
     return "; ".join(parts) + "." if parts else "not enough splits to compare."
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _headlines(s: dict) -> list:

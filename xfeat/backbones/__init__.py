@@ -60,7 +60,7 @@ class Backbone:
 
     def replace_classifier(self, layer: nn.Module) -> None:
         """Install ``layer`` where the stripped classifier was (used by fine-tuning)."""
-        _set_submodule(self.model, self.classifier_path, layer)
+        set_submodule(self.model, self.classifier_path, layer)
 
     def check_trainable(self, mode: str) -> None:
         """A clear error if fine-tuning mode ``mode`` needs parameters the network lacks."""
@@ -156,13 +156,13 @@ def create_backbone(name: str, weights: Union[str, Path, None] = "none", *,
     with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG stream untouched
         torch.manual_seed(seed)
         model, info, (path, dim, kind) = source.build(name, info, tv_weights, progress=progress)
-    _set_submodule(model, path, nn.Identity())
+    set_submodule(model, path, nn.Identity())
     model.eval()
     trainable = any(p.requires_grad for p in model.parameters())
     return Backbone(name, model, dim, path, preprocessing, info, kind, trainable)
 
 
-def _set_submodule(model: nn.Module, path: str, layer: nn.Module) -> None:
+def set_submodule(model: nn.Module, path: str, layer: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, layer)

@@ -52,11 +52,9 @@ class WeightsInfo:
 
 
 def weights_tag(kind: str, weights_id: str) -> str:
-    if kind == "random":
-        return "random"
-    if kind in ("torchvision", "timm"):  # IMAGENET1K_V2, a1_in1k
-        return str(weights_id).rsplit(".", 1)[-1]
-    return Path(str(weights_id)).stem
+    from ..runs import weights_tag as tag
+
+    return tag({"kind": kind, "id": weights_id})
 
 
 def resolve(value: Union[str, Path, None], *, enum=None, seed: int = 0, model: str = ""):

@@ -17,13 +17,13 @@ from typing import Optional, Sequence, Union
 import h5py
 import numpy as np
 
+from ..config import FEATURE_DTYPES  # noqa: F401  (re-exported)
 from ..errors import CacheError
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "xfeat-features"
 FORMAT_VERSION = 2
-FEATURE_DTYPES = ("float32", "float16")
 BASE_SPLITS = ("train", "val", "test")
 PENULTIMATE = "penultimate"
 

@@ -22,7 +22,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from ..errors import CacheError
-from ..files import describe_os_error, make_dirs
+from ..files import describe_os_error, file_mode, make_dirs, safe_name
 from .read import FEATURE_DTYPES, FORMAT, FORMAT_VERSION, partial_path, read_cache
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,7 @@ def cache_key(fields: dict) -> str:
 
 
 def entry_path(cache_dir: Union[str, Path], label: str, key: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-    return Path(cache_dir) / f"{safe}-{key[:16]}.h5"
+    return Path(cache_dir) / f"{safe_name(label)}-{key[:16]}.h5"
 
 
 def shard_path(path: Path, rank: int, world_size: int) -> Path:
@@ -193,7 +192,7 @@ class CacheWriter:
             self.file[s].attrs["stats"] = json.dumps(split_stats.get(s, {}), sort_keys=True)
         self.file.attrs["complete"] = True
         self.file.close()
-        os.chmod(self.partial, 0o666 & ~_umask())
+        os.chmod(self.partial, file_mode())
         os.replace(self.partial, self.path)
         return self.path
 
@@ -255,11 +254,6 @@ def _read_all_groups(path: Path, blocks: list) -> dict:
                                 for k, (b, _) in enumerate(part.blocks)}}
     return out
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _close_quietly(f) -> None:

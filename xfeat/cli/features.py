@@ -5,7 +5,7 @@ import json
 
 import click
 
-from ..config import FEATURE_DTYPES, ExtractConfig
+from ..config import COMPILE_CHOICES, FEATURE_DTYPES, ExtractConfig
 from . import api_errors, cli
 from .options import (data_options, default, feature_options, json_option, model_options,
                       run_options)
@@ -66,7 +66,7 @@ def weights_cmd(as_json):
               default=default(ExtractConfig, "feature_dtype"), show_default=True,
               help="Stored feature precision.")
 @feature_options
-@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto",
+@click.option("--compile", type=click.Choice(COMPILE_CHOICES), default="auto",
               show_default=True,
               help="torch.compile the backbone: auto compiles from 3,000 images, where it pays "
                    "for its ~20 s (a few seconds once cached in --cache-dir).")

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from ..config import HEAD_NAMES
+from ..config import FIT_ADAPTATIONS, HEAD_NAMES, PREDICT_ADAPTATIONS
 from . import api_errors, cli
 from .options import (cache_source, feature_options, json_option, model_options, n_boot_option,
                       optional_data_options, predict_run_options, run_options, threshold_option)
@@ -46,7 +46,7 @@ def head_params_from_flags(head: str, given: dict) -> dict:
 @feature_options
 @click.option("--ignore-views", is_flag=True,
               help="Train on the centre crops only, even if the cache holds augmented views.")
-@click.option("--adapt", type=click.Choice(["standardize", "coral", "em"]), default=None,
+@click.option("--adapt", type=click.Choice(FIT_ADAPTATIONS), default=None,
               help="TRANSDUCTIVE site adaptation to the test images (labels never read).")
 @threshold_option
 @click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=None,
@@ -110,7 +110,7 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
               help="Where the head's weights file is now, if it moved.")
 @click.option("--tta", default=None, metavar="flip|crops|flip,crops",
               help="Average the features of these test-time views with the centre crop's.")
-@click.option("--adapt", type=click.Choice(["standardize", "em"]), default=None,
+@click.option("--adapt", type=click.Choice(PREDICT_ADAPTATIONS), default=None,
               help="TRANSDUCTIVE: adapt to the images given (at least 20), their labels unused.")
 @click.option("--compile", is_flag=True,
               help="torch.compile the backbone (pays off for thousands of images).")

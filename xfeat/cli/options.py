@@ -6,8 +6,8 @@ from typing import Optional
 
 import click
 
-from ..config import (DEFAULT_N_BOOT, DEFAULT_THRESHOLD, ExtractConfig, FinetuneConfig,
-                      SplitConfig)
+from ..config import (AMP_CHOICES, DEFAULT_N_BOOT, DEFAULT_THRESHOLD, INT8_CALIBRATION_IMAGES,
+                      PRECISIONS, RECIPES, ExtractConfig, FinetuneConfig, SplitConfig)
 
 
 def default(cls, name: str):
@@ -118,7 +118,7 @@ def finetune_options(f):
     return apply(f, [
         click.option("--epochs", type=int, default=d("epochs"), show_default=True),
         click.option("--batch-size", "-b", type=int, default=d("batch_size"), show_default=True),
-        click.option("--recipe", type=click.Choice(["tutorial", "modern"]),
+        click.option("--recipe", type=click.Choice(RECIPES),
                      default=d("recipe"), show_default=True,
                      help="tutorial: SGD + StepLR as in PyTorch's transfer-learning tutorial; "
                           "modern: AdamW, warm-up + cosine, label smoothing, a 10x lower "
@@ -138,7 +138,7 @@ def finetune_options(f):
         click.option("--backbone-lr-scale", type=float, default=None,
                      help="Backbone learning rate / new layer's [default: tutorial 1, "
                           "modern 0.1]."),
-        click.option("--amp", type=click.Choice(["auto", "bf16", "none"]), default=d("amp"),
+        click.option("--amp", type=click.Choice(AMP_CHOICES), default=d("amp"),
                      show_default=True, help="auto: bf16 autocast on CUDA, fp32 on CPU."),
         click.option("--channels-last/--no-channels-last", default=None,
                      help="Memory layout [default: channels_last where it is faster for the "
@@ -177,7 +177,8 @@ def feature_options(f):
         click.option("--tta", default=None, metavar="flip|crops|flip,crops",
                      help="Test-time views of val and test to cache; fit-head averages the "
                           "features of the centre crop and these views."),
-        click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
                      show_default=True,
-                     help="int8: quantized CPU extraction (calibrated on 256 train images)."),
+                     help="int8: quantized CPU extraction (calibrated on "
+                          f"{INT8_CALIBRATION_IMAGES} train images)."),
     ])

@@ -5,7 +5,8 @@ import json
 
 import click
 
-from ..config import COMPARE_MODES, FINETUNE_MODES, HEAD_NAMES, FinetuneConfig
+from ..config import (COMPARE_MODES, FINETUNE_ADAPTATIONS, FINETUNE_MODES, HEAD_NAMES,
+                      FinetuneConfig)
 from . import api_errors, cli
 from .options import (cache_source, data_options, default, finetune_options, json_option,
                       loader_options, model_options, n_boot_option, optional_data_options,
@@ -27,7 +28,7 @@ from .options import (cache_source, data_options, default, finetune_options, jso
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--probe", type=click.Path(dir_okay=False), default=None,
               help="lp-ft: start from this head.npz of fit-head (default: fit one on the cache).")
-@click.option("--adapt", type=click.Choice(["adabn"]), default=None,
+@click.option("--adapt", type=click.Choice(FINETUNE_ADAPTATIONS), default=None,
               help="TRANSDUCTIVE: evaluate test with BatchNorm statistics re-estimated on the "
                    "test images (labels never read).")
 @n_boot_option

@@ -6,7 +6,6 @@ run split across torchrun ranks all see exactly the same batches.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Optional
 
 import numpy as np
@@ -14,16 +13,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from ..backbones import Preprocessing
-from ..runtime import make_loader
+from ..runtime import make_loader, mix_seed
 from ..store import random_resized_crop_params
 
 IGNORE_LABEL = -100  # cross_entropy's ignore_index: padding samples
 
-
-def mix_seed(*values: int) -> int:
-    """A 64-bit seed from a tuple of integers (stable across processes and platforms)."""
-    return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=8).digest(),
-                          "little")
 
 
 class StoreImages(torch.utils.data.Dataset):

@@ -1,0 +1,108 @@
+"""The fast paths of extraction: memory layout policy, padded static batches, compile with its
+fallback, int8 where it is offered. Speed itself is measured in scripts/bench_*.py."""
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import xfeat
+from xfeat.backbones import create_backbone
+from xfeat.cache import read_cache, read_meta
+from xfeat.cli import cli
+from xfeat.errors import ConfigError
+from xfeat.forward import Runner, pad_batch
+from xfeat.runtime import channels_last_default, should_compile
+
+from conftest import TINY, make_image_folder
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("speed") / "xray", n_train=12, n_test=4)
+
+
+def test_channels_last_only_where_it_is_faster():
+    assert channels_last_default("resnet50", CPU) and channels_last_default("mobilenet_v2", CPU)
+    assert not channels_last_default("convnext_tiny", CPU)
+    assert not channels_last_default("vit_b_32", CPU)
+    assert channels_last_default("vit_b_32", torch.device("cuda"))
+    assert not channels_last_default("torchscript:/m.pt", CPU)
+
+
+def test_compile_auto_amortises_and_bad_values_are_clear():
+    assert not should_compile("auto", 500) and should_compile("auto", 5000)
+    assert should_compile("on", 1) and not should_compile("off", 10**6)
+    with pytest.raises(ConfigError, match="compile='sometimes'"):
+        should_compile("sometimes", 10)
+
+
+def test_a_padded_batch_keeps_its_layout_and_its_rows():
+    runner = Runner(create_backbone("resnet18", "none", image_size=TINY),
+                    [("penultimate", 512)], CPU, batch_size=8, channels_last=True)
+    images = torch.randint(0, 255, (3, 3, TINY, TINY), dtype=torch.uint8)
+    x = runner._prepare(pad_batch(images, 8))
+    assert x.shape[0] == 8 and x.is_contiguous(memory_format=torch.channels_last)
+    runner.static = True  # as for an exported graph: padded, then cut back
+    out = runner(images)["penultimate"]
+    assert out.shape == (3, 512)
+    runner.static = False
+    np.testing.assert_allclose(out, runner(images)["penultimate"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_compilation_falls_back_to_eager(caplog):
+    runner = Runner(create_backbone("resnet18", "none", image_size=TINY),
+                    [("penultimate", 512)], CPU, batch_size=4)
+    images = torch.randint(0, 255, (2, 3, TINY, TINY), dtype=torch.uint8)
+    expected = runner(images)["penultimate"]
+
+    def broken(x):
+        raise RuntimeError("inductor cannot build this graph here")
+
+    runner.compiled = broken
+    out = runner(images)["penultimate"]  # padded to 4 for the compiled graph, cut to 2
+    assert "continuing in eager mode" in caplog.text and runner.compiled is None
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_extraction_matches_eager(data, tmp_path):
+    common = dict(image_size=TINY, num_workers=0, progress=False, batch_size=8)
+    eager = xfeat.extract(data, "resnet18", cache_dir=tmp_path / "e", compile="off", **common)
+    compiled = xfeat.extract(data, "resnet18", cache_dir=tmp_path / "c", compile="on", **common)
+    assert read_meta(compiled)["splits"]["train"]["compiled"] is True
+    for split in ("train", "val", "test"):
+        np.testing.assert_allclose(read_cache(compiled)[split].features,
+                                   read_cache(eager)[split].features, rtol=1e-3, atol=1e-4)
+
+
+def test_int8_is_offered_only_where_it_is_faster(data, tmp_path, monkeypatch):
+    pytest.importorskip("torchao")
+    with pytest.raises(ConfigError, match="not offered for resnet18"):
+        xfeat.extract(data, "resnet18", precision="int8", image_size=TINY,
+                      cache_dir=tmp_path, num_workers=0, progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="without torchrun"):
+        xfeat.extract(data, "mobilenet_v2", precision="int8", image_size=TINY,
+                      cache_dir=tmp_path, num_workers=0, progress=False)
+    assert not list(tmp_path.glob("*.h5*"))
+
+
+@pytest.mark.slow
+def test_int8_extraction_is_its_own_cache_entry(data, tmp_path):
+    pytest.importorskip("torchao")
+    common = dict(image_size=TINY, num_workers=0, progress=False, batch_size=8,
+                  cache_dir=tmp_path)
+    fp32 = xfeat.extract(data, "mobilenet_v2", **common)
+    int8 = xfeat.extract(data, "mobilenet_v2", precision="int8", **common)
+    assert int8 != fp32 and read_meta(int8)["precision"] == "int8"
+    assert read_cache(int8)["train"].features.shape == read_cache(fp32)["train"].features.shape
+    assert np.isfinite(read_cache(int8)["test"].features).all()
+
+
+def test_nodes_lists_the_stages():
+    result = CliRunner().invoke(cli, ["nodes", "mobilenet_v2"])
+    assert result.exit_code == 0
+    assert "features.3 (D=24), features.6 (D=32), features.13 (D=96), penultimate (D=1280)" in \
+        result.output
