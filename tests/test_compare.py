@@ -88,7 +88,8 @@ def test_compare_reports_and_reuses(tmp_path, caplog):
     headings = [line for line in report.splitlines() if line.startswith("## ")]
     assert headings[:3] == ["## Verdict", "## Time", "## Results"]
     assert verdict["sentences"][0].startswith("Best run by val AUC, among runs from pretrained")
-    assert re.search(r"accuracy [01]\.\d{3}( \[[01]\.\d\d–[01]\.\d\d\])?, AUC", verdict["sentences"][0])
+    assert re.search(r"accuracy [01]\.\d{3}( \[[01]\.\d{3}–[01]\.\d{3}\])?, AUC",
+                     verdict["sentences"][0])
     assert re.search(rf"resnet18: the cached path .* is {RATIO} than the frozen baseline",
                      verdict["sentences"][1])
     assert not re.search(r"\b0(\.\d+)?x faster|p 0(\.0+)?[;) ]", report)  # never 0.8x, p 0

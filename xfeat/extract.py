@@ -187,6 +187,11 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
                                **plan_options)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}: expected an integer >= 1")
+    should_compile(compile, 0)  # a bad value fails now, not after the dataset is read
+    if plan.precision == "int8":
+        from .quantize import check_int8
+
+        check_int8(plan.model, resolve_device(device))
     run = dict(batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
                compile=compile, channels_last=channels_last, progress=progress)
     if distributed.is_distributed():
@@ -262,10 +267,6 @@ def _run(plan: ExtractionPlan, *, batch_size: int, num_workers: Optional[int],
     from .views import ViewImages
 
     dev = resolve_device(device)
-    if plan.precision == "int8":
-        from .quantize import check_int8
-
-        check_int8(plan.model, dev)
     # Build (and download) first, so a failure here leaves no partial file behind.
     backbone = create_backbone(plan.model, plan.weights_arg, seed=plan.seed)
     backbone.preprocessing = plan.preprocessing

@@ -117,10 +117,6 @@ def select_blocks(features, blocks: Sequence[str]):
 def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
     """Several caches of the same images as one FeatureSet, blocks side by side."""
     first = sets[0]
-    models = [fs.meta["model"] for fs in sets]
-    if len(set(models)) != len(models):
-        raise ConfigError(f"the caches come from models {models}: each backbone may appear once "
-                          "(their blocks are named MODEL:BLOCK)")
     for other in sets[1:]:
         if other.meta["dataset"]["fingerprint"] != first.meta["dataset"]["fingerprint"]:
             raise cache_io.CacheError(
@@ -132,6 +128,10 @@ def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
                 raise cache_io.CacheError(
                     f"{other.path.name} and {first.path.name} do not hold the same {split} "
                     "images (ids differ); extract both from the same data and split")
+    models = [fs.meta["model"] for fs in sets]
+    if len(set(models)) != len(models):
+        raise ConfigError(f"the caches come from models {models}: each backbone may appear once "
+                          "(their blocks are named MODEL:BLOCK)")
     names = [f"{fs.meta['model']}:{b}" for fs in sets for b, _ in fs.blocks]
     chosen = list(blocks) if blocks else names
     unknown = [b for b in chosen if b not in names]
