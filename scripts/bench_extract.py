@@ -1,20 +1,26 @@
 """`xfeat extract` against the fastest way this machine runs the same backbone, side by side.
 
-For each model, on the same N real images:
+For each model:
 
 (a) the fastest fp32 configuration on pre-decoded, pre-cropped uint8 tensors in memory
-    (normalisation + forward, steady state after warm-up): the best of eager NCHW, eager
-    channels_last and torch.compile (inductor, weight freezing) in channels_last;
-(b) ``xfeat extract`` as a user runs it, a fresh ``python -m xfeat extract`` process timed from
-    start to exit (scan and fingerprint, model build, JPEG decode, resize/crop, forward, HDF5
-    writes; compile decided by ``--compile auto``): first with an empty compile cache (a first
-    run) and again with a warm one (every later run).
+    (normalisation + forward, steady state after warm-up, on ``--reference-images`` train
+    images): the best of eager NCHW, eager channels_last, ``torch.compile`` (inductor, weight
+    freezing) and AOTInductor (export + ahead-of-time compilation, weight freezing), both in
+    channels_last, written out here with torch's own API (not xfeat's code path);
+(b) ``xfeat extract`` as a user runs it on the whole data set (every split), a fresh
+    ``python -m xfeat extract`` process timed from start to exit (interpreter and torch
+    start-up, scan and fingerprint, model build, JPEG decode, resize/crop, forward, HDF5
+    writes; compile decided by ``--compile auto``): first with nothing compiled yet (a first
+    run), then again with its compiled graph kept from the first run (every later run).
 The ratio (b)/(a) and the share of the machine's fp32 peak (a large matmul, measured in the
-same run) are printed per model. ``--stages MODEL`` adds ``--layers stages`` against the
-penultimate layer alone; ``--int8 MODEL`` adds ``--precision int8`` with the cosine similarity
-of its features to fp32.
+same run) are printed per model, and (b)'s pass alone (from the first batch to the last
+write, without the process start-up that (a) does not pay either). ``--stages MODEL`` adds
+``--layers stages`` against the penultimate layer alone; ``--int8 MODEL`` adds ``--precision
+int8`` with the cosine similarity of its features to fp32.
 
-    python scripts/bench_extract.py --data ../shared/data/chest_xray224 --n 3000
+    python scripts/bench_extract.py --data ../shared/data/chest_xray224
+
+``--n N`` times (b) on a stratified subset of N train images instead of the whole data set.
 """
 from __future__ import annotations
 
@@ -33,7 +39,6 @@ import torch
 from xfeat.backbones import create_backbone
 from xfeat.cache import read_cache
 from xfeat.data import load_dataset
-from xfeat.runtime import compile_for_inference
 
 MODELS = ("mobilenet_v2", "resnet18", "resnet50", "shufflenet_v2_x2_0")
 
@@ -67,16 +72,17 @@ def _timed(f) -> float:
     return time.perf_counter() - t0
 
 
-def decode_rate(root: Path, model: str) -> float:
+def decode_rate(root: Path, model: str, n: int) -> float:
     """Images/s of decoding + resizing + cropping alone, in this one process."""
     from xfeat.views import ViewImages
 
     split = load_dataset(root).splits["train"]
     images = ViewImages(split, create_backbone(model, "none").preprocessing)
+    n = min(n, len(images))
     t0 = time.perf_counter()
-    for i in range(len(images)):
+    for i in range(n):
         images[i]
-    return len(images) / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0)
 
 
 def gflops_per_image(model: torch.nn.Module, size: int) -> float:
@@ -87,29 +93,51 @@ def gflops_per_image(model: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def in_memory_images(root: Path, model: str) -> tuple:
+def in_memory_images(root: Path, model: str, n: int) -> tuple:
     backbone = create_backbone(model, "none")
     split = load_dataset(root).splits["train"]
     prep = backbone.preprocessing
     x = torch.from_numpy(np.stack([prep.resize_and_crop(split.read_image(i))
-                                   for i in range(len(split))])).permute(0, 3, 1, 2)
+                                   for i in range(min(n, len(split)))])).permute(0, 3, 1, 2)
     return backbone, x
 
 
-def forward_only(backbone, x: torch.Tensor, batch: int, layout: str, compiled: bool,
-                 cache_dir: Path) -> dict:
+def torch_compiled(net: torch.nn.Module, example: torch.Tensor, folder: Path):
+    """``torch.compile`` with inductor's weight freezing, static shapes."""
+    from torch._inductor import config
+
+    compiled = torch.compile(net, dynamic=False)
+
+    def run(x):
+        with config.patch(freezing=True):
+            return compiled(x)
+    return run
+
+
+def aot_compiled(net: torch.nn.Module, example: torch.Tensor, folder: Path):
+    """AOTInductor: export, compile ahead of time with weight freezing, load the package."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        exported = torch.export.export(net, (example,))
+    path = torch._inductor.aoti_compile_and_package(
+        exported, package_path=str(folder / "reference.pt2"), inductor_configs={"freezing": True})
+    return torch._inductor.aoti_load_package(path)
+
+
+def forward_only(backbone, x: torch.Tensor, batch: int, layout: str, compiler,
+                 folder: Path) -> dict:
     """Steady-state img/s of normalise + forward on in-memory tensors."""
-    net = backbone.model
+    net = backbone.model.eval()
     cl = layout == "channels_last"
     if cl:
         net = net.to(memory_format=torch.channels_last)
-    t0 = time.perf_counter()
-    runner = compile_for_inference(net, cache_dir) if compiled else net
 
     def prep(chunk):
         z = backbone.preprocessing.normalize(chunk)
         return z.contiguous(memory_format=torch.channels_last) if cl else z
 
+    t0 = time.perf_counter()
+    runner = compiler(net, prep(x[:batch]), folder) if compiler else net
     n = len(x) - len(x) % batch  # whole batches: one static shape when compiled
     with torch.inference_mode():
         runner(prep(x[:batch]))
@@ -119,8 +147,8 @@ def forward_only(backbone, x: torch.Tensor, batch: int, layout: str, compiled: b
         for i in range(0, n, batch):
             runner(prep(x[i:i + batch]))
         seconds = time.perf_counter() - t0
-    return {"layout": layout, "compiled": compiled, "images_per_second": n / seconds,
-            "setup_seconds": setup}
+    return {"layout": layout, "compiled": compiler.__name__ if compiler else None,
+            "images_per_second": n / seconds, "setup_seconds": setup}
 
 
 def xfeat_extract(root: Path, model: str, cache_dir: Path, inductor: Path, batch: int,
@@ -142,51 +170,67 @@ def xfeat_extract(root: Path, model: str, cache_dir: Path, inductor: Path, batch
             "pass_seconds": passes, "other_seconds": seconds - passes,
             "data_wait_seconds": sum(s.get("data_wait_seconds", 0) for s in splits),
             "forward_seconds": sum(s.get("forward_seconds", 0) for s in splits),
+            "pass_images_per_second": n / passes if passes else None,
             "path": meta["path"], "compiled": any(s.get("compiled") for s in splits)}
 
 
+def cold_and_warm(root: Path, model: str, cache: Path, inductor: Path, batch: int, *extra):
+    """``xfeat extract`` twice: with nothing compiled yet, then (its features deleted) with
+    the compiled graph the first run kept, as every later run finds it."""
+    cold = xfeat_extract(root, model, cache, inductor, batch, *extra)
+    Path(cold["path"]).unlink()
+    return cold, xfeat_extract(root, model, cache, inductor, batch, *extra)
+
+
 def bench_model(model: str, root: Path, tmp: Path, args, peak: float) -> dict:
-    backbone, x = in_memory_images(root, model)
+    backbone, x = in_memory_images(root, model, args.reference_images)
     size = backbone.preprocessing.crop_size
     gflops = gflops_per_image(backbone.model, size)
-    inductor = tmp / f"inductor-{model}"
-    configs = [forward_only(backbone, x, args.batch_size, "contiguous", False, inductor),
-               forward_only(backbone, x, args.batch_size, "channels_last", False, inductor),
-               forward_only(create_backbone(model, "none"), x, args.batch_size,
-                            "channels_last", True, tmp / "inductor-reference")]
+    configs = [forward_only(create_backbone(model, "none"), x, args.batch_size, layout,
+                            compiler, tmp / f"reference-{model}")
+               for layout, compiler in (("contiguous", None), ("channels_last", None),
+                                        ("channels_last", torch_compiled),
+                                        ("channels_last", aot_compiled))]
     fastest = max(configs, key=lambda c: c["images_per_second"])
-    cold = xfeat_extract(root, model, tmp / f"cache-{model}-cold", inductor, args.batch_size)
-    warm = xfeat_extract(root, model, tmp / f"cache-{model}-warm", inductor, args.batch_size)
+    inductor, cache = tmp / f"inductor-{model}", tmp / f"cache-{model}"
+    cold, warm = cold_and_warm(root, model, cache, inductor, args.batch_size)
     row = {"model": model, "gflops_per_image": gflops, "forward_only": configs,
            "fastest": fastest, "xfeat_cold": cold, "xfeat_warm": warm,
            "ratio_cold": cold["images_per_second"] / fastest["images_per_second"],
            "ratio_warm": warm["images_per_second"] / fastest["images_per_second"],
+           "ratio_warm_pass": warm["pass_images_per_second"] / fastest["images_per_second"],
            "peak_fraction_fastest": fastest["images_per_second"] * gflops / peak,
            "peak_fraction_xfeat": warm["images_per_second"] * gflops / peak}
     if model in args.stages:
-        stages = xfeat_extract(root, model, tmp / f"cache-{model}-stages", inductor,
-                               args.batch_size, "--layers", "stages")
-        row["stages"] = stages
-        row["stages_ratio"] = stages["images_per_second"] / warm["images_per_second"]
+        _, row["stages"] = cold_and_warm(root, model, cache, inductor, args.batch_size,
+                                         "--layers", "stages")
+        row["stages_ratio"] = row["stages"]["images_per_second"] / warm["images_per_second"]
     if model in args.int8:
         row["int8"] = int8_row(root, model, tmp, inductor, args, warm, fastest)
     return row
 
 
 def int8_row(root, model, tmp, inductor, args, fp32_run: dict, fastest: dict) -> dict:
+    """int8 against fp32: speed with random weights (as every row), feature cosine with the
+    real weights (``--weights``) where given."""
     weights = ["--weights", args.weights] if args.weights and model == "mobilenet_v2" else []
-    fp32 = xfeat_extract(root, model, tmp / f"cache-{model}-fp32w", inductor, args.batch_size,
-                         *weights) if weights else fp32_run
     int8 = xfeat_extract(root, model, tmp / f"cache-{model}-int8", inductor, args.batch_size,
-                         "--precision", "int8", *weights)
+                         "--precision", "int8")
     steady = int8_in_memory(root, model, args)
-    a, b = read_cache(fp32["path"])["train"].features, read_cache(int8["path"])["train"].features
+    if weights:
+        fp32_real = xfeat_extract(root, model, tmp / f"cache-{model}-real", inductor,
+                                  args.batch_size, *weights)
+        int8_real = xfeat_extract(root, model, tmp / f"cache-{model}-real", inductor,
+                                  args.batch_size, "--precision", "int8", *weights)
+        a, b = (read_cache(r["path"])["train"].features for r in (fp32_real, int8_real))
+    else:
+        a, b = (read_cache(r["path"])["train"].features for r in (fp32_run, int8))
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
     return {"run": int8, "weights": weights[1] if weights else "none",
             "in_memory_images_per_second": steady,
             "in_memory_speedup_vs_fastest_fp32": steady / fastest["images_per_second"],
             "speedup_vs_fastest_fp32": int8["images_per_second"] / fastest["images_per_second"],
-            "speedup_vs_xfeat_fp32": int8["images_per_second"] / fp32["images_per_second"],
+            "speedup_vs_xfeat_fp32": int8["images_per_second"] / fp32_run["images_per_second"],
             "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
@@ -195,7 +239,7 @@ def int8_in_memory(root: Path, model: str, args) -> float:
     from xfeat.extract import plan_extraction, _calibration_images
     from xfeat.forward import Runner
 
-    backbone, x = in_memory_images(root, model)
+    backbone, x = in_memory_images(root, model, args.reference_images)
     plan = plan_extraction(root, model, cache_dir=Path(tempfile.mkdtemp()))
     runner = Runner(backbone, plan.blocks, torch.device("cpu"), batch_size=args.batch_size,
                     precision="int8", calibration=_calibration_images(plan),
@@ -210,19 +254,24 @@ def int8_in_memory(root: Path, model: str, args) -> float:
 
 
 def report(rows: list, peak: float, args) -> str:
-    lines = [f"{args.n} images of {args.data}, batch {args.batch_size}, "
-             f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s", "",
+    images = rows[0]["xfeat_warm"]["images"]
+    what = f"{args.n} train images" if args.n else "the whole data set"
+    lines = [f"(b): {images} images of {args.data} ({what}); "
+             f"(a): {args.reference_images} of its train images in memory; batch "
+             f"{args.batch_size}, {torch.get_num_threads()} threads; fp32 matmul peak "
+             f"{peak:.0f} GFLOP/s", "",
              "| model | GFLOP/img | (a) fastest in memory | config | (b) xfeat extract, first run "
-             "| (b) later runs | (b)/(a) first | (b)/(a) later | % of fp32 peak (a) / (b) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| (b) later runs | (b)/(a) first | (b)/(a) later | (b) pass alone / (a) "
+             "| % of fp32 peak (a) / (b) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["fastest"]
-        config = f"{f['layout']}{', compiled' if f['compiled'] else ''}"
         lines.append(f"| {r['model']} | {r['gflops_per_image']:.2f} | "
-                     f"{f['images_per_second']:.1f} img/s | {config} | "
+                     f"{f['images_per_second']:.1f} img/s | {config_name(f)} | "
                      f"{r['xfeat_cold']['images_per_second']:.1f} img/s | "
                      f"{r['xfeat_warm']['images_per_second']:.1f} img/s | "
                      f"{r['ratio_cold']:.2f} | {r['ratio_warm']:.2f} | "
+                     f"{r['ratio_warm_pass']:.2f} | "
                      f"{100 * r['peak_fraction_fastest']:.0f}% / "
                      f"{100 * r['peak_fraction_xfeat']:.0f}% |")
     lines += ["", "where the time of (b, later runs) goes: the pass (decode + forward + write, "
@@ -234,11 +283,11 @@ def report(rows: list, peak: float, args) -> str:
                      f"(waiting for images {w['data_wait_seconds']:.1f} s) + other "
                      f"{w['other_seconds']:.1f} s")
     lines.append(f"- decoding + resizing + cropping alone: {args.decode_rate:.0f} img/s on one "
-                 "core (the loader worker shares the 2 cores with the forward pass)")
+                 "core (the decoding thread shares the cores with the forward pass)")
     lines += ["", "forward only on in-memory tensors, every configuration (img/s):"]
     for r in rows:
         lines.append(f"- {r['model']}: " + ", ".join(
-            f"{c['layout']}{' compiled' if c['compiled'] else ''} {c['images_per_second']:.1f}"
+            f"{config_name(c)} {c['images_per_second']:.1f}"
             f" (setup {c['setup_seconds']:.1f} s)" for c in r["forward_only"]))
     for r in rows:
         if "stages" in r:
@@ -257,13 +306,21 @@ def report(rows: list, peak: float, args) -> str:
     return "\n".join(lines)
 
 
+def config_name(c: dict) -> str:
+    return c["layout"] + {"torch_compiled": ", torch.compile", "aot_compiled": ", AOTInductor",
+                          None: ", eager"}[c["compiled"]]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/chest_xray224"))
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--n", type=int, default=3000, help="images (>= 3000: --compile auto "
-                                                            "compiles, as on the full data)")
+    parser.add_argument("--n", type=int, default=0, help="time (b) on a stratified subset of N "
+                        "train images (default: the whole data set; >= 3000 for --compile auto "
+                        "to compile)")
+    parser.add_argument("--reference-images", type=int, default=1024,
+                        help="train images held in memory for (a)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--stages", default="mobilenet_v2", help="models to time with "
                                                                   "--layers stages too")
@@ -276,8 +333,8 @@ def main(argv=None):
     args.int8 = [m for m in args.int8.split(",") if m]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root = make_subset(args.data, tmp / "images", args.n)
-        args.decode_rate = decode_rate(root, args.models.split(",")[0])
+        root = make_subset(args.data, tmp / "images", args.n) if args.n else args.data
+        args.decode_rate = decode_rate(root, args.models.split(",")[0], args.reference_images)
         peak = matmul_peak()
         rows = [bench_model(m, root, tmp, args, peak) for m in args.models.split(",")]
         peak_after = matmul_peak()

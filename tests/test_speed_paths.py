@@ -54,16 +54,29 @@ def test_a_padded_batch_keeps_its_layout_and_its_rows():
 def test_a_failed_compilation_falls_back_to_eager(caplog):
     runner = Runner(create_backbone("resnet18", "none", image_size=TINY),
                     [("penultimate", 512)], CPU, batch_size=4)
-    images = torch.randint(0, 255, (2, 3, TINY, TINY), dtype=torch.uint8)
+    images = torch.randint(0, 255, (3, 3, TINY, TINY), dtype=torch.uint8)
     expected = runner(images)["penultimate"]
 
     def broken(x):
         raise RuntimeError("inductor cannot build this graph here")
 
     runner.compiled = broken
-    out = runner(images)["penultimate"]  # padded to 4 for the compiled graph, cut to 2
+    out = runner(images)["penultimate"]  # padded to 4 for the compiled graph, cut to 3
     assert "continuing in eager mode" in caplog.text and runner.compiled is None
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_short_last_batch_runs_eagerly_instead_of_padded():
+    runner = Runner(create_backbone("resnet18", "none", image_size=TINY),
+                    [("penultimate", 512)], CPU, batch_size=8)
+    shapes = []
+    runner.compiled = lambda x: shapes.append(tuple(x.shape)) or runner.module(x)
+    images = torch.randint(0, 255, (8, 3, TINY, TINY), dtype=torch.uint8)
+    full, tail, over_half = runner(images), runner(images[:4]), runner(images[:5])
+    assert shapes == [(8, 3, TINY, TINY), (8, 3, TINY, TINY)]  # 8 as is, 5 padded; 4 eager
+    assert len(tail["penultimate"]) == 4 and len(over_half["penultimate"]) == 5
+    np.testing.assert_allclose(tail["penultimate"], full["penultimate"][:4], rtol=1e-5,
+                               atol=1e-6)
 
 
 @pytest.mark.slow

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from .blocks import BlockExtractor
 from .data import Split
 from .errors import ImageReadError
-from .runtime import (channels_last_default, compile_for_inference, make_loader,
-                      to_memory_format)
+from .compiled import compile_for_inference
+from .runtime import channels_last_default, inference_batches, to_memory_format
 from .views import ViewImages
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ class Runner:
     """``runner(uint8 NCHW batch)`` -> ``{block: float32 (N, D)}`` on the CPU.
 
     ``channels_last=None`` picks the faster layout for the model family; ``compiled`` batches
-    are padded to ``batch_size`` so that one static graph serves every batch. A compilation
+    are padded to ``batch_size`` so that one static graph serves every batch (a last batch of
+    at most half that size runs eagerly instead, which is cheaper). A compilation
     that fails falls back to eager mode with a warning: extraction never fails because of it.
     """
 
@@ -48,7 +49,9 @@ class Runner:
 
             module = quantize_int8(module, calibration, self._prepare, batch_size)
             compile = True  # int8 kernels come from inductor
-        self.compiled = compile_for_inference(module, cache_dir) if compile else None
+        self.compiled = compile_for_inference(
+            module, cache_dir, name=f"{backbone.name}-{precision}",
+            ahead_of_time=precision == "fp32") if compile else None
         self.module = module
         self.static = precision == "int8"  # an exported graph takes whole batches only
 
@@ -59,11 +62,13 @@ class Runner:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> dict:
         n = len(images)
-        if self.compiled is not None or self.static:
+        # a short last batch runs eagerly: cheaper than padding it to the compiled shape
+        compiled = self.compiled if n > self.batch_size // 2 or self.static else None
+        if compiled is not None or self.static:
             images = pad_batch(images, self.batch_size)  # one static shape for every batch
         x = self._prepare(images)
         out = None
-        if self.compiled is not None:
+        if compiled is not None:
             try:
                 out = self.compiled(x)
             except Exception as exc:  # inductor could not build this graph here
@@ -85,8 +90,8 @@ def extract_group(runner: Runner, images: ViewImages, writer, group: str, *, sta
                   progress: bool) -> dict:
     """Stream ``images`` (one split or view, from row ``start``) into ``writer``'s ``group``."""
     split = images.split
-    loader = make_loader(images, batch_size=batch_size, num_workers=num_workers,
-                         device=runner.device)
+    loader = inference_batches(images, batch_size=batch_size, num_workers=num_workers,
+                               device=runner.device)
     wait = forward = write = 0.0
     row, t_start = start, time.perf_counter()
     bar = tqdm(total=len(split), initial=start, unit="img", dynamic_ncols=True,
@@ -137,8 +142,8 @@ def embed_files(runner: Runner, paths, *, views=(None,), batch_size: int = 32,
     outputs, errors = {}, []
     for view in views:
         images = ViewImages(split, runner.backbone.preprocessing, view)
-        loader = make_loader(images, batch_size=batch_size, num_workers=num_workers,
-                             device=runner.device)
+        loader = inference_batches(images, batch_size=batch_size, num_workers=num_workers,
+                                   device=runner.device)
         parts, errs = [], []
         with tqdm(total=len(split), unit="img", desc=f"{runner.backbone.name} {view or ''}",
                   disable=not progress) as bar:

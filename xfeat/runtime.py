@@ -5,10 +5,12 @@ agree: loader workers and pinned memory, ``channels_last`` where it is faster.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import os
-from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .config import COMPILE_CHOICES
@@ -61,6 +63,66 @@ def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int = 1,
         dataset, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(seed), **sizing)
+
+
+def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int],
+                      device: torch.device):
+    """``(uint8 images, errors)`` batches of ``dataset`` in order, for a forward pass.
+
+    On the CPU the images are decoded by ``num_workers`` threads of this process (PIL releases
+    the GIL while it decodes and resizes): no worker processes to start and no copies through
+    shared memory, which the forward pass, running on the same cores, would otherwise pay for
+    (``scripts/bench_extract.py``). On a GPU, or for a dataset whose items are made with
+    torch operations (``dataset.uses_torch_ops``: they would start a second thread team), a
+    :func:`make_loader` with worker processes. ``num_workers=0`` decodes in the calling thread.
+    """
+    if device.type != "cpu" or getattr(dataset, "uses_torch_ops", False):
+        return make_loader(dataset, batch_size=batch_size, num_workers=num_workers,
+                           device=device)
+    workers = default_num_workers() if num_workers is None else num_workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"num_workers={num_workers!r}: expected an integer >= 0")
+    return ThreadedBatches(dataset, batch_size, workers)
+
+
+class ThreadedBatches:
+    """Iterate over ``dataset`` in batches of ``batch_size`` ``(CHW uint8 tensor, error)``
+    items, decoded ahead by ``workers`` threads (none: in the calling thread)."""
+
+    prefetch = 4  # batches decoded ahead
+
+    def __init__(self, dataset, batch_size: int, workers: int):
+        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def _batch(self, start: int):
+        items = [self.dataset[i] for i in range(start, min(start + self.batch_size,
+                                                           len(self.dataset)))]
+        # numpy stacks in this thread alone (torch.stack would start its own thread team,
+        # competing with the forward pass for the cores)
+        images = np.stack([image.numpy() for image, _ in items])
+        return torch.from_numpy(images), [error for _, error in items]
+
+    def __iter__(self):
+        starts = iter(range(0, len(self.dataset), self.batch_size))
+        if self.workers == 0:
+            yield from map(self._batch, starts)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xfeat-decode")
+        try:
+            pending = collections.deque(pool.submit(self._batch, s)
+                                        for s in itertools.islice(starts, self.prefetch))
+            while pending:
+                batch = pending.popleft().result()
+                for start in itertools.islice(starts, 1):
+                    pending.append(pool.submit(self._batch, start))
+                yield batch
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -132,8 +194,9 @@ def family(model_name: str) -> str:
 # channels_last (1.2x-5x faster there). On CUDA channels_last is used throughout.
 CHANNELS_LAST_SLOWER_ON_CPU = frozenset({"convnext", "efficientnet_v2", "googlenet",
                                          "inception", "swin", "vit"})
-# torch.compile costs ~20 s the first time (a few seconds with a warm cache) and makes the
-# forward pass 1.1-1.6x faster here: it pays off from a few thousand images.
+# Compiling costs 15-60 s the first time (xfeat.compiled keeps the result: later runs load it
+# in under a second) and makes the forward pass 1.3-2x faster here: it pays off from a few
+# thousand images.
 AUTO_COMPILE_MIN_IMAGES = 3000
 
 
@@ -152,28 +215,3 @@ def should_compile(choice, n_images: int) -> bool:
     if choice != "auto":
         raise ConfigError(f"compile={choice!r}: expected one of {', '.join(COMPILE_CHOICES)}")
     return n_images >= AUTO_COMPILE_MIN_IMAGES
-
-
-def compile_for_inference(module: torch.nn.Module, cache_dir):
-    """``torch.compile`` with inductor's weight freezing (constant-folds BatchNorm, prepacks
-    weights, lowers int8 graphs to oneDNN's kernels), static shapes; its artifacts are kept
-    under ``cache_dir/inductor`` so a later run compiles in seconds."""
-    if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
-        return None  # a TorchScript graph is already compiled its own way
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
-    return _Frozen(torch.compile(module, dynamic=False))
-
-
-class _Frozen:
-    """Calls a compiled module with inductor's ``freezing`` on: compilation happens at the
-    first call, and only a config patch around it (not ``torch.compile(options=...)``) lets
-    inductor lower quantized convolutions."""
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-
-    def __call__(self, *args):
-        from torch._inductor import config
-
-        with config.patch(freezing=True):
-            return self.compiled(*args)

@@ -102,6 +102,8 @@ class ViewImages(torch.utils.data.Dataset):
                  start: int = 0):
         self.split, self.preprocessing, self.view = split, preprocessing, view
         self.seed, self.start = seed, start
+        # augmented views are drawn with torchvision's tensor ops, not PIL's and numpy's
+        self.uses_torch_ops = view is not None and view.removeprefix("flip_").startswith("view")
 
     def __len__(self) -> int:
         return len(self.split) - self.start
