@@ -1,5 +1,8 @@
 """The fast paths of extraction: memory layout policy, padded static batches, compile with its
-fallback, int8 where it is offered. Speed itself is measured in scripts/bench_*.py."""
+fallback, decoding threads, int8 where it is offered. Speed itself is measured in
+scripts/bench_*.py."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +122,32 @@ def test_nodes_lists_the_stages():
     assert result.exit_code == 0
     assert "features.3 (D=24), features.6 (D=32), features.13 (D=96), penultimate (D=1280)" in \
         result.output
+
+
+def test_decoding_threads_give_the_loader_s_batches_in_order(data):
+    from xfeat.data import load_dataset
+    from xfeat.runtime import ThreadedBatches, inference_batches, make_loader
+    from xfeat.views import ViewImages
+
+    split = load_dataset(data).splits["train"]
+    images = ViewImages(split, create_backbone("resnet18", "none", image_size=TINY).preprocessing)
+    reference = list(make_loader(images, batch_size=5, num_workers=0, device=CPU))
+    for workers in (0, 1, 3):
+        batches = inference_batches(images, batch_size=5, num_workers=workers, device=CPU)
+        assert isinstance(batches, ThreadedBatches) and len(batches) == len(reference)
+        for (got, errors), (want, want_errors) in zip(batches, reference):
+            assert got.dtype == torch.uint8 and got.shape == want.shape
+            assert got.is_contiguous(memory_format=torch.channels_last)  # as decoded (HWC)
+            assert torch.equal(got, want) and list(errors) == list(want_errors)
+    augmented = ViewImages(split, images.preprocessing, "view1")
+    assert not isinstance(inference_batches(augmented, batch_size=5, num_workers=1, device=CPU),
+                          ThreadedBatches)  # torch ops: worker processes, one thread each
+    with pytest.raises(ConfigError, match="num_workers=-1"):
+        inference_batches(images, batch_size=5, num_workers=-1, device=CPU)
+    batches = iter(inference_batches(images, batch_size=5, num_workers=2, device=CPU))
+    assert torch.equal(next(batches)[0], reference[0][0])
+    batches.close()  # stopping early: the decoding threads finish and exit
+    for thread in threading.enumerate():
+        if thread.name.startswith("xfeat-decode"):
+            thread.join(timeout=30)
+    assert not [t for t in threading.enumerate() if t.name.startswith("xfeat-decode")]

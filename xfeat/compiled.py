@@ -84,14 +84,13 @@ class AheadOfTime:
                 return run
             except Exception as exc:  # a package from another build of torch, or damaged
                 logger.warning("compiled graph %s cannot be loaded (%s); compiling it again",
-                               self.path, str(exc).splitlines()[0][:200] if str(exc) else exc)
+                               self.path, _first_line(exc))
         try:
             self._compile(x)
             return torch._inductor.aoti_load_package(str(self.path))
         except Exception as exc:
             logger.warning("ahead-of-time compilation is not possible here (%s); using "
-                           "torch.compile in memory (not kept between runs)",
-                           str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                           "torch.compile in memory (not kept between runs)", _first_line(exc))
             return Frozen(self.module)
 
     def _compile(self, x: torch.Tensor) -> None:
@@ -135,6 +134,11 @@ def package_key(module: torch.nn.Module, x: torch.Tensor) -> str:
         h.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())
         h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _remove_orphans(folder: Path) -> None:

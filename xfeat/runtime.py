@@ -87,7 +87,8 @@ def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int],
 
 class ThreadedBatches:
     """Iterate over ``dataset`` in batches of ``batch_size`` ``(CHW uint8 tensor, error)``
-    items, decoded ahead by ``workers`` threads (none: in the calling thread)."""
+    items, decoded ahead by ``workers`` threads (none: in the calling thread); each batch is
+    ``(N, C, H, W)`` in channels_last memory."""
 
     prefetch = 4  # batches decoded ahead
 
@@ -101,9 +102,10 @@ class ThreadedBatches:
         items = [self.dataset[i] for i in range(start, min(start + self.batch_size,
                                                            len(self.dataset)))]
         # numpy stacks in this thread alone (torch.stack would start its own thread team,
-        # competing with the forward pass for the cores)
-        images = np.stack([image.numpy() for image, _ in items])
-        return torch.from_numpy(images), [error for _, error in items]
+        # competing with the forward pass for the cores); the pixels stay in their decoded
+        # HWC order, so the batch is channels_last in memory (no conversion for most models)
+        images = np.stack([image.permute(1, 2, 0).numpy() for image, _ in items])
+        return torch.from_numpy(images).permute(0, 3, 1, 2), [error for _, error in items]
 
     def __iter__(self):
         starts = iter(range(0, len(self.dataset), self.batch_size))
@@ -126,8 +128,10 @@ class ThreadedBatches:
 
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 \
-        else x
+    """``x`` in channels_last (4-d) or contiguous NCHW memory; a no-op when it already is."""
+    if channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
 
 
 class PeakMemory:
