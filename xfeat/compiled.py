@@ -1,7 +1,7 @@
 """Compiled inference graphs, kept between runs.
 
 The first run that compiles a backbone exports it (``torch.export``) and compiles it ahead of
-time with AOTInductor, weights frozen into the graph (BatchNorm folded, weights prepacked),
+time with AOTInductor, with inductor's freezing (the weights become constants of the graph),
 for the one static batch shape the runner uses; the package is written (atomically) to
 ``cache_dir/compiled/``. Every later run with the same module, weights, input shape, torch
 version and CPU loads the package in well under a second instead of compiling again (3-8 s
@@ -100,6 +100,8 @@ class AheadOfTime:
         import warnings
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.folder, os.W_OK):  # say so before compiling, not after
+            raise PermissionError(f"{self.folder} is not writable")
         _remove_orphans(self.folder)
         tmp = self.path.with_name(f"{self.path.stem}.tmp{os.getpid()}.pt2")
         logger.info("compiling %s ahead of time for batches of %s (once; kept in %s)",
