@@ -92,7 +92,8 @@ def test_compare_reports_and_reuses(tmp_path, caplog):
                      verdict["sentences"][0])
     assert re.search(rf"resnet18: the cached path .* is {RATIO} than the frozen baseline",
                      verdict["sentences"][1])
-    assert not re.search(r"\b0(\.\d+)?x faster|p 0(\.0+)?[;) ]", report)  # never 0.8x, p 0
+    # never "0.8x faster", "p 0" or a near tie rounded to "1.0x"
+    assert not re.search(r"(?<![\d.])0(\.\d+)?x faster|p 0(\.0+)?[;) ]|\b1\.0x", report)
     assert report.index(verdict["sentences"][0]) < report.index("| model | mode |")
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/results.json")}
 
@@ -219,3 +220,11 @@ def test_markdown_to_html_lists_bold_tables():
     # Numbers right-aligned on one line, text left-aligned.
     assert "<th>x</th><th class='n'>y</th>" in page
     assert "<td>r18.pt</td><td class='n'>0.843 [0.81–0.87]</td>" in page
+
+
+def test_speed_ratios_read_the_right_way_round():
+    from xfeat.compare.table import speed_ratio
+
+    assert speed_ratio(104, 100) == "1.04x faster" and speed_ratio(100, 100) == "1.00x faster"
+    assert speed_ratio(250, 100) == "2.5x faster" and speed_ratio(100, 125) == "1.25x slower"
+    assert speed_ratio(0, 1) == "n/a"

@@ -161,11 +161,14 @@ def format_seconds(seconds: float) -> str:
 
 
 def speed_ratio(slow_seconds: float, fast_seconds: float) -> str:
-    """``"12.3x faster"`` when ``fast_seconds`` is the smaller, else ``"1.25x slower"``."""
+    """``"12.3x faster"`` or ``"1.04x faster"`` (two decimals below 2x, so that a near tie
+    never reads "1.0x") when ``fast_seconds`` is the smaller, else ``"1.25x slower"``."""
     if fast_seconds <= 0 or slow_seconds <= 0:
         return "n/a"
     ratio = slow_seconds / fast_seconds
-    return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    if ratio < 1:
+        return f"{1 / ratio:.2f}x slower"
+    return f"{ratio:.2f}x faster" if ratio < 2 else f"{ratio:.1f}x faster"
 
 
 def timing_rows(rows: list, baselines: dict) -> list:
