@@ -30,7 +30,6 @@ from .views import parse_tta, train_views, tta_views
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ExtractionPlan:
     """Everything that determines a cache entry, resolved before any model is built."""

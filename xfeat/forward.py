@@ -72,7 +72,7 @@ class Runner:
             try:
                 out = self.compiled(x)
             except Exception as exc:  # inductor could not build this graph here
-                logger.warning("torch.compile failed (%s); continuing in eager mode",
+                logger.warning("the compiled model failed (%s); continuing in eager mode",
                                str(exc).splitlines()[0][:200])
                 self.compiled = None
         if out is None:

@@ -9,10 +9,10 @@ import numpy as np
 from scipy.special import softmax
 
 from .backbones import Preprocessing, create_backbone
+from .config import PREDICT_ADAPTATIONS, default_cache_dir
 from .errors import ConfigError, DataError
 from .files import write_csv
 from .heads import load_head
-from .config import default_cache_dir
 from .views import parse_tta
 from .images import IMAGE_EXTENSIONS, check_utf8_names, scan_image_files, warn_skipped
 
@@ -167,12 +167,13 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     val-chosen threshold for binary problems) and ``error`` (non-empty for unreadable files).
     ``tta``: ``flip``/``crops``/``flip,crops``, features averaged over the views.
     ``adapt``: ``standardize`` or ``em``, *transductive*: the images given are the target
-    (at least 20 of them); their labels are not needed. ``compile``: ``torch.compile`` the
-    backbone (worth it for thousands of images).
+    (at least 20 of them); their labels are not needed. ``compile``: compile the backbone
+    ahead of time, kept in the cache folder for later calls (:mod:`xfeat.compiled`; the first
+    compilation is worth it for thousands of images).
     """
     from .adapt import check_method
 
-    adapt = check_method(adapt, ("standardize", "em"))
+    adapt = check_method(adapt, PREDICT_ADAPTATIONS)
     tta_given = tta is not None
     if adapt and Path(head_path).suffix == ".pt":
         raise ConfigError("--adapt applies to heads (head.npz); for a fine-tuned network use "

@@ -1,7 +1,8 @@
 """Where and how tensors run: the device, data loaders, and the memory layout.
 
 One place for the choices every pass shares (extraction, fine-tuning, predict), so they
-agree: loader workers and pinned memory, ``channels_last`` where it is faster.
+agree: decoding threads or loader workers and pinned memory, ``channels_last`` where it is
+faster, when compiling pays off.
 """
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ def default_num_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
+def resolve_num_workers(num_workers: Optional[int]) -> int:
+    """``None``: :func:`default_num_workers`; else an integer >= 0, or a clear error."""
+    workers = default_num_workers() if num_workers is None else num_workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"num_workers={num_workers!r}: expected an integer >= 0")
+    return workers
+
+
 def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int = 1,
                 num_workers: Optional[int], device: torch.device, batch_sampler=None,
                 persistent: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
@@ -54,9 +63,7 @@ def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int = 1,
     RNG, so starting it (or not, with ``num_workers=0``) cannot shift dropout masks: results
     do not depend on the number of workers or on where a run was resumed.
     """
-    workers = default_num_workers() if num_workers is None else num_workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"num_workers={num_workers!r}: expected an integer >= 0")
+    workers = resolve_num_workers(num_workers)
     sizing = {"batch_sampler": batch_sampler} if batch_sampler is not None else \
         {"batch_size": batch_size}
     return torch.utils.data.DataLoader(
@@ -79,10 +86,7 @@ def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int],
     if device.type != "cpu" or getattr(dataset, "uses_torch_ops", False):
         return make_loader(dataset, batch_size=batch_size, num_workers=num_workers,
                            device=device)
-    workers = default_num_workers() if num_workers is None else num_workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"num_workers={num_workers!r}: expected an integer >= 0")
-    return ThreadedBatches(dataset, batch_size, workers)
+    return ThreadedBatches(dataset, batch_size, resolve_num_workers(num_workers))
 
 
 class ThreadedBatches:

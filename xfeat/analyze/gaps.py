@@ -101,8 +101,6 @@ def _meaning(entry: dict) -> str:
     return "; ".join(parts) + "." if parts else "not enough splits to compare."
 
 
-
-
 def _headlines(s: dict) -> list:
     probe = s["runs"][0]
     m = probe["metrics"]

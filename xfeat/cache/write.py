@@ -255,7 +255,6 @@ def _read_all_groups(path: Path, blocks: list) -> dict:
     return out
 
 
-
 def _close_quietly(f) -> None:
     """Close an h5py file; a failure to flush (full disk) is logged, never raised from here:
     whatever was not flushed is not counted in ``rows_done`` and is redone on resume."""

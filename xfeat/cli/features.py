@@ -68,8 +68,9 @@ def weights_cmd(as_json):
 @feature_options
 @click.option("--compile", type=click.Choice(COMPILE_CHOICES), default="auto",
               show_default=True,
-              help="torch.compile the backbone: auto compiles from 3,000 images, where it pays "
-                   "for its ~20 s (a few seconds once cached in --cache-dir).")
+              help="Compile the backbone ahead of time, once (kept in --cache-dir/compiled: "
+                   "later runs load it in under a second): auto compiles from 3,000 images, "
+                   "where the first compilation (15-60 s) pays for itself.")
 @click.option("--skip-bad", is_flag=True, help="Record and skip unreadable images.")
 @click.option("--force", is_flag=True, help="Recompute even if a complete cache entry exists.")
 @json_option

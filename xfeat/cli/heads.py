@@ -113,7 +113,8 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
 @click.option("--adapt", type=click.Choice(PREDICT_ADAPTATIONS), default=None,
               help="TRANSDUCTIVE: adapt to the images given (at least 20), their labels unused.")
 @click.option("--compile", is_flag=True,
-              help="torch.compile the backbone (pays off for thousands of images).")
+              help="Compile the backbone ahead of time (kept in the cache folder for later "
+                   "runs; the first compilation pays off for thousands of images).")
 @predict_run_options
 @click.pass_context
 @api_errors

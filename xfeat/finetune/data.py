@@ -19,7 +19,6 @@ from ..store import random_resized_crop_params
 IGNORE_LABEL = -100  # cross_entropy's ignore_index: padding samples
 
 
-
 class StoreImages(torch.utils.data.Dataset):
     """uint8 CHW crops from a decoded store: random resized crop + flip, or a centre crop."""
 
