@@ -2,7 +2,8 @@
 
 xfeat uses channels_last on the CPU for a family only where it is faster here
 (``xfeat.runtime.CHANNELS_LAST_SLOWER_ON_CPU`` lists the others). Eager mode, inference,
-random weights, the two layouts alternated and the best of ``--repeats`` taken.
+glibc's malloc keeping freed memory (as xfeat runs), random weights, the two layouts
+alternated and the best of ``--repeats`` taken.
 
     python scripts/bench_channels_last.py --batch-size 16 --repeats 3
 """
@@ -14,6 +15,7 @@ import time
 
 import torch
 
+from xfeat.allocator import keep_freed_memory
 from xfeat.backbones import create_backbone, min_input_size
 from xfeat.runtime import family
 
@@ -43,6 +45,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as xfeat runs: no page faults for every activation
     rows = []
     for name in args.models.split(","):
         size = max(224, min_input_size(name)) if name != "inception_v3" else 299

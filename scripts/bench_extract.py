@@ -6,8 +6,10 @@ For each model:
     (normalisation + forward, steady state after warm-up, the best of three passes over
     ``--reference-images`` train images): the best of eager NCHW, eager channels_last,
     ``torch.compile`` (inductor, weight freezing) and AOTInductor (export + ahead-of-time
-    compilation, weight freezing), both in channels_last, written out here with torch's own
-    API (not xfeat's code path);
+    compilation, weight freezing), both in channels_last with the normalisation inside the
+    compiled graph, and glibc's malloc keeping freed memory for reuse (``mallopt``; eager and
+    torch.compile are also timed with the default malloc, which returns every large tensor to
+    the kernel), written out here with torch's own API (not xfeat's code path);
 (b) ``xfeat extract`` as a user runs it on the whole data set (every split), a fresh
     ``python -m xfeat extract`` process timed from start to exit (interpreter and torch
     start-up, scan and fingerprint, model build, JPEG decode, resize/crop, forward, HDF5
@@ -103,6 +105,34 @@ def in_memory_images(root: Path, model: str, n: int) -> tuple:
     return backbone, x
 
 
+class NormalizedNet(torch.nn.Module):
+    """uint8 images -> normalised -> ``net``: the input conversion inside the compiled graph."""
+
+    def __init__(self, net: torch.nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, x):
+        return self.net((x.float() - self.mean) / self.std)
+
+
+def set_malloc(keep_freed: bool) -> None:
+    """glibc's malloc: keep freed memory for reuse (no mmap per large tensor, no trimming),
+    what Intel's PyTorch CPU guide gets by preloading jemalloc or tcmalloc; or its defaults."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if keep_freed:
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, -1)
+    else:
+        libc.mallopt(M_MMAP_MAX, 65536)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+
+
 def torch_compiled(net: torch.nn.Module, example: torch.Tensor, folder: Path):
     """``torch.compile`` with inductor's weight freezing, static shapes."""
     from torch._inductor import config
@@ -116,43 +146,44 @@ def torch_compiled(net: torch.nn.Module, example: torch.Tensor, folder: Path):
 
 
 def aot_compiled(net: torch.nn.Module, example: torch.Tensor, folder: Path):
-    """AOTInductor: export, compile ahead of time with weight freezing, load the package."""
+    """AOTInductor: export, compile ahead of time with weight freezing (gradients off, or
+    inductor skips freezing), load the package."""
     folder.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         exported = torch.export.export(net, (example,))
-    path = torch._inductor.aoti_compile_and_package(
-        exported, package_path=str(folder / "reference.pt2"), inductor_configs={"freezing": True})
+        path = torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(folder / "reference.pt2"),
+            inductor_configs={"freezing": True})
     return torch._inductor.aoti_load_package(path)
 
 
 def forward_only(backbone, x: torch.Tensor, batch: int, layout: str, compiler,
-                 folder: Path, repeats: int = 3) -> dict:
-    """Steady-state img/s of normalise + forward on in-memory tensors (the best of
+                 folder: Path, malloc: str = "kept", repeats: int = 3) -> dict:
+    """Steady-state img/s of normalise + forward on in-memory uint8 tensors (the best of
     ``repeats`` passes over ``x``)."""
-    net = backbone.model.eval()
     cl = layout == "channels_last"
+    p = backbone.preprocessing
+    net = NormalizedNet(backbone.model, p.mean, p.std).eval()
     if cl:
         net = net.to(memory_format=torch.channels_last)
-
-    def prep(chunk):
-        z = backbone.preprocessing.normalize(chunk)
-        return z.contiguous(memory_format=torch.channels_last) if cl else z
-
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x = x.contiguous()
     t0 = time.perf_counter()
-    runner = compiler(net, prep(x[:batch]), folder) if compiler else net
+    runner = compiler(net, x[:batch], folder) if compiler else net
     n = len(x) - len(x) % batch  # whole batches: one static shape when compiled
     with torch.inference_mode():
-        runner(prep(x[:batch]))
+        runner(x[:batch])
         setup = time.perf_counter() - t0
-        runner(prep(x[batch:2 * batch]))
+        runner(x[batch:2 * batch])
         seconds = []
         for _ in range(repeats):  # the best of a few passes: the machine's noise only slows
             t0 = time.perf_counter()
             for i in range(0, n, batch):
-                runner(prep(x[i:i + batch]))
+                runner(x[i:i + batch])
             seconds.append(time.perf_counter() - t0)
     return {"layout": layout, "compiled": compiler.__name__ if compiler else None,
-            "images_per_second": n / min(seconds), "setup_seconds": setup,
+            "malloc": malloc, "images_per_second": n / min(seconds), "setup_seconds": setup,
             "passes_images_per_second": [n / t for t in seconds]}
 
 
@@ -191,11 +222,12 @@ def bench_model(model: str, root: Path, tmp: Path, args, peak: float) -> dict:
     backbone, x = in_memory_images(root, model, args.reference_images)
     size = backbone.preprocessing.crop_size
     gflops = gflops_per_image(backbone.model, size)
-    configs = [forward_only(create_backbone(model, "none"), x, args.batch_size, layout,
-                            compiler, tmp / f"reference-{model}")
-               for layout, compiler in (("contiguous", None), ("channels_last", None),
-                                        ("channels_last", torch_compiled),
-                                        ("channels_last", aot_compiled))]
+    configs = args.default_malloc.get(model, []) + [
+        forward_only(create_backbone(model, "none"), x, args.batch_size, layout, compiler,
+                     tmp / f"reference-{model}")
+        for layout, compiler in (("contiguous", None), ("channels_last", None),
+                                 ("channels_last", torch_compiled),
+                                 ("channels_last", aot_compiled))]
     fastest = max(configs, key=lambda c: c["images_per_second"])
     inductor, cache = tmp / f"inductor-{model}", tmp / f"cache-{model}"
     cold, warm = cold_and_warm(root, model, cache, inductor, args.batch_size)
@@ -213,6 +245,14 @@ def bench_model(model: str, root: Path, tmp: Path, args, peak: float) -> dict:
     if model in args.int8:
         row["int8"] = int8_row(root, model, tmp, inductor, args, warm, fastest)
     return row
+
+
+def default_malloc_configs(model: str, root: Path, tmp: Path, args) -> list:
+    """Eager and compiled channels_last with glibc's default malloc."""
+    _, x = in_memory_images(root, model, args.reference_images)
+    return [forward_only(create_backbone(model, "none"), x, args.batch_size, "channels_last",
+                         compiler, tmp / f"reference-default-{model}", malloc="default")
+            for compiler in (None, torch_compiled)]
 
 
 def int8_row(root, model, tmp, inductor, args, fp32_run: dict, fastest: dict) -> dict:
@@ -294,6 +334,15 @@ def report(rows: list, peak: float, args) -> str:
         lines.append(f"- {r['model']}: " + ", ".join(
             f"{config_name(c)} {c['images_per_second']:.1f}"
             f" (setup {c['setup_seconds']:.1f} s)" for c in r["forward_only"]))
+    lines += ["", "malloc keeping freed memory vs glibc's default (channels_last, in memory):"]
+    for r in rows:
+        rate = {(c["compiled"], c.get("malloc")): c["images_per_second"]
+                for c in r["forward_only"]}
+        lines.append(f"- {r['model']}: " + ", ".join(
+            f"{name} {rate[(key, 'kept')]:.1f} vs {rate[(key, 'default')]:.1f} img/s "
+            f"({rate[(key, 'kept')] / rate[(key, 'default')]:.2f}x)"
+            for key, name in ((None, "eager"), ("torch_compiled", "torch.compile"))
+            if (key, "default") in rate))
     for r in rows:
         if "stages" in r:
             lines.append(f"- {r['model']} --layers stages: {r['stages']['images_per_second']:.1f}"
@@ -313,7 +362,8 @@ def report(rows: list, peak: float, args) -> str:
 
 def config_name(c: dict) -> str:
     return c["layout"] + {"torch_compiled": ", torch.compile", "aot_compiled": ", AOTInductor",
-                          None: ", eager"}[c["compiled"]]
+                          None: ", eager"}[c["compiled"]] + \
+        (", default malloc" if c.get("malloc") == "default" else "")
 
 
 def main(argv=None):
@@ -339,6 +389,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = make_subset(args.data, tmp / "images", args.n) if args.n else args.data
+        # glibc's default malloc first (it is this process's state until set_malloc), to
+        # show what keeping freed memory is worth; every other figure keeps it
+        args.default_malloc = {m: default_malloc_configs(m, root, tmp, args)
+                               for m in args.models.split(",")}
+        set_malloc(keep_freed=True)
         args.decode_rate = decode_rate(root, args.models.split(",")[0], args.reference_images)
         peak = matmul_peak()
         rows = [bench_model(m, root, tmp, args, peak) for m in args.models.split(",")]

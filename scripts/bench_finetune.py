@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import xfeat
+from xfeat.allocator import keep_freed_memory
 from xfeat.backbones import create_backbone
 from xfeat.data import load_dataset
 
@@ -107,6 +108,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=12, help="timed steps of (a)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    # both sides with glibc's malloc keeping freed memory, as xfeat finetune runs: the
+    # reference is timed first, and the default malloc would cost it page faults
+    keep_freed_memory()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -34,12 +34,16 @@ def test_the_key_covers_weights_shape_layout_and_structure():
     other = tiny_net()
     other[2] = nn.GELU()  # no weights, another computation
     assert package_key(other, X) != key
+    assert package_key(net, X, b"calibration A") != package_key(net, X, b"calibration B")
 
 
-def test_torchscript_is_left_as_it_is_and_int8_uses_freezing(tmp_path):
+def test_torchscript_is_left_as_it_is_and_in_memory_compiles_what_build_makes(tmp_path):
     scripted = torch.jit.script(tiny_net())
     assert compile_for_inference(scripted, tmp_path) is None
-    assert isinstance(compile_for_inference(tiny_net(), tmp_path, ahead_of_time=False), Frozen)
+    built = []
+    frozen = compile_for_inference(tiny_net(), tmp_path, ahead_of_time=False,
+                                   build=lambda: built.append(1) or tiny_net(seed=1))
+    assert isinstance(frozen, Frozen) and built == [1]
 
 
 def test_an_unwritable_folder_falls_back_to_compiling_in_memory(tmp_path, caplog):
@@ -74,6 +78,27 @@ def test_a_later_run_loads_the_package_and_a_damaged_one_is_rebuilt(tmp_path, ca
         assert "cannot be loaded" in caplog.text and not rebuilt.loaded
         assert not orphan.exists()
         assert oct(first.path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+@pytest.mark.slow
+def test_build_runs_only_when_no_package_was_kept(tmp_path):
+    """As for int8: the key is the source module's plus a salt; ``build`` (calibration and
+    quantization) is skipped when an earlier run kept the package."""
+    source, target = tiny_net(), tiny_net(seed=1)
+    with torch.inference_mode():
+        expected = target(X)
+        calls = []
+        first = AheadOfTime(source, tmp_path, "tiny-int8", salt=b"images A",
+                            build=lambda: calls.append("A") or target)
+        torch.testing.assert_close(first(X), expected, rtol=1e-5, atol=1e-6)
+        again = AheadOfTime(tiny_net(), tmp_path, "tiny-int8", salt=b"images A",
+                            build=lambda: calls.append("again") or target)
+        torch.testing.assert_close(again(X), expected, rtol=1e-5, atol=1e-6)
+        assert again.loaded and calls == ["A"]
+        other = AheadOfTime(tiny_net(), tmp_path, "tiny-int8", salt=b"images B",
+                            build=lambda: calls.append("B") or target)
+        other(X)
+        assert not other.loaded and calls == ["A", "B"] and other.path != first.path
 
 
 def _umask() -> int:

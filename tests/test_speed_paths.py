@@ -1,6 +1,7 @@
 """The fast paths of extraction: memory layout policy, padded static batches, compile with its
 fallback, decoding threads, int8 where it is offered. Speed itself is measured in
 scripts/bench_*.py."""
+import logging
 import threading
 
 import numpy as np
@@ -52,6 +53,18 @@ def test_a_padded_batch_keeps_its_layout_and_its_rows():
     assert out.shape == (3, 512)
     runner.static = False
     np.testing.assert_allclose(out, runner(images)["penultimate"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_runner_normalises_inside_its_module_exactly_as_the_preprocessing():
+    backbone = create_backbone("resnet18", "none", image_size=TINY)
+    runner = Runner(backbone, [("penultimate", 512)], CPU, batch_size=4)
+    images = torch.randint(0, 255, (4, 3, TINY, TINY), dtype=torch.uint8)
+    assert runner._prepare(images).dtype == torch.uint8  # the module takes the pixels
+    with torch.inference_mode():
+        expected = runner.module.module(backbone.preprocessing.normalize(
+            images.contiguous(memory_format=torch.channels_last)))
+    np.testing.assert_array_equal(runner(images)["penultimate"],
+                                  expected["penultimate"].numpy())
 
 
 def test_a_failed_compilation_falls_back_to_eager(caplog):
@@ -106,15 +119,24 @@ def test_int8_is_offered_only_where_it_is_faster(data, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_int8_extraction_is_its_own_cache_entry(data, tmp_path):
+def test_int8_extraction_is_its_own_cache_entry_and_its_graph_is_kept(data, tmp_path,
+                                                                       caplog):
     pytest.importorskip("torchao")
     common = dict(image_size=TINY, num_workers=0, progress=False, batch_size=8,
                   cache_dir=tmp_path)
     fp32 = xfeat.extract(data, "mobilenet_v2", **common)
-    int8 = xfeat.extract(data, "mobilenet_v2", precision="int8", **common)
+    with caplog.at_level(logging.INFO, logger="xfeat"):
+        int8 = xfeat.extract(data, "mobilenet_v2", precision="int8", **common)
     assert int8 != fp32 and read_meta(int8)["precision"] == "int8"
     assert read_cache(int8)["train"].features.shape == read_cache(fp32)["train"].features.shape
-    assert np.isfinite(read_cache(int8)["test"].features).all()
+    first = read_cache(int8)["test"].features
+    assert np.isfinite(first).all() and "int8: calibrated on" in caplog.text
+    assert len(list((tmp_path / "compiled").glob("mobilenet_v2-int8-*.pt2"))) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xfeat"):  # again: the kept graph, no calibration
+        xfeat.extract(data, "mobilenet_v2", precision="int8", force=True, **common)
+    assert "compiled graph loaded" in caplog.text and "calibrated" not in caplog.text
+    np.testing.assert_array_equal(read_cache(int8)["test"].features, first)
 
 
 def test_nodes_lists_the_stages():

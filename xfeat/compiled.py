@@ -1,11 +1,12 @@
 """Compiled inference graphs, kept between runs.
 
-The first run that compiles a backbone exports it (``torch.export``) and compiles it ahead of
-time with AOTInductor, with inductor's freezing (the weights become constants of the graph),
-for the one static batch shape the runner uses; the package is written (atomically) to
-``cache_dir/compiled/``. Every later run with the same module, weights, input shape, torch
-version and CPU loads the package in well under a second instead of compiling again (3-8 s
-with a warm inductor cache, 15-60 s without). Where export or ahead-of-time compilation is
+The first run that compiles a backbone (fp32, or int8 after calibration) exports it
+(``torch.export``) and compiles it ahead of time with AOTInductor, with inductor's freezing
+(the weights become constants of the graph), for the one static batch shape the runner uses;
+the package is written (atomically) to ``cache_dir/compiled/``. Every later run with the same
+module, weights, input shape, calibration images (int8), torch version and CPU loads the
+package in well under a second instead of calibrating and compiling again (3-8 s with a warm
+inductor cache, 15-60 s without). Where export or ahead-of-time compilation is
 not possible (an unusual graph, a read-only cache folder) it falls back to ``torch.compile``
 in memory, with a warning; the runner falls back to eager mode if that fails too.
 """
@@ -16,7 +17,7 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -28,20 +29,22 @@ PACKAGE_FORMAT = 1  # bump when what the package key covers changes
 
 
 def compile_for_inference(module: torch.nn.Module, cache_dir, *, name: str = "model",
-                          ahead_of_time: bool = True):
+                          ahead_of_time: bool = True, build: Optional[Callable] = None,
+                          salt: bytes = b""):
     """A callable running ``module`` compiled (at its first call), or None for TorchScript.
 
-    ``ahead_of_time``: AOTInductor, cached under ``cache_dir/compiled`` (fp32); otherwise
-    ``torch.compile`` with inductor's weight freezing, its artifacts under
-    ``cache_dir/inductor`` (the int8 path, whose quantized kernels need freezing at compile
-    time).
+    ``ahead_of_time``: AOTInductor, kept under ``cache_dir/compiled``; otherwise
+    ``torch.compile`` with inductor's weight freezing, in memory. ``build()``, when given,
+    makes the module actually compiled, and only when no earlier run kept its package (int8:
+    calibrate and quantize ``module``); ``salt`` is what that module depends on beyond
+    ``module`` (the calibration images), part of the package key.
     """
     if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
         return None  # a TorchScript graph is already compiled its own way
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
     if ahead_of_time:
-        return AheadOfTime(module, Path(cache_dir) / "compiled", name)
-    return Frozen(module)
+        return AheadOfTime(module, Path(cache_dir) / "compiled", name, build=build, salt=salt)
+    return Frozen(build() if build else module)
 
 
 class Frozen:
@@ -60,11 +63,14 @@ class Frozen:
 
 
 class AheadOfTime:
-    """``module`` as an AOTInductor package for the shape of the first input it is called
-    with, loaded from ``folder`` when a previous run made it, else compiled and saved."""
+    """``module`` (or what ``build()`` makes of it) as an AOTInductor package for the shape
+    of the first input it is called with, loaded from ``folder`` when a previous run made it,
+    else compiled and saved."""
 
-    def __init__(self, module: torch.nn.Module, folder: Path, name: str):
+    def __init__(self, module: torch.nn.Module, folder: Path, name: str, *,
+                 build: Optional[Callable] = None, salt: bytes = b""):
         self.module, self.folder, self.name = module, folder, name
+        self.build, self.salt = build, salt
         self.run = None
         self.path: Optional[Path] = None
         self.loaded = False  # True when the package came from an earlier run
@@ -75,7 +81,8 @@ class AheadOfTime:
         return self.run(x)
 
     def _build(self, x: torch.Tensor):
-        self.path = self.folder / f"{safe_name(self.name)}-{package_key(self.module, x)}.pt2"
+        key = package_key(self.module, x, self.salt)
+        self.path = self.folder / f"{safe_name(self.name)}-{key}.pt2"
         if self.path.is_file():
             try:
                 run = torch._inductor.aoti_load_package(str(self.path))
@@ -85,16 +92,17 @@ class AheadOfTime:
             except Exception as exc:  # a package from another build of torch, or damaged
                 logger.warning("compiled graph %s cannot be loaded (%s); compiling it again",
                                self.path, _first_line(exc))
+        target = self.build() if self.build else self.module
         try:
-            self._compile(x)
+            self._compile(target, x)
             return torch._inductor.aoti_load_package(str(self.path))
         except Exception as exc:
             logger.warning("ahead-of-time compilation is not possible here (%s); using "
                            "torch.compile in memory (not kept between runs)", _first_line(exc))
-            return Frozen(self.module)
+            return Frozen(target)
 
-    def _compile(self, x: torch.Tensor) -> None:
-        """Export and compile for ``x``'s shape; the package appears atomically at
+    def _compile(self, module: torch.nn.Module, x: torch.Tensor) -> None:
+        """Export and compile ``module`` for ``x``'s shape; the package appears atomically at
         ``self.path`` (a temporary name first, so a killed run leaves nothing half-written
         under the final name)."""
         import warnings
@@ -110,7 +118,7 @@ class AheadOfTime:
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 example = x.clone()
-                exported = torch.export.export(self.module, (example,))
+                exported = torch.export.export(module, (example,))
                 torch._inductor.aoti_compile_and_package(
                     exported, package_path=str(tmp), inductor_configs={"freezing": True})
             os.chmod(tmp, file_mode())
@@ -119,13 +127,14 @@ class AheadOfTime:
             tmp.unlink(missing_ok=True)
 
 
-def package_key(module: torch.nn.Module, x: torch.Tensor) -> str:
+def package_key(module: torch.nn.Module, x: torch.Tensor, salt: bytes = b"") -> str:
     """A digest of everything the compiled code depends on: the module's structure and graph
     code, every parameter and buffer, the input's shape, layout and dtype, the torch and xfeat
-    versions, and the CPU's instruction set."""
+    versions, the CPU's instruction set, and ``salt``."""
     from . import __version__
 
     h = hashlib.blake2b(digest_size=10)
+    h.update(salt)
     h.update(repr((PACKAGE_FORMAT, __version__, torch.__version__, platform.machine(),
                    torch.backends.cpu.get_cpu_capability(), str(x.device), str(x.dtype),
                    tuple(x.shape), x.stride(), repr(module))).encode())

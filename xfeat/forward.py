@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .allocator import keep_freed_memory
 from .blocks import BlockExtractor
 from .data import Split
-from .errors import ImageReadError
+from .errors import ConfigError, ImageReadError
 from .compiled import compile_for_inference
 from .runtime import channels_last_default, inference_batches, to_memory_format
 from .views import ViewImages
@@ -37,6 +38,7 @@ class Runner:
     def __init__(self, backbone, blocks: list, device: torch.device, *, batch_size: int,
                  channels_last: Optional[bool] = None, compile: bool = False,
                  cache_dir=".", precision: str = "fp32", calibration=None):
+        keep_freed_memory()
         self.backbone, self.device, self.batch_size = backbone, device, batch_size
         self.normalize = backbone.preprocessing.normalize
         self.channels_last = channels_last_default(backbone.name, device) \
@@ -44,19 +46,44 @@ class Runner:
         module = BlockExtractor(backbone.model, blocks).eval().to(device)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
-        if precision == "int8":  # offered where check_int8 allows (extract checks first)
-            from .quantize import quantize_int8
-
-            module = quantize_int8(module, calibration, self._prepare, batch_size)
-            compile = True  # int8 kernels come from inductor
-        self.compiled = compile_for_inference(
-            module, cache_dir, name=f"{backbone.name}-{precision}",
-            ahead_of_time=precision == "fp32") if compile else None
-        self.module = module
         self.static = precision == "int8"  # an exported graph takes whole batches only
+        # fp32 takes the uint8 batch: the normalisation is compiled into the graph (one fused
+        # loop on every core); int8's quantizer wants the float input it calibrates on
+        self.normalize_in_module = precision != "int8"
+        name = f"{backbone.name}-{precision}"
+        if precision == "int8":  # offered where check_int8 allows (extract checks first)
+            if calibration is None or len(calibration) == 0:
+                raise ConfigError("int8 extraction needs calibration images from the train "
+                                  "split")
+            # calibrated and quantized only when no earlier run kept the compiled graph
+            self._fp32, self._calibration, self._eager = module, calibration, None
+            self.compiled = compile_for_inference(module, cache_dir, name=name,
+                                                  build=self._quantize,
+                                                  salt=int8_salt(calibration))
+        else:
+            self._eager = Normalized(module, backbone.preprocessing.mean,
+                                     backbone.preprocessing.std).to(device)
+            self.compiled = compile_for_inference(self._eager, cache_dir, name=name) \
+                if compile else None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The eager module (int8: calibrated and quantized on first use)."""
+        return self._eager if self._eager is not None else self._quantize()
+
+    def _quantize(self) -> torch.nn.Module:
+        from .quantize import quantize_int8
+
+        if self._eager is None:
+            with torch.inference_mode(False):  # export cannot trace inference tensors
+                self._eager = quantize_int8(self._fp32, self._calibration, self._prepare,
+                                            self.batch_size)
+        return self._eager
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(images.to(self.device, non_blocking=True))
+        x = images.to(self.device, non_blocking=True)
+        if not self.normalize_in_module:
+            x = self.normalize(x)
         return to_memory_format(x, self.channels_last)
 
     @torch.inference_mode()
@@ -78,6 +105,31 @@ class Runner:
         if out is None:
             out = self.module(x)
         return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
+
+
+class Normalized(torch.nn.Module):
+    """``module((uint8 images - 255 mean) / (255 std))``: the input conversion as part of the
+    module, so that a compiled graph fuses it into one loop."""
+
+    def __init__(self, module: torch.nn.Module, mean, std):
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0)
+
+    def forward(self, images: torch.Tensor):
+        return self.module((images.float() - self.mean) / self.std)
+
+
+def int8_salt(calibration) -> bytes:
+    """What an int8 graph depends on beyond the fp32 module: its calibration images and the
+    quantizer's version."""
+    import hashlib
+
+    import torchao
+
+    digest = hashlib.blake2b(calibration.contiguous().numpy().tobytes(), digest_size=16)
+    return f"int8 torchao {torchao.__version__} {digest.hexdigest()}".encode()
 
 
 def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:

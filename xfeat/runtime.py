@@ -45,9 +45,13 @@ def default_num_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def resolve_num_workers(num_workers: Optional[int]) -> int:
-    """``None``: :func:`default_num_workers`; else an integer >= 0, or a clear error."""
-    workers = default_num_workers() if num_workers is None else num_workers
+def default_decoding_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def resolve_num_workers(num_workers: Optional[int], default=default_num_workers) -> int:
+    """``None``: ``default()``; else an integer >= 0, or a clear error."""
+    workers = default() if num_workers is None else num_workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ConfigError(f"num_workers={num_workers!r}: expected an integer >= 0")
     return workers
@@ -76,17 +80,21 @@ def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int],
                       device: torch.device):
     """``(uint8 images, errors)`` batches of ``dataset`` in order, for a forward pass.
 
-    On the CPU the images are decoded by ``num_workers`` threads of this process (PIL releases
-    the GIL while it decodes and resizes): no worker processes to start and no copies through
-    shared memory, which the forward pass, running on the same cores, would otherwise pay for
-    (``scripts/bench_extract.py``). On a GPU, or for a dataset whose items are made with
-    torch operations (``dataset.uses_torch_ops``: they would start a second thread team), a
+    On the CPU the images are decoded by ``num_workers`` threads of this process (default: one
+    per core, at most 4; PIL releases the GIL while it decodes and resizes): no worker
+    processes to start and no copies through shared memory, which the forward pass, running
+    on the same cores, would otherwise pay for. A graph compiled ahead of time holds the GIL
+    for its whole forward call, so decoding then happens between batches, on every core
+    (``scripts/bench_extract.py``: worker processes, which would overlap it, were slower).
+    On a GPU, or for a dataset whose items are made with torch operations
+    (``dataset.uses_torch_ops``: they would start a second thread team), a
     :func:`make_loader` with worker processes. ``num_workers=0`` decodes in the calling thread.
     """
     if device.type != "cpu" or getattr(dataset, "uses_torch_ops", False):
         return make_loader(dataset, batch_size=batch_size, num_workers=num_workers,
                            device=device)
-    return ThreadedBatches(dataset, batch_size, resolve_num_workers(num_workers))
+    return ThreadedBatches(dataset, batch_size,
+                           resolve_num_workers(num_workers, default_decoding_threads))
 
 
 class ThreadedBatches:

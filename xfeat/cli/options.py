@@ -76,8 +76,9 @@ def run_options(f, batch_size: Optional[int] = default(ExtractConfig, "batch_siz
     """--batch-size (unless ``batch_size`` is None), --num-workers, --device."""
     options = [
         click.option("--num-workers", type=int, default=None,
-                     help="Image decoders: threads on the CPU (extract, predict), worker "
-                          "processes on a GPU and for training [default: min(4, CPUs - 1)]."),
+                     help="Image decoders: threads on the CPU (extract, predict) [default: "
+                          "min(4, CPUs)], worker processes on a GPU and for training "
+                          "[default: min(4, CPUs - 1)]."),
         click.option("--device", default=None,
                      help="cpu, cuda, cuda:N [default: cuda if available]."),
     ]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..allocator import keep_freed_memory
 from ..config import DEFAULT_GROUP_PATTERN, FinetuneConfig, default_cache_dir
 from ..data import stratified_rows
 from ..errors import ConfigError, TrainingDiverged
@@ -85,6 +86,7 @@ def finetune(data, model: str = "resnet18", *, weights="none",
     ranks return None.
     """
     config = (config or FinetuneConfig()).with_options(**options).resolved()
+    keep_freed_memory()
     run = _prepare(data, model, weights, config, out_dir=out_dir, resume=resume,
                    image_size=image_size, cache_dir=cache_dir, val_fraction=val_fraction,
                    split_seed=split_seed, group_pattern=group_pattern,
