@@ -1,13 +1,14 @@
 """glibc's malloc set up for large tensors that are freed and allocated again every batch.
 
-By default glibc serves every allocation above its mmap threshold (at most 32 MiB: most
-activations of a batch) with a fresh ``mmap`` and returns it to the kernel on ``free``, so the
-kernel zero-fills all those pages again for the next batch. On this project's 2-core machine
-that page-faulting took more CPU time than the convolutions themselves: eager MobileNetV2 ran
-at 64 img/s with the default and 286 img/s with freed memory kept for reuse, AOTInductor at
-118 vs 384 img/s (``scripts/bench_extract.py`` prints both). This is what Intel's PyTorch
-CPU guide gets by preloading jemalloc or tcmalloc; here two ``mallopt`` calls do it, at run
-time. The cost: the process keeps its peak heap until it exits instead of returning it.
+By default glibc serves every allocation above its mmap threshold (128 KiB, rising with use
+to at most 32 MiB: most activations of a batch are larger) with a fresh ``mmap`` and returns
+it to the kernel on ``free``, so the kernel zero-fills all those pages again for the next
+batch. On this project's 2-core machine that page-faulting took more CPU time than the
+convolutions themselves: MobileNetV2 ran at 73 img/s eager and 134 img/s compiled with the
+default, 288 and 417 img/s with freed memory kept for reuse (``scripts/bench_extract.py``
+times both). This is what Intel's PyTorch CPU guide gets by preloading jemalloc or tcmalloc;
+here two ``mallopt`` calls do it, at run time. The cost: the process keeps its peak heap
+until it exits instead of returning it.
 
 Torch-free, so the command line can call it before anything is imported.
 """

@@ -85,7 +85,8 @@ def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int],
     processes to start and no copies through shared memory, which the forward pass, running
     on the same cores, would otherwise pay for. A graph compiled ahead of time holds the GIL
     for its whole forward call, so decoding then happens between batches, on every core
-    (``scripts/bench_extract.py``: worker processes, which would overlap it, were slower).
+    (worker processes, which would overlap it, were slower on a 2-core machine: they compete
+    with the forward pass for the cores).
     On a GPU, or for a dataset whose items are made with torch operations
     (``dataset.uses_torch_ops``: they would start a second thread team), a
     :func:`make_loader` with worker processes. ``num_workers=0`` decodes in the calling thread.
@@ -206,10 +207,11 @@ def family(model_name: str) -> str:
 
 
 # Families where channels_last is not faster than contiguous NCHW in eval on this project's CPU
-# (AVX-512, 2 threads), measured with scripts/bench_channels_last.py; everything else runs
-# channels_last (1.2x-5x faster there). On CUDA channels_last is used throughout.
-CHANNELS_LAST_SLOWER_ON_CPU = frozenset({"convnext", "efficientnet_v2", "googlenet",
-                                         "inception", "swin", "vit"})
+# (AVX-512, 2 threads, malloc keeping freed memory), measured with
+# scripts/bench_channels_last.py: ConvNeXt, Swin and ViT gain nothing (1.00x-1.01x);
+# everything else runs channels_last (1.1x-2.6x faster there). On CUDA channels_last is used
+# throughout.
+CHANNELS_LAST_SLOWER_ON_CPU = frozenset({"convnext", "swin", "vit"})
 # Compiling costs 15-60 s the first time (xfeat.compiled keeps the result: later runs load it
 # in under a second) and makes the forward pass 1.3-2x faster here: it pays off from a few
 # thousand images.
