@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from xfeat.allocator import keep_freed_memory
+from xfeat.allocator import freed_memory_kept
 from xfeat.backbones import create_backbone, min_input_size
 from xfeat.runtime import family
 
@@ -45,21 +45,21 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    keep_freed_memory()  # as xfeat runs: no page faults for every activation
     rows = []
-    for name in args.models.split(","):
-        size = max(224, min_input_size(name)) if name != "inception_v3" else 299
-        model = create_backbone(name, "none", image_size=size).model
-        x = torch.randn(args.batch_size, 3, size, size)
-        nchw = images_per_second(model, x, args.repeats)
-        cl_model = model.to(memory_format=torch.channels_last)
-        cl = images_per_second(cl_model, x.contiguous(memory_format=torch.channels_last),
-                               args.repeats)
-        rows.append({"model": name, "family": family(name), "nchw": nchw,
-                     "channels_last": cl, "speedup": cl / nchw})
-        if not args.json:
-            print(f"{name:<20} {family(name):<14} NCHW {nchw:7.1f} img/s  channels_last "
-                  f"{cl:7.1f} img/s  x{cl / nchw:.2f}", flush=True)
+    with freed_memory_kept():  # as xfeat runs: no page faults for every activation
+        for name in args.models.split(","):
+            size = max(224, min_input_size(name)) if name != "inception_v3" else 299
+            model = create_backbone(name, "none", image_size=size).model
+            x = torch.randn(args.batch_size, 3, size, size)
+            nchw = images_per_second(model, x, args.repeats)
+            cl_model = model.to(memory_format=torch.channels_last)
+            cl = images_per_second(cl_model, x.contiguous(memory_format=torch.channels_last),
+                                   args.repeats)
+            rows.append({"model": name, "family": family(name), "nchw": nchw,
+                         "channels_last": cl, "speedup": cl / nchw})
+            if not args.json:
+                print(f"{name:<20} {family(name):<14} NCHW {nchw:7.1f} img/s  channels_last "
+                      f"{cl:7.1f} img/s  x{cl / nchw:.2f}", flush=True)
     if args.json:
         print(json.dumps({"threads": torch.get_num_threads(), "batch_size": args.batch_size,
                           "rows": rows}, indent=2))

@@ -118,19 +118,15 @@ class NormalizedNet(torch.nn.Module):
         return self.net((x.float() - self.mean) / self.std)
 
 
-def set_malloc(keep_freed: bool) -> None:
-    """glibc's malloc: keep freed memory for reuse (no mmap per large tensor, no trimming),
-    what Intel's PyTorch CPU guide gets by preloading jemalloc or tcmalloc; or its defaults."""
+def keep_freed_memory() -> None:
+    """glibc's malloc keeps freed memory for reuse from now on (no mmap per large tensor, no
+    trimming): what Intel's PyTorch CPU guide gets by preloading jemalloc or tcmalloc."""
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6")
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    if keep_freed:
-        libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, -1)
-    else:
-        libc.mallopt(M_MMAP_MAX, 65536)
-        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, -1)
 
 
 def torch_compiled(net: torch.nn.Module, example: torch.Tensor, folder: Path):
@@ -392,11 +388,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = make_subset(args.data, tmp / "images", args.n) if args.n else args.data
-        # glibc's default malloc first (it is this process's state until set_malloc), to
+        # glibc's default malloc first (this process's state until keep_freed_memory), to
         # show what keeping freed memory is worth; every other figure keeps it
         args.default_malloc = {m: default_malloc_configs(m, root, tmp, args)
                                for m in args.models.split(",")}
-        set_malloc(keep_freed=True)
+        keep_freed_memory()
         args.decode_rate = decode_rate(root, args.models.split(",")[0], args.reference_images)
         peak = matmul_peak()
         rows = [bench_model(m, root, tmp, args, peak) for m in args.models.split(",")]

@@ -7,13 +7,12 @@ batch. On this project's 2-core machine that page-faulting took more CPU time th
 convolutions themselves: MobileNetV2 ran at 73 img/s eager and 134 img/s compiled with the
 default, 288 and 417 img/s with freed memory kept for reuse (``scripts/bench_extract.py``
 times both). This is what Intel's PyTorch CPU guide gets by preloading jemalloc or tcmalloc;
-here two ``mallopt`` calls do it, at run time. The cost: the process keeps its peak heap
-until it exits instead of returning it.
-
-Torch-free, so the command line can call it before anything is imported.
+here two ``mallopt`` calls do it, for the duration of a pass (extraction, predict,
+fine-tuning); afterwards malloc's defaults come back and the memory is returned.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -24,35 +23,49 @@ logger = logging.getLogger(__name__)
 
 OPT_OUT = "XFEAT_MALLOC"  # XFEAT_MALLOC=system leaves malloc as it is
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-_state: dict = {}
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
+_state = {"depth": 0, "active": False}
 
 
-def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to serve large blocks from its heap and keep freed memory for reuse
-    (no ``mmap`` per tensor, no trimming); True when that setting is in effect.
+@contextlib.contextmanager
+def freed_memory_kept():
+    """Inside the block, glibc's malloc serves large blocks from its heap and keeps freed memory
+    for reuse (no ``mmap`` per tensor, no trimming); on leaving it (the outermost block, when
+    nested) malloc's defaults come back and the freed memory is returned to the system, so a
+    long-lived process (a notebook, ``xfeat compare``) does not keep every pass's peak.
 
-    Nothing changes (False) off Linux/glibc, with ``XFEAT_MALLOC=system``, or when the user
-    chose an allocator already (``LD_PRELOAD`` of jemalloc or tcmalloc, ``GLIBC_TUNABLES`` or
-    ``MALLOC_*`` variables). Calling it again is free.
+    Yields True when the setting is in effect. Nothing changes off Linux/glibc, with
+    ``XFEAT_MALLOC=system``, or when the user chose an allocator (``LD_PRELOAD`` of jemalloc
+    or tcmalloc, ``GLIBC_TUNABLES`` or ``MALLOC_*_`` variables).
     """
-    if "active" not in _state:
-        _state["active"] = _apply()
-    return _state["active"]
+    if _state["depth"] == 0:
+        _state["active"] = _set(keep=True)
+    _state["depth"] += 1
+    try:
+        yield _state["active"]
+    finally:
+        _state["depth"] -= 1
+        if _state["depth"] == 0 and _state["active"]:
+            _set(keep=False)
+            _state["active"] = False
 
 
-def _apply() -> bool:
-    reason = _user_choice()
-    if reason:
-        logger.debug("malloc left as it is: %s", reason)
-        return False
+def _set(keep: bool) -> bool:
+    if keep:
+        reason = _user_choice()
+        if reason:
+            logger.debug("malloc left as it is: %s", reason)
+            return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
+        if not keep:
+            libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+            libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)
+            return False
+        return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
-    if ok:
-        logger.debug("malloc keeps freed memory for reuse (%s=system to turn off)", OPT_OUT)
-    return ok
 
 
 def _user_choice() -> str:

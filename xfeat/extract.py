@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__, cache, distributed
+from .allocator import freed_memory_kept
 from .backbones import (Preprocessing, WeightsInfo, create_backbone, default_preprocessing,
                         normalize_name, resolve_weights)
 from .blocks import parse_layers, resolve_blocks
@@ -259,6 +260,7 @@ def _group_rows(plan: ExtractionPlan) -> dict:
     return {g: (splits[base].ids, splits[base].labels) for g, (base, _) in plan.groups.items()}
 
 
+@freed_memory_kept()  # every batch reuses the previous one's memory
 def _run(plan: ExtractionPlan, *, batch_size: int, num_workers: Optional[int],
          device: Optional[str], skip_bad: bool, compile, channels_last: Optional[bool],
          progress: bool) -> None:

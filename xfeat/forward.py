@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .allocator import keep_freed_memory
+from .allocator import freed_memory_kept
 from .blocks import BlockExtractor
 from .data import Split
 from .errors import ConfigError, ImageReadError
@@ -38,7 +38,6 @@ class Runner:
     def __init__(self, backbone, blocks: list, device: torch.device, *, batch_size: int,
                  channels_last: Optional[bool] = None, compile: bool = False,
                  cache_dir=".", precision: str = "fp32", calibration=None):
-        keep_freed_memory()
         self.backbone, self.device, self.batch_size = backbone, device, batch_size
         self.normalize = backbone.preprocessing.normalize
         self.channels_last = channels_last_default(backbone.name, device) \
@@ -183,6 +182,7 @@ def sample_path(split: Split, row: int) -> str:
     return split.paths[row] if split.paths is not None else split.ids[row]
 
 
+@freed_memory_kept()  # every batch reuses the previous one's memory
 def embed_files(runner: Runner, paths, *, views=(None,), batch_size: int = 32,
                 num_workers: Optional[int] = None, progress: bool = True):
     """``({view: {block: (N, D) with NaN rows}}, errors)`` for image files.

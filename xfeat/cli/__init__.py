@@ -43,9 +43,6 @@ def cli(ctx, verbose, quiet):
                         stream=sys.stderr, force=True)
     ctx.ensure_object(dict)
     ctx.obj["progress"] = not quiet
-    from ..allocator import keep_freed_memory
-
-    keep_freed_memory()  # before the first tensor: batches reuse freed memory
     ctx.obj["report"] = main_rank
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..allocator import keep_freed_memory
+from ..allocator import freed_memory_kept
 from ..config import DEFAULT_GROUP_PATTERN, FinetuneConfig, default_cache_dir
 from ..data import stratified_rows
 from ..errors import ConfigError, TrainingDiverged
@@ -86,14 +86,13 @@ def finetune(data, model: str = "resnet18", *, weights="none",
     ranks return None.
     """
     config = (config or FinetuneConfig()).with_options(**options).resolved()
-    keep_freed_memory()
     run = _prepare(data, model, weights, config, out_dir=out_dir, resume=resume,
                    image_size=image_size, cache_dir=cache_dir, val_fraction=val_fraction,
                    split_seed=split_seed, group_pattern=group_pattern,
                    num_workers=num_workers, device=device, progress=progress,
                    preprocessing={"resize_size": resize_size, "mean": mean, "std": std})
     lock = run_lock(run.run_dir, "fine-tuning run") if run.world.is_main else _no_lock()
-    with lock:
+    with lock, freed_memory_kept():  # every step reuses the previous one's memory
         if run.world.is_main and not resume and run.checkpoint.exists():
             raise ConfigError(f"{run.run_dir} holds an interrupted or finished run; pass "
                               "resume=True (--resume) to continue it, or choose another "
