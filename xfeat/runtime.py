@@ -87,6 +87,7 @@ def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int],
     for its whole forward call, so decoding then happens between batches, on every core
     (worker processes, which would overlap it, were slower on a 2-core machine: they compete
     with the forward pass for the cores).
+
     On a GPU, or for a dataset whose items are made with torch operations
     (``dataset.uses_torch_ops``: they would start a second thread team), a
     :func:`make_loader` with worker processes. ``num_workers=0`` decodes in the calling thread.
@@ -213,8 +214,8 @@ def family(model_name: str) -> str:
 # throughout.
 CHANNELS_LAST_SLOWER_ON_CPU = frozenset({"convnext", "swin", "vit"})
 # Compiling costs 15-60 s the first time (xfeat.compiled keeps the result: later runs load it
-# in under a second) and makes the forward pass 1.3-2x faster here: it pays off from a few
-# thousand images.
+# in under a second) and makes the forward pass 1.1-1.45x faster than eager channels_last here
+# (scripts/bench_extract.py): from a few thousand images on, the later runs win it back.
 AUTO_COMPILE_MIN_IMAGES = 3000
 
 
