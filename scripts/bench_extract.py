@@ -7,9 +7,10 @@ For each model:
     ``--reference-images`` train images): the best of eager NCHW, eager channels_last,
     ``torch.compile`` (inductor, weight freezing) and AOTInductor (export + ahead-of-time
     compilation, weight freezing), both in channels_last with the normalisation inside the
-    compiled graph, and glibc's malloc keeping freed memory for reuse (``mallopt``; eager and
-    torch.compile are also timed with the default malloc, which returns every large tensor to
-    the kernel), written out here with torch's own API (not xfeat's code path);
+    compiled graph, and glibc's malloc keeping freed memory for reuse (the process setting
+    xfeat uses during a pass, ``xfeat.allocator.freed_memory_kept``; eager and torch.compile
+    are also timed with the default malloc, which returns every large tensor to the kernel),
+    the forward passes written out here with torch's own API (not xfeat's code path);
 (b) ``xfeat extract`` as a user runs it on the whole data set (every split), a fresh
     ``python -m xfeat extract`` process timed from start to exit (interpreter and torch
     start-up, scan and fingerprint, model build, JPEG decode, resize/crop, forward, HDF5
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xfeat.allocator import freed_memory_kept
 from xfeat.backbones import create_backbone
 from xfeat.cache import read_cache
 from xfeat.data import load_dataset
@@ -96,9 +98,15 @@ def gflops_per_image(model: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def in_memory_images(root: Path, model: str, n: int) -> tuple:
+def in_memory_images(root: Path, model: str, n: int, batch: int) -> tuple:
+    """Up to ``n`` decoded train images, at least two batches (the compiled references run
+    whole batches of one static shape, the first one for warm-up)."""
     backbone = create_backbone(model, "none")
     split = load_dataset(root).splits["train"]
+    if min(n, len(split)) < 2 * batch:
+        raise SystemExit(f"(a) needs at least {2 * batch} train images in memory (two batches "
+                         f"of --batch-size {batch}); {root} gives {len(split)} and "
+                         f"--reference-images is {n}: raise them or lower --batch-size")
     prep = backbone.preprocessing
     x = torch.from_numpy(np.stack([prep.resize_and_crop(split.read_image(i))
                                    for i in range(min(n, len(split)))])).permute(0, 3, 1, 2)
@@ -116,17 +124,6 @@ class NormalizedNet(torch.nn.Module):
 
     def forward(self, x):
         return self.net((x.float() - self.mean) / self.std)
-
-
-def keep_freed_memory() -> None:
-    """glibc's malloc keeps freed memory for reuse from now on (no mmap per large tensor, no
-    trimming): what Intel's PyTorch CPU guide gets by preloading jemalloc or tcmalloc."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, -1)
 
 
 def torch_compiled(net: torch.nn.Module, example: torch.Tensor, folder: Path):
@@ -215,7 +212,7 @@ def cold_and_warm(root: Path, model: str, cache: Path, inductor: Path, batch: in
 
 
 def bench_model(model: str, root: Path, tmp: Path, args, peak: float) -> dict:
-    backbone, x = in_memory_images(root, model, args.reference_images)
+    backbone, x = in_memory_images(root, model, args.reference_images, args.batch_size)
     size = backbone.preprocessing.crop_size
     gflops = gflops_per_image(backbone.model, size)
     configs = args.default_malloc.get(model, []) + [
@@ -245,7 +242,7 @@ def bench_model(model: str, root: Path, tmp: Path, args, peak: float) -> dict:
 
 def default_malloc_configs(model: str, root: Path, tmp: Path, args) -> list:
     """Eager and compiled channels_last with glibc's default malloc."""
-    _, x = in_memory_images(root, model, args.reference_images)
+    _, x = in_memory_images(root, model, args.reference_images, args.batch_size)
     return [forward_only(create_backbone(model, "none"), x, args.batch_size, "channels_last",
                          compiler, tmp / f"reference-default-{model}", malloc="default")
             for compiler in (None, torch_compiled)]
@@ -280,7 +277,7 @@ def int8_in_memory(root: Path, model: str, args) -> float:
     from xfeat.extract import plan_extraction, _calibration_images
     from xfeat.forward import Runner
 
-    backbone, x = in_memory_images(root, model, args.reference_images)
+    backbone, x = in_memory_images(root, model, args.reference_images, args.batch_size)
     plan = plan_extraction(root, model, cache_dir=Path(tempfile.mkdtemp()))
     runner = Runner(backbone, plan.blocks, torch.device("cpu"), batch_size=args.batch_size,
                     precision="int8", calibration=_calibration_images(plan),
@@ -388,15 +385,20 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = make_subset(args.data, tmp / "images", args.n) if args.n else args.data
-        # glibc's default malloc first (this process's state until keep_freed_memory), to
-        # show what keeping freed memory is worth; every other figure keeps it
+        # glibc's default malloc first, to show what keeping freed memory is worth; every
+        # other figure keeps it, as xfeat does during a pass
         args.default_malloc = {m: default_malloc_configs(m, root, tmp, args)
                                for m in args.models.split(",")}
-        keep_freed_memory()
-        args.decode_rate = decode_rate(root, args.models.split(",")[0], args.reference_images)
-        peak = matmul_peak()
-        rows = [bench_model(m, root, tmp, args, peak) for m in args.models.split(",")]
-        peak_after = matmul_peak()
+        with freed_memory_kept() as kept:
+            if not kept:
+                raise SystemExit("malloc cannot keep freed memory here (not glibc, or "
+                                 "XFEAT_MALLOC / LD_PRELOAD / GLIBC_TUNABLES set): the "
+                                 "reference's configurations would be mislabelled")
+            args.decode_rate = decode_rate(root, args.models.split(",")[0],
+                                           args.reference_images)
+            peak = matmul_peak()
+            rows = [bench_model(m, root, tmp, args, peak) for m in args.models.split(",")]
+            peak_after = matmul_peak()
     text = report(rows, max(peak, peak_after), args)
     print(text)
     if args.json:

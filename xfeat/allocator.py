@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -39,33 +39,43 @@ def freed_memory_kept():
     or tcmalloc, ``GLIBC_TUNABLES`` or ``MALLOC_*_`` variables).
     """
     if _state["depth"] == 0:
-        _state["active"] = _set(keep=True)
+        _state["active"] = _keep()
     _state["depth"] += 1
     try:
         yield _state["active"]
     finally:
         _state["depth"] -= 1
         if _state["depth"] == 0 and _state["active"]:
-            _set(keep=False)
+            _restore()
             _state["active"] = False
 
 
-def _set(keep: bool) -> bool:
-    if keep:
-        reason = _user_choice()
-        if reason:
-            logger.debug("malloc left as it is: %s", reason)
-            return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if not keep:
-            libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-            libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-            libc.malloc_trim(0)
-            return False
-        return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+def _keep() -> bool:
+    reason = _user_choice()
+    if reason:
+        logger.debug("malloc left as it is: %s", reason)
         return False
+    libc = _libc()
+    return libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and \
+        libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
+
+
+def _restore() -> None:
+    libc = _libc()
+    libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+    libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library's ``mallopt`` and ``malloc_trim``, or None where there are none (not
+    glibc: musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def _user_choice() -> str:

@@ -91,14 +91,14 @@ class AheadOfTime:
                 return run
             except Exception as exc:  # a package from another build of torch, or damaged
                 logger.warning("compiled graph %s cannot be loaded (%s); compiling it again",
-                               self.path, _first_line(exc))
+                               self.path, first_line(exc))
         target = self.build() if self.build else self.module
         try:
             self._compile(target, x)
             return torch._inductor.aoti_load_package(str(self.path))
         except Exception as exc:
             logger.warning("ahead-of-time compilation is not possible here (%s); using "
-                           "torch.compile in memory (not kept between runs)", _first_line(exc))
+                           "torch.compile in memory (not kept between runs)", first_line(exc))
             return Frozen(target)
 
     def _compile(self, module: torch.nn.Module, x: torch.Tensor) -> None:
@@ -147,7 +147,8 @@ def package_key(module: torch.nn.Module, x: torch.Tensor, salt: bytes = b"") -> 
     return h.hexdigest()
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
+    """The first line of an exception's message (at most 200 characters), or its type."""
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
 

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from .allocator import freed_memory_kept
 from .blocks import BlockExtractor
 from .data import Split
-from .errors import ConfigError, ImageReadError
-from .compiled import compile_for_inference
+from .errors import ImageReadError
+from .compiled import compile_for_inference, first_line
 from .runtime import channels_last_default, inference_batches, to_memory_format
 from .views import ViewImages
 
@@ -45,21 +45,18 @@ class Runner:
         module = BlockExtractor(backbone.model, blocks).eval().to(device)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
+        self.precision = precision
         self.static = precision == "int8"  # an exported graph takes whole batches only
-        # fp32 takes the uint8 batch: the normalisation is compiled into the graph (one fused
-        # loop on every core); int8's quantizer wants the float input it calibrates on
-        self.normalize_in_module = precision != "int8"
         name = f"{backbone.name}-{precision}"
         if precision == "int8":  # offered where check_int8 allows (extract checks first)
-            if calibration is None or len(calibration) == 0:
-                raise ConfigError("int8 extraction needs calibration images from the train "
-                                  "split")
+            from .quantize import calibration_salt
+
             # calibrated and quantized only when no earlier run kept the compiled graph
             self._fp32, self._calibration, self._eager = module, calibration, None
             self.compiled = compile_for_inference(module, cache_dir, name=name,
                                                   build=self._quantize,
-                                                  salt=int8_salt(calibration))
-        else:
+                                                  salt=calibration_salt(calibration))
+        else:  # the uint8 batch goes in: the normalisation is compiled into the graph
             self._eager = Normalized(module, backbone.preprocessing.mean,
                                      backbone.preprocessing.std).to(device)
             self.compiled = compile_for_inference(self._eager, cache_dir, name=name) \
@@ -81,7 +78,7 @@ class Runner:
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True)
-        if not self.normalize_in_module:
+        if self.precision == "int8":  # the quantizer calibrated on normalised floats
             x = self.normalize(x)
         return to_memory_format(x, self.channels_last)
 
@@ -99,7 +96,7 @@ class Runner:
                 out = self.compiled(x)
             except Exception as exc:  # inductor could not build this graph here
                 logger.warning("the compiled model failed (%s); continuing in eager mode",
-                               str(exc).splitlines()[0][:200])
+                               first_line(exc))
                 self.compiled = None
         if out is None:
             out = self.module(x)
@@ -118,17 +115,6 @@ class Normalized(torch.nn.Module):
 
     def forward(self, images: torch.Tensor):
         return self.module((images.float() - self.mean) / self.std)
-
-
-def int8_salt(calibration) -> bytes:
-    """What an int8 graph depends on beyond the fp32 module: its calibration images and the
-    quantizer's version."""
-    import hashlib
-
-    import torchao
-
-    digest = hashlib.blake2b(calibration.contiguous().numpy().tobytes(), digest_size=16)
-    return f"int8 torchao {torchao.__version__} {digest.hexdigest()}".encode()
 
 
 def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -50,8 +50,7 @@ def quantize_int8(module: torch.nn.Module, calibration: torch.Tensor, prepare,
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    if calibration is None or len(calibration) == 0:
-        raise ConfigError("int8 extraction needs calibration images from the train split")
+    _require(calibration)
     from .forward import pad_batch
 
     batches = [prepare(pad_batch(calibration[i:i + batch_size], batch_size))
@@ -67,3 +66,20 @@ def quantize_int8(module: torch.nn.Module, calibration: torch.Tensor, prepare,
         converted = convert_pt2e(prepared)
     logger.info("int8: calibrated on %d train images", len(calibration))
     return converted
+
+
+def calibration_salt(calibration: torch.Tensor) -> bytes:
+    """What an int8 graph depends on beyond the fp32 module, for its package key: the
+    calibration images and the quantizer's version."""
+    import hashlib
+
+    import torchao
+
+    _require(calibration)
+    digest = hashlib.blake2b(calibration.contiguous().numpy().tobytes(), digest_size=16)
+    return f"int8 torchao {torchao.__version__} {digest.hexdigest()}".encode()
+
+
+def _require(calibration) -> None:
+    if calibration is None or len(calibration) == 0:
+        raise ConfigError("int8 extraction needs calibration images from the train split")
