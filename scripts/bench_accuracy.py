@@ -30,7 +30,7 @@ from pathlib import Path
 import xfeat
 from xfeat.cache import read_cache
 from xfeat.files import write_json, write_text
-from xfeat.fit import fit_head
+from xfeat.fitting import fit_head
 
 REFERENCES = [
     ("MedMNIST+ ResNet-18 linear probe, 224 px (Doerrich et al. 2024)", 0.832, 0.969),

@@ -1,7 +1,7 @@
 """channels_last vs contiguous (NCHW) on this CPU, one model per torchvision family.
 
 xfeat uses channels_last on the CPU for a family only where it is faster here
-(``xfeat.runtime.CHANNELS_LAST_SLOWER_ON_CPU`` lists the others). Eager mode, inference,
+(``xfeat.extraction.runtime.CHANNELS_LAST_SLOWER_ON_CPU`` lists the others). Eager mode, inference,
 glibc's malloc keeping freed memory (as xfeat runs), random weights, the two layouts
 alternated and the best of ``--repeats`` taken.
 
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from xfeat.allocator import freed_memory_kept
+from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.backbones import create_backbone, min_input_size
-from xfeat.runtime import family
+from xfeat.extraction.runtime import family
 
 FAMILIES = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s",
             "googlenet", "inception_v3", "maxvit_t", "mnasnet1_0", "mobilenet_v2",

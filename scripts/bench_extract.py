@@ -8,7 +8,7 @@ For each model:
     ``torch.compile`` (inductor, weight freezing) and AOTInductor (export + ahead-of-time
     compilation, weight freezing), both in channels_last with the normalisation inside the
     compiled graph, and glibc's malloc keeping freed memory for reuse (the process setting
-    xfeat uses during a pass, ``xfeat.allocator.freed_memory_kept``; eager and torch.compile
+    xfeat uses during a pass, ``xfeat.extraction.allocator.freed_memory_kept``; eager and torch.compile
     are also timed with the default malloc, which returns every large tensor to the kernel),
     the forward passes written out here with torch's own API (not xfeat's code path);
 (b) ``xfeat extract`` as a user runs it on the whole data set (every split), a fresh
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xfeat.allocator import freed_memory_kept
+from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.backbones import create_backbone
 from xfeat.cache import read_cache
 from xfeat.data import load_dataset
@@ -79,7 +79,7 @@ def _timed(f) -> float:
 
 def decode_rate(root: Path, model: str, n: int) -> float:
     """Images/s of decoding + resizing + cropping alone, in this one process."""
-    from xfeat.views import ViewImages
+    from xfeat.extraction.views import ViewImages
 
     split = load_dataset(root).splits["train"]
     images = ViewImages(split, create_backbone(model, "none").preprocessing)
@@ -274,8 +274,8 @@ def int8_row(root, model, tmp, inductor, args, fp32_run: dict, fastest: dict) ->
 
 def int8_in_memory(root: Path, model: str, args) -> float:
     """Steady-state img/s of the int8 runner (quantized, compiled) on in-memory tensors."""
-    from xfeat.extract import plan_extraction, _calibration_images
-    from xfeat.forward import Runner
+    from xfeat.extraction.pipeline import plan_extraction, _calibration_images
+    from xfeat.extraction.forward import Runner
 
     backbone, x = in_memory_images(root, model, args.reference_images, args.batch_size)
     plan = plan_extraction(root, model, cache_dir=Path(tempfile.mkdtemp()))

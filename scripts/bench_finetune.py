@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import xfeat
-from xfeat.allocator import freed_memory_kept
+from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.backbones import create_backbone
 from xfeat.data import load_dataset
 

@@ -17,7 +17,7 @@ import numpy as np
 
 import xfeat
 from xfeat.cache import read_cache, read_meta
-from xfeat.fit import fit_head
+from xfeat.fitting import fit_head
 
 
 def extraction(args, precision: str) -> dict:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from xfeat import allocator
+from xfeat.extraction import allocator
 
 # Page faults of a 64 MiB tensor, filled and freed 20 times, summed over the last 5 times:
 # with malloc's defaults the kernel maps and zero-fills its 16,384 pages again every time;
@@ -15,7 +15,7 @@ from xfeat import allocator
 # the memory held after freeing eight such tensors: kept inside the block, returned after it.
 FAULTS = """
 import resource, torch
-from xfeat.allocator import freed_memory_kept
+from xfeat.extraction.allocator import freed_memory_kept
 torch.set_num_threads(1)
 
 def faults():

@@ -8,23 +8,23 @@ import pytest
 from PIL import Image
 
 import xfeat
-from xfeat.analyze import analyze
-from xfeat.analyze.adaptation import adaptation_section
-from xfeat.analyze.balance import balance_section
-from xfeat.analyze.calibration import calibration_section
-from xfeat.analyze.duplicates import (_image_table, duplicates_section, exact_duplicate_groups,
+from xfeat.analysis import analyze
+from xfeat.analysis.adaptation import adaptation_section
+from xfeat.analysis.balance import balance_section
+from xfeat.analysis.calibration import calibration_section
+from xfeat.analysis.duplicates import (_image_table, duplicates_section, exact_duplicate_groups,
                                       hash_images, near_duplicate_pairs)
-from xfeat.analyze.gaps import gaps_section
-from xfeat.features import load_matching_dataset
-from xfeat.analyze.label_noise import label_noise_section
-from xfeat.analyze.shift import shift_section
+from xfeat.analysis.gaps import gaps_section
+from xfeat.extraction.features import load_matching_dataset
+from xfeat.analysis.label_noise import label_noise_section
+from xfeat.analysis.shift import shift_section
 from xfeat.cache import CacheError, read_cache
 from xfeat.data import load_dataset
 from xfeat.errors import ConfigError
-from xfeat.fit import fit_head
+from xfeat.fitting import fit_head
 from xfeat.heads import LogisticHead
-from xfeat.metrics import compute_metrics, evaluate_splits
-from xfeat.results import RunResult, new_record
+from xfeat.evaluation.metrics import compute_metrics, evaluate_splits
+from xfeat.runs.results import RunResult, new_record
 
 from conftest import (MOBILENET_WEIGHTS, TINY, _blob_image, chest_subset, make_feature_set,
                       make_image_folder, make_npz)

@@ -17,9 +17,9 @@ from xfeat.backbones import (BackboneError, WeightsUnavailableError, create_back
 from xfeat.cache import read_cache
 from xfeat.cli import cli
 from xfeat.errors import ConfigError
-from xfeat.finetune import finetune, load_finetuned
-from xfeat.fit import fit_head
-from xfeat.predict import predict
+from xfeat.finetuning import finetune, load_finetuned
+from xfeat.fitting import fit_head
+from xfeat.prediction import predict
 
 from conftest import TINY, make_image_folder
 

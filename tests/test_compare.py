@@ -6,9 +6,9 @@ import pytest
 from click.testing import CliRunner
 
 from xfeat.cli import cli
-from xfeat.compare import compare, parse_weights
-from xfeat.compare.table import RANDOM_WEIGHTS, best_run, run_caveat, timing_rows
-from xfeat.compare.verdict import build_verdict
+from xfeat.comparison import compare, parse_weights
+from xfeat.report.rows import RANDOM_WEIGHTS, best_run, run_caveat, timing_rows
+from xfeat.comparison.verdict import build_verdict
 from xfeat.report import format_comparison_table, markdown_to_html
 from xfeat.report.style import model_colors, run_styles
 
@@ -223,7 +223,7 @@ def test_markdown_to_html_lists_bold_tables():
 
 
 def test_speed_ratios_read_the_right_way_round():
-    from xfeat.compare.table import speed_ratio
+    from xfeat.report.rows import speed_ratio
 
     assert speed_ratio(104, 100) == "1.04x faster" and speed_ratio(100, 100) == "1.00x faster"
     assert speed_ratio(250, 100) == "2.5x faster" and speed_ratio(100, 125) == "1.25x slower"

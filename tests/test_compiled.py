@@ -1,4 +1,4 @@
-"""Compiled graphs kept between runs (xfeat.compiled): the key covers what the code depends
+"""Compiled graphs kept between runs (xfeat.extraction.compiled): the key covers what the code depends
 on, a later run loads the package instead of compiling, a damaged package or a folder that
 cannot be written never stops extraction."""
 import logging
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from xfeat.compiled import AheadOfTime, Frozen, compile_for_inference, package_key
+from xfeat.extraction.compiled import AheadOfTime, Frozen, compile_for_inference, package_key
 
 
 def tiny_net(seed=0) -> nn.Module:

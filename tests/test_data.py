@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xfeat.data import (DataError, ImageReadError, SplitRecipe, array_to_rgb, carve_validation,
-                        load_dataset, patient_groups, read_image_file)
+from xfeat.data import SplitRecipe, carve_validation, load_dataset, patient_groups
+from xfeat.data.images import array_to_rgb, read_image_file
+from xfeat.errors import DataError, ImageReadError
 
 from conftest import make_image_folder, make_npz
 

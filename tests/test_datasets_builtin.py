@@ -5,9 +5,9 @@ from functools import partial
 
 import pytest
 
-from xfeat import datasets_builtin
+from xfeat.data import builtin as datasets_builtin
 from xfeat.data import load_dataset
-from xfeat.datasets_builtin import DownloadError, download
+from xfeat.data.builtin import DownloadError, download
 
 from conftest import make_npz
 

@@ -11,7 +11,7 @@ import pytest
 
 import xfeat
 from xfeat.cache import partial_path, read_cache, shard_path
-from xfeat.distributed import shard_bounds
+from xfeat.extraction.distributed import shard_bounds
 
 from conftest import REPO, TINY, make_image_folder
 
@@ -118,7 +118,7 @@ def test_killed_ranks_resume_their_shards(tmp_path):
 
 @pytest.mark.parametrize("n, batch, world", [(10, 4, 2), (9, 4, 2), (13, 4, 3), (5, 8, 2)])
 def test_epoch_batches_split_every_global_batch_across_ranks(n, batch, world):
-    from xfeat.finetune.data import EpochBatches
+    from xfeat.finetuning.loaders import EpochBatches
 
     single = list(EpochBatches(n, batch, seed=3))
     ranks = [list(EpochBatches(n, batch, seed=3, rank=r, world_size=world)) for r in range(world)]

@@ -15,11 +15,12 @@ from PIL import Image
 import xfeat
 from xfeat.backbones import create_backbone
 from xfeat.cache import CacheError, partial_path, read_cache
-from xfeat.data import ImageReadError, load_dataset
+from xfeat.data import load_dataset
+from xfeat.errors import ImageReadError
 
 from conftest import REPO, TINY, make_image_folder
 
-extract_module = importlib.import_module("xfeat.extract")
+extract_module = importlib.import_module("xfeat.extraction.pipeline")
 
 FAST = dict(model="resnet18", image_size=TINY, num_workers=0, progress=False)
 

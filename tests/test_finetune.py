@@ -14,8 +14,8 @@ from xfeat.backbones import create_backbone
 from xfeat.cache import read_cache
 from xfeat.cli import cli
 from xfeat.errors import ConfigError
-from xfeat.finetune import ProbeHead, finetune, load_finetuned
-from xfeat.predict import predict
+from xfeat.finetuning import ProbeHead, finetune, load_finetuned
+from xfeat.prediction import predict
 
 from conftest import REPO, TINY, make_image_folder
 
@@ -83,7 +83,7 @@ def test_frozen_trains_only_the_new_layer(data, tmp_path):
 
 
 def test_lpft_layer_reproduces_the_probe(data, tmp_path):
-    from xfeat.fit import fit_head
+    from xfeat.fitting import fit_head
 
     probe = fit_head(data, "resnet18", save=False, n_boot=0,
                      extract_options=dict(cache_dir=tmp_path / "c", image_size=TINY,
@@ -220,7 +220,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, one_thread):
 
 
 def test_lpft_from_a_saved_probe_and_a_wrong_one(data, tmp_path):
-    from xfeat.fit import fit_head
+    from xfeat.fitting import fit_head
 
     extract_options = dict(cache_dir=tmp_path / "c", image_size=TINY, num_workers=0,
                            progress=False)

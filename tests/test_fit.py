@@ -8,9 +8,9 @@ import pytest
 import xfeat
 from xfeat.cache import CacheError, read_cache
 from xfeat.errors import DataError
-from xfeat.fit import check_head_matches, fit_head
+from xfeat.fitting import check_head_matches, fit_head
 from xfeat.heads import load_head
-from xfeat.results import SCHEMA, load_result
+from xfeat.runs.results import SCHEMA, load_result
 
 from conftest import TINY, make_image_folder, make_npz
 

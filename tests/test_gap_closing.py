@@ -11,8 +11,8 @@ import xfeat
 from xfeat.cache import read_cache, read_meta
 from xfeat.cli import cli
 from xfeat.errors import CacheError, DataError
-from xfeat.fit import fit_head
-from xfeat.predict import predict
+from xfeat.fitting import fit_head
+from xfeat.prediction import predict
 
 from conftest import TINY, make_image_folder
 
@@ -60,7 +60,7 @@ def test_views_are_seeded_and_differ_from_the_centre_crop(data, rich):
 
 def test_an_interrupted_extraction_with_views_resumes_to_the_same_entry(data, rich, tmp_path,
                                                                         monkeypatch):
-    from xfeat.forward import Runner
+    from xfeat.extraction.forward import Runner
 
     calls, original = {"n": 0}, Runner.__call__
 
@@ -192,7 +192,7 @@ def test_cli_fit_head_with_stages_views_tta_and_adapt(data, tmp_path):
 
 
 def test_finetune_adabn_changes_test_only(data, tmp_path):
-    from xfeat.finetune import finetune
+    from xfeat.finetuning import finetune
 
     common = dict(epochs=1, image_size=TINY, n_boot=0, cache_dir=tmp_path / "c", **RUN)
     plain = finetune(data, "resnet18", out_dir=tmp_path / "a", **common)

@@ -46,7 +46,7 @@ def test_pretrained_features_separate_the_classes(mobilenet_cache):
 
 def test_closing_the_gap_on_real_xrays(chest, tmp_path):
     """Stages, views, TTA and a transductive adaptation, end to end on real images."""
-    from xfeat.fit import fit_head
+    from xfeat.fitting import fit_head
 
     path = xfeat.extract(chest, "mobilenet_v2", weights=MOBILENET_WEIGHTS, image_size=96,
                          layers="stages", views=1, tta="flip", batch_size=32,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from xfeat import metrics, stats
-from xfeat.metrics import (
+from xfeat.evaluation import metrics, stats
+from xfeat.evaluation.metrics import (
     METRIC_NAMES,
     choose_threshold,
     compute_metrics,
@@ -148,7 +148,7 @@ def test_bad_threshold_raises():
 
 
 def test_statistics_are_re_exported_from_metrics():
-    from xfeat.metrics import bootstrap_ci, delong_test, format_p_value, paired_bootstrap
+    from xfeat.evaluation.metrics import bootstrap_ci, delong_test, format_p_value, paired_bootstrap
 
     assert (bootstrap_ci, delong_test, paired_bootstrap, format_p_value) == (
         stats.bootstrap_ci, stats.delong_test, stats.paired_bootstrap, stats.format_p_value)

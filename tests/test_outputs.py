@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from xfeat.compare import compare
+from xfeat.comparison import compare
 from xfeat.errors import BackboneError, ConfigError
-from xfeat.fit import fit_head
+from xfeat.fitting import fit_head
 
 from conftest import REPO, TINY, make_image_folder, make_npz
 
@@ -96,7 +96,7 @@ def test_threshold_is_checked_before_extraction(tmp_path):
     with pytest.raises(ConfigError, match="threshold rule 'bogus'"):
         fit_head(data, "resnet18", threshold="bogus",
                  extract_options=dict(cache_dir=tmp_path / "c"))
-    from xfeat.finetune import finetune
+    from xfeat.finetuning import finetune
     with pytest.raises(ConfigError, match="threshold rule 'bogus'"):
         finetune(data, "resnet18", threshold="bogus", cache_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()

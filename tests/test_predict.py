@@ -7,8 +7,8 @@ from click.testing import CliRunner
 
 from xfeat.errors import ConfigError, DataError
 from xfeat.cli import cli
-from xfeat.fit import fit_head
-from xfeat.predict import expand_images, predict
+from xfeat.fitting import fit_head
+from xfeat.prediction import expand_images, predict
 
 from conftest import TINY, make_image_folder
 

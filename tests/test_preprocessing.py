@@ -8,7 +8,7 @@ from torchvision.transforms import RandomResizedCrop
 
 from xfeat.backbones import Preprocessing
 from xfeat.errors import ConfigError
-from xfeat.store import random_resized_crop_params
+from xfeat.extraction.store import random_resized_crop_params
 
 
 def _image(w, h, seed=0, mode="RGB"):

@@ -17,11 +17,12 @@ import xfeat
 from xfeat.backbones import Preprocessing
 from xfeat.cache import partial_path, read_cache
 from xfeat.cli import cli
-from xfeat.data import load_dataset, read_image_file
+from xfeat.data import load_dataset
+from xfeat.data.images import read_image_file
 from xfeat.errors import (BackboneError, CacheError, DataError, ImageReadError, OutputError)
-from xfeat.fit import fit_head
-from xfeat.predict import predict
-from xfeat.runs import run_lock
+from xfeat.fitting import fit_head
+from xfeat.prediction import predict
+from xfeat.runs.folders import run_lock
 
 from conftest import TINY, make_image_folder, make_npz
 
@@ -184,8 +185,8 @@ def test_exif_orientation_is_applied_everywhere_and_recorded(tmp_path):
     ds = load_dataset(data)
     split, row = next((sp, i) for sp in ds.splits.values() for i, p in enumerate(sp.paths)
                       if p.endswith("exif.jpeg"))
-    from xfeat.views import ViewImages
-    from xfeat.store import build_store
+    from xfeat.extraction.views import ViewImages
+    from xfeat.extraction.store import build_store
 
     extracted, _ = ViewImages(split, prep)[row]  # extract and predict read this way
     store, _ = build_store(ds, prep, cache_dir=tmp_path / "c", progress=False)

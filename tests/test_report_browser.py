@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xfeat.compare import compare
+from xfeat.comparison import compare
 
 from conftest import TINY, make_image_folder
 

@@ -14,8 +14,9 @@ from xfeat.backbones import create_backbone
 from xfeat.cache import read_cache, read_meta
 from xfeat.cli import cli
 from xfeat.errors import ConfigError
-from xfeat.forward import Runner, pad_batch
-from xfeat.runtime import channels_last_default, should_compile
+from xfeat.extraction.forward import Runner
+from xfeat.extraction.runtime import pad_batch
+from xfeat.extraction.runtime import channels_last_default, should_compile
 
 from conftest import TINY, make_image_folder
 
@@ -148,8 +149,8 @@ def test_nodes_lists_the_stages():
 
 def test_decoding_threads_give_the_loader_s_batches_in_order(data):
     from xfeat.data import load_dataset
-    from xfeat.runtime import ThreadedBatches, inference_batches, make_loader
-    from xfeat.views import ViewImages
+    from xfeat.extraction.runtime import ThreadedBatches, inference_batches, make_loader
+    from xfeat.extraction.views import ViewImages
 
     split = load_dataset(data).splits["train"]
     images = ViewImages(split, create_backbone("resnet18", "none", image_size=TINY).preprocessing)

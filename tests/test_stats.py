@@ -1,4 +1,4 @@
-"""Tests for xfeat.stats: bootstrap intervals, paired bootstrap, DeLong, p-value text."""
+"""Tests for xfeat.evaluation.stats: bootstrap intervals, paired bootstrap, DeLong, p-value text."""
 import csv
 import math
 from pathlib import Path
@@ -8,9 +8,9 @@ import pytest
 from scipy.stats import norm
 from sklearn import metrics as skm
 
-from xfeat._metric_core import METRIC_NAMES, metric_arrays, predict_labels
-from xfeat.metrics import compute_metrics
-from xfeat.stats import bootstrap_ci, delong_test, format_p_value, paired_bootstrap
+from xfeat.evaluation.core import METRIC_NAMES, metric_arrays, predict_labels
+from xfeat.evaluation.metrics import compute_metrics
+from xfeat.evaluation.stats import bootstrap_ci, delong_test, format_p_value, paired_bootstrap
 
 DATA = Path(__file__).parent / "data"
 

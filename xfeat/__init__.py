@@ -8,54 +8,39 @@ The notebook API::
     result = xfeat.fit_head(cache=path)        # logistic probe, C and threshold chosen on val
     tuned = xfeat.finetune("chest_xray", "resnet18", weights="DEFAULT", mode="full", epochs=5)
 
-Names are imported on first use, so ``import xfeat`` (and ``xfeat --help``) is instant and
-changes nothing in the process (no matplotlib backend, no torch settings).
-"""
-from __future__ import annotations
+The functions are verbs and the subpackages nouns, so no name is both: ``xfeat.compare`` is
+the function, ``xfeat.comparison`` its package; ``xfeat.analyze`` / ``xfeat.analysis``,
+``xfeat.finetune`` / ``xfeat.finetuning``, ``xfeat.predict`` / ``xfeat.prediction``,
+``xfeat.fit_head`` / ``xfeat.fitting``, ``xfeat.extract`` / ``xfeat.extraction``.
 
+Names are imported on first use (a module-level ``__getattr__``, PEP 562), so ``import
+xfeat`` (and ``xfeat --help``) is instant and changes nothing in the process (no matplotlib
+backend, no torch settings).
+"""
 import importlib
-import sys
-import types
 
 __version__ = "0.2.0"
 
 # public name -> module that defines it
 _API = {
-    "analyze": "xfeat.analyze",
-    "compare": "xfeat.compare",
+    "analyze": "xfeat.analysis",
+    "compare": "xfeat.comparison",
     "create_backbone": "xfeat.backbones",
     "list_backbones": "xfeat.backbones",
     "read_cache": "xfeat.cache",
     "read_meta": "xfeat.cache",
     "load_dataset": "xfeat.data",
-    "extract": "xfeat.extract",
-    "plan_extraction": "xfeat.extract",
-    "finetune": "xfeat.finetune",
-    "fit_head": "xfeat.fit",
-    "predict": "xfeat.predict",
-    "load_result": "xfeat.results",
+    "extract": "xfeat.extraction.pipeline",
+    "plan_extraction": "xfeat.extraction.pipeline",
+    "finetune": "xfeat.finetuning",
+    "fit_head": "xfeat.fitting",
+    "predict": "xfeat.prediction",
+    "load_result": "xfeat.runs.results",
     "FinetuneConfig": "xfeat.config",
     "XfeatError": "xfeat.errors",
 }
 
 __all__ = ["__version__", *sorted(_API)]
-
-
-class _Package(types.ModuleType):
-    """``xfeat.extract`` etc. stay the API functions even after their modules are imported.
-
-    Importing a submodule binds it as an attribute of the package; for the names that are
-    both a module and the function it defines (extract, analyze, compare, ...), the function
-    wins, as ``from xfeat import extract`` promises. Modules are in ``sys.modules``.
-    """
-
-    def __setattr__(self, name, value):
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

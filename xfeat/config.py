@@ -6,12 +6,13 @@ checkpoint resumes only with the same training fields.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError
+from xfeat.errors import ConfigError
 
 # Kermany file names: person123_bacteria_456.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0381-0001.jpeg.
 DEFAULT_GROUP_PATTERN = r"^(person\d+|(?:NORMAL\d+-)?IM-\d+)[_-]"
@@ -23,7 +24,7 @@ RECIPES = ("tutorial", "modern")
 AMP_CHOICES = ("auto", "bf16", "none")
 PRECISIONS = ("fp32", "int8")
 COMPILE_CHOICES = ("auto", "on", "off")
-FIT_ADAPTATIONS = ("standardize", "coral", "em")  # transductive, see xfeat.adapt
+FIT_ADAPTATIONS = ("standardize", "coral", "em")  # transductive, see xfeat.heads.adaptation
 PREDICT_ADAPTATIONS = ("standardize", "em")
 FINETUNE_ADAPTATIONS = ("adabn",)
 INT8_CALIBRATION_IMAGES = 256
@@ -132,8 +133,6 @@ class FinetuneConfig:
             raise ConfigError(f"adapt={self.adapt!r}: a fine-tuned network takes 'adabn' "
                               "(BatchNorm statistics re-estimated on the test images, "
                               "transductive)")
-        from .thresholds import parse_threshold_rule
-
         parse_threshold_rule(self.threshold)
 
     def resolved(self) -> "FinetuneConfig":
@@ -179,3 +178,43 @@ def _check_number(name: str, value, *, low=None, high=None, low_open=False) -> N
         bounds = (f" {'>' if low_open else '>='} {low}" if low is not None else "") + \
             (f" and <= {high}" if high is not None else "")
         raise ConfigError(f"{name}={value!r}: expected a number{bounds}")
+
+
+# Decision-threshold rules (``youden``, ``0.5``, ``sensitivity:0.95``), parsed without numpy so
+# options are validated before any work starts; xfeat.evaluation.metrics.choose_threshold
+# applies a rule.
+RULE_HELP = ("expected 'youden', a probability in (0, 1) such as 0.5, or "
+             "'sensitivity:T' / 'specificity:T' with T in (0, 1]")
+
+
+def parse_threshold_rule(rule):
+    """Validate a threshold rule; return ``'youden'``, a float in (0, 1), or a normalised
+    ``'sensitivity:<target>'`` / ``'specificity:<target>'`` string (target in (0, 1])."""
+    if isinstance(rule, numbers.Real) and not isinstance(rule, bool):
+        if 0.0 < rule < 1.0:
+            return float(rule)
+        raise ConfigError(f"threshold rule {rule!r}: a fixed threshold must lie in (0, 1)")
+    if isinstance(rule, str):
+        text = rule.strip().lower()
+        if text == "youden":
+            return text
+        kind, sep, value = text.partition(":")
+        if sep and kind in ("sensitivity", "specificity"):
+            target = _to_float(value)
+            if target is not None and 0.0 < target <= 1.0:
+                return f"{kind}:{target!r}"
+            raise ConfigError(f"threshold rule {rule!r}: the {kind} target must be a number "
+                              f"in (0, 1], e.g. '{kind}:0.95'")
+        number = _to_float(text)
+        if number is not None:
+            if 0.0 < number < 1.0:
+                return number
+            raise ConfigError(f"threshold rule {rule!r}: a fixed threshold must lie in (0, 1)")
+    raise ConfigError(f"threshold rule {rule!r} not understood; {RULE_HELP}")
+
+
+def _to_float(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None

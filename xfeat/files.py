@@ -11,12 +11,13 @@ import errno
 import io
 import json
 import math
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Optional
 
-from .errors import OutputError
+from xfeat.errors import OutputError
 
 
 def _umask() -> int:
@@ -149,3 +150,12 @@ def read_json(path) -> object:
 def save_figure(figure, path, dpi: int = 110) -> Path:
     """A matplotlib figure as a PNG at ``path``, atomically (no pyplot involved)."""
     return atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=dpi))
+
+
+def sha256_file(path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

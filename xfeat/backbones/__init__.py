@@ -17,12 +17,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..errors import BackboneError, WeightsUnavailableError
-from . import timm_models, torchscript_models
-from . import torchvision_models as tv
-from .offline import offline_weights
-from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from .weights import WeightsInfo, weights_tag
+from xfeat.errors import BackboneError, WeightsUnavailableError
+from xfeat.backbones import timm_models, torchscript_models
+from xfeat.backbones import torchvision_models as tv
+from xfeat.backbones.offline import offline_weights
+from xfeat.backbones.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from xfeat.backbones.weights import WeightsInfo, weights_tag
 
 logger = logging.getLogger(__name__)
 

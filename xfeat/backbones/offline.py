@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import BackboneError
+from xfeat.errors import BackboneError
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def file_sha256(path: Path) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    from .weights import sha256_file
+    from xfeat.files import sha256_file
 
     return sha256_file(Path(path))
 

@@ -34,7 +34,7 @@ class Preprocessing:
     exif_transpose: bool = True
 
     def __post_init__(self):
-        from ..errors import ConfigError
+        from xfeat.errors import ConfigError
 
         for name in ("crop_size", "resize_size"):
             value = getattr(self, name)

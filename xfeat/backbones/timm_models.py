@@ -19,10 +19,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..errors import BackboneError, WeightsUnavailableError
-from . import offline
-from . import weights as w
-from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
+from xfeat.errors import BackboneError, WeightsUnavailableError
+from xfeat.backbones import offline
+from xfeat.backbones import weights as w
+from xfeat.backbones.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
 
 logger = logging.getLogger(__name__)
 

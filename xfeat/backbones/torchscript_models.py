@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import BackboneError
-from . import offline
-from .preprocessing import Preprocessing
-from .weights import WeightsInfo
+from xfeat.errors import BackboneError
+from xfeat.backbones import offline
+from xfeat.backbones.preprocessing import Preprocessing
+from xfeat.backbones.weights import WeightsInfo
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def default_preprocessing(name: str, extra=None) -> Preprocessing:
 
 def read_sidecar(path: Path) -> Preprocessing:
     """The preprocessing in ``PATH.json`` (ImageNet's if there is none)."""
-    from ..errors import ConfigError
+    from xfeat.errors import ConfigError
 
     sidecar = Path(str(path) + ".json")
     if not sidecar.is_file():

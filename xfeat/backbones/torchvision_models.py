@@ -16,9 +16,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchvision.models import get_model_builder, get_model_weights, list_models
 
-from ..errors import BackboneError
-from . import weights as w
-from .preprocessing import Preprocessing
+from xfeat.errors import BackboneError
+from xfeat.backbones import weights as w
+from xfeat.backbones.preprocessing import Preprocessing
 
 # Architectures whose input size is fixed or bounded below (others run at 32 px).
 _MIN_INPUT_SIZE = {"alexnet": 64, "inception_v3": 75, "googlenet": 32, "squeezenet1_0": 48,

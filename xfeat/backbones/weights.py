@@ -14,12 +14,13 @@ import os
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..errors import BackboneError, WeightsUnavailableError
+from xfeat.errors import BackboneError, ConfigError, WeightsUnavailableError
+from xfeat.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,31 @@ class WeightsInfo:
 
 
 def weights_tag(kind: str, weights_id: str) -> str:
-    from ..runs import weights_tag as tag
+    """Short name of a weights record: random, IMAGENET1K_V1 (torchvision), a1_in1k (a timm
+    tag), or a file's stem."""
+    if kind == "random":
+        return "random"
+    if kind in ("torchvision", "timm"):
+        return str(weights_id).rsplit(".", 1)[-1]
+    return Path(str(weights_id)).stem
 
-    return tag({"kind": kind, "id": weights_id})
+
+def parse_weights(weights: Union[str, dict, None], models: Sequence[str]) -> dict:
+    """``"W"`` for every model, or ``"m1=W1,m2=W2"`` (others: ``none``) -> model -> weights."""
+    if isinstance(weights, dict):
+        return {m: weights.get(m, "none") for m in models}
+    text = "none" if weights is None else str(weights)
+    pairs = [p for p in text.split(",") if p]
+    if pairs and all("=" in p for p in pairs):
+        mapping = {}
+        for pair in pairs:
+            model, _, value = pair.partition("=")
+            if model not in models:
+                raise ConfigError(f"--weights names model {model!r}, which is not in --models "
+                                  f"{list(models)}")
+            mapping[model] = value
+        return {m: mapping.get(m, "none") for m in models}
+    return {m: text for m in models}
 
 
 def resolve(value: Union[str, Path, None], *, enum=None, seed: int = 0, model: str = ""):
@@ -89,7 +112,7 @@ def download_state_dict(url: str, *, name: str, weights_id: str, progress: bool 
     """
     from torch.hub import load_state_dict_from_url
 
-    from . import offline
+    from xfeat.backbones import offline
 
     file_name = url.rsplit("/", 1)[-1]
     local, sha, searched = offline.find_weights_file(file_name)
@@ -169,11 +192,3 @@ def load_state_dict_into(model: nn.Module, state: dict, *, classifier_path: str,
     state = {k: v for k, v in state.items() if k not in classifier_keys}
     model.load_state_dict(state, strict=False)
     logger.info("loaded %d tensors from %s", len(state), source)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

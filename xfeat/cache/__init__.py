@@ -3,10 +3,10 @@
 ``read`` validates and loads complete entries; ``write`` keys, locks and fills them
 incrementally so that no crash leaves a file that could be mistaken for a complete one.
 """
-from ..errors import CacheError
-from .read import (BASE_SPLITS, FEATURE_DTYPES, FORMAT, FORMAT_VERSION, PENULTIMATE, FeatureSet,
+from xfeat.errors import CacheError
+from xfeat.cache.read import (BASE_SPLITS, FEATURE_DTYPES, FORMAT, FORMAT_VERSION, PENULTIMATE, FeatureSet,
                    SplitFeatures, is_complete, partial_path, read_cache, read_meta)
-from .write import CacheWriter, cache_key, entry_lock, entry_path, merge_shards, shard_path
+from xfeat.cache.write import CacheWriter, cache_key, entry_lock, entry_path, merge_shards, shard_path
 
 __all__ = ["BASE_SPLITS", "CacheError", "CacheWriter", "FEATURE_DTYPES", "FORMAT",
            "FORMAT_VERSION", "FeatureSet", "PENULTIMATE", "SplitFeatures", "cache_key",

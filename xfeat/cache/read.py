@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Union
 import h5py
 import numpy as np
 
-from ..config import FEATURE_DTYPES  # noqa: F401  (re-exported)
-from ..errors import CacheError
+from xfeat.config import FEATURE_DTYPES  # noqa: F401  (re-exported)
+from xfeat.errors import CacheError
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from ..errors import CacheError
-from ..files import describe_os_error, file_mode, make_dirs, safe_name
-from .read import FEATURE_DTYPES, FORMAT, FORMAT_VERSION, partial_path, read_cache
+from xfeat.errors import CacheError
+from xfeat.files import describe_os_error, file_mode, make_dirs, safe_name
+from xfeat.cache.read import FEATURE_DTYPES, FORMAT, FORMAT_VERSION, partial_path, read_cache
 
 logger = logging.getLogger(__name__)
 

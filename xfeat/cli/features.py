@@ -5,9 +5,9 @@ import json
 
 import click
 
-from ..config import COMPILE_CHOICES, FEATURE_DTYPES, ExtractConfig
-from . import api_errors, cli
-from .options import (data_options, default, feature_options, json_option, model_options,
+from xfeat.config import COMPILE_CHOICES, FEATURE_DTYPES, ExtractConfig
+from xfeat.cli.app import api_errors, cli
+from xfeat.cli.options import (data_options, default, feature_options, json_option, model_options,
                       run_options)
 
 
@@ -16,7 +16,7 @@ from .options import (data_options, default, feature_options, json_option, model
 @api_errors
 def models_cmd(as_json):
     """List every backbone: feature dimension, parameters, torchvision weights."""
-    from ..backbones import describe_backbones
+    from xfeat.backbones import describe_backbones
 
     rows = describe_backbones()
     if as_json:
@@ -35,7 +35,7 @@ def models_cmd(as_json):
 @api_errors
 def weights_cmd(as_json):
     """List the pretrained weights available offline, where they are, and how to add more."""
-    from ..backbones import offline_weights
+    from xfeat.backbones import offline_weights
 
     found = offline_weights()
     if as_json:
@@ -78,8 +78,8 @@ def weights_cmd(as_json):
 @api_errors
 def extract_cmd(ctx, as_json, **options):
     """Run a backbone once over every split and cache the features (HDF5)."""
-    from ..cache import read_meta
-    from ..extract import extract
+    from xfeat.cache import read_meta
+    from xfeat.extraction.pipeline import extract
 
     path = extract(progress=ctx.obj["progress"], **options)
     if not ctx.obj["report"]:
@@ -97,7 +97,7 @@ def extract_cmd(ctx, as_json, **options):
 @api_errors
 def info_cmd(cache_file, as_json):
     """Show what a feature cache file holds and how it was made."""
-    from ..cache import read_meta
+    from xfeat.cache import read_meta
 
     meta = read_meta(cache_file)
     click.echo(json.dumps(meta, indent=2) if as_json else describe_cache(cache_file, meta))
@@ -132,7 +132,7 @@ def describe_cache(path, meta) -> str:
 @api_errors
 def nodes_cmd(model, image_size, as_json):
     """The stage nodes (--layers stages) and every node name of a torchvision model."""
-    from ..blocks import describe_nodes
+    from xfeat.extraction.blocks import describe_nodes
 
     info = describe_nodes(model, image_size)
     if as_json:

@@ -5,9 +5,9 @@ import json
 
 import click
 
-from ..config import FIT_ADAPTATIONS, HEAD_NAMES, PREDICT_ADAPTATIONS
-from . import api_errors, cli
-from .options import (cache_source, feature_options, json_option, model_options, n_boot_option,
+from xfeat.config import FIT_ADAPTATIONS, HEAD_NAMES, PREDICT_ADAPTATIONS
+from xfeat.cli.app import api_errors, cli
+from xfeat.cli.options import (cache_source, feature_options, json_option, model_options, n_boot_option,
                       optional_data_options, predict_run_options, run_options, threshold_option)
 
 # CLI flag -> the head parameter it sets; which head takes which is read from the heads.
@@ -17,7 +17,7 @@ _HEAD_FLAGS = {"C": "--C", "scoring": "--scoring", "class_weight": "--class-weig
 
 def head_params_from_flags(head: str, given: dict) -> dict:
     """The head parameters a user set, refusing flags that belong to another head."""
-    from ..heads import head_options
+    from xfeat.heads import head_options
 
     accepted = set(head_options()[head])
     ignored = [_HEAD_FLAGS[k] for k, v in given.items() if v is not None and k not in accepted]
@@ -69,12 +69,12 @@ def head_params_from_flags(head: str, given: dict) -> dict:
 def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, blocks,
                  ignore_views, tta, adapt, threshold, out_dir, n_boot, as_json, **options):
     """Fit a head on cached features (extracting them first if needed) and evaluate it."""
-    from ..fit import fit_head
-    from ..thresholds import parse_threshold_rule
+    from xfeat.fitting import fit_head
+    from xfeat.config import parse_threshold_rule
 
     parse_threshold_rule(threshold)  # before any extraction
     head_params = head_params_from_flags(head, {k: options.pop(k) for k in _HEAD_FLAGS})
-    from ..heads import head_options
+    from xfeat.heads import head_options
 
     if "seed" in head_options()[head]:
         head_params["seed"] = seed
@@ -120,7 +120,7 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
 @api_errors
 def predict_cmd(ctx, head_path, images, out_csv, weights, tta, adapt, compile, **options):
     """Classify image files or folders with a saved head and its backbone."""
-    from ..predict import predict
+    from xfeat.prediction import predict
 
     rows = predict(head_path, images, out_csv=out_csv, weights=weights, tta=tta, adapt=adapt,
                    compile=compile,

@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from ..config import (AMP_CHOICES, DEFAULT_N_BOOT, DEFAULT_THRESHOLD, INT8_CALIBRATION_IMAGES,
+from xfeat.config import (AMP_CHOICES, DEFAULT_N_BOOT, DEFAULT_THRESHOLD, INT8_CALIBRATION_IMAGES,
                       PRECISIONS, RECIPES, ExtractConfig, FinetuneConfig, SplitConfig)
 
 

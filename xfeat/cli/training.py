@@ -5,10 +5,10 @@ import json
 
 import click
 
-from ..config import (COMPARE_MODES, FINETUNE_ADAPTATIONS, FINETUNE_MODES, HEAD_NAMES,
+from xfeat.config import (COMPARE_MODES, FINETUNE_ADAPTATIONS, FINETUNE_MODES, HEAD_NAMES,
                       FinetuneConfig)
-from . import api_errors, cli
-from .options import (cache_source, data_options, default, finetune_options, json_option,
+from xfeat.cli.app import api_errors, cli
+from xfeat.cli.options import (cache_source, data_options, default, finetune_options, json_option,
                       loader_options, model_options, n_boot_option, optional_data_options,
                       run_options, split_options, threshold_option)
 
@@ -38,7 +38,7 @@ from .options import (cache_source, data_options, default, finetune_options, jso
 def finetune_cmd(ctx, data, model, weights, image_size, num_workers, device, out_dir, resume,
                  as_json, **options):
     """Train end to end (full), the frozen-backbone baseline, or LP-FT; evaluate once on test."""
-    from ..finetune import finetune
+    from xfeat.finetuning import finetune
 
     data_kwargs = split_options(options)
     result = finetune(data, model, weights=weights, image_size=image_size, out_dir=out_dir,
@@ -75,7 +75,7 @@ def finetune_cmd(ctx, data, model, weights, image_size, num_workers, device, out
 def compare_cmd(ctx, models, weights, modes, quick, head, image_size, num_workers, device,
                 analyze, out_dir, n_boot, as_json, **options):
     """Speed and accuracy of every (backbone, mode) pair, side by side, with a report."""
-    from ..compare import compare
+    from xfeat.comparison import compare
 
     data_kwargs = split_options(options)
     data = data_kwargs.pop("data", None) or options.pop("data")
@@ -113,7 +113,7 @@ def analyze_cmd(ctx, data, model, weights, image_size, seed, cache_file, runs,
                 near_duplicate_threshold, n_folds, n_boot, out_dir, as_json, **options):
     """Why test accuracy lags: imbalance, shift, duplicates and leakage, label noise,
     overfitting, calibration."""
-    from ..analyze import analyze
+    from xfeat.analysis import analyze
 
     extract_options = cache_source(ctx, data, cache_file, options, image_size=image_size,
                                    seed=seed)

@@ -17,11 +17,11 @@ name          class             choice made on val
 Heads are saved by :func:`save_head` as one pickle-free ``.npz`` and read by :func:`load_head`.
 """
 
-from .io import FORMAT, FORMAT_VERSION, load_head, save_head
-from .knn import KNNHead
-from .linear import LinearHead
-from .logistic import LogisticHead
-from .registry import HEADS, create_head, head_options
+from xfeat.heads.io import FORMAT, FORMAT_VERSION, load_head, save_head
+from xfeat.heads.knn import KNNHead
+from xfeat.heads.linear import LinearHead
+from xfeat.heads.logistic import LogisticHead
+from xfeat.heads.registry import HEADS, create_head, head_options
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KNNHead", "LinearHead", "LogisticHead",
            "create_head", "head_options", "load_head", "save_head"]

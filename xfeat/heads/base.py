@@ -20,7 +20,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 from threadpoolctl import threadpool_limits
 
-from ..errors import ConfigError, DataError
+from xfeat.errors import ConfigError, DataError
 
 
 def check_X(X: Any, name: str) -> np.ndarray:

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ..errors import ConfigError, DataError
-from ..files import atomic_write, dumps
-from .base import BaseHead
-from .registry import HEADS
+from xfeat.errors import ConfigError, DataError
+from xfeat.files import atomic_write, dumps
+from xfeat.heads.base import BaseHead
+from xfeat.heads.registry import HEADS
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
-from .base import BaseHead, check_choice, check_fit_inputs, need_val
+from xfeat.errors import ConfigError, DataError
+from xfeat.heads.base import BaseHead, check_choice, check_fit_inputs, need_val
 
 logger = logging.getLogger(__name__)
 

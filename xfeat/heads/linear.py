@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from ..errors import ConfigError
-from .base import (BaseHead, check_fit_inputs, check_positive_int, need_val, proba_from_logits,
+from xfeat.errors import ConfigError
+from xfeat.heads.base import (BaseHead, check_fit_inputs, check_positive_int, need_val, proba_from_logits,
                    single_blas_thread)
 
 logger = logging.getLogger(__name__)

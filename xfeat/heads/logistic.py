@@ -14,9 +14,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
 
-from ..errors import ConfigError, DataError
-from ._lbfgs32 import Lbfgs32Solver
-from .base import (BaseHead, check_choice, check_fit_inputs, check_positive_int, need_val,
+from xfeat.errors import ConfigError, DataError
+from xfeat.heads._lbfgs32 import Lbfgs32Solver
+from xfeat.heads.base import (BaseHead, check_choice, check_fit_inputs, check_positive_int, need_val,
                    proba_from_logits, single_blas_thread)
 
 logger = logging.getLogger(__name__)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .base import BaseHead
-from .knn import KNNHead
-from .linear import LinearHead
-from .logistic import LogisticHead
+from xfeat.errors import ConfigError
+from xfeat.heads.base import BaseHead
+from xfeat.heads.knn import KNNHead
+from xfeat.heads.linear import LinearHead
+from xfeat.heads.logistic import LogisticHead
 
 HEADS: dict[str, type[BaseHead]] = {"logreg": LogisticHead, "linear": LinearHead, "knn": KNNHead}
 

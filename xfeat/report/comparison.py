@@ -1,7 +1,7 @@
 """The comparison report: ``report.md`` and ``report.html`` (the verdict first, then the
 timings, the results, the tests and the figures), ``comparison.csv``/``.json`` and the PNGs.
 
-Everything shown is computed by :mod:`xfeat.compare` (rows, tests, timings, verdict); this
+Everything shown is computed by :mod:`xfeat.comparison` (rows, tests, timings, verdict); this
 module only lays it out and draws it.
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
 
-from ..compare.table import run_label
-from ..files import atomic_write, write_csv, write_json, write_text
-from .html import markdown_to_html
-from .plots import plot_confusion_matrices, plot_pareto, plot_roc_curves
-from .tables import format_comparison_table, format_tests_table, format_timings_table
+from xfeat.report.rows import run_label
+from xfeat.files import atomic_write, write_csv, write_json, write_text
+from xfeat.report.html import markdown_to_html
+from xfeat.report.figures import plot_confusion_matrices, plot_pareto, plot_roc_curves
+from xfeat.report.tables import format_comparison_table, format_tests_table, format_timings_table
 
 TITLE = "xfeat comparison"
 
@@ -22,7 +22,7 @@ TITLE = "xfeat comparison"
 def write_comparison_report(comparison, results: list, *, analyses: Optional[dict] = None) -> Path:
     """report.md, report.html, comparison.csv/json and the PNGs, in ``comparison.out_dir``.
 
-    ``results``: the :class:`~xfeat.results.RunResult` of each row of ``comparison.rows``,
+    ``results``: the :class:`~xfeat.runs.results.RunResult` of each row of ``comparison.rows``,
     in the same order. ``analyses``: model -> folder of its ``xfeat analyze`` report.
     """
     out = Path(comparison.out_dir)

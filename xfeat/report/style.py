@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.lines import Line2D
 
-from ..compare.table import RANDOM_WEIGHTS
+from xfeat.report.rows import RANDOM_WEIGHTS
 
 MODE_STYLES = {"cached": ("o", "-"), "frozen": ("s", "--"), "full": ("^", ":"),
                "lp-ft": ("D", "-.")}

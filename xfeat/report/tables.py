@@ -3,8 +3,8 @@ model and the significance tests. Cells with an interval read ``0.843 [0.81–0.
 with a caveat (random weights, transductive) say so in their row."""
 from __future__ import annotations
 
-from ..compare.table import format_seconds, run_label
-from ..stats import format_interval, format_p_value
+from xfeat.report.rows import format_seconds, run_label
+from xfeat.evaluation.stats import format_interval, format_p_value
 
 
 def _params(value) -> str:
@@ -71,7 +71,7 @@ _TIMING_HEADER = ["model", "extraction s", "head fit s", "frozen s (epochs)",
 
 def format_timings_table(timings: list, markdown: bool = False) -> str:
     """Per model: the cached path's seconds against the frozen baseline's and full
-    fine-tuning's, and the ratios (from :func:`xfeat.compare.table.timing_rows`)."""
+    fine-tuning's, and the ratios (from :func:`xfeat.report.rows.timing_rows`)."""
     def seconds(value, epochs=None):
         if value is None:
             return "—"

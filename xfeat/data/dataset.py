@@ -1,0 +1,113 @@
+"""The data model: a :class:`Dataset` of named :class:`Split` s, each with ids, labels and pixels.
+
+Every source (folders, npz, built-ins) builds one; its ``fingerprint`` (content digest plus
+split recipe) keys every cache made from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from xfeat.data.images import array_to_rgb, read_image_file
+from xfeat.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """The samples of one split: stable ids, integer labels and where the pixels come from."""
+
+    name: str
+    ids: list
+    labels: np.ndarray
+    paths: Optional[list] = None  # folder datasets: absolute file paths
+    arrays: Optional[np.ndarray] = None  # npz datasets: (N, H, W[, C]) images
+    array_rows: Optional[np.ndarray] = None  # npz datasets: row of each sample in ``arrays``
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read_image(self, i: int, draft_size: Optional[int] = None,
+                   exif_transpose: bool = True) -> Image.Image:
+        """Decode sample ``i`` as an RGB PIL image (raises :class:`ImageReadError`)."""
+        if self.paths is not None:
+            return read_image_file(self.paths[i], draft_size=draft_size,
+                                   exif_transpose=exif_transpose)
+        return array_to_rgb(self.arrays[self.array_rows[i]])
+
+    def subset(self, rows: Sequence[int], name: Optional[str] = None) -> "Split":
+        rows = np.asarray(rows, dtype=np.int64)
+        return Split(
+            name=name or self.name,
+            ids=[self.ids[r] for r in rows],
+            labels=self.labels[rows],
+            paths=None if self.paths is None else [self.paths[r] for r in rows],
+            arrays=self.arrays,
+            array_rows=None if self.array_rows is None else self.array_rows[rows],
+        )
+
+
+@dataclass
+class Dataset:
+    """A labelled dataset with train, val and (optionally) test splits."""
+
+    name: str
+    source: str
+    class_names: list
+    splits: dict
+    content_digest: str  # sha256 over every sample's split, label, id and bytes
+    split_info: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content digest plus the split recipe: any change gives a different fingerprint."""
+        payload = json.dumps({"content": self.content_digest, "split": self.split_info},
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def counts(self) -> dict:
+        return {s: np.bincount(sp.labels, minlength=len(self.class_names)).tolist()
+                for s, sp in self.splits.items()}
+
+    def subsample(self, sizes: dict, seed: int = 0) -> "Dataset":
+        """A stratified, seeded subset: at most ``sizes[split]`` samples per split.
+
+        Quick runs use it; the subset has its own fingerprint (and so its own caches).
+        """
+        splits, chosen = {}, {}
+        for name, split in self.splits.items():
+            n = sizes.get(name)
+            if n is None or n >= len(split):
+                splits[name] = split
+                continue
+            if n < len(self.class_names):
+                raise DataError(f"cannot subsample {name} to {n} images: fewer than the "
+                                f"{len(self.class_names)} classes")
+            rows = stratified_rows(split.labels, n, [seed, SPLITS.index(name)])
+            splits[name] = split.subset(rows)
+            chosen[name] = len(rows)
+        digest = hashlib.sha256(json.dumps([self.content_digest, {s: sp.ids for s, sp in
+                                                                  splits.items()}]).encode())
+        return Dataset(name=f"{self.name}-subset", source=self.source,
+                       class_names=self.class_names, splits=splits,
+                       content_digest=digest.hexdigest(),
+                       split_info={**self.split_info, "subsample": {"sizes": chosen,
+                                                                    "seed": seed}})
+
+
+def stratified_rows(labels: np.ndarray, n: int, seed) -> np.ndarray:
+    """About ``n`` sorted row indices with the class proportions of ``labels`` (at least one
+    per class), drawn with ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = min(len(members), max(1, round(n * len(members) / len(labels))))
+        rows.extend(rng.choice(members, size=k, replace=False))
+    return np.sort(np.asarray(rows, dtype=np.int64))

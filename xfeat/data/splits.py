@@ -1,0 +1,132 @@
+"""The validation split: carved out of train, stratified by class, whole patients only, seeded.
+
+Test is never touched. File names that carry a patient id keep each patient's images on one
+side (``group_pattern``); the recipe is recorded in the dataset's ``split_info`` and so in the
+cache key.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from xfeat.config import DEFAULT_GROUP_PATTERN
+from xfeat.data.dataset import SPLITS, Dataset, Split
+from xfeat.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+TINY_VAL_SIZE = 50  # a given val split smaller than this is merged into train and re-carved
+
+
+@dataclass(frozen=True)
+class SplitRecipe:
+    """How the validation split is obtained when the dataset has none (or a tiny one)."""
+
+    val_fraction: float = 0.1
+    seed: int = 0
+    group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN
+
+    @classmethod
+    def from_split_info(cls, info: dict) -> "SplitRecipe":
+        """The recipe recorded in a cache's ``split`` metadata (default when val was given)."""
+        if info.get("val") != "carved from train":
+            return cls()
+        return cls(info["val_fraction"], info["seed"], info["group_pattern"])
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DataError(f"val_fraction={self.val_fraction!r} must be strictly between 0 and 1")
+        if self.group_pattern:
+            try:
+                re.compile(self.group_pattern)
+            except re.error as exc:
+                raise DataError(f"group pattern {self.group_pattern!r} is not a valid regular "
+                                f"expression: {exc}") from None
+
+
+def patient_groups(ids: Sequence[str], pattern: Optional[str]) -> list:
+    """Group key per sample: the pattern's first group on the file name, else the id itself."""
+    if not pattern:
+        return list(ids)
+    rx = re.compile(pattern)
+    groups = []
+    for sample_id in ids:
+        m = rx.match(Path(sample_id).name)
+        groups.append(m.group(1) if m else sample_id)
+    return groups
+
+
+def carve_validation(labels: np.ndarray, groups: Sequence[str], fraction: float,
+                     seed: int) -> np.ndarray:
+    """Boolean mask of samples moved to val: stratified by class, whole groups only, seeded.
+
+    Groups are visited in a seeded random order; a group joins val while its class (the
+    majority label of the group) is below ``fraction`` of that class's count.
+    """
+    labels = np.asarray(labels)
+    group_names, group_index = np.unique(np.asarray(groups, dtype=object).astype(str),
+                                         return_inverse=True)
+    n_classes = int(labels.max()) + 1
+    class_count = np.bincount(labels, minlength=n_classes)
+    # At least one val image for every class that can spare one: thresholds need both classes.
+    target = np.where(class_count >= 2, np.maximum(1, np.round(fraction * class_count)), 0)
+    taken = np.zeros(n_classes, dtype=int)
+    members = [[] for _ in group_names]
+    for i, g in enumerate(group_index):
+        members[g].append(i)
+    in_val = np.zeros(len(labels), dtype=bool)
+    for g in np.random.default_rng(seed).permutation(len(group_names)):
+        rows = members[g]
+        cls = int(np.bincount(labels[rows], minlength=n_classes).argmax())
+        # Never move a class's last training images to val.
+        if taken[cls] < target[cls] and taken[cls] + len(rows) < class_count[cls]:
+            in_val[rows] = True
+            taken += np.bincount(labels[rows], minlength=n_classes)
+    return in_val
+
+
+def ensure_validation_split(dataset: Dataset, recipe: SplitRecipe) -> None:
+    val = dataset.splits.get("val")
+    if val is not None and len(val) >= TINY_VAL_SIZE:
+        dataset.split_info = {"val": "given"}
+        return
+    train = dataset.splits["train"]
+    merged_val = 0
+    if val is not None:
+        logger.warning("val split has only %d images (< %d): merging it into train and carving "
+                       "a %.0f%% stratified validation split instead", len(val), TINY_VAL_SIZE,
+                       100 * recipe.val_fraction)
+        merged_val = len(val)
+        train = concat(train, val, "train")
+    groups = patient_groups(train.ids, recipe.group_pattern)
+    in_val = carve_validation(train.labels, groups, recipe.val_fraction, recipe.seed)
+    if not in_val.any() or in_val.all():
+        raise DataError(f"cannot carve a validation split of {recipe.val_fraction:.0%} from "
+                        f"{len(train)} training images; add a val/ split or change val_fraction")
+    dataset.splits["train"] = train.subset(np.flatnonzero(~in_val), "train")
+    dataset.splits["val"] = train.subset(np.flatnonzero(in_val), "val")
+    dataset.splits = {s: dataset.splits[s] for s in SPLITS if s in dataset.splits}
+    n_groups = len(set(groups))
+    dataset.split_info = {
+        "val": "carved from train",
+        "val_fraction": recipe.val_fraction,
+        "seed": recipe.seed,
+        "group_pattern": recipe.group_pattern,
+        "groups": n_groups,
+        "merged_tiny_val": merged_val,
+    }
+    logger.info("carved val split: %d of %d training images (%d patient groups, seed %d)",
+                int(in_val.sum()), len(train), n_groups, recipe.seed)
+
+
+def concat(a: Split, b: Split, name: str) -> Split:
+    labels = np.concatenate([a.labels, b.labels])
+    if a.paths is not None:
+        return Split(name, a.ids + b.ids, labels, paths=a.paths + b.paths)
+    arrays = np.concatenate([a.arrays[a.array_rows], b.arrays[b.array_rows]])
+    return Split(name, a.ids + b.ids, labels, arrays=arrays, array_rows=np.arange(len(arrays)))

@@ -1,0 +1,122 @@
+"""Image views beyond the centre crop: augmented train views and test-time views.
+
+``--views K`` caches K augmented views of every train image, made with the fine-tuning
+augmentation (RandomResizedCrop + horizontal flip on the resized square), each drawn from a
+generator seeded by (seed, image id, view): the same pixels whether a run is resumed, sharded
+or made again. ``--tta flip|crops|flip,crops`` caches deterministic views of val and test:
+``flip`` (the mirrored centre crop), ``crops`` (the four corner crops of the resized square),
+both (the corners mirrored too). ``fit-head --tta`` and ``predict --tta`` average the
+*features* of a split's views (for a linear head: its logits), so the val choices and the
+threshold see exactly what test sees.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from xfeat.errors import ConfigError, ImageReadError
+from xfeat.extraction.runtime import mix_seed
+
+TTA_KINDS = ("flip", "crops")
+CORNERS = ("crop_tl", "crop_tr", "crop_bl", "crop_br")
+
+
+def parse_tta(spec: Union[str, Sequence[str], None]) -> tuple:
+    """``"flip"``, ``"crops"``, ``"flip,crops"`` or None -> the kinds, in a fixed order."""
+    if not spec:
+        return ()
+    kinds = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    bad = [k for k in kinds if k not in TTA_KINDS]
+    if bad:
+        raise ConfigError(f"--tta {spec!r}: expected flip, crops or flip,crops")
+    return tuple(k for k in TTA_KINDS if k in kinds)
+
+
+def tta_views(kinds: tuple) -> list:
+    """The view names a TTA spec stores for val and test (the centre crop is the split)."""
+    views = []
+    if "flip" in kinds:
+        views.append("flip")
+    if "crops" in kinds:
+        views += list(CORNERS)
+        if "flip" in kinds:
+            views += [f"flip_{c}" for c in CORNERS]
+    return views
+
+
+def train_views(k: int) -> list:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(f"--views {k!r}: expected an integer >= 0 (augmented views per "
+                          "train image)")
+    return [f"view{i}" for i in range(1, k + 1)]
+
+
+
+def render(square: np.ndarray, preprocessing, view: Optional[str], *, seed: int = 0,
+           image_id: str = "") -> np.ndarray:
+    """The ``(crop, crop, 3)`` uint8 pixels of ``view`` from an ``(R, R, 3)`` resized square."""
+    crop = preprocessing.crop_size
+    if view is None:
+        return np.ascontiguousarray(preprocessing.center_crop(square))
+    flip = view.startswith("flip")
+    name = view[5:] if view.startswith("flip_") else view
+    if name.startswith("view"):
+        return _augmented(square, crop, mix_seed(seed, image_id, name))
+    if name == "flip":
+        out = preprocessing.center_crop(square)
+    elif name in CORNERS:
+        r = square.shape[0]
+        top = 0 if name[-2] == "t" else r - crop
+        left = 0 if name[-1] == "l" else r - crop
+        out = square[top:top + crop, left:left + crop]
+    else:
+        raise ConfigError(f"unknown view {view!r}")
+    return np.ascontiguousarray(out[:, ::-1] if flip else out)
+
+
+def _augmented(square: np.ndarray, crop: int, seed: int) -> np.ndarray:
+    """The fine-tuning augmentation (see ``xfeat.finetuning.loaders``), from a seeded generator."""
+    import torchvision.transforms.v2.functional as TF
+
+    from xfeat.extraction.store import random_resized_crop_params
+
+    image = torch.from_numpy(np.array(square)).permute(2, 0, 1)
+    g = torch.Generator().manual_seed(seed)
+    top, left, h, w = random_resized_crop_params(image.shape[1], image.shape[2], g)
+    image = TF.resized_crop(image, top, left, h, w, [crop, crop], antialias=True)
+    if torch.rand(1, generator=g).item() < 0.5:
+        image = TF.horizontal_flip(image)
+    return image.permute(1, 2, 0).numpy()
+
+
+class ViewImages(torch.utils.data.Dataset):
+    """uint8 CHW crops of one split's images in one view, from row ``start`` on.
+
+    An unreadable image gives zeros and its error message instead of raising, so the loop
+    decides (stop, or record and skip with ``--skip-bad``).
+    """
+
+    def __init__(self, split, preprocessing, view: Optional[str] = None, *, seed: int = 0,
+                 start: int = 0):
+        self.split, self.preprocessing, self.view = split, preprocessing, view
+        self.seed, self.start = seed, start
+        # augmented views are drawn with torchvision's tensor ops, not PIL's and numpy's
+        self.uses_torch_ops = view is not None and view.removeprefix("flip_").startswith("view")
+
+    def __len__(self) -> int:
+        return len(self.split) - self.start
+
+    def __getitem__(self, i: int):
+        row = self.start + i
+        p = self.preprocessing
+        try:
+            image = self.split.read_image(row, draft_size=p.resize_size,
+                                          exif_transpose=p.exif_transpose)
+            array = render(p.resize_square(image), p, self.view, seed=self.seed,
+                           image_id=self.split.ids[row])
+            error = ""
+        except ImageReadError as exc:
+            array, error = np.zeros((p.crop_size, p.crop_size, 3), dtype=np.uint8), exc.reason
+        return torch.from_numpy(array).permute(2, 0, 1), error
