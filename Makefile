@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 SHARED  ?= ../shared
 DATA    ?= $(SHARED)/data/chest_xray224
 
-.PHONY: setup demo test test-fast clean-cache
+.PHONY: setup demo lint test test-fast clean-cache
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,16 @@ demo: setup
 	$(VENV)/bin/xfeat compare --data $(DATA) --models mobilenet_v2,inception_v3_fid \
 		--weights mobilenet_v2=IMAGENET1K_V1 --quick --analyze --out runs/demo
 
-# Everything, including the integration tests on the real chest X-rays and the large backbones.
-test: setup
+# Style (ruff lint + format check) and the architecture (import-linter's layers and acyclic
+# contracts in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+# Everything: lint, then every test including the integration tests on the real chest X-rays
+# and the large backbones.
+test: lint
 	$(PY) -m pytest -m "" -q
 
 # The quick default suite (no integration, no large backbones).

@@ -7,6 +7,7 @@ alternated and the best of ``--repeats`` taken.
 
     python scripts/bench_channels_last.py --batch-size 16 --repeats 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,15 +16,33 @@ import time
 
 import torch
 
-from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.backbones import create_backbone, min_input_size
+from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.extraction.runtime import family
 
-FAMILIES = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s",
-            "googlenet", "inception_v3", "maxvit_t", "mnasnet1_0", "mobilenet_v2",
-            "mobilenet_v3_large", "regnet_y_400mf", "resnet18", "resnet50", "resnext50_32x4d",
-            "shufflenet_v2_x2_0", "squeezenet1_1", "swin_t", "vgg11", "vit_b_32",
-            "wide_resnet50_2"]
+FAMILIES = [
+    "alexnet",
+    "convnext_tiny",
+    "densenet121",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "googlenet",
+    "inception_v3",
+    "maxvit_t",
+    "mnasnet1_0",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "regnet_y_400mf",
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "shufflenet_v2_x2_0",
+    "squeezenet1_1",
+    "swin_t",
+    "vgg11",
+    "vit_b_32",
+    "wide_resnet50_2",
+]
 
 
 def images_per_second(model, x, repeats: int) -> float:
@@ -38,8 +57,9 @@ def images_per_second(model, x, repeats: int) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default=",".join(FAMILIES))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -53,16 +73,31 @@ def main(argv=None):
             x = torch.randn(args.batch_size, 3, size, size)
             nchw = images_per_second(model, x, args.repeats)
             cl_model = model.to(memory_format=torch.channels_last)
-            cl = images_per_second(cl_model, x.contiguous(memory_format=torch.channels_last),
-                                   args.repeats)
-            rows.append({"model": name, "family": family(name), "nchw": nchw,
-                         "channels_last": cl, "speedup": cl / nchw})
+            cl = images_per_second(
+                cl_model, x.contiguous(memory_format=torch.channels_last), args.repeats
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "family": family(name),
+                    "nchw": nchw,
+                    "channels_last": cl,
+                    "speedup": cl / nchw,
+                }
+            )
             if not args.json:
-                print(f"{name:<20} {family(name):<14} NCHW {nchw:7.1f} img/s  channels_last "
-                      f"{cl:7.1f} img/s  x{cl / nchw:.2f}", flush=True)
+                print(
+                    f"{name:<20} {family(name):<14} NCHW {nchw:7.1f} img/s  channels_last "
+                    f"{cl:7.1f} img/s  x{cl / nchw:.2f}",
+                    flush=True,
+                )
     if args.json:
-        print(json.dumps({"threads": torch.get_num_threads(), "batch_size": args.batch_size,
-                          "rows": rows}, indent=2))
+        print(
+            json.dumps(
+                {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "rows": rows},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ wall time is reported; the target is ``xfeat --help`` under 0.3x ``python -c "im
 
     python scripts/bench_startup.py --repeats 7
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ COMMANDS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ was lost, duplicated or differs, or a restart failed.
 
     python scripts/fault_drill.py --data ../shared/data/chest_xray224 --kills 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from bench_extract import make_subset  # scripts/ is on sys.path when run as a script
 
 import xfeat
-from bench_extract import make_subset  # scripts/ is on sys.path when run as a script
 from xfeat.cache import partial_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,22 +73,27 @@ class PhaseResult:
 
     @property
     def ok(self) -> bool:
-        diffs = [d for d in (self.diff_result, self.diff_history, self.diff_predictions)
-                 if not np.isnan(d)]
+        diffs = [
+            d for d in (self.diff_result, self.diff_history, self.diff_predictions) if not np.isnan(d)
+        ]
         return not (self.lost or self.duplicated or self.failures or any(diffs))
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                        os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
 
 
 def _start(cmd: list, log: Path) -> subprocess.Popen:
     # Own session: its data-loader workers are a process group the drill can clean up.
     with open(log, "w") as f:
-        return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=f,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=f, start_new_session=True
+        )
 
 
 def _reap(killed: list) -> None:
@@ -132,12 +138,12 @@ class ExtractPhase:
     name = "extract"
 
     def __init__(self, root: Path, model: str, batch_size: int, image_size, loader: list):
-        self.args = ["--data", str(root), "--model", model, "--batch-size", str(batch_size),
-                     *loader]
+        self.args = ["--data", str(root), "--model", model, "--batch-size", str(batch_size), *loader]
         if image_size:
             self.args += ["--image-size", str(image_size)]
-        self.entry = xfeat.plan_extraction(root, model, cache_dir="cache",
-                                           image_size=image_size).path.name
+        self.entry = xfeat.plan_extraction(
+            root, model, cache_dir="cache", image_size=image_size
+        ).path.name
 
     def command(self, out: Path, first: bool) -> list:
         return [sys.executable, "-m", "xfeat", "extract", *self.args, "--cache-dir", str(out)]
@@ -188,13 +194,34 @@ class FinetunePhase:
     name = "finetune"
 
     def __init__(self, root: Path, model: str, image_size: int, epochs: int, loader: list):
-        self.args = ["--data", str(root), "--model", model, "--image-size", str(image_size),
-                     "--epochs", str(epochs), "--n-boot", "20", *loader]
+        self.args = [
+            "--data",
+            str(root),
+            "--model",
+            model,
+            "--image-size",
+            str(image_size),
+            "--epochs",
+            str(epochs),
+            "--n-boot",
+            "20",
+            *loader,
+        ]
         self.epochs = epochs
 
     def command(self, out: Path, first: bool) -> list:
-        return [sys.executable, "-m", "xfeat", "finetune", *self.args, "--cache-dir",
-                str(out / "cache"), "--out", str(out / "run"), *([] if first else ["--resume"])]
+        return [
+            sys.executable,
+            "-m",
+            "xfeat",
+            "finetune",
+            *self.args,
+            "--cache-dir",
+            str(out / "cache"),
+            "--out",
+            str(out / "run"),
+            *([] if first else ["--resume"]),
+        ]
 
     @staticmethod
     def state(out: Path) -> list:
@@ -210,8 +237,9 @@ class FinetunePhase:
 
     @staticmethod
     def lost_and_duplicated(before: list, after: list, log: str) -> tuple:
-        kept = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b),
-                    min(len(before), len(after)))
+        kept = next(
+            (i for i, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after))
+        )
         retrained = [int(e) for e in re.findall(r"epoch (\d+)/\d+: train loss", log)]
         return len(before) - kept, sum(e <= len(before) for e in retrained)
 
@@ -223,17 +251,29 @@ class FinetunePhase:
             result.failures.append(f"final history has epochs {epochs}")
             return
         ref = self.state(reference)
-        result.diff_history = max(np.nan_to_num(result.diff_history), max(
-            abs(a[k] - b[k]) for a, b in zip(history, ref) for k in a if k not in _TIMING_KEYS))
-        weights = [torch.load(d / "run" / "checkpoint.pt", weights_only=True)["model"]
-                   for d in (out, reference)]
-        result.diff_result = max(result.diff_result, max(
-            (a.double() - weights[1][k].double()).abs().max().item()
-            for k, a in weights[0].items()))
-        with np.load(out / "run" / "predictions.npz") as a, \
-                np.load(reference / "run" / "predictions.npz") as b:
-            diff = max((float(np.abs(a[k] - b[k]).max(initial=0)) for k in b.files
-                        if np.issubdtype(b[k].dtype, np.number)), default=0.0)
+        result.diff_history = max(
+            np.nan_to_num(result.diff_history),
+            max(abs(a[k] - b[k]) for a, b in zip(history, ref) for k in a if k not in _TIMING_KEYS),
+        )
+        weights = [
+            torch.load(d / "run" / "checkpoint.pt", weights_only=True)["model"] for d in (out, reference)
+        ]
+        result.diff_result = max(
+            result.diff_result,
+            max((a.double() - weights[1][k].double()).abs().max().item() for k, a in weights[0].items()),
+        )
+        with (
+            np.load(out / "run" / "predictions.npz") as a,
+            np.load(reference / "run" / "predictions.npz") as b,
+        ):
+            diff = max(
+                (
+                    float(np.abs(a[k] - b[k]).max(initial=0))
+                    for k in b.files
+                    if np.issubdtype(b[k].dtype, np.number)
+                ),
+                default=0.0,
+            )
         result.diff_predictions = max(np.nan_to_num(result.diff_predictions), diff)
 
 
@@ -242,12 +282,14 @@ def drill(phase, kills: int, work: Path, rng: random.Random) -> PhaseResult:
     reference = work / f"{phase.name}-reference"
     t0 = time.perf_counter()
     killed = []
-    rc = _run(phase.command(reference, first=True), work / f"{phase.name}-reference.log", None,
-              1800, killed)
+    rc = _run(
+        phase.command(reference, first=True), work / f"{phase.name}-reference.log", None, 1800, killed
+    )
     result.reference_seconds = time.perf_counter() - t0
     if rc != 0:
-        result.failures.append(f"the uninterrupted run failed (status {rc}); see "
-                               f"{work / f'{phase.name}-reference.log'}")
+        result.failures.append(
+            f"the uninterrupted run failed (status {rc}); see {work / f'{phase.name}-reference.log'}"
+        )
         return result
     window, timeout = result.reference_seconds, 20 * result.reference_seconds + 60
     t0 = time.perf_counter()
@@ -289,21 +331,47 @@ def _fmt(x: float) -> str:
 
 
 def format_table(results: list) -> str:
-    header = ["phase", "kills", "kills w/ data on disk", "rounds", "lost", "duplicated",
-              "max|Δ| features/weights", "max|Δ| history", "max|Δ| predictions",
-              "stray files", "wall s (drill)", "wall s (1 run)", "ok"]
-    rows = [[r.phase, str(r.kills), str(r.kills_with_data), str(r.rounds), str(r.lost),
-             str(r.duplicated), _fmt(r.diff_result), _fmt(r.diff_history),
-             _fmt(r.diff_predictions), str(len(r.stray)),
-             f"{r.seconds:.0f}", f"{r.reference_seconds:.1f}",
-             "yes" if r.ok else "NO"] for r in results]
+    header = [
+        "phase",
+        "kills",
+        "kills w/ data on disk",
+        "rounds",
+        "lost",
+        "duplicated",
+        "max|Δ| features/weights",
+        "max|Δ| history",
+        "max|Δ| predictions",
+        "stray files",
+        "wall s (drill)",
+        "wall s (1 run)",
+        "ok",
+    ]
+    rows = [
+        [
+            r.phase,
+            str(r.kills),
+            str(r.kills_with_data),
+            str(r.rounds),
+            str(r.lost),
+            str(r.duplicated),
+            _fmt(r.diff_result),
+            _fmt(r.diff_history),
+            _fmt(r.diff_predictions),
+            str(len(r.stray)),
+            f"{r.seconds:.0f}",
+            f"{r.reference_seconds:.1f}",
+            "yes" if r.ok else "NO",
+        ]
+        for r in results
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/chest_xray224")
     parser.add_argument("--kills", type=int, default=20, help="kills per phase")
     parser.add_argument("--phases", default="extract,finetune")
@@ -315,11 +383,16 @@ def main(argv=None) -> int:
     parser.add_argument("--finetune-model", default="resnet18")
     parser.add_argument("--finetune-image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="data-loader processes of both commands [default: xfeat's]")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data-loader processes of both commands [default: xfeat's]",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="work in this folder and keep it (logs, outputs)")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in this folder and keep it (logs, outputs)"
+    )
     args = parser.parse_args(argv)
 
     rng = random.Random(args.seed)
@@ -330,10 +403,19 @@ def main(argv=None) -> int:
         phases = {
             "extract": lambda: ExtractPhase(
                 make_subset(args.data, work / "extract-data", args.extract_images),
-                args.extract_model, args.batch_size, args.extract_image_size, loader),
+                args.extract_model,
+                args.batch_size,
+                args.extract_image_size,
+                loader,
+            ),
             "finetune": lambda: FinetunePhase(
                 make_subset(args.data, work / "finetune-data", args.finetune_images),
-                args.finetune_model, args.finetune_image_size, args.epochs, loader)}
+                args.finetune_model,
+                args.finetune_image_size,
+                args.epochs,
+                loader,
+            ),
+        }
         results = []
         for name in args.phases.split(","):
             result = drill(phases[name](), args.kills, work, rng)
@@ -341,13 +423,17 @@ def main(argv=None) -> int:
             for failure in result.failures:
                 print(f"{name}: {failure}", file=sys.stderr)
     workers = "xfeat's default" if args.num_workers is None else args.num_workers
-    print(f"kill -9 drill, seed {args.seed}, {args.kills} kills per phase, loader workers "
-          f"{workers}, OMP_NUM_THREADS=1, data {args.data}")
+    print(
+        f"kill -9 drill, seed {args.seed}, {args.kills} kills per phase, loader workers "
+        f"{workers}, OMP_NUM_THREADS=1, data {args.data}"
+    )
     print(format_table(results))
     for r in results:
         if r.stray:
-            print(f"{r.phase}: stray files in finished rounds: {', '.join(r.stray[:5])}"
-                  + (f" and {len(r.stray) - 5} more" if len(r.stray) > 5 else ""))
+            print(
+                f"{r.phase}: stray files in finished rounds: {', '.join(r.stray[:5])}"
+                + (f" and {len(r.stray) - 5} more" if len(r.stray) > 5 else "")
+            )
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -1,9 +1,13 @@
 """Tiny datasets made on the fly: image folders in every mode, MedMNIST-style npz files, and
 feature sets built from arrays (for the analyses that need no backbone)."""
+
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +24,68 @@ MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
 # Tests run with tiny inputs: fast, and identical across machines.
 TINY = 32
 
+# The kill harness: runs the xfeat CLI in a child process whose TARGET (``module:Class.attr``
+# or ``module:function``) sends SIGKILL to its own process when called for the AT-th time.
+# The kill lands at an exact point of the real code path, so no test waits on a clock.
+_KILL_AT = """
+import importlib, os, signal, sys
+
+target, at = sys.argv[1], int(sys.argv[2])
+module, _, path = target.partition(":")
+*owners, name = path.split(".")
+owner = importlib.import_module(module)
+for part in owners:
+    owner = getattr(owner, part)
+original, calls = getattr(owner, name), [0]
+
+
+def killing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+
+
+setattr(owner, name, killing)
+from xfeat.cli import cli
+
+cli(sys.argv[3:], prog_name="xfeat")
+"""
+
+
+def child_env(**extra) -> dict:
+    """The environment of a child xfeat process: this checkout first, one thread."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+
+
+def run_killed_at(target: str, at: int, args, *, timeout: float = 300) -> None:
+    """Run ``xfeat ARGS`` and SIGKILL it on the ``at``-th call of ``target``; fail unless it
+    was killed there (a run that finishes first means ``at`` is past the work)."""
+    child = subprocess.run(
+        [sys.executable, "-c", _KILL_AT, target, str(at), *map(str, args)],
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+    )
+    assert child.returncode == -signal.SIGKILL, (
+        f"xfeat {args[0]} was not killed at call {at} of {target} "
+        f"(exit {child.returncode}): {child.stderr[-2000:]}"
+    )
+
 
 def _blob_image(rng, label: int, size=(40, 48)) -> np.ndarray:
     """Noise plus a class-dependent bright square, so classes are learnable."""
     img = rng.integers(0, 120, size=size, dtype=np.uint8)
     y0 = 4 if label == 0 else size[0] // 2
-    img[y0:y0 + 12, 8:20] = 230
+    img[y0 : y0 + 12, 8:20] = 230
     return img
 
 
-def make_image_folder(root: Path, *, n_train=16, n_test=6, n_val=0, classes=("NORMAL", "PNEUMONIA"),
-                      seed=0, modes=("L",)) -> Path:
+def make_image_folder(
+    root: Path, *, n_train=16, n_test=6, n_val=0, classes=("NORMAL", "PNEUMONIA"), seed=0, modes=("L",)
+) -> Path:
     """ROOT/{train,test[,val]}/CLASS/*.{png,jpeg} with Kermany-style names; non-images too."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
@@ -42,7 +97,7 @@ def make_image_folder(root: Path, *, n_train=16, n_test=6, n_val=0, classes=("NO
             for i in range(n):
                 arr = _blob_image(rng, label)
                 mode = modes[i % len(modes)]
-                name = (f"person{i // 2}_bacteria_{i}" if label else f"IM-{i // 2:04d}-{i:04d}")
+                name = f"person{i // 2}_bacteria_{i}" if label else f"IM-{i // 2:04d}-{i:04d}"
                 _save(arr, d / name, mode)
     (root / "train" / ".DS_Store").write_bytes(b"\x00\x01 not an image")
     (root / "train" / classes[0] / "notes.txt").write_text("not an image")
@@ -65,8 +120,7 @@ def _save(arr: np.ndarray, stem: Path, mode: str) -> None:
         raise ValueError(mode)
 
 
-def make_feature_set(splits: dict, class_names=("NORMAL", "PNEUMONIA"),
-                     name="synthetic") -> FeatureSet:
+def make_feature_set(splits: dict, class_names=("NORMAL", "PNEUMONIA"), name="synthetic") -> FeatureSet:
     """A :class:`~xfeat.cache.FeatureSet` from ``{split: (features, labels[, ids])}``.
 
     Ids default to ``SPLIT/NNNNNN``; the key is the sha256 of the arrays, so two sets differ

@@ -1,6 +1,7 @@
 """glibc's malloc keeping freed memory during a pass: it takes effect (no page faults for a
 tensor allocated again), the defaults come back after the pass, and an allocator the user
 chose is left alone."""
+
 import os
 import subprocess
 import sys
@@ -46,15 +47,18 @@ print(outer, inner, default, kept, held_inside - held_after)
 
 
 def clean_env() -> dict:
-    return {k: v for k, v in os.environ.items()
-            if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", allocator.OPT_OUT)
-            and not k.startswith("MALLOC_")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", allocator.OPT_OUT) and not k.startswith("MALLOC_")
+    }
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_is_reused_inside_the_block_and_returned_after_it():
-    out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True,
-                         env=clean_env(), check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS], capture_output=True, text=True, env=clean_env(), check=True
+    )
     outer, inner, default, kept, returned_mib = out.stdout.split()
     assert outer == inner == "True"
     assert int(default) > 5 * 10_000  # 16,384 pages of 4 KiB each time
@@ -62,12 +66,15 @@ def test_freed_memory_is_reused_inside_the_block_and_returned_after_it():
     assert int(returned_mib) > 400  # of the 512 MiB freed inside the block
 
 
-@pytest.mark.parametrize("env, reason", [
-    ({"XFEAT_MALLOC": "system"}, "XFEAT_MALLOC=system"),
-    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "preloaded"),
-    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}, "environment"),
-    ({"MALLOC_ARENA_MAX_": "2"}, "environment"),
-])
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({"XFEAT_MALLOC": "system"}, "XFEAT_MALLOC=system"),
+        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "preloaded"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}, "environment"),
+        ({"MALLOC_ARENA_MAX_": "2"}, "environment"),
+    ],
+)
 def test_an_allocator_the_user_chose_is_left_alone(monkeypatch, env, reason):
     for key in ("LD_PRELOAD", "GLIBC_TUNABLES", allocator.OPT_OUT, "MALLOC_ARENA_MAX_"):
         monkeypatch.delenv(key, raising=False)
@@ -81,15 +88,21 @@ def test_an_allocator_the_user_chose_is_left_alone(monkeypatch, env, reason):
 
 
 def test_extraction_restores_the_defaults_even_when_it_fails(tmp_path):
+    from conftest import TINY, make_image_folder
+
     import xfeat
     from xfeat.errors import ImageReadError
-
-    from conftest import TINY, make_image_folder
 
     data = make_image_folder(tmp_path / "xray", n_train=4, n_test=2)
     bad = sorted((data / "test" / "NORMAL").iterdir())[0]
     bad.write_bytes(b"not an image")  # fails inside the extraction pass
     with pytest.raises(ImageReadError, match=bad.name):
-        xfeat.extract(data, "resnet18", image_size=TINY, cache_dir=tmp_path / "cache",
-                      num_workers=0, progress=False)
+        xfeat.extract(
+            data,
+            "resnet18",
+            image_size=TINY,
+            cache_dir=tmp_path / "cache",
+            num_workers=0,
+            progress=False,
+        )
     assert allocator._state == {"depth": 0, "active": False}

@@ -1,21 +1,49 @@
 import pytest
 import torch
+from conftest import MOBILENET_WEIGHTS
 from torch import nn
 
-from xfeat.backbones import (BackboneError, Preprocessing, WeightsUnavailableError,
-                             create_backbone, default_preprocessing, feature_dim, list_backbones,
-                             min_input_size, resolve_weights)
+from xfeat.backbones import (
+    BackboneError,
+    Preprocessing,
+    WeightsUnavailableError,
+    create_backbone,
+    default_preprocessing,
+    feature_dim,
+    list_backbones,
+    min_input_size,
+    resolve_weights,
+)
 from xfeat.backbones.weights import download_state_dict
-
-from conftest import MOBILENET_WEIGHTS
 
 # One model per architecture family runs by default; every other name runs under the `slow`
 # marker (in CI via `make test`): bigger variants take seconds each on 2 CPU cores.
-FAST = {"alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s",
-        "googlenet", "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2",
-        "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnet50",
-        "resnext50_32x4d", "shufflenet_v2_x0_5", "shufflenet_v2_x2_0", "squeezenet1_1", "swin_t",
-        "swin_v2_t", "vgg11", "vit_b_32", "wide_resnet50_2"}
+FAST = {
+    "alexnet",
+    "convnext_tiny",
+    "densenet121",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "googlenet",
+    "inception_v3",
+    "maxvit_t",
+    "mnasnet0_5",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "shufflenet_v2_x0_5",
+    "shufflenet_v2_x2_0",
+    "squeezenet1_1",
+    "swin_t",
+    "swin_v2_t",
+    "vgg11",
+    "vit_b_32",
+    "wide_resnet50_2",
+}
 
 
 def _params(names):
@@ -28,8 +56,10 @@ def test_registry_lists_every_torchvision_classifier():
     assert len(names) >= 80 and not any("quantized" in n or "raft" in n for n in names)
 
 
-@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet50", 2048),
-                                       ("shufflenet_v2_x2_0", 2048), ("mobilenet_v2", 1280)])
+@pytest.mark.parametrize(
+    "name, dim",
+    [("resnet18", 512), ("resnet50", 2048), ("shufflenet_v2_x2_0", 2048), ("mobilenet_v2", 1280)],
+)
 def test_known_feature_dims(name, dim):
     assert feature_dim(name) == dim
 
@@ -80,8 +110,9 @@ def _save_features_only(model: nn.Module, path, wrap=None, prefix=""):
     torch.save(wrap(state) if wrap else state, path)
 
 
-@pytest.mark.parametrize("wrap, prefix", [(None, ""), (lambda s: {"state_dict": s}, ""),
-                                          (None, "module.")])
+@pytest.mark.parametrize(
+    "wrap, prefix", [(None, ""), (lambda s: {"state_dict": s}, ""), (None, "module.")]
+)
 def test_local_weights_file_without_classifier(tmp_path, wrap, prefix):
     import torchvision
 
@@ -100,8 +131,11 @@ def test_weights_shape_mismatch_is_a_clear_error(tmp_path):
 
     path = tmp_path / "half.pth"
     _save_features_only(torchvision.models.mobilenet_v2(width_mult=0.5), path)
-    with pytest.raises(BackboneError, match=r"features.0.0.weight has shape \(16, 3, 3, 3\) but "
-                                            r"MobileNetV2 expects \(32, 3, 3, 3\)"):
+    with pytest.raises(
+        BackboneError,
+        match=r"features.0.0.weight has shape \(16, 3, 3, 3\) but "
+        r"MobileNetV2 expects \(32, 3, 3, 3\)",
+    ):
         create_backbone("mobilenet_v2", path)
 
 
@@ -148,8 +182,7 @@ def test_offline_download_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
 
 def test_shared_pretrained_mobilenet_loads():
     backbone = create_backbone("mobilenet_v2", MOBILENET_WEIGHTS)
-    assert backbone.weights.sha256 == \
-        "3e26d31cdedf2ea2ed69cc3c84a21c86902372a12e10e6d0ece4f6012fffdc97"
+    assert backbone.weights.sha256 == "3e26d31cdedf2ea2ed69cc3c84a21c86902372a12e10e6d0ece4f6012fffdc97"
     random = create_backbone("mobilenet_v2", "none")
     w = backbone.model.state_dict()["features.0.0.weight"]
     assert not torch.equal(w, random.model.state_dict()["features.0.0.weight"])

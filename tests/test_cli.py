@@ -1,10 +1,9 @@
 import json
 
 from click.testing import CliRunner
+from conftest import TINY
 
 from xfeat.cli import cli
-
-from conftest import TINY
 
 
 def _run(*args):
@@ -21,8 +20,18 @@ def test_models_lists_dims_as_json():
 
 
 def test_extract_then_reuse_then_info(image_folder, cache_dir):
-    args = ["-q", "extract", "--data", image_folder, "--image-size", TINY, "--num-workers", 0,
-            "--cache-dir", cache_dir]
+    args = [
+        "-q",
+        "extract",
+        "--data",
+        image_folder,
+        "--image-size",
+        TINY,
+        "--num-workers",
+        0,
+        "--cache-dir",
+        cache_dir,
+    ]
     first = _run(*args, "--json")
     assert first.exit_code == 0, first.output
     summary = json.loads(first.output)
@@ -37,8 +46,9 @@ def test_extract_then_reuse_then_info(image_folder, cache_dir):
 
 def test_bad_input_is_a_one_line_error(tmp_path, image_folder):
     result = _run("extract", "--data", tmp_path / "missing")
-    assert result.exit_code == 1 and "Error: --data" in result.output and "no such folder" in \
-        result.output
+    assert (
+        result.exit_code == 1 and "Error: --data" in result.output and "no such folder" in result.output
+    )
     result = _run("extract", "--data", image_folder, "--model", "resnet1")
     assert result.exit_code == 1 and "unknown model 'resnet1'" in result.output
     result = _run("extract", "--data", image_folder, "--weights", "nofile.pth")
@@ -46,17 +56,38 @@ def test_bad_input_is_a_one_line_error(tmp_path, image_folder):
 
 
 def test_fit_head_json_and_table(image_folder, cache_dir, tmp_path):
-    common = ["-q", "fit-head", "--data", image_folder, "--image-size", TINY, "--num-workers", 0,
-              "--cache-dir", cache_dir, "--n-boot", 50]
+    common = [
+        "-q",
+        "fit-head",
+        "--data",
+        image_folder,
+        "--image-size",
+        TINY,
+        "--num-workers",
+        0,
+        "--cache-dir",
+        cache_dir,
+        "--n-boot",
+        50,
+    ]
     result = _run(*common, "--out", tmp_path / "run", "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     assert record["head"] == "logreg" and record["run_dir"] == str(tmp_path / "run")
     table = _run(*common, "--head", "knn", "--threshold", "0.5", "--out", tmp_path / "knn")
-    assert table.exit_code == 0 and "head knn" in table.output and "chosen on val: k=" in \
-        table.output
-    by_cache = _run("-q", "fit-head", "--cache", record["cache"]["path"], "--C", 0.1,
-                    "--out", tmp_path / "c", "--n-boot", 0)
+    assert table.exit_code == 0 and "head knn" in table.output and "chosen on val: k=" in table.output
+    by_cache = _run(
+        "-q",
+        "fit-head",
+        "--cache",
+        record["cache"]["path"],
+        "--C",
+        0.1,
+        "--out",
+        tmp_path / "c",
+        "--n-boot",
+        0,
+    )
     assert by_cache.exit_code == 0 and "C=0.1" in by_cache.output
 
 
@@ -66,15 +97,31 @@ def test_fit_head_needs_data_or_cache():
 
 
 def test_analyze_command(image_folder, cache_dir, tmp_path):
-    result = _run("-q", "analyze", "--data", image_folder, "--image-size", TINY, "--num-workers",
-                  0, "--cache-dir", cache_dir, "--n-boot", 50, "--folds", 3,
-                  "--out", tmp_path / "an")
+    result = _run(
+        "-q",
+        "analyze",
+        "--data",
+        image_folder,
+        "--image-size",
+        TINY,
+        "--num-workers",
+        0,
+        "--cache-dir",
+        cache_dir,
+        "--n-boot",
+        50,
+        "--folds",
+        3,
+        "--out",
+        tmp_path / "an",
+    )
     assert result.exit_code == 0, result.output
     assert "xfeat analysis:" in result.output and (tmp_path / "an" / "analysis.md").is_file()
     assert json.loads((tmp_path / "an" / "analysis.json").read_text())["headlines"]
 
 
 def test_fit_head_rejects_options_of_another_head(image_folder):
-    result = CliRunner().invoke(cli, ["fit-head", "--data", str(image_folder), "--head", "knn",
-                                      "--C", "1"])
+    result = CliRunner().invoke(
+        cli, ["fit-head", "--data", str(image_folder), "--head", "knn", "--C", "1"]
+    )
     assert result.exit_code == 2 and "--C do(es) not apply to --head knn" in result.output

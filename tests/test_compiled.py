@@ -1,6 +1,7 @@
 """Compiled graphs kept between runs (xfeat.extraction.compiled): the key covers what the code depends
 on, a later run loads the package instead of compiling, a damaged package or a folder that
 cannot be written never stops extraction."""
+
 import logging
 import os
 
@@ -13,8 +14,9 @@ from xfeat.extraction.compiled import AheadOfTime, Frozen, compile_for_inference
 
 def tiny_net(seed=0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ).eval()
 
 
 X = torch.randn(4, 3, 16, 16)
@@ -41,8 +43,9 @@ def test_torchscript_is_left_as_it_is_and_in_memory_compiles_what_build_makes(tm
     scripted = torch.jit.script(tiny_net())
     assert compile_for_inference(scripted, tmp_path) is None
     built = []
-    frozen = compile_for_inference(tiny_net(), tmp_path, ahead_of_time=False,
-                                   build=lambda: built.append(1) or tiny_net(seed=1))
+    frozen = compile_for_inference(
+        tiny_net(), tmp_path, ahead_of_time=False, build=lambda: built.append(1) or tiny_net(seed=1)
+    )
     assert isinstance(frozen, Frozen) and built == [1]
 
 
@@ -88,15 +91,26 @@ def test_build_runs_only_when_no_package_was_kept(tmp_path):
     with torch.inference_mode():
         expected = target(X)
         calls = []
-        first = AheadOfTime(source, tmp_path, "tiny-int8", salt=b"images A",
-                            build=lambda: calls.append("A") or target)
+        first = AheadOfTime(
+            source, tmp_path, "tiny-int8", salt=b"images A", build=lambda: calls.append("A") or target
+        )
         torch.testing.assert_close(first(X), expected, rtol=1e-5, atol=1e-6)
-        again = AheadOfTime(tiny_net(), tmp_path, "tiny-int8", salt=b"images A",
-                            build=lambda: calls.append("again") or target)
+        again = AheadOfTime(
+            tiny_net(),
+            tmp_path,
+            "tiny-int8",
+            salt=b"images A",
+            build=lambda: calls.append("again") or target,
+        )
         torch.testing.assert_close(again(X), expected, rtol=1e-5, atol=1e-6)
         assert again.loaded and calls == ["A"]
-        other = AheadOfTime(tiny_net(), tmp_path, "tiny-int8", salt=b"images B",
-                            build=lambda: calls.append("B") or target)
+        other = AheadOfTime(
+            tiny_net(),
+            tmp_path,
+            "tiny-int8",
+            salt=b"images B",
+            build=lambda: calls.append("B") or target,
+        )
         other(X)
         assert not other.loaded and calls == ["A", "B"] and other.path != first.path
 

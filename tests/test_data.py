@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
+from conftest import make_image_folder, make_npz
 from PIL import Image
 
 from xfeat.data import SplitRecipe, carve_validation, load_dataset, patient_groups
 from xfeat.data.images import array_to_rgb, read_image_file
 from xfeat.errors import DataError, ImageReadError
-
-from conftest import make_image_folder, make_npz
 
 
 def test_folder_layout_classes_and_non_images_ignored(image_folder):
@@ -53,11 +52,20 @@ def test_carved_val_is_stratified_grouped_and_seeded(tmp_path):
 
 
 def test_kermany_patient_ids():
-    ids = ["train/PNEUMONIA/person12_bacteria_3.jpeg", "train/PNEUMONIA/person12_virus_9.jpeg",
-           "train/NORMAL/IM-0115-0001.jpeg", "train/NORMAL/NORMAL2-IM-0381-0001.jpeg",
-           "train/NORMAL/odd.jpeg"]
+    ids = [
+        "train/PNEUMONIA/person12_bacteria_3.jpeg",
+        "train/PNEUMONIA/person12_virus_9.jpeg",
+        "train/NORMAL/IM-0115-0001.jpeg",
+        "train/NORMAL/NORMAL2-IM-0381-0001.jpeg",
+        "train/NORMAL/odd.jpeg",
+    ]
     assert patient_groups(ids, SplitRecipe().group_pattern) == [
-        "person12", "person12", "IM-0115", "NORMAL2-IM-0381", "train/NORMAL/odd.jpeg"]
+        "person12",
+        "person12",
+        "IM-0115",
+        "NORMAL2-IM-0381",
+        "train/NORMAL/odd.jpeg",
+    ]
 
 
 def test_carve_validation_keeps_groups_whole():

@@ -4,12 +4,11 @@ import threading
 from functools import partial
 
 import pytest
+from conftest import make_npz
 
 from xfeat.data import builtin as datasets_builtin
 from xfeat.data import load_dataset
 from xfeat.data.builtin import DownloadError, download
-
-from conftest import make_npz
 
 
 @pytest.fixture
@@ -60,13 +59,17 @@ def test_checksum_mismatch_leaves_nothing(tiny_builtin, tmp_path, monkeypatch):
 
 
 def test_offline_is_a_clear_error(tmp_path):
-    with pytest.raises(DownloadError, match=r"could not download built-in dataset "
-                                            r"'pneumoniamnist'.*offline.*--data /path/to/file.npz"):
+    with pytest.raises(
+        DownloadError,
+        match=r"could not download built-in dataset "
+        r"'pneumoniamnist'.*offline.*--data /path/to/file.npz",
+    ):
         download("pneumoniamnist", cache_dir=tmp_path, base_url="http://127.0.0.1:9", timeout=5)
 
 
 def test_registry_has_medmnist_size_variants():
-    assert {"pneumoniamnist", "pneumoniamnist_64", "pneumoniamnist_128",
-            "pneumoniamnist_224"} <= set(datasets_builtin.names())
+    assert {"pneumoniamnist", "pneumoniamnist_64", "pneumoniamnist_128", "pneumoniamnist_224"} <= set(
+        datasets_builtin.names()
+    )
     with pytest.raises(ValueError, match="unknown built-in dataset 'x'"):
         download("x")

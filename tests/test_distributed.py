@@ -1,4 +1,5 @@
 """torchrun: sharded extraction across 2 CPU processes (gloo) equals one process."""
+
 import os
 import signal
 import subprocess
@@ -8,12 +9,11 @@ import time
 import h5py
 import numpy as np
 import pytest
+from conftest import REPO, TINY, make_image_folder
 
 import xfeat
 from xfeat.cache import partial_path, read_cache, shard_path
 from xfeat.extraction.distributed import shard_bounds
-
-from conftest import REPO, TINY, make_image_folder
 
 
 @pytest.mark.parametrize("n, size", [(10, 2), (7, 3), (2, 4), (0, 2)])
@@ -25,28 +25,56 @@ def test_shard_bounds_cover_every_row_once(n, size):
 
 
 def _torchrun(*args, **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "xfeat", *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "xfeat",
+        *map(str, args),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, **popen)
 
 
 def _extract_args(root, cache_dir, size):
-    return ["extract", "--data", root, "--image-size", size, "--num-workers", 0,
-            "--batch-size", 4, "--cache-dir", cache_dir]
+    return [
+        "extract",
+        "--data",
+        root,
+        "--image-size",
+        size,
+        "--num-workers",
+        0,
+        "--batch-size",
+        4,
+        "--cache-dir",
+        cache_dir,
+    ]
 
 
 def _reference(root, tmp_path, size):
-    return read_cache(xfeat.extract(root, "resnet18", cache_dir=tmp_path / "single",
-                                    image_size=size, batch_size=4, num_workers=0,
-                                    progress=False))
+    return read_cache(
+        xfeat.extract(
+            root,
+            "resnet18",
+            cache_dir=tmp_path / "single",
+            image_size=size,
+            batch_size=4,
+            num_workers=0,
+            progress=False,
+        )
+    )
 
 
 def test_two_ranks_equal_one_process(tmp_path):
     root = make_image_folder(tmp_path / "d", n_train=15, n_test=5)
     cache_dir = tmp_path / "dist"
-    proc = _torchrun(*_extract_args(root, cache_dir, TINY), stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE, text=True)
+    proc = _torchrun(
+        *_extract_args(root, cache_dir, TINY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert out.count("cache:") == 1  # only rank 0 reports
@@ -55,12 +83,14 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert merged.key == reference.key
     for split in reference.splits:
         assert merged[split].ids == reference[split].ids
-        np.testing.assert_allclose(merged[split].features, reference[split].features,
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            merged[split].features, reference[split].features, rtol=1e-4, atol=1e-5
+        )
         assert merged.meta["splits"][split]["shards"] == 2
     assert not list(cache_dir.glob("*shard*"))  # merged, then removed
-    again = _torchrun(*_extract_args(root, cache_dir, TINY), stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True)
+    again = _torchrun(
+        *_extract_args(root, cache_dir, TINY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0 and "cache hit" in err
 
@@ -90,8 +120,9 @@ def test_killed_ranks_resume_their_shards(tmp_path):
     cache_dir = tmp_path / "dist"
     plan = xfeat.plan_extraction(root, "resnet18", cache_dir=cache_dir, image_size=64)
     shard0 = partial_path(shard_path(plan.path, 0, 2))
-    job = _torchrun(*_extract_args(root, cache_dir, 64), stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL)
+    job = _torchrun(
+        *_extract_args(root, cache_dir, 64), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     while _rows_done(shard0) < 8 and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -103,8 +134,9 @@ def test_killed_ranks_resume_their_shards(tmp_path):
     job.wait()
     done = _rows_done(shard0)
     assert 0 < done < 90, "the job finished before it could be killed"
-    rerun = _torchrun(*_extract_args(root, cache_dir, 64), stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True)
+    rerun = _torchrun(
+        *_extract_args(root, cache_dir, 64), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     assert "resuming" in err
@@ -112,8 +144,9 @@ def test_killed_ranks_resume_their_shards(tmp_path):
     merged = read_cache(plan.path)
     for split in reference.splits:
         assert merged[split].ids == reference[split].ids
-        np.testing.assert_allclose(merged[split].features, reference[split].features,
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            merged[split].features, reference[split].features, rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("n, batch, world", [(10, 4, 2), (9, 4, 2), (13, 4, 3), (5, 8, 2)])
@@ -143,13 +176,35 @@ def test_ddp_finetune_killed_resumed_equals_one_process(tmp_path):
     """vit_b_32 has no BatchNorm and no dropout: two ranks, killed after epoch 1 and resumed,
     must reproduce one uninterrupted process."""
     root = make_image_folder(tmp_path / "d", n_train=9, n_test=2)
-    args = ["-q", "finetune", "--data", root, "--model", "vit_b_32", "--epochs", 2,
-            "--batch-size", 5, "--num-workers", 0, "--n-boot", 20, "--lr", 0.01,
-            "--cache-dir", tmp_path / "c", "--out", tmp_path / "ddp"]
+    args = [
+        "-q",
+        "finetune",
+        "--data",
+        root,
+        "--model",
+        "vit_b_32",
+        "--epochs",
+        2,
+        "--batch-size",
+        5,
+        "--num-workers",
+        0,
+        "--n-boot",
+        20,
+        "--lr",
+        0.01,
+        "--cache-dir",
+        tmp_path / "c",
+        "--out",
+        tmp_path / "ddp",
+    ]
     job = _torchrun(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while _checkpoint_epoch(tmp_path / "ddp" / "checkpoint.pt") < 1 and job.poll() is None \
-            and time.monotonic() < deadline:
+    while (
+        _checkpoint_epoch(tmp_path / "ddp" / "checkpoint.pt") < 1
+        and job.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     for pid in [job.pid, *_descendants(job.pid)]:
         try:
@@ -158,14 +213,17 @@ def test_ddp_finetune_killed_resumed_equals_one_process(tmp_path):
             pass
     job.wait()
     assert _checkpoint_epoch(tmp_path / "ddp" / "checkpoint.pt") == 1, "not killed in epoch 2"
-    proc = _torchrun(*args, "--resume", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                     text=True)
+    proc = _torchrun(*args, "--resume", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     args = args[:-2]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "xfeat", *map(str, args), "--out",
-                             str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    single = subprocess.run(
+        [sys.executable, "-m", "xfeat", *map(str, args), "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     a = xfeat.load_result(tmp_path / "ddp")
     b = xfeat.load_result(tmp_path / "one")

@@ -1,15 +1,13 @@
 import importlib
 import logging
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, child_env, make_image_folder, run_killed_at
 from PIL import Image
 
 import xfeat
@@ -17,8 +15,6 @@ from xfeat.backbones import create_backbone
 from xfeat.cache import CacheError, partial_path, read_cache
 from xfeat.data import load_dataset
 from xfeat.errors import ImageReadError
-
-from conftest import REPO, TINY, make_image_folder
 
 extract_module = importlib.import_module("xfeat.extraction.pipeline")
 
@@ -45,15 +41,20 @@ def test_features_equal_a_direct_forward(image_folder, cache_dir):
     path = xfeat.extract(image_folder, cache_dir=cache_dir, **FAST)
     backbone = create_backbone("resnet18", "none", image_size=TINY)
     split = load_dataset(image_folder).splits["test"]
-    batch = torch.stack([torch.from_numpy(backbone.preprocessing.resize_and_crop(
-        split.read_image(i))).permute(2, 0, 1) for i in range(len(split))])
+    batch = torch.stack(
+        [
+            torch.from_numpy(backbone.preprocessing.resize_and_crop(split.read_image(i))).permute(
+                2, 0, 1
+            )
+            for i in range(len(split))
+        ]
+    )
     with torch.inference_mode():
         expected = backbone.model(backbone.preprocessing.normalize(batch)).numpy()
     np.testing.assert_allclose(read_cache(path)["test"].features, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_second_run_reuses_cache_without_the_backbone(image_folder, cache_dir, monkeypatch,
-                                                      caplog):
+def test_second_run_reuses_cache_without_the_backbone(image_folder, cache_dir, monkeypatch, caplog):
     first = xfeat.extract(image_folder, cache_dir=cache_dir, **FAST)
     mtime = first.stat().st_mtime_ns
 
@@ -76,7 +77,8 @@ def test_anything_that_changes_features_gives_a_new_entry(tmp_path, change):
     model = "resnet18"
     if change == "content":
         Image.fromarray(np.full((40, 48), 7, np.uint8)).save(
-            next((root / "train" / "NORMAL").glob("*.png")))
+            next((root / "train" / "NORMAL").glob("*.png"))
+        )
     elif change == "image_size":
         kwargs["image_size"] = TINY + 8
     elif change == "split":
@@ -97,8 +99,7 @@ def test_npz_dataset(npz_file, cache_dir):
 
 
 def test_float16_cache(image_folder, cache_dir):
-    fs = read_cache(xfeat.extract(image_folder, cache_dir=cache_dir, feature_dtype="float16",
-                                  **FAST))
+    fs = read_cache(xfeat.extract(image_folder, cache_dir=cache_dir, feature_dtype="float16", **FAST))
     assert fs["train"].features.dtype == np.float16
 
 
@@ -117,19 +118,30 @@ def test_corrupt_image_stops_with_its_name_or_is_skipped(tmp_path):
 
 def test_data_loader_workers_give_identical_features(image_folder, tmp_path):
     a = read_cache(xfeat.extract(image_folder, cache_dir=tmp_path / "a", **FAST))
-    b = read_cache(xfeat.extract(image_folder, cache_dir=tmp_path / "b",
-                                 **{**FAST, "num_workers": 2}))
+    b = read_cache(xfeat.extract(image_folder, cache_dir=tmp_path / "b", **{**FAST, "num_workers": 2}))
     np.testing.assert_allclose(a["train"].features, b["train"].features, rtol=1e-5, atol=1e-6)
 
 
 def _cli(root, cache_dir, *extra):
-    return [sys.executable, "-m", "xfeat", "extract", "--data", str(root), "--model", "resnet18",
-            "--image-size", "64", "--batch-size", "4", "--num-workers", "0",
-            "--cache-dir", str(cache_dir), *extra]
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return [
+        sys.executable,
+        "-m",
+        "xfeat",
+        "extract",
+        "--data",
+        str(root),
+        "--model",
+        "resnet18",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        str(cache_dir),
+        *extra,
+    ]
 
 
 def _rows_done(partial):
@@ -145,24 +157,33 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, caplog):
     cache_dir = tmp_path / "cache"
     plan = xfeat.plan_extraction(root, "resnet18", cache_dir=cache_dir, image_size=64)
     partial = partial_path(plan.path)
-    child = subprocess.Popen(_cli(root, cache_dir), env=_env(), stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while _rows_done(partial) < 40 and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL, "the extraction finished before it could be killed"
+    # SIGKILL as the 11th batch of 4 is about to be written: 40 train rows are on disk.
+    run_killed_at("xfeat.cache.write:CacheWriter.write", 11, _cli(root, cache_dir)[3:])
     killed_at = _rows_done(partial)
-    assert 0 < killed_at < len(plan.dataset.splits["train"])
+    assert killed_at == 40
     with pytest.raises(CacheError, match="interrupted"):
         read_cache(plan.path)
 
     with caplog.at_level(logging.INFO, logger="xfeat"):
-        resumed = xfeat.extract(root, "resnet18", cache_dir=cache_dir, image_size=64,
-                                batch_size=4, num_workers=0, progress=False)
+        resumed = xfeat.extract(
+            root,
+            "resnet18",
+            cache_dir=cache_dir,
+            image_size=64,
+            batch_size=4,
+            num_workers=0,
+            progress=False,
+        )
     assert "resuming" in caplog.text
-    reference = xfeat.extract(root, "resnet18", cache_dir=tmp_path / "ref", image_size=64,
-                              batch_size=4, num_workers=0, progress=False)
+    reference = xfeat.extract(
+        root,
+        "resnet18",
+        cache_dir=tmp_path / "ref",
+        image_size=64,
+        batch_size=4,
+        num_workers=0,
+        progress=False,
+    )
     a, b = read_cache(resumed), read_cache(reference)
     for split in a.splits:
         assert a[split].ids == b[split].ids
@@ -173,14 +194,30 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, caplog):
 def test_two_processes_on_one_entry_do_not_corrupt_it(tmp_path):
     root = make_image_folder(tmp_path / "d", n_train=40, n_test=4)
     cache_dir = tmp_path / "cache"
-    procs = [subprocess.Popen(_cli(root, cache_dir), env=_env(), stderr=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cli(root, cache_dir),
+            env=child_env(),
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     logs = "".join(err for _, err in outputs)
     assert "waiting" in logs or "cache hit" in logs
     path = xfeat.plan_extraction(root, "resnet18", cache_dir=cache_dir, image_size=64).path
-    reference = xfeat.extract(root, "resnet18", cache_dir=tmp_path / "ref", image_size=64,
-                              batch_size=4, num_workers=0, progress=False)
-    np.testing.assert_allclose(read_cache(path)["train"].features,
-                               read_cache(reference)["train"].features, rtol=1e-4, atol=1e-5)
+    reference = xfeat.extract(
+        root,
+        "resnet18",
+        cache_dir=tmp_path / "ref",
+        image_size=64,
+        batch_size=4,
+        num_workers=0,
+        progress=False,
+    )
+    np.testing.assert_allclose(
+        read_cache(path)["train"].features, read_cache(reference)["train"].features, rtol=1e-4, atol=1e-5
+    )

@@ -1,20 +1,18 @@
 """The kill -9 drill (scripts/fault_drill.py): its bookkeeping, a short run on the real X-rays,
 and the loss it found."""
+
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
+from conftest import CHEST, REPO, make_image_folder, run_killed_at
 
 import xfeat
 from xfeat.cache import partial_path, read_cache
-
-from conftest import CHEST, REPO, make_image_folder
 
 sys.path.insert(0, str(REPO / "scripts"))
 import fault_drill  # noqa: E402
@@ -28,17 +26,18 @@ def test_extract_bookkeeping_counts_missing_changed_and_discarded_rows():
     lost = fault_drill.ExtractPhase.lost_and_duplicated
     before = {"train": _rows(32), "val": _rows(0)}
     grown = {"train": np.concatenate([_rows(32), _rows(16, 1)]), "val": _rows(8)}
-    assert lost(before, grown, "resuming x.h5.partial: rows already written "
-                               "{'train': 32, 'val': 0}") == (0, 0)
+    assert lost(
+        before, grown, "resuming x.h5.partial: rows already written {'train': 32, 'val': 0}"
+    ) == (0, 0)
     assert lost(before, {"train": _rows(20), "val": _rows(0)}, "") == (12, 0)
     changed = grown["train"].copy()
     changed[[3, 7]] += 1
     assert lost(before, {**grown, "train": changed}, "") == (2, 0)
     # Recomputed to the same values, but the rows on disk were thrown away: lost all the same.
-    assert lost(before, grown, "x.h5.partial is damaged (...); starting the extraction "
-                               "again") == (32, 0)
-    assert lost(before, grown, "resuming x.h5.partial: rows already written "
-                               "{'train': 16, 'val': 0}") == (16, 0)
+    assert lost(before, grown, "x.h5.partial is damaged (...); starting the extraction again") == (32, 0)
+    assert lost(
+        before, grown, "resuming x.h5.partial: rows already written {'train': 16, 'val': 0}"
+    ) == (16, 0)
 
 
 def test_finetune_bookkeeping_counts_lost_and_retrained_epochs():
@@ -48,8 +47,7 @@ def test_finetune_bookkeeping_counts_lost_and_retrained_epochs():
     assert lost(history[:2], history[:1], "") == (1, 0)
     other = [history[0], {"epoch": 2, "train_loss": 0.4}, history[2]]
     assert lost(history[:2], other, "") == (1, 0)
-    assert lost(history[:2], history, "epoch 2/3: train loss 0.5\nepoch 3/3: train "
-                                      "loss 0.33") == (0, 1)
+    assert lost(history[:2], history, "epoch 2/3: train loss 0.5\nepoch 3/3: train loss 0.33") == (0, 1)
 
 
 def test_a_table_row_fails_on_any_difference():
@@ -66,12 +64,31 @@ def test_short_drill_on_the_real_xrays_loses_nothing(tmp_path):
     if not CHEST.is_dir():
         pytest.fail(f"the shared chest X-ray data is missing at {CHEST}")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "fault_drill.py"), "--data", str(CHEST),
-         "--kills", "2", "--extract-images", "48", "--extract-image-size", "64",
-         "--finetune-images", "24", "--finetune-image-size", "32", "--epochs", "2",
-         "--keep", str(tmp_path / "work")],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        timeout=900)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "fault_drill.py"),
+            "--data",
+            str(CHEST),
+            "--kills",
+            "2",
+            "--extract-images",
+            "48",
+            "--extract-image-size",
+            "64",
+            "--finetune-images",
+            "24",
+            "--finetune-image-size",
+            "32",
+            "--epochs",
+            "2",
+            "--keep",
+            str(tmp_path / "work"),
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| extract | 2 |" in proc.stdout and "| finetune | 2 |" in proc.stdout, proc.stdout
 
@@ -97,26 +114,20 @@ def test_resume_keeps_the_rows_while_another_process_holds_the_partial_open(tmp_
     cache_dir = tmp_path / "cache"
     options = dict(cache_dir=cache_dir, image_size=64)
     partial = partial_path(xfeat.plan_extraction(root, "resnet18", **options).path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-m", "xfeat", "extract", "--data", str(root),
-                              "--model", "resnet18", "--image-size", "64", "--batch-size", "4",
-                              "--num-workers", "0", "--cache-dir", str(cache_dir)],
-                             env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while _rows_done(partial) < 40 and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL, "the extraction finished before it could be killed"
+    args = ["extract", "--data", root, "--model", "resnet18", "--image-size", 64]
+    args += ["--batch-size", 4, "--num-workers", 0, "--cache-dir", cache_dir]
+    run_killed_at("xfeat.cache.write:CacheWriter.write", 11, args)  # 40 rows written
     killed_at = _rows_done(partial)
     # What an orphaned loader worker of the killed run does: it holds the file open.
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_OPEN, str(partial)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_OPEN, str(partial)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "open"
         with caplog.at_level(logging.INFO, logger="xfeat"):
-            path = xfeat.extract(root, "resnet18", batch_size=4, num_workers=0, progress=False,
-                                 **options)
+            path = xfeat.extract(
+                root, "resnet18", batch_size=4, num_workers=0, progress=False, **options
+            )
     finally:
         holder.kill()
         holder.wait()

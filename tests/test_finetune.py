@@ -1,23 +1,18 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY, make_image_folder, run_killed_at
 
 from xfeat.backbones import create_backbone
 from xfeat.cache import read_cache
 from xfeat.cli import cli
+from xfeat.data import load_dataset
 from xfeat.errors import ConfigError
 from xfeat.finetuning import ProbeHead, finetune, load_finetuned
 from xfeat.prediction import predict
-
-from conftest import REPO, TINY, make_image_folder
 
 QUICK = dict(model="resnet18", image_size=TINY, num_workers=0, progress=False, n_boot=50)
 
@@ -28,11 +23,20 @@ def data(tmp_path_factory):
 
 
 def test_full_run_writes_everything(data, tmp_path):
-    result = finetune(data, mode="full", epochs=3, cache_dir=tmp_path / "c", out_dir=tmp_path / "r",
-                      **QUICK)
+    result = finetune(
+        data, mode="full", epochs=3, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK
+    )
     run = tmp_path / "r"
-    for name in ("results.json", "predictions.npz", "history.json", "history.csv", "curves.png",
-                 "model.pt", "checkpoint.pt", "best_model.pt"):
+    for name in (
+        "results.json",
+        "predictions.npz",
+        "history.json",
+        "history.csv",
+        "curves.png",
+        "model.pt",
+        "checkpoint.pt",
+        "best_model.pt",
+    ):
         assert (run / name).is_file(), name
     record = json.loads((run / "results.json").read_text())
     assert record["mode"] == "full" and record["head"] == "linear"
@@ -40,33 +44,44 @@ def test_full_run_writes_everything(data, tmp_path):
     assert record["history"][0]["lr"] == 1e-3 and record["history"][0]["images_per_second"] > 0
     assert record["params"]["trainable_parameters"] == record["params"]["parameters"]
     best = record["selection"]["best_epoch"]
-    assert record["history"][best - 1]["val_accuracy"] == max(h["val_accuracy"]
-                                                               for h in record["history"])
-    assert record["threshold"]["chosen_on"] == "val" and set(record["metrics"]) == \
-        {"train", "val", "test"}
+    assert record["history"][best - 1]["val_accuracy"] == max(
+        h["val_accuracy"] for h in record["history"]
+    )
+    assert record["threshold"]["chosen_on"] == "val" and set(record["metrics"]) == {
+        "train",
+        "val",
+        "test",
+    }
     assert result["timing"]["seconds_per_epoch"] > 0
 
 
 def _initial(model="resnet18", size=TINY):
-    return {k: v.detach().clone() for k, v in
-            create_backbone(model, "none", image_size=size).model.state_dict().items()}
+    return {
+        k: v.detach().clone()
+        for k, v in create_backbone(model, "none", image_size=size).model.state_dict().items()
+    }
 
 
 def test_full_moves_every_weight_and_the_loss_falls(data, tmp_path):
-    result = finetune(data, mode="full", epochs=4, lr=0.01, cache_dir=tmp_path / "c",
-                      out_dir=tmp_path / "r", **QUICK)
+    result = finetune(
+        data, mode="full", epochs=4, lr=0.01, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK
+    )
     losses = [h["train_loss"] for h in result["history"]]
     assert losses[-1] < losses[0], losses
     trained = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"]
     initial = _initial()
-    moved = [k for k in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight",
-                         "bn1.weight") if not torch.equal(trained[k], initial[k])]
+    moved = [
+        k
+        for k in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight", "bn1.weight")
+        if not torch.equal(trained[k], initial[k])
+    ]
     assert len(moved) == 4, moved
 
 
 def test_frozen_trains_only_the_new_layer(data, tmp_path):
-    result = finetune(data, mode="frozen", epochs=3, lr=0.01, cache_dir=tmp_path / "c",
-                      out_dir=tmp_path / "r", **QUICK)
+    result = finetune(
+        data, mode="frozen", epochs=3, lr=0.01, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK
+    )
     trained = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"]
     initial = create_backbone("resnet18", "none", image_size=TINY).model
     for key, value in initial.named_parameters():  # no backbone weight moves
@@ -85,17 +100,21 @@ def test_frozen_trains_only_the_new_layer(data, tmp_path):
 def test_lpft_layer_reproduces_the_probe(data, tmp_path):
     from xfeat.fitting import fit_head
 
-    probe = fit_head(data, "resnet18", save=False, n_boot=0,
-                     extract_options=dict(cache_dir=tmp_path / "c", image_size=TINY,
-                                          num_workers=0, progress=False))
+    probe = fit_head(
+        data,
+        "resnet18",
+        save=False,
+        n_boot=0,
+        extract_options=dict(cache_dir=tmp_path / "c", image_size=TINY, num_workers=0, progress=False),
+    )
     features = read_cache(probe["cache"]["path"])
     layer = ProbeHead.from_logistic(probe.head)
     with torch.no_grad():
         ours = torch.softmax(layer(torch.from_numpy(features["test"].features)), 1).numpy()
-    np.testing.assert_allclose(ours, probe.head.predict_proba(features["test"].features),
-                               atol=1e-4)
-    result = finetune(data, mode="lp-ft", epochs=1, cache_dir=tmp_path / "c",
-                      out_dir=tmp_path / "r", **QUICK)
+    np.testing.assert_allclose(ours, probe.head.predict_proba(features["test"].features), atol=1e-4)
+    result = finetune(
+        data, mode="lp-ft", epochs=1, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK
+    )
     assert result["selection"]["lpft_probe"]["C"] == probe.head.C_
 
 
@@ -103,9 +122,18 @@ def test_lpft_survives_nearly_constant_features(tmp_path):
     """Random-init shufflenet's eval-mode features barely vary (std ~1e-10): folding the
     standardisation into the weights made them ~1e8 and training diverged."""
     data = make_image_folder(tmp_path / "xray", n_train=16, n_test=4)
-    result = finetune(data, "shufflenet_v2_x2_0", mode="lp-ft", epochs=2, image_size=TINY,
-                      num_workers=0, progress=False, n_boot=0, cache_dir=tmp_path / "c",
-                      out_dir=tmp_path / "r")
+    result = finetune(
+        data,
+        "shufflenet_v2_x2_0",
+        mode="lp-ft",
+        epochs=2,
+        image_size=TINY,
+        num_workers=0,
+        progress=False,
+        n_boot=0,
+        cache_dir=tmp_path / "c",
+        out_dir=tmp_path / "r",
+    )
     assert all(np.isfinite(h["train_loss"]) for h in result["history"])
     assert all(np.isfinite(h["val_loss"]) for h in result["history"])
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"]
@@ -113,12 +141,23 @@ def test_lpft_survives_nearly_constant_features(tmp_path):
 
 
 def test_modern_recipe_warms_up_then_decays(data, tmp_path):
-    result = finetune(data, mode="full", recipe="modern", epochs=3, cache_dir=tmp_path / "c",
-                      out_dir=tmp_path / "r", **QUICK)
+    result = finetune(
+        data,
+        mode="full",
+        recipe="modern",
+        epochs=3,
+        cache_dir=tmp_path / "c",
+        out_dir=tmp_path / "r",
+        **QUICK,
+    )
     params = result["params"]
-    assert (params["recipe"], params["weight_decay"], params["label_smoothing"],
-            params["backbone_lr_scale"], params["warmup_epochs"]) == ("modern", 0.05, 0.1,
-                                                                      0.1, 1)
+    assert (
+        params["recipe"],
+        params["weight_decay"],
+        params["label_smoothing"],
+        params["backbone_lr_scale"],
+        params["warmup_epochs"],
+    ) == ("modern", 0.05, 0.1, 0.1, 1)
     lrs = [h["lr"] for h in result["history"]]  # the head's lr at the start of each epoch
     assert lrs[0] < lrs[1] and lrs[2] < lrs[1], lrs
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
@@ -127,8 +166,16 @@ def test_modern_recipe_warms_up_then_decays(data, tmp_path):
 
 
 def test_results_do_not_depend_on_the_number_of_loader_workers(data, tmp_path):
-    runs = [finetune(data, epochs=2, cache_dir=tmp_path / "c", out_dir=tmp_path / f"w{w}",
-                     **{**QUICK, "num_workers": w}) for w in (0, 2)]
+    runs = [
+        finetune(
+            data,
+            epochs=2,
+            cache_dir=tmp_path / "c",
+            out_dir=tmp_path / f"w{w}",
+            **{**QUICK, "num_workers": w},
+        )
+        for w in (0, 2)
+    ]
     assert runs[0]["history"][1]["train_loss"] == runs[1]["history"][1]["train_loss"]
     np.testing.assert_array_equal(runs[0].predictions["test"][2], runs[1].predictions["test"][2])
 
@@ -145,8 +192,15 @@ def test_refuses_to_overwrite_and_checks_resume_options(data, tmp_path):
     with pytest.raises(ConfigError, match="pass resume=True"):
         finetune(data, epochs=1, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK)
     with pytest.raises(ValueError, match=r"different options \(\['lr'\]\)"):
-        finetune(data, epochs=1, lr=0.1, resume=True, cache_dir=tmp_path / "c",
-                 out_dir=tmp_path / "r", **QUICK)
+        finetune(
+            data,
+            epochs=1,
+            lr=0.1,
+            resume=True,
+            cache_dir=tmp_path / "c",
+            out_dir=tmp_path / "r",
+            **QUICK,
+        )
 
 
 def test_predict_with_the_finetuned_model(data, tmp_path):
@@ -156,8 +210,7 @@ def test_predict_with_the_finetuned_model(data, tmp_path):
     expected = dict(zip(ids, proba))
     for row in rows:
         rel = "test/" + row["path"].split("/test/", 1)[1]
-        np.testing.assert_allclose([row["p_NORMAL"], row["p_PNEUMONIA"]], expected[rel],
-                                   atol=1e-5)
+        np.testing.assert_allclose([row["p_NORMAL"], row["p_PNEUMONIA"]], expected[rel], atol=1e-5)
     network, meta = load_finetuned(tmp_path / "r" / "model.pt")
     assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
     with torch.inference_mode():
@@ -184,37 +237,44 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, one_thread):
     """SIGKILL in the middle of an epoch, default loader (workers), then --resume: the
     history and the final weights equal an uninterrupted run's, bit for bit."""
     data = make_image_folder(tmp_path / "xray", n_train=60, n_test=4)
-    args = ["--data", str(data), "--model", "resnet18", "--image-size", "48", "--epochs", "5",
-            "--cache-dir", str(tmp_path / "c"), "--n-boot", "50"]
+    args = [
+        "--data",
+        str(data),
+        "--model",
+        "resnet18",
+        "--image-size",
+        "48",
+        "--epochs",
+        "5",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--n-boot",
+        "50",
+    ]
     run = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-m", "xfeat", "-q", "finetune", *args, "--out",
-                              str(run)], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while _checkpoint_epoch(run / "checkpoint.pt") < 2 and child.poll() is None and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 3
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # SIGKILL on the first optimizer step of epoch 3 (the tutorial recipe's SGD), after its
+    # first batch went forward and backward: epoch 2's checkpoint is the last one on disk.
+    steps_per_epoch = -(-len(load_dataset(data).splits["train"]) // 32)
+    run_killed_at(
+        "torch.optim.sgd:SGD.step", 2 * steps_per_epoch + 1, ["-q", "finetune", *args, "--out", run]
+    )
     killed_at = _checkpoint_epoch(run / "checkpoint.pt")
-    assert 2 <= killed_at < 5
+    assert killed_at == 2
 
-    resumed = CliRunner().invoke(cli, ["-q", "finetune", *args, "--out", str(run), "--resume",
-                                       "--json"])
+    resumed = CliRunner().invoke(cli, ["-q", "finetune", *args, "--out", str(run), "--resume", "--json"])
     assert resumed.exit_code == 0, resumed.output
-    straight = CliRunner().invoke(cli, ["-q", "finetune", *args, "--out", str(tmp_path / "ref"),
-                                        "--json"])
+    straight = CliRunner().invoke(
+        cli, ["-q", "finetune", *args, "--out", str(tmp_path / "ref"), "--json"]
+    )
     a, b = json.loads(resumed.output), json.loads(straight.output)
     assert [h["epoch"] for h in a["history"]] == [1, 2, 3, 4, 5]
     for ha, hb in zip(a["history"], b["history"]):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
             assert ha[key] == hb[key], (ha["epoch"], key)
     assert a["selection"]["best_epoch"] == b["selection"]["best_epoch"]
-    final = [torch.load(d / "checkpoint.pt", weights_only=True)["model"]
-             for d in (run, tmp_path / "ref")]
+    final = [
+        torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (run, tmp_path / "ref")
+    ]
     for key in final[0]:
         assert torch.equal(final[0][key], final[1][key]), key
 
@@ -222,24 +282,39 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, one_thread):
 def test_lpft_from_a_saved_probe_and_a_wrong_one(data, tmp_path):
     from xfeat.fitting import fit_head
 
-    extract_options = dict(cache_dir=tmp_path / "c", image_size=TINY, num_workers=0,
-                           progress=False)
-    fit_head(data, "resnet18", out_dir=tmp_path / "probe", n_boot=0,
-             extract_options=extract_options)
-    result = finetune(data, mode="lp-ft", epochs=1, probe=tmp_path / "probe" / "head.npz",
-                      cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK)
+    extract_options = dict(cache_dir=tmp_path / "c", image_size=TINY, num_workers=0, progress=False)
+    fit_head(data, "resnet18", out_dir=tmp_path / "probe", n_boot=0, extract_options=extract_options)
+    result = finetune(
+        data,
+        mode="lp-ft",
+        epochs=1,
+        probe=tmp_path / "probe" / "head.npz",
+        cache_dir=tmp_path / "c",
+        out_dir=tmp_path / "r",
+        **QUICK,
+    )
     assert result["selection"]["lpft_probe"]["probe"].endswith("head.npz")
-    fit_head(data, "resnet34", out_dir=tmp_path / "other", n_boot=0,
-             extract_options=extract_options)
+    fit_head(data, "resnet34", out_dir=tmp_path / "other", n_boot=0, extract_options=extract_options)
     with pytest.raises(ConfigError, match="trained on backbone 'resnet34'"):
-        finetune(data, mode="lp-ft", epochs=1, probe=tmp_path / "other" / "head.npz",
-                 cache_dir=tmp_path / "c", out_dir=tmp_path / "r2", **QUICK)
+        finetune(
+            data,
+            mode="lp-ft",
+            epochs=1,
+            probe=tmp_path / "other" / "head.npz",
+            cache_dir=tmp_path / "c",
+            out_dir=tmp_path / "r2",
+            **QUICK,
+        )
 
 
 def test_squeezenet_conv_classifier_finetunes(data, tmp_path):
-    result = finetune(data, epochs=1, cache_dir=tmp_path / "c",
-                      out_dir=tmp_path / "r", **{**QUICK, "model": "squeezenet1_1",
-                                                 "image_size": 48})
+    result = finetune(
+        data,
+        epochs=1,
+        cache_dir=tmp_path / "c",
+        out_dir=tmp_path / "r",
+        **{**QUICK, "model": "squeezenet1_1", "image_size": 48},
+    )
     assert result["params"]["trainable_parameters"] == result["params"]["parameters"]
     rows = predict(tmp_path / "r" / "model.pt", [data / "test"], num_workers=0, progress=False)
     assert len(rows) == 12 and all(r["predicted"] for r in rows)
@@ -249,5 +324,4 @@ def test_divergence_is_a_clear_error(data, tmp_path):
     from xfeat.errors import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*lower the learning rate"):
-        finetune(data, epochs=1, lr=1e12, cache_dir=tmp_path / "c", out_dir=tmp_path / "r",
-                 **QUICK)
+        finetune(data, epochs=1, lr=1e12, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK)

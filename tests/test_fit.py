@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY, make_image_folder, make_npz
 
 import xfeat
 from xfeat.cache import CacheError, read_cache
@@ -11,8 +12,6 @@ from xfeat.errors import DataError
 from xfeat.fitting import check_head_matches, fit_head
 from xfeat.heads import load_head
 from xfeat.runs.results import SCHEMA, load_result
-
-from conftest import TINY, make_image_folder, make_npz
 
 EXTRACT = dict(image_size=TINY, num_workers=0, progress=False)
 
@@ -27,30 +26,55 @@ def features(tmp_path_factory):
 def test_results_schema_and_files(features, tmp_path):
     result = fit_head(cache=features, out_dir=tmp_path / "run", n_boot=200)
     record = json.loads((tmp_path / "run" / "results.json").read_text())
-    for key in ("schema", "model", "weights", "mode", "head", "threshold", "metrics", "timing",
-                "cache", "selection", "ci", "metrics_at_0.5", "dataset", "history"):
+    for key in (
+        "schema",
+        "model",
+        "weights",
+        "mode",
+        "head",
+        "threshold",
+        "metrics",
+        "timing",
+        "cache",
+        "selection",
+        "ci",
+        "metrics_at_0.5",
+        "dataset",
+        "history",
+    ):
         assert key in record, key
     assert record["schema"] == SCHEMA and record["mode"] == "cached" and record["head"] == "logreg"
     assert set(record["metrics"]) == {"train", "val", "test"}
-    for name in ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "ppv",
-                 "npv", "f1", "confusion_matrix", "log_loss", "brier", "ece"):
+    for name in (
+        "accuracy",
+        "balanced_accuracy",
+        "roc_auc",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+        "f1",
+        "confusion_matrix",
+        "log_loss",
+        "brier",
+        "ece",
+    ):
         assert name in record["metrics"]["test"], name
     assert set(record["ci"]["test"]) == {"accuracy", "roc_auc", "sensitivity", "specificity"}
     assert record["threshold"]["chosen_on"] == "val" and 0 <= record["threshold"]["value"] <= 1
     assert record["timing"]["fit_seconds"] > 0 and record["cache"]["key"] == features.key
     assert "C" in record["selection"] and record["selection"]["sweep"]
     loaded = load_result(tmp_path / "run")
-    np.testing.assert_allclose(loaded.predictions["test"][2], result.predictions["test"][2],
-                               rtol=1e-6)
+    np.testing.assert_allclose(loaded.predictions["test"][2], result.predictions["test"][2], rtol=1e-6)
     head, meta = load_head(tmp_path / "run" / "head.npz")
     assert meta["threshold"] == record["threshold"]["value"] and meta["model"] == "resnet18"
-    np.testing.assert_allclose(head.predict_proba(features["test"].features),
-                               result.predictions["test"][2], rtol=1e-5)
+    np.testing.assert_allclose(
+        head.predict_proba(features["test"].features), result.predictions["test"][2], rtol=1e-5
+    )
     assert "accuracy" in result.table() and "chosen on val: C=" in result.table()
 
 
-@pytest.mark.parametrize("head, params", [("logreg", {}), ("linear", {"epochs": 4}),
-                                          ("knn", {})])
+@pytest.mark.parametrize("head, params", [("logreg", {}), ("linear", {"epochs": 4}), ("knn", {})])
 def test_test_labels_influence_no_choice(features, head, params):
     """Permuting the test labels changes no chosen value and no train/val number."""
     shuffled = copy.deepcopy(features)
@@ -62,6 +86,7 @@ def test_test_labels_influence_no_choice(features, head, params):
     assert a["threshold"] == b["threshold"]
     assert a["metrics"]["train"] == b["metrics"]["train"]
     assert a["metrics"]["val"] == b["metrics"]["val"]
+
     def no_timing(history):
         return [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history]
 
@@ -82,8 +107,13 @@ def test_threshold_rules(features):
 
 def test_multiclass(tmp_path):
     path = make_npz(tmp_path / "three.npz", n=(60, 60, 30), n_classes=3)
-    result = fit_head(path, "resnet18", extract_options=dict(cache_dir=tmp_path / "c", **EXTRACT),
-                      save=False, n_boot=50)
+    result = fit_head(
+        path,
+        "resnet18",
+        extract_options=dict(cache_dir=tmp_path / "c", **EXTRACT),
+        save=False,
+        n_boot=50,
+    )
     assert result["threshold"]["value"] is None
     assert len(result["metrics"]["test"]["confusion_matrix"]) == 3
     assert 0 <= result["metrics"]["test"]["roc_auc"] <= 1
@@ -125,7 +155,8 @@ def test_refit_on_val_chooses_the_threshold_out_of_sample(features):
 def test_every_class_must_occur_in_train(features):
     """A head's probability columns are the classes it saw; a class absent from train would
     shift every later column, so fit_head refuses before fitting."""
-    three = dataclasses.replace(features, meta={**features.meta,
-                                                "class_names": [*features.class_names, "COVID"]})
+    three = dataclasses.replace(
+        features, meta={**features.meta, "class_names": [*features.class_names, "COVID"]}
+    )
     with pytest.raises(DataError, match=r"no images of class\(es\) \['COVID'\]"):
         fit_head(cache=three, save=False, n_boot=0)

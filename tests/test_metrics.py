@@ -33,8 +33,8 @@ def _multiclass_data(n, n_classes=3, seed=0):
     return y, proba
 
 
-
 # ----------------------------------------------------------------------------- compute_metrics
+
 
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
 def test_binary_metrics_match_sklearn(threshold):
@@ -81,8 +81,7 @@ def test_multiclass_metrics_match_sklearn_macro():
     assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred, average="macro"))
     assert m["ppv"] == pytest.approx(skm.precision_score(y, pred, average="macro"))
     assert m["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
-    assert m["roc_auc"] == pytest.approx(
-        skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"))
     assert m["log_loss"] == pytest.approx(skm.log_loss(y, proba))
     assert m["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
     spec = [skm.recall_score(y != k, pred != k) for k in range(3)]
@@ -126,15 +125,18 @@ def test_ece_calibrated_is_zero_and_overconfident_is_positive():
     assert over["ece"] == pytest.approx(0.49)
 
 
-@pytest.mark.parametrize("y, proba, match", [
-    ([0, 1, 3], np.full((3, 3), 1 / 3), "3 columns but y_true has labels up to 3"),
-    ([0, 1], np.full((3, 2), 0.5), "y_true has 2 samples but proba has 3 rows"),
-    ([0, 1], [0.2, 0.8], r"shape \(N, C\)"),
-    ([0, 1], [[2.0, -1.0], [0.5, 0.5]], r"probabilities in \[0, 1\]"),
-    ([0, 1], [[0.5, 0.4], [0.5, 0.5]], "rows must sum to 1"),
-    ([0, 0.5], [[0.5, 0.5], [0.5, 0.5]], "integer class labels"),
-    ([-1, 0], [[0.5, 0.5], [0.5, 0.5]], "negative label -1"),
-])
+@pytest.mark.parametrize(
+    "y, proba, match",
+    [
+        ([0, 1, 3], np.full((3, 3), 1 / 3), "3 columns but y_true has labels up to 3"),
+        ([0, 1], np.full((3, 2), 0.5), "y_true has 2 samples but proba has 3 rows"),
+        ([0, 1], [0.2, 0.8], r"shape \(N, C\)"),
+        ([0, 1], [[2.0, -1.0], [0.5, 0.5]], r"probabilities in \[0, 1\]"),
+        ([0, 1], [[0.5, 0.4], [0.5, 0.5]], "rows must sum to 1"),
+        ([0, 0.5], [[0.5, 0.5], [0.5, 0.5]], "integer class labels"),
+        ([-1, 0], [[0.5, 0.5], [0.5, 0.5]], "negative label -1"),
+    ],
+)
 def test_compute_metrics_rejects_bad_input(y, proba, match):
     with pytest.raises(ValueError, match=match):
         compute_metrics(y, proba)
@@ -146,34 +148,48 @@ def test_bad_threshold_raises():
         compute_metrics(y, proba, threshold=1.5)
 
 
-
 def test_statistics_are_re_exported_from_metrics():
     from xfeat.evaluation.metrics import bootstrap_ci, delong_test, format_p_value, paired_bootstrap
 
     assert (bootstrap_ci, delong_test, paired_bootstrap, format_p_value) == (
-        stats.bootstrap_ci, stats.delong_test, stats.paired_bootstrap, stats.format_p_value)
+        stats.bootstrap_ci,
+        stats.delong_test,
+        stats.paired_bootstrap,
+        stats.format_p_value,
+    )
     assert {"bootstrap_ci", "delong_test", "paired_bootstrap"} <= set(metrics.__all__)
 
 
 # ----------------------------------------------------------------------------- thresholds
 
-@pytest.mark.parametrize("rule, expected", [
-    ("youden", "youden"), (" Youden ", "youden"), (0.3, 0.3), ("0.5", 0.5),
-    ("sensitivity:0.95", "sensitivity:0.95"), ("specificity:1", "specificity:1.0"),
-])
+
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        ("youden", "youden"),
+        (" Youden ", "youden"),
+        (0.3, 0.3),
+        ("0.5", 0.5),
+        ("sensitivity:0.95", "sensitivity:0.95"),
+        ("specificity:1", "specificity:1.0"),
+    ],
+)
 def test_parse_threshold_rule(rule, expected):
     assert parse_threshold_rule(rule) == expected
 
 
-@pytest.mark.parametrize("rule, match", [
-    ("foo", "threshold rule 'foo' not understood; expected 'youden'"),
-    ("sensitivity:high", r"target must be a number in \(0, 1\]"),
-    ("specificity:1.5", r"target must be a number in \(0, 1\]"),
-    ("1.5", r"fixed threshold must lie in \(0, 1\)"),
-    (0.0, r"fixed threshold must lie in \(0, 1\)"),
-    (True, "not understood"),
-    (None, "not understood"),
-])
+@pytest.mark.parametrize(
+    "rule, match",
+    [
+        ("foo", "threshold rule 'foo' not understood; expected 'youden'"),
+        ("sensitivity:high", r"target must be a number in \(0, 1\]"),
+        ("specificity:1.5", r"target must be a number in \(0, 1\]"),
+        ("1.5", r"fixed threshold must lie in \(0, 1\)"),
+        (0.0, r"fixed threshold must lie in \(0, 1\)"),
+        (True, "not understood"),
+        (None, "not understood"),
+    ],
+)
 def test_parse_threshold_rule_rejects(rule, match):
     with pytest.raises(ValueError, match=match):
         parse_threshold_rule(rule)
@@ -209,8 +225,8 @@ def test_choose_threshold_fixed_and_errors():
         choose_threshold([0, 1, 2], [0.1, 0.2, 0.3], "youden")
 
 
-
 # ----------------------------------------------------------------------------- reporting
+
 
 def test_reliability_curve_binary_and_multiclass():
     y = [0, 1, 1, 1, 0]
@@ -234,8 +250,7 @@ def test_format_metrics_table():
     y, proba = _binary_data(100)
     val = compute_metrics(y, proba)
     test = dict(val, roc_auc=float("nan"))
-    table = format_metrics_table({"val": val, "test": test},
-                                 ci={"accuracy": [0.81234, 0.9]})
+    table = format_metrics_table({"val": val, "test": test}, ci={"accuracy": [0.81234, 0.9]})
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "val", "test"]
     assert len(lines) == 2 + len(METRIC_NAMES)

@@ -1,5 +1,6 @@
 """What xfeat writes: strict JSON (undefined numbers are null), the user's umask, and a
 process left as it was (no backend switched, nothing patched, torch not loaded for --help)."""
+
 import json
 import os
 import stat
@@ -8,17 +9,17 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, TINY, make_image_folder, make_npz
 
 from xfeat.comparison import compare
 from xfeat.errors import BackboneError, ConfigError
 from xfeat.fitting import fit_head
 
-from conftest import REPO, TINY, make_image_folder, make_npz
-
 
 def _strict(text: str):
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -29,9 +30,19 @@ def outputs(tmp_path_factory):
     data = make_image_folder(root / "xray", n_train=16, n_test=6)
     old = os.umask(0o022)
     try:
-        compare(data, ["resnet18"], modes=["cached", "frozen"], epochs=1, image_size=TINY,
-                num_workers=0, n_boot=20, progress=False, out_dir=root / "cmp",
-                cache_dir=root / "c", analyze=True)
+        compare(
+            data,
+            ["resnet18"],
+            modes=["cached", "frozen"],
+            epochs=1,
+            image_size=TINY,
+            num_workers=0,
+            n_boot=20,
+            progress=False,
+            out_dir=root / "cmp",
+            cache_dir=root / "c",
+            analyze=True,
+        )
     finally:
         os.umask(old)
     return root
@@ -46,8 +57,15 @@ def test_every_json_is_strict(outputs):
 
 
 def test_files_follow_the_umask(outputs):
-    names = ("results.json", "head.npz", "model.pt", "report.html", "comparison.csv",
-             "predictions.npz", "roc.png")
+    names = (
+        "results.json",
+        "head.npz",
+        "model.pt",
+        "report.html",
+        "comparison.csv",
+        "predictions.npz",
+        "roc.png",
+    )
     found = {}
     for path in outputs.rglob("*"):
         if path.name in names:
@@ -72,9 +90,13 @@ def test_undefined_metrics_are_null(tmp_path):
     arrays["test_labels"][:] = 0  # test holds one class only
     np.savez(tmp_path / "one_class_test.npz", **arrays)
     data = tmp_path / "one_class_test.npz"
-    result = fit_head(data, "resnet18", out_dir=tmp_path / "run", n_boot=20,
-                      extract_options=dict(cache_dir=tmp_path / "c", image_size=TINY,
-                                           num_workers=0, progress=False))
+    result = fit_head(
+        data,
+        "resnet18",
+        out_dir=tmp_path / "run",
+        n_boot=20,
+        extract_options=dict(cache_dir=tmp_path / "c", image_size=TINY, num_workers=0, progress=False),
+    )
     record = _strict((tmp_path / "run" / "results.json").read_text())
     assert record["metrics"]["test"]["roc_auc"] is None
     assert np.isnan(result["metrics"]["test"]["roc_auc"])  # in memory it stays a float
@@ -83,20 +105,32 @@ def test_undefined_metrics_are_null(tmp_path):
 def test_compare_checks_every_model_before_computing(tmp_path):
     data = make_image_folder(tmp_path / "xray", n_train=8, n_test=4)
     with pytest.raises(BackboneError, match="no such file"):
-        compare(data, ["resnet18", "mobilenet_v2"], weights="mobilenet_v2=/nowhere/w.pth",
-                out_dir=tmp_path / "cmp", cache_dir=tmp_path / "c", progress=False)
+        compare(
+            data,
+            ["resnet18", "mobilenet_v2"],
+            weights="mobilenet_v2=/nowhere/w.pth",
+            out_dir=tmp_path / "cmp",
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="threshold rule 'median'"):
-        compare(data, ["resnet18"], threshold="median", out_dir=tmp_path / "cmp",
-                cache_dir=tmp_path / "c", progress=False)
+        compare(
+            data,
+            ["resnet18"],
+            threshold="median",
+            out_dir=tmp_path / "cmp",
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )
     assert not (tmp_path / "c").exists() and not (tmp_path / "cmp").exists()
 
 
 def test_threshold_is_checked_before_extraction(tmp_path):
     data = make_image_folder(tmp_path / "xray", n_train=8, n_test=4)
     with pytest.raises(ConfigError, match="threshold rule 'bogus'"):
-        fit_head(data, "resnet18", threshold="bogus",
-                 extract_options=dict(cache_dir=tmp_path / "c"))
+        fit_head(data, "resnet18", threshold="bogus", extract_options=dict(cache_dir=tmp_path / "c"))
     from xfeat.finetuning import finetune
+
     with pytest.raises(ConfigError, match="threshold rule 'bogus'"):
         finetune(data, "resnet18", threshold="bogus", cache_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
@@ -126,19 +160,28 @@ print("ok")
 
 
 def test_importing_and_using_xfeat_changes_nothing_in_the_process(tmp_path):
-    out = subprocess.run([sys.executable, "-c", _HYGIENE, str(tmp_path / "c.png")],
-                         capture_output=True, text=True, env={**os.environ,
-                                                              "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-c", _HYGIENE, str(tmp_path / "c.png")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom xfeat.cli import cli\n"
-            "for args in (['--help'], ['finetune', '--help'], ['fit-head', '--help']):\n"
-            "    try:\n        cli(args)\n    except SystemExit:\n        pass\n"
-            "print(sorted(m for m in ('torch', 'sklearn', 'numpy', 'matplotlib') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys\nfrom xfeat.cli import cli\n"
+        "for args in (['--help'], ['finetune', '--help'], ['fit-head', '--help']):\n"
+        "    try:\n        cli(args)\n    except SystemExit:\n        pass\n"
+        "print(sorted(m for m in ('torch', 'sklearn', 'numpy', 'matplotlib') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -4,13 +4,12 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TINY, make_image_folder
 
-from xfeat.errors import ConfigError, DataError
 from xfeat.cli import cli
+from xfeat.errors import ConfigError, DataError
 from xfeat.fitting import fit_head
 from xfeat.prediction import expand_images, predict
-
-from conftest import TINY, make_image_folder
 
 EXTRACT = dict(image_size=TINY, num_workers=0, progress=False)
 
@@ -19,8 +18,13 @@ EXTRACT = dict(image_size=TINY, num_workers=0, progress=False)
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("p")
     root = make_image_folder(base / "xray", n_train=20, n_test=6, modes=("L", "JPEG"))
-    result = fit_head(root, "resnet18", extract_options=dict(cache_dir=base / "c", **EXTRACT),
-                      out_dir=base / "run", n_boot=0)
+    result = fit_head(
+        root,
+        "resnet18",
+        extract_options=dict(cache_dir=base / "c", **EXTRACT),
+        out_dir=base / "run",
+        n_boot=0,
+    )
     return root, base / "run" / "head.npz", result
 
 
@@ -43,8 +47,21 @@ def test_unreadable_image_is_reported_not_fatal(trained, tmp_path):
     bad.write_bytes(b"not a png")
     good = next((root / "test" / "NORMAL").iterdir())
     out = tmp_path / "pred.csv"
-    result = CliRunner().invoke(cli, ["-q", "predict", "--head", str(head_path), str(good),
-                                      str(bad), "--out", str(out), "--num-workers", "0"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "predict",
+            "--head",
+            str(head_path),
+            str(good),
+            str(bad),
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "1 unreadable" in result.output
     rows = list(csv.DictReader(out.open()))
@@ -70,13 +87,22 @@ def test_moved_weights_file(tmp_path):
     import torchvision
 
     torch.manual_seed(0)
-    state = {k: v for k, v in torchvision.models.mobilenet_v2().state_dict().items()
-             if not k.startswith("classifier")}
+    state = {
+        k: v
+        for k, v in torchvision.models.mobilenet_v2().state_dict().items()
+        if not k.startswith("classifier")
+    }
     weights = tmp_path / "w.pth"
     torch.save(state, weights)
     root = make_image_folder(tmp_path / "xray", n_train=8, n_test=2)
-    fit_head(root, "mobilenet_v2", weights=weights, out_dir=tmp_path / "run", n_boot=0,
-             extract_options=dict(cache_dir=tmp_path / "c", **EXTRACT))
+    fit_head(
+        root,
+        "mobilenet_v2",
+        weights=weights,
+        out_dir=tmp_path / "run",
+        n_boot=0,
+        extract_options=dict(cache_dir=tmp_path / "c", **EXTRACT),
+    )
     moved = tmp_path / "moved.pth"
     shutil.move(weights, moved)
     head = tmp_path / "run" / "head.npz"

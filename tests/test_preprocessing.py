@@ -1,4 +1,5 @@
 """Preprocessing and the training crop agree with torchvision, pixel for pixel."""
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +17,7 @@ def _image(w, h, seed=0, mode="RGB"):
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), mode)
 
 
-@pytest.mark.parametrize("weights", [ResNet50_Weights.IMAGENET1K_V2,
-                                     MobileNet_V2_Weights.IMAGENET1K_V1])
+@pytest.mark.parametrize("weights", [ResNet50_Weights.IMAGENET1K_V2, MobileNet_V2_Weights.IMAGENET1K_V1])
 @pytest.mark.parametrize("size", [(224, 224), (300, 241), (241, 300), (517, 233), (250, 999)])
 def test_matches_the_weights_own_transforms(weights, size):
     reference = weights.transforms()
@@ -58,10 +58,15 @@ def test_round_trips_through_its_record():
     assert Preprocessing.from_dict(prep.to_dict()) == prep
 
 
-@pytest.mark.parametrize("kwargs, match", [({"crop_size": 0}, "crop_size=0"),
-                                           ({"resize_size": -3}, "resize_size=-3"),
-                                           ({"resize_size": 100, "crop_size": 200}, "larger"),
-                                           ({"interpolation": "cubic"}, "interpolation")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"crop_size": 0}, "crop_size=0"),
+        ({"resize_size": -3}, "resize_size=-3"),
+        ({"resize_size": 100, "crop_size": 200}, "larger"),
+        ({"interpolation": "cubic"}, "interpolation"),
+    ],
+)
 def test_bad_values_are_clear_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         Preprocessing(**kwargs)

@@ -1,5 +1,6 @@
 """Faults found by a hostile-user probe: each gives a one-line message naming the file or
 value and what to do, and nothing half-written breaks the next run."""
+
 import logging
 import os
 import struct
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TINY, make_image_folder, make_npz
 from PIL import Image
 
 import xfeat
@@ -19,12 +21,10 @@ from xfeat.cache import partial_path, read_cache
 from xfeat.cli import cli
 from xfeat.data import load_dataset
 from xfeat.data.images import read_image_file
-from xfeat.errors import (BackboneError, CacheError, DataError, ImageReadError, OutputError)
+from xfeat.errors import BackboneError, CacheError, DataError, ImageReadError, OutputError
 from xfeat.fitting import fit_head
 from xfeat.prediction import predict
 from xfeat.runs.folders import run_lock
-
-from conftest import TINY, make_image_folder, make_npz
 
 OPTS = dict(image_size=TINY, num_workers=0, progress=False)
 
@@ -39,8 +39,12 @@ def _tmpfs(path: Path, size: str):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (the disk-full and read-only cases)")
     path.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("this machine does not allow mounting a tmpfs")
     try:
         yield path
@@ -59,13 +63,23 @@ def data(tmp_path):
 
 # --------------------------------------------------------------------------- caches
 
+
 def test_disk_full_while_creating_a_cache_is_a_clear_error(data, tmp_path):
     with _tmpfs(tmp_path / "small", "200k") as small:
         with pytest.raises(CacheError, match=r"not enough space in .*small.*MiB are free"):
             xfeat.extract(data, "resnet18", cache_dir=small / "c", **OPTS)
         assert not list((small / "c").glob("*.partial"))
-        result = _cli("extract", "--data", data, "--image-size", TINY, "--num-workers", 0,
-                      "--cache-dir", small / "c")
+        result = _cli(
+            "extract",
+            "--data",
+            data,
+            "--image-size",
+            TINY,
+            "--num-workers",
+            0,
+            "--cache-dir",
+            small / "c",
+        )
         assert result.exit_code == 1 and "Error: not enough space" in result.output
         assert "Traceback" not in result.output
 
@@ -98,29 +112,63 @@ def test_a_read_only_cache_is_reused_and_a_read_only_out_is_a_clear_error(data, 
 
 # --------------------------------------------------------------------------- outputs
 
+
 def test_an_out_path_under_a_regular_file(data, tmp_path):
     (tmp_path / "afile").write_text("x")
-    result = _cli("-q", "fit-head", "--data", data, "--image-size", TINY, "--num-workers", 0,
-                  "--cache-dir", tmp_path / "c", "--out", tmp_path / "afile" / "run")
+    result = _cli(
+        "-q",
+        "fit-head",
+        "--data",
+        data,
+        "--image-size",
+        TINY,
+        "--num-workers",
+        0,
+        "--cache-dir",
+        tmp_path / "c",
+        "--out",
+        tmp_path / "afile" / "run",
+    )
     assert result.exit_code == 1 and "is a file, not a folder" in result.output
-    head = fit_head(data, "resnet18", out_dir=tmp_path / "run", n_boot=0,
-                    extract_options=dict(cache_dir=tmp_path / "c", **OPTS))
+    head = fit_head(
+        data,
+        "resnet18",
+        out_dir=tmp_path / "run",
+        n_boot=0,
+        extract_options=dict(cache_dir=tmp_path / "c", **OPTS),
+    )
     with pytest.raises(OutputError, match="is a file, not a folder"):
-        predict(Path(head["run_dir"]) / "head.npz", [data / "test"],
-                out_csv=tmp_path / "afile" / "p.csv", num_workers=0, progress=False)
+        predict(
+            Path(head["run_dir"]) / "head.npz",
+            [data / "test"],
+            out_csv=tmp_path / "afile" / "p.csv",
+            num_workers=0,
+            progress=False,
+        )
 
 
 def test_disk_full_in_out_and_in_predict_leaves_no_half_file(data, tmp_path):
-    fit_head(data, "resnet18", out_dir=tmp_path / "run", n_boot=0,
-             extract_options=dict(cache_dir=tmp_path / "c", **OPTS))
+    fit_head(
+        data,
+        "resnet18",
+        out_dir=tmp_path / "run",
+        n_boot=0,
+        extract_options=dict(cache_dir=tmp_path / "c", **OPTS),
+    )
     with _tmpfs(tmp_path / "full", "64k") as full:
         (full / "ballast").write_bytes(b"\0" * (60 << 10))
         with pytest.raises(OutputError, match=r"no space left on the device while writing"):
-            fit_head(cache=read_cache(next((tmp_path / "c").glob("*.h5"))),
-                     out_dir=full / "run", n_boot=0)
+            fit_head(
+                cache=read_cache(next((tmp_path / "c").glob("*.h5"))), out_dir=full / "run", n_boot=0
+            )
         with pytest.raises(OutputError, match=r"no space left .*p\.csv"):
-            predict(tmp_path / "run" / "head.npz", [data / "test"] * 30, out_csv=full / "p.csv",
-                    num_workers=0, progress=False)
+            predict(
+                tmp_path / "run" / "head.npz",
+                [data / "test"] * 30,
+                out_csv=full / "p.csv",
+                num_workers=0,
+                progress=False,
+            )
         assert not (full / "p.csv").exists()
         assert not [p for p in full.rglob("*") if p.name.endswith(".tmp")]
 
@@ -128,20 +176,36 @@ def test_disk_full_in_out_and_in_predict_leaves_no_half_file(data, tmp_path):
 def test_concurrent_writers_to_one_out_fail_clearly(data, tmp_path):
     with run_lock(tmp_path / "run"):
         with pytest.raises(OutputError, match="another xfeat process is writing"):
-            fit_head(data, "resnet18", out_dir=tmp_path / "run", n_boot=0,
-                     extract_options=dict(cache_dir=tmp_path / "c", **OPTS))
+            fit_head(
+                data,
+                "resnet18",
+                out_dir=tmp_path / "run",
+                n_boot=0,
+                extract_options=dict(cache_dir=tmp_path / "c", **OPTS),
+            )
 
 
 # --------------------------------------------------------------------------- inputs
 
+
 def _png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG that claims ``width x height`` (a decompression bomb) without the pixels."""
+
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + \
-            struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
-                     chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -149,10 +213,18 @@ def test_a_decompression_bomb_is_named_and_skippable(data, tmp_path):
     bomb = _png_header_only(data / "train" / "NORMAL" / "huge.png", 14000, 14000)  # 196 MP
     with pytest.raises(ImageReadError, match=r"huge\.png.*(decompression|bomb)"):
         read_image_file(bomb)
-    result = _cli("extract", "--data", data, "--image-size", TINY, "--num-workers", 0,
-                  "--cache-dir", tmp_path / "c")
-    assert result.exit_code == 1 and "huge.png" in result.output and "--skip-bad" in \
-        result.output
+    result = _cli(
+        "extract",
+        "--data",
+        data,
+        "--image-size",
+        TINY,
+        "--num-workers",
+        0,
+        "--cache-dir",
+        tmp_path / "c",
+    )
+    assert result.exit_code == 1 and "huge.png" in result.output and "--skip-bad" in result.output
     path = xfeat.extract(data, "resnet18", cache_dir=tmp_path / "c", skip_bad=True, **OPTS)
     assert any(i.endswith("huge.png") for i in read_cache(path).skipped["train"])
 
@@ -183,10 +255,11 @@ def test_exif_orientation_is_applied_everywhere_and_recorded(tmp_path):
     prep = Preprocessing(64, 48)
     assert prep.to_dict()["exif_transpose"] is True
     ds = load_dataset(data)
-    split, row = next((sp, i) for sp in ds.splits.values() for i, p in enumerate(sp.paths)
-                      if p.endswith("exif.jpeg"))
-    from xfeat.extraction.views import ViewImages
+    split, row = next(
+        (sp, i) for sp in ds.splits.values() for i, p in enumerate(sp.paths) if p.endswith("exif.jpeg")
+    )
     from xfeat.extraction.store import build_store
+    from xfeat.extraction.views import ViewImages
 
     extracted, _ = ViewImages(split, prep)[row]  # extract and predict read this way
     store, _ = build_store(ds, prep, cache_dir=tmp_path / "c", progress=False)

@@ -7,6 +7,7 @@ enough. Checked in place, after moving the report folder, and after a zip round 
 verdict is the first section and starts on the first screen, and a screenshot of that screen
 is written and is not blank.
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,20 +24,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, make_image_folder
 from PIL import Image
 
 from xfeat.comparison import compare
-
-from conftest import TINY, make_image_folder
 
 pytestmark = pytest.mark.integration
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 # Headless, and nothing that would reach for the network (this machine has none).
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                  "--hide-scrollbars", "--mute-audio")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+)
 VIEWPORT = (1280, 1000)  # a laptop screen: what a reader sees first
 
 _IMAGES_JS = """JSON.stringify(Array.from(document.images, im => ({
@@ -68,27 +78,43 @@ class DevToolsPipe:
         self.timeout, self._next_id, self._buffer, self.events = timeout, 0, b"", []
         to_browser, from_browser = os.pipe(), os.pipe()
         # Above 4, so bash's `3<&N 4>&M` cannot overwrite one end with the other.
-        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
-                for fd in (to_browser[0], from_browser[1])]
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_browser[0], from_browser[1])]
         for fd in (*to_browser, *from_browser):
             if fd not in (to_browser[1], from_browser[0]):
                 os.close(fd)
         self._write, self._read = to_browser[1], from_browser[0]
         self.log = open(profile.with_suffix(".log"), "w")
         self.proc = subprocess.Popen(
-            ["bash", "-c", f'exec "$@" 3<&{ends[0]} 4>&{ends[1]} {ends[0]}<&- {ends[1]}>&-',
-             "bash", executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-             "--remote-debugging-pipe", "about:blank"],
-            pass_fds=ends, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+            [
+                "bash",
+                "-c",
+                f'exec "$@" 3<&{ends[0]} 4>&{ends[1]} {ends[0]}<&- {ends[1]}>&-',
+                "bash",
+                executable,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            pass_fds=ends,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=self.log,
+        )
         for fd in ends:
             os.close(fd)
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target,
-                                 flatten=True)["sessionId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable", session=True)
-        self.call("Emulation.setDeviceMetricsOverride", session=True, width=VIEWPORT[0],
-                  height=VIEWPORT[1], deviceScaleFactor=1, mobile=False)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            session=True,
+            width=VIEWPORT[0],
+            height=VIEWPORT[1],
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def call(self, method: str, session: bool = False, **params) -> dict:
         self._next_id += 1
@@ -117,8 +143,7 @@ class DevToolsPipe:
         while b"\0" not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self._read], [], [], left)[0]:
-                raise TimeoutError(f"no answer from Chromium in {self.timeout} s; see "
-                                   f"{self.log.name}")
+                raise TimeoutError(f"no answer from Chromium in {self.timeout} s; see {self.log.name}")
             chunk = os.read(self._read, 1 << 20)
             if not chunk:
                 raise RuntimeError(f"Chromium exited ({self.proc.poll()}); see {self.log.name}")
@@ -131,12 +156,21 @@ class DevToolsPipe:
         self.events.clear()
         self.call("Page.navigate", session=True, url=path.resolve().as_uri())
         self.wait_for("Page.loadEventFired")  # <img> elements delay the load event
-        images, sections = (json.loads(self.call("Runtime.evaluate", session=True,
-                                                 expression=js, returnByValue=True)
-                                       ["result"]["value"]) for js in (_IMAGES_JS, _SECTIONS_JS))
+        images, sections = (
+            json.loads(
+                self.call("Runtime.evaluate", session=True, expression=js, returnByValue=True)["result"][
+                    "value"
+                ]
+            )
+            for js in (_IMAGES_JS, _SECTIONS_JS)
+        )
         shot = self.call("Page.captureScreenshot", session=True, format="png")["data"]
-        return {"images": images, "sections": sections, "errors": _errors(self.events),
-                "screenshot": base64.b64decode(shot)}
+        return {
+            "images": images,
+            "sections": sections,
+            "errors": _errors(self.events),
+            "screenshot": base64.b64decode(shot),
+        }
 
     def close(self) -> None:
         try:
@@ -169,8 +203,11 @@ def _errors(events: list) -> list:
 def browser(tmp_path_factory):
     executable = find_chromium()
     if executable is None:
-        pytest.skip("no Chromium found (tried $XFEAT_CHROMIUM, " + ", ".join(CHROMIUM_NAMES) +
-                    "); `apt-get install -y chromium` (.ci/run does it when run as root)")
+        pytest.skip(
+            "no Chromium found (tried $XFEAT_CHROMIUM, "
+            + ", ".join(CHROMIUM_NAMES)
+            + "); `apt-get install -y chromium` (.ci/run does it when run as root)"
+        )
     chrome = DevToolsPipe(executable, tmp_path_factory.mktemp("chromium") / "profile")
     yield chrome
     chrome.close()
@@ -188,9 +225,18 @@ def _compare(out: Path):
     if not weights.exists():
         torch.manual_seed(0)
         torch.save(torchvision.models.resnet18().state_dict(), weights)
-    compare(data, ["resnet18", "mobilenet_v3_small"], weights=f"resnet18={weights}",
-            out_dir=out, cache_dir=out.parent / "cache", epochs=2, image_size=TINY,
-            num_workers=0, n_boot=50, progress=False)
+    compare(
+        data,
+        ["resnet18", "mobilenet_v3_small"],
+        weights=f"resnet18={weights}",
+        out_dir=out,
+        cache_dir=out.parent / "cache",
+        epochs=2,
+        image_size=TINY,
+        num_workers=0,
+        n_boot=50,
+        progress=False,
+    )
     return out
 
 
@@ -208,8 +254,9 @@ def _check_as_a_reader(browser, folder: Path, screenshot: Path) -> dict:
     assert any(s.endswith("curves.png") for s in srcs), srcs
     for im in images:
         assert not (im["src"].startswith("/") or "://" in im["src"]), f"absolute link {im['src']}"
-        assert im["complete"] and im["naturalWidth"] > 0 and im["naturalHeight"] > 0, \
+        assert im["complete"] and im["naturalWidth"] > 0 and im["naturalHeight"] > 0, (
             f"{im['src']} does not load in {folder}"
+        )
         assert im["width"] > 0, f"{im['src']} is not laid out"
     assert page["errors"] == [], page["errors"]
     verdict = page["sections"][0]

@@ -1,6 +1,7 @@
 """The fast paths of extraction: memory layout policy, padded static batches, compile with its
 fallback, decoding threads, int8 where it is offered. Speed itself is measured in
 scripts/bench_*.py."""
+
 import logging
 import threading
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY, make_image_folder
 
 import xfeat
 from xfeat.backbones import create_backbone
@@ -15,10 +17,7 @@ from xfeat.cache import read_cache, read_meta
 from xfeat.cli import cli
 from xfeat.errors import ConfigError
 from xfeat.extraction.forward import Runner
-from xfeat.extraction.runtime import pad_batch
-from xfeat.extraction.runtime import channels_last_default, should_compile
-
-from conftest import TINY, make_image_folder
+from xfeat.extraction.runtime import channels_last_default, pad_batch, should_compile
 
 CPU = torch.device("cpu")
 
@@ -44,8 +43,13 @@ def test_compile_auto_amortises_and_bad_values_are_clear():
 
 
 def test_a_padded_batch_keeps_its_layout_and_its_rows():
-    runner = Runner(create_backbone("resnet18", "none", image_size=TINY),
-                    [("penultimate", 512)], CPU, batch_size=8, channels_last=True)
+    runner = Runner(
+        create_backbone("resnet18", "none", image_size=TINY),
+        [("penultimate", 512)],
+        CPU,
+        batch_size=8,
+        channels_last=True,
+    )
     images = torch.randint(0, 255, (3, 3, TINY, TINY), dtype=torch.uint8)
     x = runner._prepare(pad_batch(images, 8))
     assert x.shape[0] == 8 and x.is_contiguous(memory_format=torch.channels_last)
@@ -62,15 +66,16 @@ def test_the_runner_normalises_inside_its_module_exactly_as_the_preprocessing():
     images = torch.randint(0, 255, (4, 3, TINY, TINY), dtype=torch.uint8)
     assert runner._prepare(images).dtype == torch.uint8  # the module takes the pixels
     with torch.inference_mode():
-        expected = runner.module.module(backbone.preprocessing.normalize(
-            images.contiguous(memory_format=torch.channels_last)))
-    np.testing.assert_array_equal(runner(images)["penultimate"],
-                                  expected["penultimate"].numpy())
+        expected = runner.module.module(
+            backbone.preprocessing.normalize(images.contiguous(memory_format=torch.channels_last))
+        )
+    np.testing.assert_array_equal(runner(images)["penultimate"], expected["penultimate"].numpy())
 
 
 def test_a_failed_compilation_falls_back_to_eager(caplog):
-    runner = Runner(create_backbone("resnet18", "none", image_size=TINY),
-                    [("penultimate", 512)], CPU, batch_size=4)
+    runner = Runner(
+        create_backbone("resnet18", "none", image_size=TINY), [("penultimate", 512)], CPU, batch_size=4
+    )
     images = torch.randint(0, 255, (3, 3, TINY, TINY), dtype=torch.uint8)
     expected = runner(images)["penultimate"]
 
@@ -84,16 +89,16 @@ def test_a_failed_compilation_falls_back_to_eager(caplog):
 
 
 def test_a_short_last_batch_runs_eagerly_instead_of_padded():
-    runner = Runner(create_backbone("resnet18", "none", image_size=TINY),
-                    [("penultimate", 512)], CPU, batch_size=8)
+    runner = Runner(
+        create_backbone("resnet18", "none", image_size=TINY), [("penultimate", 512)], CPU, batch_size=8
+    )
     shapes = []
     runner.compiled = lambda x: shapes.append(tuple(x.shape)) or runner.module(x)
     images = torch.randint(0, 255, (8, 3, TINY, TINY), dtype=torch.uint8)
     full, tail, over_half = runner(images), runner(images[:4]), runner(images[:5])
     assert shapes == [(8, 3, TINY, TINY), (8, 3, TINY, TINY)]  # 8 as is, 5 padded; 4 eager
     assert len(tail["penultimate"]) == 4 and len(over_half["penultimate"]) == 5
-    np.testing.assert_allclose(tail["penultimate"], full["penultimate"][:4], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(tail["penultimate"], full["penultimate"][:4], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -103,28 +108,41 @@ def test_compiled_extraction_matches_eager(data, tmp_path):
     compiled = xfeat.extract(data, "resnet18", cache_dir=tmp_path / "c", compile="on", **common)
     assert read_meta(compiled)["splits"]["train"]["compiled"] is True
     for split in ("train", "val", "test"):
-        np.testing.assert_allclose(read_cache(compiled)[split].features,
-                                   read_cache(eager)[split].features, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            read_cache(compiled)[split].features, read_cache(eager)[split].features, rtol=1e-3, atol=1e-4
+        )
 
 
 def test_int8_is_offered_only_where_it_is_faster(data, tmp_path, monkeypatch):
     pytest.importorskip("torchao")
     with pytest.raises(ConfigError, match="not offered for resnet18"):
-        xfeat.extract(data, "resnet18", precision="int8", image_size=TINY,
-                      cache_dir=tmp_path, num_workers=0, progress=False)
+        xfeat.extract(
+            data,
+            "resnet18",
+            precision="int8",
+            image_size=TINY,
+            cache_dir=tmp_path,
+            num_workers=0,
+            progress=False,
+        )
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="without torchrun"):
-        xfeat.extract(data, "mobilenet_v2", precision="int8", image_size=TINY,
-                      cache_dir=tmp_path, num_workers=0, progress=False)
+        xfeat.extract(
+            data,
+            "mobilenet_v2",
+            precision="int8",
+            image_size=TINY,
+            cache_dir=tmp_path,
+            num_workers=0,
+            progress=False,
+        )
     assert not list(tmp_path.glob("*.h5*"))
 
 
 @pytest.mark.slow
-def test_int8_extraction_is_its_own_cache_entry_and_its_graph_is_kept(data, tmp_path,
-                                                                       caplog):
+def test_int8_extraction_is_its_own_cache_entry_and_its_graph_is_kept(data, tmp_path, caplog):
     pytest.importorskip("torchao")
-    common = dict(image_size=TINY, num_workers=0, progress=False, batch_size=8,
-                  cache_dir=tmp_path)
+    common = dict(image_size=TINY, num_workers=0, progress=False, batch_size=8, cache_dir=tmp_path)
     fp32 = xfeat.extract(data, "mobilenet_v2", **common)
     with caplog.at_level(logging.INFO, logger="xfeat"):
         int8 = xfeat.extract(data, "mobilenet_v2", precision="int8", **common)
@@ -143,8 +161,9 @@ def test_int8_extraction_is_its_own_cache_entry_and_its_graph_is_kept(data, tmp_
 def test_nodes_lists_the_stages():
     result = CliRunner().invoke(cli, ["nodes", "mobilenet_v2"])
     assert result.exit_code == 0
-    assert "features.3 (D=24), features.6 (D=32), features.13 (D=96), penultimate (D=1280)" in \
-        result.output
+    assert (
+        "features.3 (D=24), features.6 (D=32), features.13 (D=96), penultimate (D=1280)" in result.output
+    )
 
 
 def test_decoding_threads_give_the_loader_s_batches_in_order(data):
@@ -163,8 +182,9 @@ def test_decoding_threads_give_the_loader_s_batches_in_order(data):
             assert got.is_contiguous(memory_format=torch.channels_last)  # as decoded (HWC)
             assert torch.equal(got, want) and list(errors) == list(want_errors)
     augmented = ViewImages(split, images.preprocessing, "view1")
-    assert not isinstance(inference_batches(augmented, batch_size=5, num_workers=1, device=CPU),
-                          ThreadedBatches)  # torch ops: worker processes, one thread each
+    assert not isinstance(
+        inference_batches(augmented, batch_size=5, num_workers=1, device=CPU), ThreadedBatches
+    )  # torch ops: worker processes, one thread each
     with pytest.raises(ConfigError, match="num_workers=-1"):
         inference_batches(images, batch_size=5, num_workers=-1, device=CPU)
     batches = iter(inference_batches(images, batch_size=5, num_workers=2, device=CPU))

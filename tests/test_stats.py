@@ -1,4 +1,5 @@
 """Tests for xfeat.evaluation.stats: bootstrap intervals, paired bootstrap, DeLong, p-value text."""
+
 import csv
 import math
 from pathlib import Path
@@ -31,8 +32,8 @@ def _multiclass_data(n, n_classes=3, seed=0):
     return y, proba
 
 
-
 # ----------------------------------------------------------------------------- bootstrap
+
 
 def test_weighted_core_matches_explicit_resample():
     # A bootstrap resample as counts must give the same metrics as the resampled arrays.
@@ -43,7 +44,6 @@ def test_weighted_core_matches_explicit_resample():
         want = compute_metrics(y[idx], proba[idx])
         for name in METRIC_NAMES:
             assert got[name][0] == pytest.approx(want[name]), name
-
 
 
 def test_bootstrap_ci_contains_estimate_and_is_reproducible():
@@ -85,12 +85,14 @@ def test_bootstrap_drops_undefined_resamples():
     assert all(math.isnan(v) for v in ci["roc_auc"])
 
 
-
-@pytest.mark.parametrize("kwargs, match", [
-    ({"metrics": ["auc"]}, "unknown metric 'auc'"),
-    ({"n_boot": 0}, "n_boot must be a positive integer, got 0"),
-    ({"level": 95}, r"level must be a number in \(0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"metrics": ["auc"]}, "unknown metric 'auc'"),
+        ({"n_boot": 0}, "n_boot must be a positive integer, got 0"),
+        ({"level": 95}, r"level must be a number in \(0, 1\)"),
+    ],
+)
 def test_bootstrap_rejects_bad_arguments(kwargs, match):
     y, proba = _binary_data(20)
     with pytest.raises(ValueError, match=match):
@@ -109,8 +111,8 @@ def test_paired_bootstrap_against_itself_and_a_worse_model():
     assert paired_bootstrap(y, proba, noise, n_boot=500) == res  # seeded
 
 
-
 # ----------------------------------------------------------------------------- DeLong
+
 
 def _delong_brute_force(y, a, b):
     pos, neg = y == 1, y == 0
@@ -153,7 +155,6 @@ def test_delong_rejects_bad_input():
         delong_test([0, 1, 0], [0.1, 0.9, 0.2], [0.2, 0.8, 0.1])
 
 
-
 def _asah():
     with open(DATA / "aSAH.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -161,14 +162,26 @@ def _asah():
     return y, {k: np.array([float(r[k]) for r in rows]) for k in ("wfns", "s100b", "ndka")}
 
 
-@pytest.mark.parametrize("a, b, z, p_value, ci", [
-    ("wfns", "s100b", 2.20898359144091, 0.0271757822291882,
-     [0.0104061769564846, 0.174214419249478]),
-    ("wfns", "ndka", 2.79777591868904, 0.00514557970691098,
-     [0.0634011709339876, 0.3600405634833566]),
-    ("ndka", "s100b", -1.39077002573558, 0.164295175223054,
-     [-0.2876917446341914, 0.0488706064228094]),
-])
+@pytest.mark.parametrize(
+    "a, b, z, p_value, ci",
+    [
+        ("wfns", "s100b", 2.20898359144091, 0.0271757822291882, [0.0104061769564846, 0.174214419249478]),
+        (
+            "wfns",
+            "ndka",
+            2.79777591868904,
+            0.00514557970691098,
+            [0.0634011709339876, 0.3600405634833566],
+        ),
+        (
+            "ndka",
+            "s100b",
+            -1.39077002573558,
+            0.164295175223054,
+            [-0.2876917446341914, 0.0488706064228094],
+        ),
+    ],
+)
 def test_delong_matches_pROC_on_aSAH(a, b, z, p_value, ci):
     """Reference values of pROC's ``roc.test`` (DeLong, paired, two-sided) on its aSAH data.
 
@@ -193,25 +206,30 @@ def test_delong_auc_of_aSAH_matches_pROC_placements():
     helper-deLongPlacementsCpp-expected.R (same commit)."""
     y, scores = _asah()
     assert delong_test(y, scores["ndka"], scores["wfns"])["auc_a"] == pytest.approx(
-        0.611957994579946, rel=1e-12)
+        0.611957994579946, rel=1e-12
+    )
 
 
 # ----------------------------------------------------------------------------- p-value text
 
-@pytest.mark.parametrize("p, n_boot, text", [
-    (0.0, 1000, "< 0.001"),
-    (0.0, 2000, "< 0.0005"),
-    (0.002, 1000, "0.0020"),
-    (0.5, 1000, "0.500"),
-    (1.0, None, "1.000"),
-    (0.0271757822291882, None, "0.027"),
-    (0.00514557970691098, None, "0.0051"),
-    (3.2e-05, None, "3.2e-05"),
-    (1e-20, None, "< 1e-16"),
-    (0.0, None, "< 1e-16"),
-    (float("nan"), None, "nan"),
-    (None, 1000, "nan"),
-])
+
+@pytest.mark.parametrize(
+    "p, n_boot, text",
+    [
+        (0.0, 1000, "< 0.001"),
+        (0.0, 2000, "< 0.0005"),
+        (0.002, 1000, "0.0020"),
+        (0.5, 1000, "0.500"),
+        (1.0, None, "1.000"),
+        (0.0271757822291882, None, "0.027"),
+        (0.00514557970691098, None, "0.0051"),
+        (3.2e-05, None, "3.2e-05"),
+        (1e-20, None, "< 1e-16"),
+        (0.0, None, "< 1e-16"),
+        (float("nan"), None, "nan"),
+        (None, 1000, "nan"),
+    ],
+)
 def test_format_p_value(p, n_boot, text):
     assert format_p_value(p, n_boot) == text
 
@@ -226,11 +244,14 @@ def test_format_p_value_never_prints_zero():
     assert float(format_p_value(z["p_value"]).lstrip("< ")) > 0
 
 
-@pytest.mark.parametrize("p, n_boot, match", [
-    (1.5, None, r"p must be a probability in \[0, 1\]"),
-    (-0.1, None, r"p must be a probability in \[0, 1\]"),
-    (0.1, 0, "n_boot must be a positive integer or None, got 0"),
-])
+@pytest.mark.parametrize(
+    "p, n_boot, match",
+    [
+        (1.5, None, r"p must be a probability in \[0, 1\]"),
+        (-0.1, None, r"p must be a probability in \[0, 1\]"),
+        (0.1, 0, "n_boot must be a positive integer or None, got 0"),
+    ],
+)
 def test_format_p_value_rejects_bad_input(p, n_boot, match):
     with pytest.raises(ValueError, match=match):
         format_p_value(p, n_boot)

@@ -17,6 +17,7 @@ Names are imported on first use (a module-level ``__getattr__``, PEP 562), so ``
 xfeat`` (and ``xfeat --help``) is instant and changes nothing in the process (no matplotlib
 backend, no torch settings).
 """
+
 import importlib
 
 __version__ = "0.2.0"

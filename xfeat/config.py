@@ -4,6 +4,7 @@ Importing this module costs nothing (no torch, no numpy), so ``xfeat --help`` re
 option defaults from here. A run records the dataclass it ran with (``asdict``), and a
 checkpoint resumes only with the same training fields.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -105,10 +106,20 @@ class FinetuneConfig:
     # Fields that do not change the trained network: a checkpoint resumes across them.
     _NOT_TRAINING = ("threshold", "n_boot", "adapt")
     _RECIPE_DEFAULTS = {
-        "tutorial": {"lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0,
-                     "label_smoothing": 0.0, "backbone_lr_scale": 1.0},
-        "modern": {"lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 1,
-                   "label_smoothing": 0.1, "backbone_lr_scale": 0.1},
+        "tutorial": {
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "warmup_epochs": 0,
+            "label_smoothing": 0.0,
+            "backbone_lr_scale": 1.0,
+        },
+        "modern": {
+            "lr": 1e-3,
+            "weight_decay": 0.05,
+            "warmup_epochs": 1,
+            "label_smoothing": 0.1,
+            "backbone_lr_scale": 0.1,
+        },
     }
 
     def __post_init__(self):
@@ -127,15 +138,16 @@ class FinetuneConfig:
         _check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
         _check_number("backbone_lr_scale", self.backbone_lr_scale, low=0.0)
         if self.probe is not None and self.mode != "lp-ft":
-            raise ConfigError(f"probe={self.probe!r} applies to mode 'lp-ft' only, not "
-                              f"{self.mode!r}")
+            raise ConfigError(f"probe={self.probe!r} applies to mode 'lp-ft' only, not {self.mode!r}")
         if self.adapt not in (None, "adabn"):
-            raise ConfigError(f"adapt={self.adapt!r}: a fine-tuned network takes 'adabn' "
-                              "(BatchNorm statistics re-estimated on the test images, "
-                              "transductive)")
+            raise ConfigError(
+                f"adapt={self.adapt!r}: a fine-tuned network takes 'adabn' "
+                "(BatchNorm statistics re-estimated on the test images, "
+                "transductive)"
+            )
         parse_threshold_rule(self.threshold)
 
-    def resolved(self) -> "FinetuneConfig":
+    def resolved(self) -> FinetuneConfig:
         """A copy with every ``None`` recipe field set to the recipe's value."""
         defaults = self._RECIPE_DEFAULTS[self.recipe]
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
@@ -147,12 +159,14 @@ class FinetuneConfig:
         """The fields that determine the trained network (a resumed run must match them)."""
         return {k: v for k, v in asdict(self.resolved()).items() if k not in self._NOT_TRAINING}
 
-    def with_options(self, **options) -> "FinetuneConfig":
+    def with_options(self, **options) -> FinetuneConfig:
         """A copy with some fields replaced; an unknown name is a :class:`ConfigError`."""
         unknown = sorted(set(options) - {f.name for f in fields(self)})
         if unknown:
-            raise ConfigError(f"unknown fine-tuning options {unknown}; expected some of "
-                              f"{sorted(f.name for f in fields(self))}")
+            raise ConfigError(
+                f"unknown fine-tuning options {unknown}; expected some of "
+                f"{sorted(f.name for f in fields(self))}"
+            )
         return replace(self, **options)
 
 
@@ -175,16 +189,19 @@ def _check_number(name: str, value, *, low=None, high=None, low_open=False) -> N
     if ok and high is not None:
         ok = value <= high
     if not ok:
-        bounds = (f" {'>' if low_open else '>='} {low}" if low is not None else "") + \
-            (f" and <= {high}" if high is not None else "")
+        bounds = (f" {'>' if low_open else '>='} {low}" if low is not None else "") + (
+            f" and <= {high}" if high is not None else ""
+        )
         raise ConfigError(f"{name}={value!r}: expected a number{bounds}")
 
 
 # Decision-threshold rules (``youden``, ``0.5``, ``sensitivity:0.95``), parsed without numpy so
 # options are validated before any work starts; xfeat.evaluation.metrics.choose_threshold
 # applies a rule.
-RULE_HELP = ("expected 'youden', a probability in (0, 1) such as 0.5, or "
-             "'sensitivity:T' / 'specificity:T' with T in (0, 1]")
+RULE_HELP = (
+    "expected 'youden', a probability in (0, 1) such as 0.5, or "
+    "'sensitivity:T' / 'specificity:T' with T in (0, 1]"
+)
 
 
 def parse_threshold_rule(rule):
@@ -203,8 +220,10 @@ def parse_threshold_rule(rule):
             target = _to_float(value)
             if target is not None and 0.0 < target <= 1.0:
                 return f"{kind}:{target!r}"
-            raise ConfigError(f"threshold rule {rule!r}: the {kind} target must be a number "
-                              f"in (0, 1], e.g. '{kind}:0.95'")
+            raise ConfigError(
+                f"threshold rule {rule!r}: the {kind} target must be a number "
+                f"in (0, 1], e.g. '{kind}:0.95'"
+            )
         number = _to_float(text)
         if number is not None:
             if 0.0 < number < 1.0:

@@ -5,6 +5,7 @@ Every one derives from :class:`XfeatError`; the command line prints those as one
 built-in type that fits it (``ValueError`` for a bad value, ``RuntimeError`` for a failed
 step), so ``except ValueError`` keeps working in notebooks.
 """
+
 from __future__ import annotations
 
 
@@ -24,8 +25,10 @@ class ImageReadError(DataError):
     """One image file (or array row) cannot be decoded."""
 
     def __init__(self, path: str, reason: str):
-        super().__init__(f"cannot read image {path}: {reason} (pass --skip-bad / skip_bad=True "
-                         "to record and skip unreadable images)")
+        super().__init__(
+            f"cannot read image {path}: {reason} (pass --skip-bad / skip_bad=True "
+            "to record and skip unreadable images)"
+        )
         self.path, self.reason = path, reason
 
 

@@ -4,14 +4,15 @@ Every file xfeat writes for a user (results, heads, reports, CSVs, checkpoints) 
 :func:`atomic_write`: a reader sees the old file or the complete new one, never a half-written
 one, even if the process is killed or the disk fills up.
 """
+
 from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import io
 import json
 import math
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,12 +33,16 @@ def describe_os_error(exc: OSError, path) -> str:
     if exc.errno == errno.ENOSPC:
         return f"no space left on the device while writing {path}; free some space and run again"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f"cannot write {path}: permission denied (read-only folder?); choose a writable "
-                "folder (--out / --cache-dir)")
-    if exc.errno in (errno.ENOTDIR, errno.EEXIST) or isinstance(exc, (NotADirectoryError,
-                                                                       FileExistsError)):
-        return (f"cannot write {path}: a parent of it is a regular file, not a folder; choose "
-                "another path")
+        return (
+            f"cannot write {path}: permission denied (read-only folder?); choose a writable "
+            "folder (--out / --cache-dir)"
+        )
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) or isinstance(
+        exc, (NotADirectoryError, FileExistsError)
+    ):
+        return (
+            f"cannot write {path}: a parent of it is a regular file, not a folder; choose another path"
+        )
     if exc.errno == errno.EISDIR:
         return f"cannot write {path}: it is a folder; give a file name"
     return f"cannot write {path}: {exc.strerror or exc}"
@@ -133,9 +138,14 @@ def write_csv(path, rows: Iterable[dict], columns: list) -> Path:
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: json.dumps(jsonable(v)) if isinstance(v, (list, tuple, dict))
-                         else ("" if isinstance(v, float) and not math.isfinite(v) else v)
-                         for k, v in row.items()})
+        writer.writerow(
+            {
+                k: json.dumps(jsonable(v))
+                if isinstance(v, (list, tuple, dict))
+                else ("" if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in row.items()
+            }
+        )
     return write_text(path, buf.getvalue())
 
 

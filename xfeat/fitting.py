@@ -3,6 +3,7 @@
 Protocol: the head chooses its hyper-parameters (C, k, epoch) on val; the decision threshold
 is chosen on val; test is evaluated once, with those choices, and influences nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,24 +15,36 @@ import numpy as np
 from sklearn.base import clone
 
 from xfeat import cache as cache_io
+from xfeat.config import parse_threshold_rule
 from xfeat.errors import ConfigError, DataError
+from xfeat.evaluation.metrics import evaluate_splits
 from xfeat.extraction.features import load_features
 from xfeat.heads import create_head, save_head
-from xfeat.evaluation.metrics import evaluate_splits
-from xfeat.runs.results import RunResult, new_record
 from xfeat.runs.folders import check_writable, default_run_dir, run_lock
-from xfeat.config import parse_threshold_rule
+from xfeat.runs.results import RunResult, new_record
 
 logger = logging.getLogger(__name__)
 
 
-def fit_head(data=None, model: str = "resnet18", *, weights="none",
-             cache: Union[str, Path, cache_io.FeatureSet, list, None] = None,
-             head: str = "logreg", threshold: Union[str, float] = "youden",
-             head_params: Optional[dict] = None, out_dir: Union[str, Path, None] = None,
-             n_boot: int = 1000, seed: int = 0, extract_options: Optional[dict] = None,
-             blocks: Optional[Sequence[str]] = None, use_views: bool = True,
-             tta=None, adapt: Optional[str] = None, save: bool = True) -> RunResult:
+def fit_head(
+    data=None,
+    model: str = "resnet18",
+    *,
+    weights="none",
+    cache: Union[str, Path, cache_io.FeatureSet, list, None] = None,
+    head: str = "logreg",
+    threshold: Union[str, float] = "youden",
+    head_params: Optional[dict] = None,
+    out_dir: Union[str, Path, None] = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    extract_options: Optional[dict] = None,
+    blocks: Optional[Sequence[str]] = None,
+    use_views: bool = True,
+    tta=None,
+    adapt: Optional[str] = None,
+    save: bool = True,
+) -> RunResult:
     """Fit ``head`` on the cached features of ``model`` and evaluate it on every split.
 
     Parameters
@@ -52,49 +65,67 @@ def fit_head(data=None, model: str = "resnet18", *, weights="none",
     out_dir : where results.json, predictions.npz and head.npz go
         (default ``runs/DATASET/MODEL-WEIGHTS/cached-HEAD``).
     """
-    from xfeat.heads.adaptation import check_method
     from xfeat.extraction.views import parse_tta
+    from xfeat.heads.adaptation import check_method
 
     t_start = time.perf_counter()
     parse_threshold_rule(threshold)  # before any extraction
     adapt, tta = check_method(adapt), parse_tta(tta)
     check_writable(out_dir)
-    loaded = load_features(data, model, weights=weights, cache=cache, blocks=blocks,
-                           extract_options=extract_options, command="fit_head")
+    loaded = load_features(
+        data,
+        model,
+        weights=weights,
+        cache=cache,
+        blocks=blocks,
+        extract_options=extract_options,
+        command="fit_head",
+    )
     features = loaded.features
     inputs = _inputs(features, use_views=use_views, tta=tta)
-    fitted, threshold_on, fit_seconds = _fit(inputs, head, dict(head_params or {}),
-                                             features.meta["class_names"])
+    fitted, threshold_on, fit_seconds = _fit(
+        inputs, head, dict(head_params or {}), features.meta["class_names"]
+    )
     t_eval = time.perf_counter()
     probas, adaptation = _predict(fitted, inputs, adapt, features.meta["class_names"], seed)
     labels = {s: sp.labels for s, sp in features.splits.items()}
-    evaluation = evaluate_splits(labels, probas, threshold=threshold, n_boot=n_boot, seed=seed,
-                                 threshold_on=threshold_on)
+    evaluation = evaluate_splits(
+        labels, probas, threshold=threshold, n_boot=n_boot, seed=seed, threshold_on=threshold_on
+    )
     timing = {"fit": fit_seconds, "evaluate": time.perf_counter() - t_eval, "start": t_start}
-    params = {"head_params": head_params or {}, "threshold": threshold, "n_boot": n_boot,
-              "seed": seed, "blocks": [b for b, _ in features.blocks], "tta": list(tta),
-              "train_views": inputs["train_views"], "adapt": adapt}
-    record = _record(features, fitted, head, evaluation, timing, cache_hit=loaded.cache_hit,
-                     params=params)
+    params = {
+        "head_params": head_params or {},
+        "threshold": threshold,
+        "n_boot": n_boot,
+        "seed": seed,
+        "blocks": [b for b, _ in features.blocks],
+        "tta": list(tta),
+        "train_views": inputs["train_views"],
+        "adapt": adapt,
+    }
+    record = _record(
+        features, fitted, head, evaluation, timing, cache_hit=loaded.cache_hit, params=params
+    )
     if adaptation:
         record["adaptation"] = adaptation
         record["transductive"] = True
-    result = RunResult(record, {s: (sp.ids, labels[s], probas[s])
-                                for s, sp in features.splits.items()}, head=fitted)
+    result = RunResult(
+        record, {s: (sp.ids, labels[s], probas[s]) for s, sp in features.splits.items()}, head=fitted
+    )
     if save:
-        source = _adaptation_source(inputs, fitted.predict_proba(inputs["eval"]["val"]),
-                                    features.meta["class_names"], threshold)
+        source = _adaptation_source(
+            inputs, fitted.predict_proba(inputs["eval"]["val"]), features.meta["class_names"], threshold
+        )
         _save(result, features.meta, head, evaluation, out_dir, features.blocks, source, tta)
     return result
 
 
-def _adaptation_source(inputs: dict, val_proba: np.ndarray, class_names: list,
-                       threshold) -> dict:
+def _adaptation_source(inputs: dict, val_proba: np.ndarray, class_names: list, threshold) -> dict:
     """What ``predict --adapt`` needs of the source: feature statistics of train, and the
     bias-corrected temperature scaling fitted on val with the train prior and the threshold
     chosen on the calibrated val probabilities (for EM)."""
-    from xfeat.heads.adaptation import calibrator, fit_bcts
     from xfeat.evaluation.metrics import choose_threshold
+    from xfeat.heads.adaptation import calibrator, fit_bcts
 
     X, y = inputs["train_features"], inputs["train_labels"]
     t, b = fit_bcts(np.log(np.clip(val_proba, 1e-12, 1)), inputs["val_labels"])
@@ -102,8 +133,7 @@ def _adaptation_source(inputs: dict, val_proba: np.ndarray, class_names: list,
     calibration = {"temperature": t, "bias": b.tolist(), "source_prior": prior.tolist()}
     if len(class_names) == 2:
         calibrated = calibrator(t, b)(val_proba)[:, 1]
-        calibration["threshold"] = float(choose_threshold(inputs["val_labels"], calibrated,
-                                                          threshold))
+        calibration["threshold"] = float(choose_threshold(inputs["val_labels"], calibrated, threshold))
     return {"mean": X.mean(0).tolist(), "std": X.std(0).tolist(), "calibration": calibration}
 
 
@@ -113,8 +143,7 @@ def _inputs(features, *, use_views: bool, tta: tuple) -> dict:
 
     train = features["train"]
     views = list(features.views.get("train", {}).values()) if use_views else []
-    X = np.concatenate([train.features] + [v.features for v in views]) if views else \
-        train.features
+    X = np.concatenate([train.features] + [v.features for v in views]) if views else train.features
     y = np.concatenate([train.labels] * (1 + len(views)))
     evaluated = {}
     for split, part in features.splits.items():
@@ -124,13 +153,20 @@ def _inputs(features, *, use_views: bool, tta: tuple) -> dict:
             names = tta_views(tta)
             missing = [v for v in names if v not in cached]
             if missing:
-                raise cache_io.CacheError(f"{features.path.name} has no {split} views "
-                                          f"{missing}; extract with --tta {','.join(tta)}")
+                raise cache_io.CacheError(
+                    f"{features.path.name} has no {split} views "
+                    f"{missing}; extract with --tta {','.join(tta)}"
+                )
             X_split = np.mean([part.features] + [cached[v].features for v in names], axis=0)
         evaluated[split] = X_split
-    return {"train": (X, y), "eval": evaluated, "val_labels": features["val"].labels,
-            "train_features": train.features, "train_labels": train.labels,
-            "train_views": len(views)}
+    return {
+        "train": (X, y),
+        "eval": evaluated,
+        "val_labels": features["val"].labels,
+        "train_features": train.features,
+        "train_labels": train.labels,
+        "train_views": len(views),
+    }
 
 
 def _fit(inputs: dict, head: str, params: dict, class_names: list):
@@ -166,19 +202,31 @@ def _predict(fitted, inputs: dict, adapt: Optional[str], class_names: list, seed
         details = {"method": adapt, "target": "test images (labels not read)"}
     probas = {s: fitted.predict_proba(x) for s, x in X.items()}
     if adapt == "em" and "test" in X:
-        prior = np.bincount(inputs["train_labels"], minlength=len(class_names)) / \
-            len(inputs["train_labels"])
+        prior = np.bincount(inputs["train_labels"], minlength=len(class_names)) / len(
+            inputs["train_labels"]
+        )
         calibrate, probas["test"], details = adaptation.em_adapt(
-            probas["val"], inputs["val_labels"], probas["test"], prior)
+            probas["val"], inputs["val_labels"], probas["test"], prior
+        )
         # The threshold is chosen on val in the space of the adjusted probabilities.
         probas.update({s: calibrate(p) for s, p in probas.items() if s != "test"})
-        details["note"] = ("train and val probabilities are temperature-scaled (BCTS fitted on "
-                           "val); the threshold is chosen on them")
-        shift = adaptation.within_class_shift(inputs["train_features"], inputs["train_labels"],
-                                              X["test"], probas["test"].argmax(1), seed=seed)
-        details.update(method="em", target="test images (labels not read)",
-                       within_class_shift_auc={class_names[c]: v for c, v in shift.items()},
-                       warning=adaptation.em_warning(shift, class_names))
+        details["note"] = (
+            "train and val probabilities are temperature-scaled (BCTS fitted on "
+            "val); the threshold is chosen on them"
+        )
+        shift = adaptation.within_class_shift(
+            inputs["train_features"],
+            inputs["train_labels"],
+            X["test"],
+            probas["test"].argmax(1),
+            seed=seed,
+        )
+        details.update(
+            method="em",
+            target="test images (labels not read)",
+            within_class_shift_auc={class_names[c]: v for c, v in shift.items()},
+            warning=adaptation.em_warning(shift, class_names),
+        )
         if details["warning"]:
             logger.warning("%s", details["warning"])
     if details:
@@ -186,8 +234,9 @@ def _predict(fitted, inputs: dict, adapt: Optional[str], class_names: list, seed
     return probas, details
 
 
-def _record(features, fitted, head: str, evaluation: dict, timing: dict, *, cache_hit: bool,
-            params: dict) -> dict:
+def _record(
+    features, fitted, head: str, evaluation: dict, timing: dict, *, cache_hit: bool, params: dict
+) -> dict:
     """The ``results.json`` record of a head on the cache."""
     meta = features.meta
     extract_seconds = sum(s.get("seconds_total") or 0 for s in meta["splits"].values())
@@ -195,49 +244,81 @@ def _record(features, fitted, head: str, evaluation: dict, timing: dict, *, cach
     record = new_record(
         model=meta["model"],
         weights={k: meta["weights"][k] for k in ("kind", "id", "sha256")},
-        mode="cached", head=head,
-        dataset={"name": meta["dataset"]["name"], "source": meta["dataset"]["source"],
-                 "fingerprint": meta["dataset"]["fingerprint"],
-                 "class_names": meta["class_names"], "counts": meta["dataset"]["counts"]},
+        mode="cached",
+        head=head,
+        dataset={
+            "name": meta["dataset"]["name"],
+            "source": meta["dataset"]["source"],
+            "fingerprint": meta["dataset"]["fingerprint"],
+            "class_names": meta["class_names"],
+            "counts": meta["dataset"]["counts"],
+        },
         threshold=evaluation["threshold"],
         selection=fitted.selection_,
         metrics=evaluation["metrics"],
         **{"metrics_at_0.5": evaluation["metrics_at_0.5"]},
         ci=evaluation["ci"],
-        timing={"extract_seconds": extract_seconds, "fit_seconds": timing["fit"],
-                "evaluate_seconds": timing["evaluate"],
-                "total_seconds": extract_seconds + timing["fit"] + timing["evaluate"],
-                "wall_seconds": time.perf_counter() - timing["start"],
-                "extract_images_per_second": n_images / extract_seconds if extract_seconds
-                else None},
-        cache={"path": str(features.path), "key": features.key, "hit": cache_hit,
-               "feature_dim": sum(d for _, d in features.blocks)},
+        timing={
+            "extract_seconds": extract_seconds,
+            "fit_seconds": timing["fit"],
+            "evaluate_seconds": timing["evaluate"],
+            "total_seconds": extract_seconds + timing["fit"] + timing["evaluate"],
+            "wall_seconds": time.perf_counter() - timing["start"],
+            "extract_images_per_second": n_images / extract_seconds if extract_seconds else None,
+        },
+        cache={
+            "path": str(features.path),
+            "key": features.key,
+            "hit": cache_hit,
+            "feature_dim": sum(d for _, d in features.blocks),
+        },
         history=getattr(fitted, "history_", []),
         params=params,
         skipped=features.skipped,
     )
     if fitted.selection_.get("refit_on_val"):
-        record["notes"] = ["refit on train+val: val metrics are in-sample; the threshold was "
-                           "chosen on val with the train-only model of the same C"]
+        record["notes"] = [
+            "refit on train+val: val metrics are in-sample; the threshold was "
+            "chosen on val with the train-only model of the same C"
+        ]
     return record
 
 
-def _save(result: RunResult, meta: dict, head: str, evaluation: dict, out_dir,
-          blocks: list, adaptation_source: dict, tta=()) -> Path:
+def _save(
+    result: RunResult,
+    meta: dict,
+    head: str,
+    evaluation: dict,
+    out_dir,
+    blocks: list,
+    adaptation_source: dict,
+    tta=(),
+) -> Path:
     """results.json, predictions, head.npz (and the training curves) in the run folder."""
-    run_dir = Path(out_dir) if out_dir else default_run_dir(
-        meta["dataset"]["name"], meta["model"], meta["weights"], f"cached-{head}")
+    run_dir = (
+        Path(out_dir)
+        if out_dir
+        else default_run_dir(meta["dataset"]["name"], meta["model"], meta["weights"], f"cached-{head}")
+    )
     with run_lock(run_dir, "fit-head run"):
         result.save(run_dir)
-        save_head(result.head, run_dir / "head.npz",
-                  metadata={**head_metadata(meta, evaluation, blocks, tta),
-                            "adaptation_source": adaptation_source})
+        save_head(
+            result.head,
+            run_dir / "head.npz",
+            metadata={
+                **head_metadata(meta, evaluation, blocks, tta),
+                "adaptation_source": adaptation_source,
+            },
+        )
         if result.record["history"]:
             from xfeat.report import plot_training_curves
 
-            plot_training_curves(result.record["history"], run_dir / "curves.png",
-                                 title=f"{meta['model']} cached {head} head",
-                                 best_epoch=result.head.selection_.get("best_epoch"))
+            plot_training_curves(
+                result.record["history"],
+                run_dir / "curves.png",
+                title=f"{meta['model']} cached {head} head",
+                best_epoch=result.head.selection_.get("best_epoch"),
+            )
     logger.info("saved %s", run_dir)
     return run_dir
 
@@ -246,22 +327,30 @@ def _check_every_class_in_train(labels, class_names: list) -> None:
     """A head's probability columns are the classes it saw in train; xfeat needs all of them."""
     missing = sorted(set(range(len(class_names))) - set(np.unique(labels).tolist()))
     if missing:
-        raise DataError(f"the train split has no images of class(es) "
-                        f"{[class_names[i] for i in missing]}; every class must occur in train")
+        raise DataError(
+            f"the train split has no images of class(es) "
+            f"{[class_names[i] for i in missing]}; every class must occur in train"
+        )
 
 
 def head_metadata(meta: dict, evaluation: dict, blocks: list, tta=()) -> dict:
     """What a saved head must know to be applied again: its backbone, blocks, threshold."""
     sources = meta.get("sources") or [{k: meta[k] for k in ("model", "weights", "preprocessing")}]
-    return {"threshold": evaluation["threshold"]["value"],
-            "threshold_rule": evaluation["threshold"]["rule"],
-            "class_names": meta["class_names"], "model": meta["model"],
-            "blocks": [list(b) for b in blocks], "feature_dim": sum(d for _, d in blocks),
-            "weights": meta["weights"], "preprocessing": meta["preprocessing"],
-            "sources": [{k: src[k] for k in ("model", "weights", "preprocessing")}
-                        for src in sources],
-            "cache_key": meta["key"], "dataset_fingerprint": meta["dataset"]["fingerprint"],
-            "tta": list(tta), "precision": meta.get("precision", "fp32")}
+    return {
+        "threshold": evaluation["threshold"]["value"],
+        "threshold_rule": evaluation["threshold"]["rule"],
+        "class_names": meta["class_names"],
+        "model": meta["model"],
+        "blocks": [list(b) for b in blocks],
+        "feature_dim": sum(d for _, d in blocks),
+        "weights": meta["weights"],
+        "preprocessing": meta["preprocessing"],
+        "sources": [{k: src[k] for k in ("model", "weights", "preprocessing")} for src in sources],
+        "cache_key": meta["key"],
+        "dataset_fingerprint": meta["dataset"]["fingerprint"],
+        "tta": list(tta),
+        "precision": meta.get("precision", "fp32"),
+    }
 
 
 def check_head_matches(head_meta: dict, features_meta: dict, *, source: str = "features") -> None:
@@ -269,18 +358,26 @@ def check_head_matches(head_meta: dict, features_meta: dict, *, source: str = "f
     blocks."""
     for field, what in (("model", "backbone"), ("preprocessing", "preprocessing")):
         if head_meta[field] != features_meta[field]:
-            raise ConfigError(f"the head was trained on {what} {head_meta[field]!r} but "
-                              f"{source} come from {features_meta[field]!r}; fit a head on "
-                              "these features or extract them with the head's backbone")
-    head_blocks = [tuple(b) for b in head_meta.get("blocks") or
-                   [("penultimate", head_meta["feature_dim"])]]
-    have = {tuple(b) for b in features_meta.get("blocks") or
-            [("penultimate", features_meta["feature_dim"])]}
+            raise ConfigError(
+                f"the head was trained on {what} {head_meta[field]!r} but "
+                f"{source} come from {features_meta[field]!r}; fit a head on "
+                "these features or extract them with the head's backbone"
+            )
+    head_blocks = [
+        tuple(b) for b in head_meta.get("blocks") or [("penultimate", head_meta["feature_dim"])]
+    ]
+    have = {
+        tuple(b) for b in features_meta.get("blocks") or [("penultimate", features_meta["feature_dim"])]
+    }
     missing = [b for b in head_blocks if b not in have]
     if missing:
-        raise ConfigError(f"the head was trained on feature blocks {head_blocks} but {source} "
-                          f"lack {missing}; extract them with the head's --layers")
+        raise ConfigError(
+            f"the head was trained on feature blocks {head_blocks} but {source} "
+            f"lack {missing}; extract them with the head's --layers"
+        )
     hw, fw = head_meta["weights"], features_meta["weights"]
     if (hw["kind"], hw.get("sha256") or hw["id"]) != (fw["kind"], fw.get("sha256") or fw["id"]):
-        raise ConfigError(f"the head was trained on features of weights {hw['id']} but "
-                          f"{source} come from weights {fw['id']}")
+        raise ConfigError(
+            f"the head was trained on features of weights {hw['id']} but "
+            f"{source} come from weights {fw['id']}"
+        )

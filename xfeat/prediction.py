@@ -1,4 +1,5 @@
 """``predict``: apply a saved head to new image files with the backbone it was trained on."""
+
 from __future__ import annotations
 
 import logging
@@ -10,11 +11,11 @@ from scipy.special import softmax
 
 from xfeat.backbones import Preprocessing, create_backbone
 from xfeat.config import PREDICT_ADAPTATIONS, default_cache_dir
+from xfeat.data.images import IMAGE_EXTENSIONS, check_utf8_names, scan_image_files, warn_skipped
 from xfeat.errors import ConfigError, DataError
+from xfeat.extraction.views import parse_tta
 from xfeat.files import write_csv
 from xfeat.heads import load_head
-from xfeat.extraction.views import parse_tta
-from xfeat.data.images import IMAGE_EXTENSIONS, check_utf8_names, scan_image_files, warn_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,9 @@ def expand_images(inputs: Sequence[Union[str, Path]]) -> list:
             found, skipped = scan_image_files(p, recursive=True)
             warn_skipped(skipped, str(p))
             if not found:
-                raise DataError(f"folder {p} holds no images with extensions "
-                                f"{', '.join(IMAGE_EXTENSIONS)}")
+                raise DataError(
+                    f"folder {p} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}"
+                )
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -45,8 +47,9 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
     w = meta["weights"]
     if w["kind"] == "random":
         if weights_override:
-            raise ConfigError(f"the head's backbone has random weights ({w['id']}); --weights "
-                             "does not apply")
+            raise ConfigError(
+                f"the head's backbone has random weights ({w['id']}); --weights does not apply"
+            )
         seed = w.get("seed")
         if seed is None:  # caches written before the seed was recorded
             seed = int(w["id"].split("seed=")[1].rstrip(")"))
@@ -60,18 +63,33 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
     else:
         weights, kwargs = weights_override or w["id"], {}
         if not Path(weights).is_file():
-            raise ConfigError(f"the head was trained on features of weights file {w['id']}, "
-                                    "which is not there; pass its current location with --weights")
+            raise ConfigError(
+                f"the head was trained on features of weights file {w['id']}, "
+                "which is not there; pass its current location with --weights"
+            )
     backbone = create_backbone(meta["model"], weights, progress=False, **kwargs)
     if w.get("sha256") and backbone.weights.sha256 and backbone.weights.sha256 != w["sha256"]:
-        raise ConfigError(f"weights {weights} (sha256 {backbone.weights.sha256[:12]}) are not the "
-                         f"weights the head was trained with (sha256 {w['sha256'][:12]})")
+        raise ConfigError(
+            f"weights {weights} (sha256 {backbone.weights.sha256[:12]}) are not the "
+            f"weights the head was trained with (sha256 {w['sha256'][:12]})"
+        )
     backbone.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     return backbone
 
 
-def _features(sources: list, blocks: list, files: list, views, *, weights, batch_size,
-              num_workers, device, compile, progress):
+def _features(
+    sources: list,
+    blocks: list,
+    files: list,
+    views,
+    *,
+    weights,
+    batch_size,
+    num_workers,
+    device,
+    compile,
+    progress,
+):
     """``(X (N, D) per view, errors)``: the head's blocks, every source's backbone run once."""
     from xfeat.extraction.forward import Runner, embed_files
     from xfeat.extraction.runtime import resolve_device
@@ -81,12 +99,22 @@ def _features(sources: list, blocks: list, files: list, views, *, weights, batch
     columns, errors = {v: {} for v in views}, None
     for src in sources:
         prefix = src["model"] + ":"
-        mine = [(b[len(prefix):] if prefixed else b, d) for b, d in blocks
-                if not prefixed or b.startswith(prefix)]
-        runner = Runner(_backbone_for(src, weights if not prefixed else None), mine, dev,
-                        batch_size=batch_size, compile=compile, cache_dir=default_cache_dir())
-        outputs, errs = embed_files(runner, files, views=views, batch_size=batch_size,
-                                    num_workers=num_workers, progress=progress)
+        mine = [
+            (b[len(prefix) :] if prefixed else b, d)
+            for b, d in blocks
+            if not prefixed or b.startswith(prefix)
+        ]
+        runner = Runner(
+            _backbone_for(src, weights if not prefixed else None),
+            mine,
+            dev,
+            batch_size=batch_size,
+            compile=compile,
+            cache_dir=default_cache_dir(),
+        )
+        outputs, errs = embed_files(
+            runner, files, views=views, batch_size=batch_size, num_workers=num_workers, progress=progress
+        )
         errors = errs if errors is None else [a or b for a, b in zip(errors, errs)]
         for view, out in outputs.items():
             for b, _ in mine:
@@ -95,8 +123,21 @@ def _features(sources: list, blocks: list, files: list, views, *, weights, batch
     return X, errors
 
 
-def _probabilities(network, head, meta: dict, files: list, *, weights, tta, adapt,
-                   batch_size, num_workers, device, compile, progress):
+def _probabilities(
+    network,
+    head,
+    meta: dict,
+    files: list,
+    *,
+    weights,
+    tta,
+    adapt,
+    batch_size,
+    num_workers,
+    device,
+    compile,
+    progress,
+):
     """``(proba (N, C) with NaN rows, errors, adaptation)`` of the files.
 
     ``tta``: features averaged over the centre crop and the test-time views. ``adapt``
@@ -114,15 +155,31 @@ def _probabilities(network, head, meta: dict, files: list, *, weights, tta, adap
         from xfeat.extraction.forward import Runner, embed_files
         from xfeat.extraction.runtime import resolve_device
 
-        runner = Runner(network, blocks, resolve_device(device), batch_size=batch_size,
-                        compile=compile, cache_dir=default_cache_dir())
-        out, errors = embed_files(runner, files, views=views, batch_size=batch_size,
-                                  num_workers=num_workers, progress=progress)
+        runner = Runner(
+            network,
+            blocks,
+            resolve_device(device),
+            batch_size=batch_size,
+            compile=compile,
+            cache_dir=default_cache_dir(),
+        )
+        out, errors = embed_files(
+            runner, files, views=views, batch_size=batch_size, num_workers=num_workers, progress=progress
+        )
         X = {v: o["penultimate"] for v, o in out.items()}
     else:
-        X, errors = _features(sources, blocks, files, views, weights=weights,
-                              batch_size=batch_size, num_workers=num_workers, device=device,
-                              compile=compile, progress=progress)
+        X, errors = _features(
+            sources,
+            blocks,
+            files,
+            views,
+            weights=weights,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            compile=compile,
+            progress=progress,
+        )
     features = np.mean([X[v] for v in views], axis=0) if X else np.zeros((0, 0), np.float32)
     ok = np.array([not e for e in errors], dtype=bool)
     proba = np.full((len(files), len(meta["class_names"])), np.nan)
@@ -144,8 +201,9 @@ def _head_proba(head, meta: dict, X: np.ndarray, adapt):
         return head.predict_proba(X), None
     recorded = meta.get("adaptation_source")
     if not recorded:
-        raise ConfigError("this head file records no source statistics for --adapt; fit it "
-                          "again with this xfeat")
+        raise ConfigError(
+            "this head file records no source statistics for --adapt; fit it again with this xfeat"
+        )
     details = {"method": adapt, "transductive": True, "target": f"the {len(X)} images given"}
     if adapt == "standardize":
         X = adaptation.standardize_to(X, recorded["mean"], recorded["std"])
@@ -155,11 +213,20 @@ def _head_proba(head, meta: dict, X: np.ndarray, adapt):
     return adjusted, {**details, **em, "threshold": recorded["calibration"].get("threshold")}
 
 
-def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
-            out_csv: Union[str, Path, None] = None, weights: Optional[str] = None,
-            tta=None, adapt: Optional[str] = None, batch_size: int = 32,
-            num_workers: Optional[int] = None, device: Optional[str] = None,
-            compile: bool = False, progress: bool = True) -> list:
+def predict(
+    head_path: Union[str, Path],
+    images: Sequence[Union[str, Path]],
+    *,
+    out_csv: Union[str, Path, None] = None,
+    weights: Optional[str] = None,
+    tta=None,
+    adapt: Optional[str] = None,
+    batch_size: int = 32,
+    num_workers: Optional[int] = None,
+    device: Optional[str] = None,
+    compile: bool = False,
+    progress: bool = True,
+) -> list:
     """Classify image files with a saved head (``head.npz`` from fit-head) or a fine-tuned
     network (``model.pt`` from finetune); one dict per image (and a CSV if asked).
 
@@ -176,8 +243,9 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     adapt = check_method(adapt, PREDICT_ADAPTATIONS)
     tta_given = tta is not None
     if adapt and Path(head_path).suffix == ".pt":
-        raise ConfigError("--adapt applies to heads (head.npz); for a fine-tuned network use "
-                          "finetune --adapt adabn")
+        raise ConfigError(
+            "--adapt applies to heads (head.npz); for a fine-tuned network use finetune --adapt adabn"
+        )
     if out_csv is not None:
         from xfeat.runs.folders import check_writable
 
@@ -193,15 +261,28 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     files = expand_images(images)
     if not tta_given and meta.get("tta"):
         tta = meta["tta"]  # the head's val choices and threshold were made on these views
-        logger.info("averaging the features of the views %s, as the head was fitted "
-                    "(--tta to change)", ",".join(tta))
+        logger.info(
+            "averaging the features of the views %s, as the head was fitted (--tta to change)",
+            ",".join(tta),
+        )
     if meta.get("precision", "fp32") != "fp32":
-        logger.warning("the head was fitted on %s features; predict extracts fp32 ones",
-                       meta["precision"])
+        logger.warning(
+            "the head was fitted on %s features; predict extracts fp32 ones", meta["precision"]
+        )
     proba, errors, adaptation = _probabilities(
-        network, head, meta, files, weights=weights, tta=parse_tta(tta), adapt=adapt,
-        batch_size=batch_size, num_workers=num_workers, device=device, compile=compile,
-        progress=progress)
+        network,
+        head,
+        meta,
+        files,
+        weights=weights,
+        tta=parse_tta(tta),
+        adapt=adapt,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        compile=compile,
+        progress=progress,
+    )
     if adaptation:
         logger.info("transductive adaptation (%s) to the %d images given", adapt, len(files))
     ok = np.array([not e for e in errors], dtype=bool)
@@ -213,8 +294,11 @@ def predict(head_path: Union[str, Path], images: Sequence[Union[str, Path]], *,
     for i, path in enumerate(files):
         row = {"path": str(path), **{f"p_{c}": float(proba[i, j]) for j, c in enumerate(classes)}}
         if ok[i]:
-            label = int(proba[i, 1] >= threshold) if threshold is not None and len(classes) == 2 \
+            label = (
+                int(proba[i, 1] >= threshold)
+                if threshold is not None and len(classes) == 2
                 else int(np.argmax(proba[i]))
+            )
             row.update(predicted=classes[label], error="")
         else:
             logger.warning("%s", errors[i])

@@ -19,6 +19,7 @@ and CSV lists of flagged images. Every probe is :class:`~xfeat.heads.LogisticHea
 (standardised features, L2, balanced class weights), so the numbers mean the same as
 ``fit_head``'s.
 """
+
 from xfeat.analysis.core import Analysis, analyze
 
 __all__ = ["Analysis", "analyze"]

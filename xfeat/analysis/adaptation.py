@@ -5,18 +5,19 @@ Every method here is *transductive*: it uses the unlabelled test images, as
 ``fit-head --adapt METHOD`` does. Test labels are read only to report the numbers (as in every
 section of the analysis); they choose nothing.
 """
+
 from __future__ import annotations
 
 import logging
 
 import numpy as np
 
-from xfeat.heads import adaptation as adapt
-from xfeat.heads import LogisticHead
-from xfeat.evaluation.metrics import choose_threshold, compute_metrics
-from xfeat.runs.results import RunResult
-from xfeat.report.analysis_figures import plot_grouped_bars
 from xfeat.analysis.section import Section, diff, fmt, md_table
+from xfeat.evaluation.metrics import choose_threshold, compute_metrics
+from xfeat.heads import LogisticHead
+from xfeat.heads import adaptation as adapt
+from xfeat.report.analysis_figures import plot_grouped_bars
+from xfeat.runs.results import RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,11 @@ GAP_METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
 # Total variation between EM's estimated test prior and the actual one above which the
 # estimate is called implausible (0.1 = ten points of one class, for two classes).
 EM_PRIOR_TOLERANCE = 0.1
-LABEL_USE = ("Test labels are read only to report these numbers, as in every section of this "
-             "analysis; they choose nothing: the head, its C and its threshold come from train "
-             "and val, and each method sees the test images without their labels.")
+LABEL_USE = (
+    "Test labels are read only to report these numbers, as in every section of this "
+    "analysis; they choose nothing: the head, its C and its threshold come from train "
+    "and val, and each method sees the test images without their labels."
+)
 
 
 def adaptation_section(features, probe: RunResult, *, seed: int = 0) -> Section:
@@ -57,9 +60,9 @@ def adaptation_section(features, probe: RunResult, *, seed: int = 0) -> Section:
     """
     skipped = _skip_reason(features)
     if skipped:
-        summary = {"transductive": True, "skipped": skipped}
-        return Section("adaptation", TITLE, summary,
-                       markdown=[f"Not measured: {skipped}.", ""])
+        reason, text, counts = skipped
+        summary = {"transductive": True, "skipped": text, "skip_reason": reason, **counts}
+        return Section("adaptation", TITLE, summary, markdown=[f"Not measured: {text}.", ""])
     names = features.class_names
     tr, va, te = features["train"], features["val"], features["test"]
     head, head_note, own = _probe_head(features, probe)
@@ -76,42 +79,74 @@ def adaptation_section(features, probe: RunResult, *, seed: int = 0) -> Section:
         if method == "em":  # val and threshold in the calibrated space EM works in
             p_test, em, calibrate = _em(features, p_val, p_test, seed=seed)
             p_cal = calibrate(p_val)
-            row_threshold = None if threshold is None else float(choose_threshold(
-                va.labels, p_cal[:, 1], probe.record["threshold"]["rule"]))
+            row_threshold = (
+                None
+                if threshold is None
+                else float(choose_threshold(va.labels, p_cal[:, 1], probe.record["threshold"]["rule"]))
+            )
             row_val = _metrics(va.labels, p_cal, row_threshold)
         test = _metrics(te.labels, p_test, row_threshold)
-        rows.append({"method": method, "transductive": method != "none", "val": dict(row_val),
-                     "threshold": row_threshold, "test": test,
-                     "gap": {m: diff(row_val[m], test[m]) for m in GAP_METRICS}})
+        rows.append(
+            {
+                "method": method,
+                "transductive": method != "none",
+                "val": dict(row_val),
+                "threshold": row_threshold,
+                "test": test,
+                "gap": {m: diff(row_val[m], test[m]) for m in GAP_METRICS},
+            }
+        )
     summary = {
         "transductive": True,
         "target": "test images (labels not read by any method)",
         "label_use": LABEL_USE,
         "head": head_note,
-        "threshold": {"value": threshold, "rule": probe.record["threshold"]["rule"],
-                      "chosen_on": "val"},
+        # "probe": the probe's own head; "fitted_on_train": a LogisticHead of its C, fitted here
+        "head_source": "probe" if own else "fitted_on_train",
+        "threshold": {"value": threshold, "rule": probe.record["threshold"]["rule"], "chosen_on": "val"},
         "gap": "val - test",
         "methods": rows,
         "em": em,
+        # The method the report advises: standardize when EM's label-free check finds the
+        # images shifted within a class; None otherwise.
+        "recommended": "standardize" if em["shifted_classes"] else None,
     }
     figure = plot_grouped_bars(
-        {r["method"]: [r["gap"][m] for m in GAP_METRICS] for r in rows}, list(GAP_METRICS),
-        group_labels=["accuracy", "balanced accuracy", "AUC"], ylabel="val - test gap",
-        title="val - test gap of the probe, per transductive adaptation of test")
-    return Section("adaptation", TITLE, summary,
-                   headlines=_headlines(summary, names), markdown=_markdown(summary),
-                   figures={"adaptation_gaps.png": figure},
-                   tables={"adaptation_transductive.csv": _table(rows)})
+        {r["method"]: [r["gap"][m] for m in GAP_METRICS] for r in rows},
+        list(GAP_METRICS),
+        group_labels=["accuracy", "balanced accuracy", "AUC"],
+        ylabel="val - test gap",
+        title="val - test gap of the probe, per transductive adaptation of test",
+    )
+    return Section(
+        "adaptation",
+        TITLE,
+        summary,
+        headlines=_headlines(summary, names),
+        markdown=_markdown(summary),
+        figures={"adaptation_gaps.png": figure},
+        tables={"adaptation_transductive.csv": _table(rows)},
+    )
 
 
 def _skip_reason(features):
+    """``(reason, text, counts)`` when the section cannot run, else None."""
     if "test" not in features.splits:
-        return "the cache has no test split"
+        return "no_test_split", "the cache has no test split", {}
     if "val" not in features.splits:
-        return "the cache has no val split (BCTS for em and the threshold are fitted on val)"
-    if len(features["test"]) < adapt.MIN_TARGET_IMAGES:
-        return (f"test has {len(features['test'])} images; the adaptations need at least "
-                f"{adapt.MIN_TARGET_IMAGES} to estimate their statistics")
+        return (
+            "no_val_split",
+            "the cache has no val split (BCTS for em and the threshold are fitted on val)",
+            {},
+        )
+    n_test = len(features["test"])
+    if n_test < adapt.MIN_TARGET_IMAGES:
+        return (
+            "too_few_test_images",
+            f"test has {n_test} images; the adaptations need at least "
+            f"{adapt.MIN_TARGET_IMAGES} to estimate their statistics",
+            {"n_test": n_test, "min_test_images": adapt.MIN_TARGET_IMAGES},
+        )
     return None
 
 
@@ -122,12 +157,18 @@ def _probe_head(features, probe: RunResult):
     if head is not None and getattr(head, "n_features_in_", None) == dim:
         return head, "the analysis' logistic probe", True
     C = probe.record["selection"]["C"]
-    logger.info("the probe's head cannot be applied to these %d features; fitting "
-                "LogisticHead(C=%g) on train for the adaptation section", dim, C)
+    logger.info(
+        "the probe's head cannot be applied to these %d features; fitting "
+        "LogisticHead(C=%g) on train for the adaptation section",
+        dim,
+        C,
+    )
     tr = features["train"]
-    return (LogisticHead(C=C).fit(tr.features, tr.labels),
-            f"LogisticHead(C={C:g}) fitted on train (the probe's own head was not available)",
-            False)
+    return (
+        LogisticHead(C=C).fit(tr.features, tr.labels),
+        f"LogisticHead(C={C:g}) fitted on train (the probe's own head was not available)",
+        False,
+    )
 
 
 def _threshold(probe: RunResult, own_head: bool, y_val, p_val):
@@ -152,39 +193,53 @@ def _em(features, p_val, p_test, *, seed: int):
     k = len(names)
     train_prior = np.bincount(tr.labels, minlength=k) / len(tr)
     calibrate, adjusted, details = adapt.em_adapt(p_val, va.labels, p_test, train_prior)
-    shift = adapt.within_class_shift(tr.features, tr.labels, te.features, adjusted.argmax(1),
-                                     seed=seed)
+    shift = adapt.within_class_shift(tr.features, tr.labels, te.features, adjusted.argmax(1), seed=seed)
     estimate = np.asarray(details["target_prior"])
     actual = np.bincount(te.labels, minlength=k) / len(te)
     error, before = _total_variation(estimate, actual), _total_variation(train_prior, actual)
     # "Away" must be more than chance: a prior read off n images moves by about this much.
     noise = float(np.sqrt((actual * (1 - actual)).max() / len(te)))
+    moves_away, far = error > before + noise, error > EM_PRIOR_TOLERANCE
     reasons = []
-    if error > before + noise:
-        reasons.append(f"it moves the prior away from the actual test prior (distance "
-                       f"{before:.3f} from train's, {error:.3f} from EM's; standard error of a "
-                       f"prior on {len(te)} images {noise:.3f})")
-    if error > EM_PRIOR_TOLERANCE:
-        reasons.append(f"it is {error:.3f} from the actual test prior (tolerance "
-                       f"{EM_PRIOR_TOLERANCE})")
-    return adjusted, {
-        "calibration": "BCTS fitted on val: em's val row and threshold are on calibrated "
-                       "probabilities",
-        "train_prior": dict(zip(names, train_prior.tolist())),
-        "estimated_test_prior": dict(zip(names, estimate.tolist())),
-        "actual_test_prior": dict(zip(names, actual.tolist())),
-        "temperature": details["temperature"], "iterations": details["iterations"],
-        "within_class_shift_auc": {names[c]: v for c, v in shift.items()},
-        "warning_auc": adapt.EM_SHIFT_WARNING_AUC,
-        "warning": adapt.em_warning(shift, names),
-        "implausible": bool(reasons),
-        "implausible_reasons": reasons,
-        "distance_to_actual": {"estimate": error, "train": before, "standard_error": noise},
-        "tolerance": EM_PRIOR_TOLERANCE,
-        "label_use": {"within_class_shift_auc": "label-free: fit-head --adapt em shows it too",
-                      "warning": "label-free: fit-head --adapt em shows it too",
-                      "implausible": "reads test labels: diagnostic only"},
-    }, calibrate
+    if moves_away:
+        reasons.append(
+            f"it moves the prior away from the actual test prior (distance "
+            f"{before:.3f} from train's, {error:.3f} from EM's; standard error of a "
+            f"prior on {len(te)} images {noise:.3f})"
+        )
+    if far:
+        reasons.append(f"it is {error:.3f} from the actual test prior (tolerance {EM_PRIOR_TOLERANCE})")
+    return (
+        adjusted,
+        {
+            "calibration": "BCTS fitted on val: em's val row and threshold are on calibrated "
+            "probabilities",
+            "train_prior": dict(zip(names, train_prior.tolist())),
+            "estimated_test_prior": dict(zip(names, estimate.tolist())),
+            "actual_test_prior": dict(zip(names, actual.tolist())),
+            "temperature": details["temperature"],
+            "iterations": details["iterations"],
+            "within_class_shift_auc": {names[c]: v for c, v in shift.items()},
+            "warning_auc": adapt.EM_SHIFT_WARNING_AUC,
+            # label-free: the classes whose within-class shift AUC is above warning_auc
+            "shifted_classes": [names[c] for c, v in shift.items() if v > adapt.EM_SHIFT_WARNING_AUC],
+            "warning": adapt.em_warning(shift, names),
+            "implausible": bool(reasons),
+            "implausible_reasons": reasons,
+            # reads test labels: EM's estimate is farther from the actual prior than train's
+            # (by more than a standard error), and more than the tolerance from it
+            "moves_away_from_actual": bool(moves_away),
+            "far_from_actual": bool(far),
+            "distance_to_actual": {"estimate": error, "train": before, "standard_error": noise},
+            "tolerance": EM_PRIOR_TOLERANCE,
+            "label_use": {
+                "within_class_shift_auc": "label-free: fit-head --adapt em shows it too",
+                "warning": "label-free: fit-head --adapt em shows it too",
+                "implausible": "reads test labels: diagnostic only",
+            },
+        },
+        calibrate,
+    )
 
 
 def _total_variation(p, q) -> float:
@@ -193,13 +248,29 @@ def _total_variation(p, q) -> float:
 
 
 def _table(rows: list) -> tuple:
-    columns = ["method", "transductive", "val_accuracy", "val_roc_auc", "test_accuracy",
-               "test_balanced_accuracy", "test_roc_auc", "test_ece", "gap_accuracy",
-               "gap_balanced_accuracy", "gap_roc_auc"]
-    out = [{"method": r["method"], "transductive": r["transductive"],
+    columns = [
+        "method",
+        "transductive",
+        "val_accuracy",
+        "val_roc_auc",
+        "test_accuracy",
+        "test_balanced_accuracy",
+        "test_roc_auc",
+        "test_ece",
+        "gap_accuracy",
+        "gap_balanced_accuracy",
+        "gap_roc_auc",
+    ]
+    out = [
+        {
+            "method": r["method"],
+            "transductive": r["transductive"],
             **{f"val_{m}": r["val"][m] for m in ("accuracy", "roc_auc")},
             **{f"test_{m}": r["test"][m] for m in METRICS},
-            **{f"gap_{m}": r["gap"][m] for m in GAP_METRICS}} for r in rows]
+            **{f"gap_{m}": r["gap"][m] for m in GAP_METRICS},
+        }
+        for r in rows
+    ]
     return out, columns
 
 
@@ -215,29 +286,36 @@ def _shown_class(em: dict, names: list) -> str:
 
 
 def _headlines(s: dict, names: list) -> list:
-    gaps = ", ".join(f"{r['method']} {fmt(r['gap']['accuracy'], signed=True)}"
-                     for r in s["methods"])
+    gaps = ", ".join(f"{r['method']} {fmt(r['gap']['accuracy'], signed=True)}" for r in s["methods"])
     out = [f"transductive adaptation to the test images, val - test accuracy gap: {gaps}"]
     em = s["em"]
     c = _shown_class(em, names)
-    text = (f"EM estimates a test {c} prior of {em['estimated_test_prior'][c]:.3f} (train "
-            f"{em['train_prior'][c]:.3f}, actual {em['actual_test_prior'][c]:.3f})")
-    shifted = {n: v for n, v in em["within_class_shift_auc"].items() if v > em["warning_auc"]}
+    text = (
+        f"EM estimates a test {c} prior of {em['estimated_test_prior'][c]:.3f} (train "
+        f"{em['train_prior'][c]:.3f}, actual {em['actual_test_prior'][c]:.3f})"
+    )
+    shifted = {n: em["within_class_shift_auc"][n] for n in em["shifted_classes"]}
     aucs = ", ".join(f"{n} {v:.2f}" for n, v in (shifted or em["within_class_shift_auc"]).items())
-    none, std = _row(s, "none")["test"]["accuracy"], _row(s, "standardize")["test"]["accuracy"]
-    prefer = f"prefer standardize (test accuracy {none:.3f} -> {std:.3f})"
+    prefer = ""
+    if s["recommended"]:
+        none, best = (_row(s, m)["test"]["accuracy"] for m in ("none", s["recommended"]))
+        prefer = f"prefer {s['recommended']} (test accuracy {none:.3f} -> {best:.3f})"
     if em["implausible"] and shifted:
-        text += (f": implausible — the shift is in the images (within-class shift AUC {aucs}); "
-                 + prefer)
+        text += f": implausible — the shift is in the images (within-class shift AUC {aucs}); " + prefer
     elif em["implausible"]:
-        d = em["distance_to_actual"]
-        why = ("it moves away from the actual prior" if d["estimate"] > d["train"]
-               + d["standard_error"] else "it is far from the actual prior")
-        text += (f": implausible ({why}), though no class shifted within itself"
-                 + (f" (within-class shift AUC {aucs})" if aucs else ""))
+        why = (
+            "it moves away from the actual prior"
+            if em["moves_away_from_actual"]
+            else "it is far from the actual prior"
+        )
+        text += f": implausible ({why}), though no class shifted within itself" + (
+            f" (within-class shift AUC {aucs})" if aucs else ""
+        )
     elif shifted:
-        text += (f": close to the actual prior, but the images shifted within class "
-                 f"(within-class shift AUC {aucs}), so EM's assumption does not hold; " + prefer)
+        text += (
+            f": close to the actual prior, but the images shifted within class "
+            f"(within-class shift AUC {aucs}), so EM's assumption does not hold; " + prefer
+        )
     else:
         text += ": plausible" + (f"; no within-class shift (AUC {aucs})" if aucs else "")
     return out + [text]
@@ -245,43 +323,87 @@ def _headlines(s: dict, names: list) -> list:
 
 def _markdown(s: dict) -> list:
     th = s["threshold"]
-    at = (f"at the probe's threshold {th['value']:.3f} ({th['rule']}, chosen on val)"
-          if th["value"] is not None else "at the argmax")
-    out = ["**Transductive**: each method adapts the test split to its own unlabelled images, as "
-           "`fit-head --adapt METHOD` does: `standardize` and `coral` map the test features to "
-           "train's mean and spread (CORAL: covariance), `em` re-weights the test probabilities "
-           "to a test class prior that EM estimates from them. Val is never adapted: its "
-           "numbers are the same in every row, except em's, whose val probabilities are the "
-           "temperature-scaled ones (BCTS fitted on val) its threshold is chosen on. "
-           + LABEL_USE, "",
-           f"Head: {s['head']}, {at}. ECE: top-label, 15 bins. Gap: val - test.", "",
-           "Test split adapted transductively (test images, not their labels):", ""]
+    at = (
+        f"at the probe's threshold {th['value']:.3f} ({th['rule']}, chosen on val)"
+        if th["value"] is not None
+        else "at the argmax"
+    )
+    out = [
+        "**Transductive**: each method adapts the test split to its own unlabelled images, as "
+        "`fit-head --adapt METHOD` does: `standardize` and `coral` map the test features to "
+        "train's mean and spread (CORAL: covariance), `em` re-weights the test probabilities "
+        "to a test class prior that EM estimates from them. Val is never adapted: its "
+        "numbers are the same in every row, except em's, whose val probabilities are the "
+        "temperature-scaled ones (BCTS fitted on val) its threshold is chosen on. " + LABEL_USE,
+        "",
+        f"Head: {s['head']}, {at}. ECE: top-label, 15 bins. Gap: val - test.",
+        "",
+        "Test split adapted transductively (test images, not their labels):",
+        "",
+    ]
     out += md_table(
-        ["test adaptation (transductive)", "val accuracy", "val AUC", "test accuracy",
-         "test balanced accuracy", "test AUC", "test ECE", "val - test accuracy"],
-        [[r["method"], fmt(r["val"]["accuracy"]), fmt(r["val"]["roc_auc"]),
-          fmt(r["test"]["accuracy"]), fmt(r["test"]["balanced_accuracy"]),
-          fmt(r["test"]["roc_auc"]), fmt(r["test"]["ece"]),
-          fmt(r["gap"]["accuracy"], signed=True)] for r in s["methods"]])
+        [
+            "test adaptation (transductive)",
+            "val accuracy",
+            "val AUC",
+            "test accuracy",
+            "test balanced accuracy",
+            "test AUC",
+            "test ECE",
+            "val - test accuracy",
+        ],
+        [
+            [
+                r["method"],
+                fmt(r["val"]["accuracy"]),
+                fmt(r["val"]["roc_auc"]),
+                fmt(r["test"]["accuracy"]),
+                fmt(r["test"]["balanced_accuracy"]),
+                fmt(r["test"]["roc_auc"]),
+                fmt(r["test"]["ece"]),
+                fmt(r["gap"]["accuracy"], signed=True),
+            ]
+            for r in s["methods"]
+        ],
+    )
     out += ["", "![val - test gap per transductive adaptation](adaptation_gaps.png)", ""]
     em = s["em"]
-    out += ["**EM's estimate of the test class prior** (Saerens et al. 2002, after bias-corrected "
-            f"temperature scaling on val, T = {em['temperature']:.3f}; "
-            f"{em['iterations']} iterations):", ""]
-    out += md_table(["class", "train prior", "EM's test prior", "actual test prior",
-                     "within-class shift AUC"],
-                    [[n, fmt(em["train_prior"][n]), fmt(em["estimated_test_prior"][n]),
-                      fmt(em["actual_test_prior"][n]), fmt(em["within_class_shift_auc"].get(n))]
-                     for n in em["train_prior"]])
-    out += ["", "Label-free check, which `fit-head --adapt em` shows too: within each class "
-            "(predicted, on test), how well a linear classifier tells test images from train "
-            f"ones (cross-validated AUC; above {em['warning_auc']} the images themselves "
-            "shifted, which EM assumes they did not; `-`: fewer than 10 test images predicted "
-            "in the class). "
-            + (f"Warning: {em['warning']}." if em["warning"] else "No class shifted."), ""]
-    verdict = ("**implausible**: " + "; ".join(em["implausible_reasons"]) if em["implausible"]
-               else f"plausible: within {em['tolerance']} of the actual prior and not moved away "
-                    "from it")
-    out += [f"Check with test labels (diagnostic only; `fit-head` cannot make it): the estimate "
-            f"is {verdict}.", ""]
+    out += [
+        "**EM's estimate of the test class prior** (Saerens et al. 2002, after bias-corrected "
+        f"temperature scaling on val, T = {em['temperature']:.3f}; "
+        f"{em['iterations']} iterations):",
+        "",
+    ]
+    out += md_table(
+        ["class", "train prior", "EM's test prior", "actual test prior", "within-class shift AUC"],
+        [
+            [
+                n,
+                fmt(em["train_prior"][n]),
+                fmt(em["estimated_test_prior"][n]),
+                fmt(em["actual_test_prior"][n]),
+                fmt(em["within_class_shift_auc"].get(n)),
+            ]
+            for n in em["train_prior"]
+        ],
+    )
+    out += [
+        "",
+        "Label-free check, which `fit-head --adapt em` shows too: within each class "
+        "(predicted, on test), how well a linear classifier tells test images from train "
+        f"ones (cross-validated AUC; above {em['warning_auc']} the images themselves "
+        "shifted, which EM assumes they did not; `-`: fewer than 10 test images predicted "
+        "in the class). " + (f"Warning: {em['warning']}." if em["warning"] else "No class shifted."),
+        "",
+    ]
+    verdict = (
+        "**implausible**: " + "; ".join(em["implausible_reasons"])
+        if em["implausible"]
+        else f"plausible: within {em['tolerance']} of the actual prior and not moved away from it"
+    )
+    out += [
+        f"Check with test labels (diagnostic only; `fit-head` cannot make it): the estimate "
+        f"is {verdict}.",
+        "",
+    ]
     return out

@@ -1,4 +1,5 @@
 """``analyze()``: read the inputs, run every diagnosis, then write the report in one go."""
+
 from __future__ import annotations
 
 import functools
@@ -11,27 +12,34 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from xfeat import cache as cache_io
-from xfeat.errors import ConfigError
-from xfeat.files import jsonable, make_dirs, write_csv, write_json, write_text
-from xfeat.runs.folders import default_run_dir
 from xfeat.analysis.adaptation import adaptation_section
 from xfeat.analysis.balance import balance_section
 from xfeat.analysis.calibration import calibration_section
 from xfeat.analysis.duplicates import duplicates_section, hash_images
 from xfeat.analysis.gaps import gaps_section
-from xfeat.extraction.features import load_features
 from xfeat.analysis.label_noise import label_noise_section
-from xfeat.report.analysis_figures import save_figure
 from xfeat.analysis.probe import fit_or_reuse_probe
 from xfeat.analysis.shift import DOMAIN_C, MAX_TRAIN_PER_TEST, shift_section
+from xfeat.errors import ConfigError
+from xfeat.extraction.features import load_features
+from xfeat.files import jsonable, make_dirs, write_csv, write_json, write_text
+from xfeat.report.analysis_figures import save_figure
+from xfeat.runs.folders import default_run_dir
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "xfeat-analysis/1"
 # The report runs in reading order (1-7); its headlines put first what most often explains
 # a test gap: leaked images, then shift, then priors.
-HEADLINE_ORDER = ("duplicates", "shift", "class_balance", "label_noise", "overfitting",
-                  "calibration", "adaptation")
+HEADLINE_ORDER = (
+    "duplicates",
+    "shift",
+    "class_balance",
+    "label_noise",
+    "overfitting",
+    "calibration",
+    "adaptation",
+)
 
 
 @dataclass
@@ -48,20 +56,32 @@ class Analysis:
         """Headline findings as readable lines for a terminal."""
         r = self.record
         n = sum(c["total"] for c in r["class_balance"]["counts"].values())
-        lines = [f"xfeat analysis: {r['dataset']['name']} | {r['model']} ({r['weights']['id']}) "
-                 f"| {n} images | {r['timing']['total_seconds']:.1f} s"]
+        lines = [
+            f"xfeat analysis: {r['dataset']['name']} | {r['model']} ({r['weights']['id']}) "
+            f"| {n} images | {r['timing']['total_seconds']:.1f} s"
+        ]
         lines += [f"  - {h}" for h in r["headlines"]]
         if self.out_dir is not None:
             lines.append(f"report: {Path(self.out_dir) / 'analysis.md'}")
         return "\n".join(lines)
 
 
-def analyze(data=None, model: str = "resnet18", *, weights="none",
-            cache: Union[str, Path, cache_io.FeatureSet, None] = None,
-            out_dir: Union[str, Path, None] = None, runs: Sequence = (), probe=None,
-            near_duplicate_threshold: float = 0.995, n_folds: int = 5, n_boot: int = 1000,
-            seed: int = 0, extract_options: Optional[dict] = None,
-            progress: bool = True) -> Analysis:
+def analyze(
+    data=None,
+    model: str = "resnet18",
+    *,
+    weights="none",
+    cache: Union[str, Path, cache_io.FeatureSet, None] = None,
+    out_dir: Union[str, Path, None] = None,
+    runs: Sequence = (),
+    probe=None,
+    near_duplicate_threshold: float = 0.995,
+    n_folds: int = 5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    extract_options: Optional[dict] = None,
+    progress: bool = True,
+) -> Analysis:
     """Analyse a dataset through the cached features of ``model``; write the report.
 
     Parameters
@@ -95,13 +115,19 @@ def analyze(data=None, model: str = "resnet18", *, weights="none",
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     options = dict(extract_options or {})
     options.setdefault("progress", progress)
-    loaded = load_features(data, model, weights=weights, cache=cache, extract_options=options,
-                           with_dataset=True, command="analyze")
+    loaded = load_features(
+        data,
+        model,
+        weights=weights,
+        cache=cache,
+        extract_options=options,
+        with_dataset=True,
+        command="analyze",
+    )
     features, dataset = loaded.features, loaded.dataset
     meta = features.meta
     if out_dir is None:
-        out_dir = default_run_dir(meta["dataset"]["name"], meta["model"], meta["weights"],
-                                  "analysis")
+        out_dir = default_run_dir(meta["dataset"]["name"], meta["model"], meta["weights"], "analysis")
     out_dir = make_dirs(out_dir)  # an unwritable folder fails now, not after the work
 
     timing = {}
@@ -114,10 +140,12 @@ def analyze(data=None, model: str = "resnet18", *, weights="none",
     diagnoses = [
         functools.partial(balance_section, features),
         functools.partial(shift_section, features, n_folds=n_folds, n_boot=n_boot, seed=seed),
-        functools.partial(duplicates_section, features, dataset, hashes,
-                          threshold=near_duplicate_threshold),
-        functools.partial(label_noise_section, features, C=fitted.record["selection"]["C"],
-                          n_folds=n_folds, seed=seed),
+        functools.partial(
+            duplicates_section, features, dataset, hashes, threshold=near_duplicate_threshold
+        ),
+        functools.partial(
+            label_noise_section, features, C=fitted.record["selection"]["C"], n_folds=n_folds, seed=seed
+        ),
         functools.partial(gaps_section, fitted, runs, fingerprint=meta["dataset"]["fingerprint"]),
         functools.partial(calibration_section, fitted),
         functools.partial(adaptation_section, features, fitted, seed=seed),
@@ -129,22 +157,37 @@ def analyze(data=None, model: str = "resnet18", *, weights="none",
         timing[f"{sections[-1].name}_seconds"] = time.perf_counter() - t
     timing["total_seconds"] = time.perf_counter() - t_start
 
-    params = {"near_duplicate_threshold": near_duplicate_threshold, "n_folds": n_folds,
-              "n_boot": n_boot, "seed": seed, "runs": [str(r) for r in runs],
-              "probe": None if probe is None else str(fitted.run_dir or "given, not saved"),
-              "domain_C": DOMAIN_C, "max_train_per_test": MAX_TRAIN_PER_TEST}
+    params = {
+        "near_duplicate_threshold": near_duplicate_threshold,
+        "n_folds": n_folds,
+        "n_boot": n_boot,
+        "seed": seed,
+        "runs": [str(r) for r in runs],
+        "probe": None if probe is None else str(fitted.run_dir or "given, not saved"),
+        "domain_C": DOMAIN_C,
+        "max_train_per_test": MAX_TRAIN_PER_TEST,
+    }
     record = jsonable(_record(features, out_dir, params, sections, timing))
     _write(out_dir, record, sections)
-    logger.info("analysis of %s written to %s in %.1f s", meta["dataset"]["name"], out_dir,
-                timing["total_seconds"])
+    logger.info(
+        "analysis of %s written to %s in %.1f s",
+        meta["dataset"]["name"],
+        out_dir,
+        timing["total_seconds"],
+    )
     return Analysis(record, out_dir)
 
 
 def _check_params(threshold, n_folds, n_boot) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"near_duplicate_threshold={threshold!r}; expected a cosine "
-                          "similarity in (0, 1], such as 0.995")
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not 0.0 < threshold <= 1.0
+    ):
+        raise ConfigError(
+            f"near_duplicate_threshold={threshold!r}; expected a cosine "
+            "similarity in (0, 1], such as 0.995"
+        )
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ConfigError(f"n_folds={n_folds!r}; expected an integer >= 2")
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
@@ -187,22 +230,33 @@ def _write(out_dir: Path, record: dict, sections: list) -> None:
     text = render_markdown(record, sections)
     write_text(out_dir / "analysis.md", text)
     # A browser shows a .md as raw text; the same page as HTML, for the comparison's links.
-    write_text(out_dir / "analysis.html",
-               markdown_to_html(text, title=f"Data analysis: {record['dataset']['name']}"))
+    write_text(
+        out_dir / "analysis.html",
+        markdown_to_html(text, title=f"Data analysis: {record['dataset']['name']}"),
+    )
 
 
 def render_markdown(record: dict, sections: list) -> str:
     """``analysis.md``: provenance, the headlines, then the sections, numbered."""
     r = record
-    out = [f"# Data analysis: {r['dataset']['name']}", "",
-           f"Features: `{r['model']}` ({r['weights']['id']}), cache `{r['cache']['key'][:16]}`. "
-           f"Source: `{r['dataset']['source']}`. Made {r['created']} in "
-           f"{r['timing']['total_seconds']:.1f} s."
-           + (f" Logistic probe reused from `{r['params']['probe']}`." if r["params"]["probe"]
-              else ""), "", "## Headlines", ""]
+    out = [
+        f"# Data analysis: {r['dataset']['name']}",
+        "",
+        f"Features: `{r['model']}` ({r['weights']['id']}), cache `{r['cache']['key'][:16]}`. "
+        f"Source: `{r['dataset']['source']}`. Made {r['created']} in "
+        f"{r['timing']['total_seconds']:.1f} s."
+        + (f" Logistic probe reused from `{r['params']['probe']}`." if r["params"]["probe"] else ""),
+        "",
+        "## Headlines",
+        "",
+    ]
     out += [f"- {h}" for h in r["headlines"]] + [""]
     for k, s in enumerate(sections, 1):
         out += [f"## {k}. {s.title}", "", *s.markdown]
-    out += ["## Timing", "", ", ".join(f"{k.replace('_seconds', '')} {v:.1f} s"
-                                       for k, v in r["timing"].items()), ""]
+    out += [
+        "## Timing",
+        "",
+        ", ".join(f"{k.replace('_seconds', '')} {v:.1f} s" for k, v in r["timing"].items()),
+        "",
+    ]
     return "\n".join(out)

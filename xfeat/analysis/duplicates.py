@@ -4,6 +4,7 @@ present in more than one split.
 Only the pixel hashes read images (each decoded once); the near duplicates use the cached
 embeddings.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,18 +14,28 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from xfeat.analysis.section import SPLIT_ORDER, Section, count, md_table, split_names
 from xfeat.config import DEFAULT_GROUP_PATTERN
 from xfeat.data import Dataset, patient_groups
 from xfeat.errors import ImageReadError
-from xfeat.analysis.section import SPLIT_ORDER, Section, count, md_table, split_names
 
 logger = logging.getLogger(__name__)
 
 MAX_NEAR_PAIRS = 10_000  # near-duplicate pairs kept (the most similar); the total is counted
 SIMILARITY_CHUNK = 1024  # rows of the similarity matrix held at once (1024 x N float32)
 EXACT_COLUMNS = ["group", "split", "id", "label", "path"]
-NEAR_COLUMNS = ["similarity", "cross_split", "split_a", "id_a", "label_a", "split_b", "id_b",
-                "label_b", "path_a", "path_b"]
+NEAR_COLUMNS = [
+    "similarity",
+    "cross_split",
+    "split_a",
+    "id_a",
+    "label_a",
+    "split_b",
+    "id_b",
+    "label_b",
+    "path_a",
+    "path_b",
+]
 PATIENT_COLUMNS = ["patient", "splits", "split", "id", "label"]
 
 
@@ -36,8 +47,9 @@ def hash_images(dataset: Dataset, *, progress: bool = True) -> dict:
     """
     total = sum(len(s) for s in dataset.splits.values())
     hashes = {}
-    with tqdm(total=total, unit="img", desc="pixel hashes", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total, unit="img", desc="pixel hashes", disable=not progress, dynamic_ncols=True
+    ) as bar:
         for name, split in dataset.splits.items():
             digests = []
             for i in range(len(split)):
@@ -61,8 +73,14 @@ def _pixel_hash(split, i: int) -> Optional[str]:
     return hashlib.sha256(head + arr.tobytes()).hexdigest()
 
 
-def duplicates_section(features, dataset: Dataset, hashes: dict, *, threshold: float = 0.995,
-                       max_pairs: int = MAX_NEAR_PAIRS) -> Section:
+def duplicates_section(
+    features,
+    dataset: Dataset,
+    hashes: dict,
+    *,
+    threshold: float = 0.995,
+    max_pairs: int = MAX_NEAR_PAIRS,
+) -> Section:
     """Exact duplicate groups, near-duplicate pairs and patients across splits.
 
     ``hashes`` are :func:`hash_images`'s of ``dataset``, the images behind ``features``.
@@ -74,16 +92,25 @@ def duplicates_section(features, dataset: Dataset, hashes: dict, *, threshold: f
     exact_rows = [{"group": g["group"], **m} for g in groups for m in g["members"]]
     near, near_rows = _near_duplicates(features, images, threshold, max_pairs)
     # The val carve-out kept a patient's images together with this pattern; use the same.
-    pattern = dataset.split_info.get("group_pattern", DEFAULT_GROUP_PATTERN) \
-        if dataset.split_info.get("val") == "carved from train" else DEFAULT_GROUP_PATTERN
+    pattern = (
+        dataset.split_info.get("group_pattern", DEFAULT_GROUP_PATTERN)
+        if dataset.split_info.get("val") == "carved from train"
+        else DEFAULT_GROUP_PATTERN
+    )
     patients, patient_rows = patients_across_splits(images, pattern, groups, near_rows)
-    summary = {"exact": _exact_summary(groups, dataset, hashes), "near": near,
-               "patients": patients}
-    return Section("duplicates", "Duplicates and leakage", summary,
-                   headlines=_headlines(summary), markdown=_markdown(summary),
-                   tables={"duplicates_exact.csv": (exact_rows, EXACT_COLUMNS),
-                           "duplicates_near.csv": (near_rows, NEAR_COLUMNS),
-                           "patients_across_splits.csv": (patient_rows, PATIENT_COLUMNS)})
+    summary = {"exact": _exact_summary(groups, dataset, hashes), "near": near, "patients": patients}
+    return Section(
+        "duplicates",
+        "Duplicates and leakage",
+        summary,
+        headlines=_headlines(summary),
+        markdown=_markdown(summary),
+        tables={
+            "duplicates_exact.csv": (exact_rows, EXACT_COLUMNS),
+            "duplicates_near.csv": (near_rows, NEAR_COLUMNS),
+            "patients_across_splits.csv": (patient_rows, PATIENT_COLUMNS),
+        },
+    )
 
 
 def _image_table(dataset: Dataset, hashes: dict) -> dict:
@@ -98,8 +125,9 @@ def _image_table(dataset: Dataset, hashes: dict) -> dict:
         if sp.paths is not None:
             table["path"].update(zip(sp.ids, sp.paths))
     readable = [k for k, h in enumerate(table["hash"]) if h is not None]
-    _, inverse = np.unique(np.array([table["hash"][k] for k in readable], dtype=object)
-                           .astype(str), return_inverse=True)
+    _, inverse = np.unique(
+        np.array([table["hash"][k] for k in readable], dtype=object).astype(str), return_inverse=True
+    )
     table["content"] = {table["id"][k]: int(c) for k, c in zip(readable, inverse.ravel())}
     return table
 
@@ -118,13 +146,23 @@ def exact_duplicate_groups(images: dict) -> list:
         rows = sorted(rows, key=lambda k: (SPLIT_ORDER.index(images["split"][k]), images["id"][k]))
         splits = sorted({images["split"][k] for k in rows}, key=SPLIT_ORDER.index)
         labels = sorted({images["label"][k] for k in rows})
-        groups.append({
-            "members": [{"split": images["split"][k], "id": images["id"][k],
-                         "label": images["label"][k],
-                         "path": images["path"].get(images["id"][k], "")} for k in rows],
-            "splits": splits, "across_splits": len(splits) > 1,
-            "labels": labels, "label_conflict": len(labels) > 1,
-        })
+        groups.append(
+            {
+                "members": [
+                    {
+                        "split": images["split"][k],
+                        "id": images["id"][k],
+                        "label": images["label"][k],
+                        "path": images["path"].get(images["id"][k], ""),
+                    }
+                    for k in rows
+                ],
+                "splits": splits,
+                "across_splits": len(splits) > 1,
+                "labels": labels,
+                "label_conflict": len(labels) > 1,
+            }
+        )
     groups.sort(key=lambda g: (SPLIT_ORDER.index(g["members"][0]["split"]), g["members"][0]["id"]))
     return [{"group": n, **g} for n, g in enumerate(groups, 1)]
 
@@ -138,15 +176,18 @@ def _exact_summary(groups: list, dataset: Dataset, hashes: dict) -> dict:
     return {
         "method": "sha256 of decoded RGB pixels and shape (npz: array bytes)",
         "n_images_hashed": int(sum(h is not None for v in hashes.values() for h in v)),
-        "unreadable": [i for s, sp in dataset.splits.items()
-                       for i, h in zip(sp.ids, hashes[s]) if h is None],
+        "unreadable": [
+            i for s, sp in dataset.splits.items() for i, h in zip(sp.ids, hashes[s]) if h is None
+        ],
         "n_groups": len(groups),
         "n_images_in_groups": sum(len(g["members"]) for g in groups),
         "n_groups_across_splits": sum(g["across_splits"] for g in groups),
         "across_split_pairs": pair_counts,
         "n_groups_label_conflict": sum(g["label_conflict"] for g in groups),
-        "groups": [{**g, "members": [{k: m[k] for k in ("split", "id", "label")}
-                                     for m in g["members"]]} for g in groups],
+        "groups": [
+            {**g, "members": [{k: m[k] for k in ("split", "id", "label")} for m in g["members"]]}
+            for g in groups
+        ],
     }
 
 
@@ -161,15 +202,24 @@ def _near_duplicates(features, images: dict, threshold: float, max_pairs: int):
     # content index of their own.
     content = np.array([images["content"].get(i, -1 - k) for k, i in enumerate(ids)])
     X = np.concatenate([features[s].features for s in splits])
-    a, b, sim, n_total = near_duplicate_pairs(X, content, threshold=threshold,
-                                              max_pairs=max_pairs)
+    a, b, sim, n_total = near_duplicate_pairs(X, content, threshold=threshold, max_pairs=max_pairs)
     cross = (row_split[a] != row_split[b]).astype(bool)
     path = images["path"]
-    rows = [{"similarity": round(float(s), 6), "cross_split": bool(c),
-             "split_a": row_split[i], "id_a": ids[i], "label_a": names[labels[i]],
-             "split_b": row_split[j], "id_b": ids[j], "label_b": names[labels[j]],
-             "path_a": path.get(ids[i], ""), "path_b": path.get(ids[j], "")}
-            for i, j, s, c in zip(a, b, sim, cross)]
+    rows = [
+        {
+            "similarity": round(float(s), 6),
+            "cross_split": bool(c),
+            "split_a": row_split[i],
+            "id_a": ids[i],
+            "label_a": names[labels[i]],
+            "split_b": row_split[j],
+            "id_b": ids[j],
+            "label_b": names[labels[j]],
+            "path_a": path.get(ids[i], ""),
+            "path_b": path.get(ids[j], ""),
+        }
+        for i, j, s, c in zip(a, b, sim, cross)
+    ]
     across = {}
     for r in rows:
         if r["cross_split"]:
@@ -188,8 +238,14 @@ def _near_duplicates(features, images: dict, threshold: float, max_pairs: int):
     return summary, rows
 
 
-def near_duplicate_pairs(X: np.ndarray, content: np.ndarray, *, threshold: float,
-                         max_pairs: int = MAX_NEAR_PAIRS, chunk: int = SIMILARITY_CHUNK):
+def near_duplicate_pairs(
+    X: np.ndarray,
+    content: np.ndarray,
+    *,
+    threshold: float,
+    max_pairs: int = MAX_NEAR_PAIRS,
+    chunk: int = SIMILARITY_CHUNK,
+):
     """Pairs ``i < j`` with cosine similarity >= threshold and different ``content``.
 
     Computed ``chunk`` rows at a time against the rows after them (memory ``chunk x N``);
@@ -230,8 +286,7 @@ def _top_pairs(keep_i, keep_j, keep_s, max_pairs):
     return [i[order]], [j[order]], [s[order]]
 
 
-def patients_across_splits(images: dict, pattern: Optional[str], exact_groups: list,
-                           near_rows: list):
+def patients_across_splits(images: dict, pattern: Optional[str], exact_groups: list, near_rows: list):
     """Patient ids (from file names, where ``pattern`` matched) present in several splits.
 
     Each such patient is marked ``pixel_evidence`` when one of its cross-split image pairs
@@ -251,23 +306,42 @@ def patients_across_splits(images: dict, pattern: Optional[str], exact_groups: l
         if len(splits) > 1:
             leaking[g] = (splits, rows)
     patient_of = dict(zip(images["id"], groups))
-    pairs = [(m["id"], n["id"]) for grp in exact_groups for m in grp["members"]
-             for n in grp["members"] if m["split"] != n["split"]]
+    pairs = [
+        (m["id"], n["id"])
+        for grp in exact_groups
+        for m in grp["members"]
+        for n in grp["members"]
+        if m["split"] != n["split"]
+    ]
     pairs += [(r["id_a"], r["id_b"]) for r in near_rows if r["cross_split"]]
-    evidence = {patient_of[a] for a, b in pairs
-                if patient_of.get(a) == patient_of.get(b) and patient_of.get(a) in leaking}
+    evidence = {
+        patient_of[a]
+        for a, b in pairs
+        if patient_of.get(a) == patient_of.get(b) and patient_of.get(a) in leaking
+    }
     rows_out, listed, split_pairs = [], [], {}
     for g in sorted(leaking):
         splits, rows = leaking[g]
         key = "-".join(splits)
         split_pairs[key] = split_pairs.get(key, 0) + 1
-        listed.append({"patient": g, "splits": splits,
-                       "images": {s: sum(images["split"][k] == s for k in rows) for s in splits},
-                       "pixel_evidence": g in evidence})
-        for k in sorted(rows, key=lambda k: (SPLIT_ORDER.index(images["split"][k]),
-                                             images["id"][k])):
-            rows_out.append({"patient": g, "splits": ";".join(splits), "split": images["split"][k],
-                             "id": images["id"][k], "label": images["label"][k]})
+        listed.append(
+            {
+                "patient": g,
+                "splits": splits,
+                "images": {s: sum(images["split"][k] == s for k in rows) for s in splits},
+                "pixel_evidence": g in evidence,
+            }
+        )
+        for k in sorted(rows, key=lambda k: (SPLIT_ORDER.index(images["split"][k]), images["id"][k])):
+            rows_out.append(
+                {
+                    "patient": g,
+                    "splits": ";".join(splits),
+                    "split": images["split"][k],
+                    "id": images["id"][k],
+                    "label": images["label"][k],
+                }
+            )
     summary = {
         "pattern": pattern,
         "n_images_matched": sum(len(v) for v in by_patient.values()),
@@ -277,8 +351,8 @@ def patients_across_splits(images: dict, pattern: Optional[str], exact_groups: l
         "across_split_pairs": split_pairs,
         "n_with_pixel_evidence": len(evidence),
         "note": "patient ids are parsed from file names; if a split numbers its patients "
-                "independently, equal ids may be different people. pixel_evidence marks "
-                "patients with an exact or near duplicate across splits.",
+        "independently, equal ids may be different people. pixel_evidence marks "
+        "patients with an exact or near duplicate across splits.",
         "patients": listed,
     }
     return summary, rows_out
@@ -287,9 +361,11 @@ def patients_across_splits(images: dict, pattern: Optional[str], exact_groups: l
 def _headlines(s: dict) -> list:
     ex, near, pat = s["exact"], s["near"], s["patients"]
     if ex["n_groups"]:
-        text = (f"{count(ex['n_groups'], 'group')} of pixel-identical images "
-                f"({ex['n_images_in_groups']} images), {ex['n_groups_across_splits']} across "
-                "splits")
+        text = (
+            f"{count(ex['n_groups'], 'group')} of pixel-identical images "
+            f"({ex['n_images_in_groups']} images), {ex['n_groups_across_splits']} across "
+            "splits"
+        )
         if ex["across_split_pairs"]:
             text += " (" + ", ".join(f"{k}: {v}" for k, v in ex["across_split_pairs"].items()) + ")"
         if ex["n_groups_label_conflict"]:
@@ -299,41 +375,69 @@ def _headlines(s: dict) -> list:
         lines = [f"no pixel-identical images among {ex['n_images_hashed']}"]
     if near["n_pairs"]:
         more = "+" if near["truncated"] else ""
-        lines.append(f"{count(near['n_pairs'], 'near-duplicate pair')}{more} "
-                     f"(cosine >= {near['threshold']}, not pixel-identical), "
-                     f"{near['n_pairs_across_splits']}{more} across splits")
+        lines.append(
+            f"{count(near['n_pairs'], 'near-duplicate pair')}{more} "
+            f"(cosine >= {near['threshold']}, not pixel-identical), "
+            f"{near['n_pairs_across_splits']}{more} across splits"
+        )
     if pat.get("n_across_splits"):
-        lines.append(f"{count(pat['n_across_splits'], 'patient id')} in more than one split "
-                     f"({', '.join(f'{k}: {v}' for k, v in pat['across_split_pairs'].items())}; "
-                     f"{pat['n_with_pixel_evidence']} confirmed by duplicate pixels or embeddings)")
+        lines.append(
+            f"{count(pat['n_across_splits'], 'patient id')} in more than one split "
+            f"({', '.join(f'{k}: {v}' for k, v in pat['across_split_pairs'].items())}; "
+            f"{pat['n_with_pixel_evidence']} confirmed by duplicate pixels or embeddings)"
+        )
     return lines
 
 
 def _markdown(s: dict) -> list:
     ex, near = s["exact"], s["near"]
-    out = ["### Pixel-identical images", "",
-           f"{ex['n_images_hashed']} images hashed ({ex['method']}): **{ex['n_groups']} "
-           f"groups** ({ex['n_images_in_groups']} images), {ex['n_groups_across_splits']} "
-           f"across splits, {ex['n_groups_label_conflict']} with conflicting labels. "
-           "All in `duplicates_exact.csv`.", ""]
+    out = [
+        "### Pixel-identical images",
+        "",
+        f"{ex['n_images_hashed']} images hashed ({ex['method']}): **{ex['n_groups']} "
+        f"groups** ({ex['n_images_in_groups']} images), {ex['n_groups_across_splits']} "
+        f"across splits, {ex['n_groups_label_conflict']} with conflicting labels. "
+        "All in `duplicates_exact.csv`.",
+        "",
+    ]
     if ex["unreadable"]:
         out += [f"Unreadable, not hashed: {', '.join(ex['unreadable'][:10])}", ""]
     if ex["groups"]:
-        out += md_table(["group", "splits", "labels", "images"],
-                        [[g["group"], ", ".join(g["splits"]), ", ".join(g["labels"]),
-                          "<br>".join(f"{m['split']}: `{m['id']}`" for m in g["members"])]
-                         for g in ex["groups"][:40]])
+        out += md_table(
+            ["group", "splits", "labels", "images"],
+            [
+                [
+                    g["group"],
+                    ", ".join(g["splits"]),
+                    ", ".join(g["labels"]),
+                    "<br>".join(f"{m['split']}: `{m['id']}`" for m in g["members"]),
+                ]
+                for g in ex["groups"][:40]
+            ],
+        )
         out += [""] + _more(len(ex["groups"]) - 40, "groups")
-    out += ["### Near duplicates", "",
-            f"{near['method']}, at or above {near['threshold']}: **{near['n_pairs']} pairs**, "
-            f"{near['n_pairs_across_splits']} across splits"
-            + (f" (the {near['n_listed']} most similar are listed)" if near["truncated"] else "")
-            + ". All in `duplicates_near.csv`.", ""]
+    out += [
+        "### Near duplicates",
+        "",
+        f"{near['method']}, at or above {near['threshold']}: **{near['n_pairs']} pairs**, "
+        f"{near['n_pairs_across_splits']} across splits"
+        + (f" (the {near['n_listed']} most similar are listed)" if near["truncated"] else "")
+        + ". All in `duplicates_near.csv`.",
+        "",
+    ]
     if near["top"]:
-        out += md_table(["similarity", "a", "b", "cross split"],
-                        [[f"{p['similarity']:.4f}", f"{p['split_a']}: `{p['id_a']}`",
-                          f"{p['split_b']}: `{p['id_b']}`", "yes" if p["cross_split"] else ""]
-                         for p in near["top"][:20]])
+        out += md_table(
+            ["similarity", "a", "b", "cross split"],
+            [
+                [
+                    f"{p['similarity']:.4f}",
+                    f"{p['split_a']}: `{p['id_a']}`",
+                    f"{p['split_b']}: `{p['id_b']}`",
+                    "yes" if p["cross_split"] else "",
+                ]
+                for p in near["top"][:20]
+            ],
+        )
         out += [""]
     return out + _patients_markdown(s["patients"])
 
@@ -342,17 +446,27 @@ def _patients_markdown(pat: dict) -> list:
     out = ["### Patients in more than one split", ""]
     if not pat.get("pattern"):
         return out + [f"Not checked: {pat.get('skipped')}.", ""]
-    out += [f"Patient ids from file names (pattern `{pat['pattern']}`, matched "
-            f"{pat['n_images_matched']} images, {pat['n_patients']} patients): "
-            f"**{count(pat['n_across_splits'], 'patient')}** ({pat['n_images_across_splits']} "
-            f"images) in more than one split; {pat['n_with_pixel_evidence']} of them have a "
-            f"duplicate image across splits. {pat['note']} All in `patients_across_splits.csv`.",
-            ""]
+    out += [
+        f"Patient ids from file names (pattern `{pat['pattern']}`, matched "
+        f"{pat['n_images_matched']} images, {pat['n_patients']} patients): "
+        f"**{count(pat['n_across_splits'], 'patient')}** ({pat['n_images_across_splits']} "
+        f"images) in more than one split; {pat['n_with_pixel_evidence']} of them have a "
+        f"duplicate image across splits. {pat['note']} All in `patients_across_splits.csv`.",
+        "",
+    ]
     if pat["patients"]:
-        out += md_table(["patient", "splits", "images", "pixel evidence"],
-                        [[p["patient"], ", ".join(p["splits"]),
-                          ", ".join(f"{k} {v}" for k, v in p["images"].items()),
-                          "yes" if p["pixel_evidence"] else ""] for p in pat["patients"][:30]])
+        out += md_table(
+            ["patient", "splits", "images", "pixel evidence"],
+            [
+                [
+                    p["patient"],
+                    ", ".join(p["splits"]),
+                    ", ".join(f"{k} {v}" for k, v in p["images"].items()),
+                    "yes" if p["pixel_evidence"] else "",
+                ]
+                for p in pat["patients"][:30]
+            ],
+        )
         out += [""] + _more(len(pat["patients"]) - 30, "patients")
     return out
 

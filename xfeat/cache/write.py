@@ -6,6 +6,7 @@ ids) is written when the file is created and the arrays are allocated up front, 
 extraction only overwrites raw bytes in place; ``rows_done`` advances only after the batch
 before it was flushed, so a SIGKILL at any moment loses at most the batch in flight.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,9 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
+from xfeat.cache.read import FEATURE_DTYPES, FORMAT, FORMAT_VERSION, partial_path, read_cache
 from xfeat.errors import CacheError
 from xfeat.files import describe_os_error, file_mode, make_dirs, safe_name
-from xfeat.cache.read import FEATURE_DTYPES, FORMAT, FORMAT_VERSION, partial_path, read_cache
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,10 @@ def entry_lock(path: Path):
         logger.info("another process is writing %s; waiting for it to finish", path.name)
         lock.acquire()
     except OSError as exc:
-        raise CacheError(describe_os_error(exc, path.with_name(path.name + ".lock")) +
-                         " (the cache folder must be writable to add an entry)") from None
+        raise CacheError(
+            describe_os_error(exc, path.with_name(path.name + ".lock"))
+            + " (the cache folder must be writable to add an entry)"
+        ) from None
     try:
         yield
     finally:
@@ -72,11 +75,11 @@ class CacheWriter:
     :func:`entry_lock`; ``finalize`` renames the file into place once every row is written.
     """
 
-    def __init__(self, path: Path, *, key: str, meta: dict, splits: dict, blocks: list,
-                 dtype: str = "float32"):
+    def __init__(
+        self, path: Path, *, key: str, meta: dict, splits: dict, blocks: list, dtype: str = "float32"
+    ):
         if dtype not in FEATURE_DTYPES:
-            raise CacheError(f"feature dtype {dtype!r} not supported; expected one of "
-                             f"{FEATURE_DTYPES}")
+            raise CacheError(f"feature dtype {dtype!r} not supported; expected one of {FEATURE_DTYPES}")
         self.path, self.key, self.meta = Path(path), key, meta
         self.blocks = [(str(name), int(dim)) for name, dim in blocks]
         self.partial = partial_path(self.path)
@@ -96,8 +99,11 @@ class CacheWriter:
         for s, (ids, _) in splits.items():
             feats = f[s]["features"]
             for name, dim in self.blocks:
-                if name not in feats or feats[name].shape != (len(ids), dim) or \
-                        feats[name].dtype != dtype:
+                if (
+                    name not in feats
+                    or feats[name].shape != (len(ids), dim)
+                    or feats[name].dtype != dtype
+                ):
                     return False
         return True
 
@@ -113,14 +119,16 @@ class CacheWriter:
             done = {s: int(f[s]["rows_done"][0]) for s in f} if layout_ok else None
         except Exception as exc:  # h5py raises OSError, KeyError, ValueError for damage
             _close_quietly(f)
-            logger.warning("%s is damaged (%s); starting the extraction again",
-                           self.partial, str(exc).splitlines()[0][:160])
+            logger.warning(
+                "%s is damaged (%s); starting the extraction again",
+                self.partial,
+                str(exc).splitlines()[0][:160],
+            )
             self._discard()
             return None
         if not layout_ok:
             f.close()
-            logger.warning("%s does not match this extraction; starting it again",
-                           self.partial.name)
+            logger.warning("%s does not match this extraction; starting it again", self.partial.name)
             self._discard()
             return None
         logger.info("resuming %s: rows already written %s", self.partial.name, done)
@@ -137,16 +145,18 @@ class CacheWriter:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["key"] = self.key
-        meta = {**self.meta, "blocks": [list(b) for b in self.blocks],
-                "versions": {**self.meta.get("versions", {}), "h5py": h5py.__version__}}
+        meta = {
+            **self.meta,
+            "blocks": [list(b) for b in self.blocks],
+            "versions": {**self.meta.get("versions", {}), "h5py": h5py.__version__},
+        }
         f.attrs["meta"] = json.dumps(meta, sort_keys=True)
         f.attrs["complete"] = False
         for s, (ids, labels) in splits.items():
             g = f.create_group(s)
             g.attrs["blocks"] = json.dumps([name for name, _ in self.blocks])
             g.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            g.create_dataset("ids", data=np.asarray(list(ids), dtype=object),
-                             dtype=h5py.string_dtype())
+            g.create_dataset("ids", data=np.asarray(list(ids), dtype=object), dtype=h5py.string_dtype())
             feats = g.create_group("features")
             for name, dim in self.blocks:
                 _preallocated(feats, name, (len(ids), dim), dtype, np.nan)
@@ -162,33 +172,35 @@ class CacheWriter:
     def n_rows(self, split: str) -> int:
         return self.file[split]["ok"].shape[0]
 
-    def write(self, split: str, start: int, features: dict, ok: np.ndarray,
-              seconds: float) -> None:
+    def write(self, split: str, start: int, features: dict, ok: np.ndarray, seconds: float) -> None:
         """Write rows ``start:start+n`` of every block (``{block: (n, dim)}``), then, after a
         flush, advance ``rows_done``."""
         g = self.file[split]
         n = len(ok)
         if start != self.rows_done(split):
-            raise RuntimeError(f"write at row {start} but {split} has {self.rows_done(split)} "
-                               "rows done")
+            raise RuntimeError(f"write at row {start} but {split} has {self.rows_done(split)} rows done")
         try:
             for name, _ in self.blocks:
-                g["features"][name][start:start + n] = features[name]
-            g["ok"][start:start + n] = ok
+                g["features"][name][start : start + n] = features[name]
+            g["ok"][start : start + n] = ok
             self.file.flush()
             g["seconds"][0] = g["seconds"][0] + seconds
             g["rows_done"][0] = start + n
             self.file.flush()
         except OSError as exc:
-            raise CacheError(describe_os_error(exc, self.partial) + "; the rows written so far "
-                             "are kept and the same command resumes from them") from None
+            raise CacheError(
+                describe_os_error(exc, self.partial) + "; the rows written so far "
+                "are kept and the same command resumes from them"
+            ) from None
 
     def finalize(self, split_stats: dict) -> Path:
         """Record per-split stats, mark complete and atomically move the file into place."""
         for s in self.file:
             if self.rows_done(s) != self.n_rows(s):
-                raise CacheError(f"cannot finalize {self.partial}: split {s} has "
-                                 f"{self.rows_done(s)} of {self.n_rows(s)} rows")
+                raise CacheError(
+                    f"cannot finalize {self.partial}: split {s} has "
+                    f"{self.rows_done(s)} of {self.n_rows(s)} rows"
+                )
             self.file[s].attrs["stats"] = json.dumps(split_stats.get(s, {}), sort_keys=True)
         self.file.attrs["complete"] = True
         self.file.close()
@@ -200,8 +212,16 @@ class CacheWriter:
         _close_quietly(self.file)
 
 
-def merge_shards(path: Path, shard_paths: Sequence[Path], *, key: str, meta: dict, splits: dict,
-                 blocks: list, dtype: str) -> Path:
+def merge_shards(
+    path: Path,
+    shard_paths: Sequence[Path],
+    *,
+    key: str,
+    meta: dict,
+    splits: dict,
+    blocks: list,
+    dtype: str,
+) -> Path:
     """Concatenate complete shard files, in order, into the complete entry ``path``.
 
     The shards' rows must add up to the entry's, split by split, with the same ids. Per
@@ -224,9 +244,12 @@ def merge_shards(path: Path, shard_paths: Sequence[Path], *, key: str, meta: dic
                 if len(part["ids"]):
                     writer.write(name, row, part["blocks"], part["ok"], seconds=seconds)
                     row, seconds = row + len(part["ids"]), 0.0
-            stats[name] = {"seconds_total": wall, "images_per_second":
-                           len(ids) / wall if wall else None, "shards": len(shards),
-                           "shard_seconds": [part["seconds"] for part in parts]}
+            stats[name] = {
+                "seconds_total": wall,
+                "images_per_second": len(ids) / wall if wall else None,
+                "shards": len(shards),
+                "shard_seconds": [part["seconds"] for part in parts],
+            }
         writer.finalize(stats)
     finally:
         writer.close()
@@ -248,10 +271,14 @@ def _read_all_groups(path: Path, blocks: list) -> dict:
     for name, part in groups.items():
         skipped = set(fs.skipped.get(name.partition(".")[0], []))
         cols = np.cumsum([0] + [d for _, d in part.blocks])
-        out[name] = {"ids": part.ids, "seconds": part.seconds,
-                     "ok": np.array([i not in skipped for i in part.ids], dtype=bool),
-                     "blocks": {b: part.features[:, cols[k]:cols[k + 1]]
-                                for k, (b, _) in enumerate(part.blocks)}}
+        out[name] = {
+            "ids": part.ids,
+            "seconds": part.seconds,
+            "ok": np.array([i not in skipped for i in part.ids], dtype=bool),
+            "blocks": {
+                b: part.features[:, cols[k] : cols[k + 1]] for k, (b, _) in enumerate(part.blocks)
+            },
+        }
     return out
 
 
@@ -264,8 +291,11 @@ def _close_quietly(f) -> None:
         if f.id.valid:
             f.close()
     except Exception as exc:
-        logger.warning("closing %s failed: %s", getattr(f, "filename", "the cache file"),
-                       str(exc).splitlines()[0][:160])
+        logger.warning(
+            "closing %s failed: %s",
+            getattr(f, "filename", "the cache file"),
+            str(exc).splitlines()[0][:160],
+        )
 
 
 def _check_free_space(folder: Path, splits: dict, blocks: list, dtype: str) -> None:
@@ -276,9 +306,11 @@ def _check_free_space(folder: Path, splits: dict, blocks: list, dtype: str) -> N
     need = rows * (width + 10) + ids_bytes + (1 << 20)
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise CacheError(f"not enough space in {folder} for the cache entry: it needs about "
-                         f"{need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free; free some "
-                         "space or choose another --cache-dir")
+        raise CacheError(
+            f"not enough space in {folder} for the cache entry: it needs about "
+            f"{need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free; free some "
+            "space or choose another --cache-dir"
+        )
 
 
 def _preallocated(group: h5py.Group, name: str, shape: tuple, dtype, fill) -> None:

@@ -4,6 +4,7 @@ Only click and :mod:`xfeat.config` are imported up front; each command imports t
 calls, so ``xfeat --help`` does not load torch. A user error (:class:`~xfeat.errors.XfeatError`)
 prints as one line; anything else is a bug and shows its traceback.
 """
+
 from xfeat.cli import features, heads, training  # noqa: F401  (registers the commands)
 from xfeat.cli.app import api_errors, cli
 

@@ -1,4 +1,5 @@
 """The ``xfeat`` click group and the one place where user errors become one-line messages."""
+
 from __future__ import annotations
 
 import functools
@@ -13,12 +14,14 @@ from xfeat.errors import XfeatError
 
 def api_errors(f):
     """Turn the API's user-facing exceptions into one-line CLI errors (exit status 1)."""
+
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         try:
             return f(*args, **kwargs)
         except XfeatError as exc:
             raise click.ClickException(str(exc)) from None
+
     return wrapper
 
 
@@ -34,8 +37,9 @@ def cli(ctx, verbose, quiet):
     main_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 reports
     quiet = quiet or not main_rank
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
     ctx.ensure_object(dict)
     ctx.obj["progress"] = not quiet
     ctx.obj["report"] = main_rank

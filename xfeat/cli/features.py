@@ -1,14 +1,21 @@
 """``xfeat models``, ``extract`` and ``info``: the backbones and the feature cache."""
+
 from __future__ import annotations
 
 import json
 
 import click
 
-from xfeat.config import COMPILE_CHOICES, FEATURE_DTYPES, ExtractConfig
 from xfeat.cli.app import api_errors, cli
-from xfeat.cli.options import (data_options, default, feature_options, json_option, model_options,
-                      run_options)
+from xfeat.cli.options import (
+    data_options,
+    default,
+    feature_options,
+    json_option,
+    model_options,
+    run_options,
+)
+from xfeat.config import COMPILE_CHOICES, FEATURE_DTYPES, ExtractConfig
 
 
 @cli.command("models")
@@ -25,8 +32,10 @@ def models_cmd(as_json):
     click.echo(f"{'model':<22} {'D':>5} {'params':>8}  weights")
     for r in rows:
         source = "" if r["source"] == "torchvision" else f"  [{r['source']}]"
-        click.echo(f"{r['name']:<22} {r['feature_dim']:>5} {r['params_m']:>7.1f}M  "
-                   f"{', '.join(r['weights'])}{source}")
+        click.echo(
+            f"{r['name']:<22} {r['feature_dim']:>5} {r['params_m']:>7.1f}M  "
+            f"{', '.join(r['weights'])}{source}"
+        )
     click.echo("Also: timm:NAME (pip install 'xfeat[timm]'), torchscript:PATH.")
 
 
@@ -45,32 +54,44 @@ def weights_cmd(as_json):
         click.echo("Available offline:")
         for f in found["files"]:
             check = {True: "verified", False: "WRONG HASH", None: "unchecked"}[f["verified"]]
-            click.echo(f"  {f['model'] or '?':<18} {f['weights'] or '?':<36} sha256 "
-                       f"{f['sha256'][:12]} ({check})\n      {f['source']}: {f['path']}")
+            click.echo(
+                f"  {f['model'] or '?':<18} {f['weights'] or '?':<36} sha256 "
+                f"{f['sha256'][:12]} ({check})\n      {f['source']}: {f['path']}"
+            )
     else:
         click.echo("No pretrained weights on this machine (only --weights none works offline).")
     missing = [p for p in found["packages"] if not p["installed"]]
-    click.echo("\nTo add more:\n"
-               "  - pass a state-dict file: --weights /path/to/file.pth (timm:NAME: its "
-               "model.safetensors)\n"
-               "  - copy torchvision's file (its URL's name, e.g. resnet50-11ad3fa6.pth) to "
-               f"{found['checkpoints_dir']}\n" +
-               "".join(f"  - {p['pip']}   ({p['license']})\n" for p in missing))
+    click.echo(
+        "\nTo add more:\n"
+        "  - pass a state-dict file: --weights /path/to/file.pth (timm:NAME: its "
+        "model.safetensors)\n"
+        "  - copy torchvision's file (its URL's name, e.g. resnet50-11ad3fa6.pth) to "
+        f"{found['checkpoints_dir']}\n"
+        + "".join(f"  - {p['pip']}   ({p['license']})\n" for p in missing)
+    )
 
 
 @cli.command("extract")
 @data_options
 @model_options
 @run_options
-@click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES),
-              default=default(ExtractConfig, "feature_dtype"), show_default=True,
-              help="Stored feature precision.")
+@click.option(
+    "--feature-dtype",
+    type=click.Choice(FEATURE_DTYPES),
+    default=default(ExtractConfig, "feature_dtype"),
+    show_default=True,
+    help="Stored feature precision.",
+)
 @feature_options
-@click.option("--compile", type=click.Choice(COMPILE_CHOICES), default="auto",
-              show_default=True,
-              help="Compile the backbone ahead of time, once (kept in --cache-dir/compiled: "
-                   "later runs load it in under a second): auto compiles from 3,000 images, "
-                   "where the first compilation (15-60 s) pays for itself.")
+@click.option(
+    "--compile",
+    type=click.Choice(COMPILE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Compile the backbone ahead of time, once (kept in --cache-dir/compiled: "
+    "later runs load it in under a second): auto compiles from 3,000 images, "
+    "where the first compilation (15-60 s) pays for itself.",
+)
 @click.option("--skip-bad", is_flag=True, help="Record and skip unreadable images.")
 @click.option("--force", is_flag=True, help="Recompute even if a complete cache entry exists.")
 @json_option
@@ -108,20 +129,23 @@ def describe_cache(path, meta) -> str:
     weights = w["id"] if w["kind"] != "file" else f"{w['id']} (sha256 {w['sha256'][:12]})"
     p = meta["preprocessing"]
     blocks = meta.get("blocks") or [["penultimate", meta["feature_dim"]]]
-    lines = [f"cache: {path}",
-             f"  model {meta['model']} ({meta['feature_dtype']}"
-             f"{', ' + meta['precision'] if meta.get('precision', 'fp32') != 'fp32' else ''}), "
-             f"weights {weights}",
-             "  blocks: " + ", ".join(f"{name} (D={dim})" for name, dim in blocks),
-             f"  dataset {meta['dataset']['name']} ({meta['dataset']['source']}), classes "
-             f"{', '.join(meta['class_names'])}; val {meta['split'].get('val')}",
-             f"  preprocessing: resize {p['resize_size']}, crop {p['crop_size']}, "
-             f"{p['interpolation']}" + (", EXIF orientation applied"
-                                        if p.get("exif_transpose") else "")]
+    lines = [
+        f"cache: {path}",
+        f"  model {meta['model']} ({meta['feature_dtype']}"
+        f"{', ' + meta['precision'] if meta.get('precision', 'fp32') != 'fp32' else ''}), "
+        f"weights {weights}",
+        "  blocks: " + ", ".join(f"{name} (D={dim})" for name, dim in blocks),
+        f"  dataset {meta['dataset']['name']} ({meta['dataset']['source']}), classes "
+        f"{', '.join(meta['class_names'])}; val {meta['split'].get('val')}",
+        f"  preprocessing: resize {p['resize_size']}, crop {p['crop_size']}, "
+        f"{p['interpolation']}" + (", EXIF orientation applied" if p.get("exif_transpose") else ""),
+    ]
     for split, s in meta["splits"].items():
         rate = s.get("images_per_second")
-        lines.append(f"  {split:<14} {s['n']:>6} images" +
-                     (f", {s['seconds_total']:.1f} s, {rate:.1f} img/s" if rate else ""))
+        lines.append(
+            f"  {split:<14} {s['n']:>6} images"
+            + (f", {s['seconds_total']:.1f} s, {rate:.1f} img/s" if rate else "")
+        )
     return "\n".join(lines)
 
 
@@ -138,6 +162,8 @@ def nodes_cmd(model, image_size, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{model}: --layers stages caches " + ", ".join(
-        f"{name} (D={dim})" for name, dim in info["blocks_for_stages"]))
+    click.echo(
+        f"{model}: --layers stages caches "
+        + ", ".join(f"{name} (D={dim})" for name, dim in info["blocks_for_stages"])
+    )
     click.echo("nodes for --layers NODE,NODE: " + " ".join(info["nodes"]))

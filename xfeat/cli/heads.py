@@ -1,18 +1,34 @@
 """``xfeat fit-head`` and ``predict``: heads on cached features, and applying them."""
+
 from __future__ import annotations
 
 import json
 
 import click
 
-from xfeat.config import FIT_ADAPTATIONS, HEAD_NAMES, PREDICT_ADAPTATIONS
 from xfeat.cli.app import api_errors, cli
-from xfeat.cli.options import (cache_source, feature_options, json_option, model_options, n_boot_option,
-                      optional_data_options, predict_run_options, run_options, threshold_option)
+from xfeat.cli.options import (
+    cache_source,
+    feature_options,
+    json_option,
+    model_options,
+    n_boot_option,
+    optional_data_options,
+    predict_run_options,
+    run_options,
+    threshold_option,
+)
+from xfeat.config import FIT_ADAPTATIONS, HEAD_NAMES, PREDICT_ADAPTATIONS
 
 # CLI flag -> the head parameter it sets; which head takes which is read from the heads.
-_HEAD_FLAGS = {"C": "--C", "scoring": "--scoring", "class_weight": "--class-weight",
-               "refit_on_val": "--refit-on-val", "epochs": "--epochs", "lr": "--lr"}
+_HEAD_FLAGS = {
+    "C": "--C",
+    "scoring": "--scoring",
+    "class_weight": "--class-weight",
+    "refit_on_val": "--refit-on-val",
+    "epochs": "--epochs",
+    "lr": "--lr",
+}
 
 
 def head_params_from_flags(head: str, given: dict) -> dict:
@@ -23,8 +39,10 @@ def head_params_from_flags(head: str, given: dict) -> dict:
     ignored = [_HEAD_FLAGS[k] for k, v in given.items() if v is not None and k not in accepted]
     if ignored:
         takes = [flag for k, flag in _HEAD_FLAGS.items() if k in accepted]
-        raise click.UsageError(f"{', '.join(ignored)} do(es) not apply to --head {head}; it "
-                               f"takes {', '.join(takes) or 'no head options'}")
+        raise click.UsageError(
+            f"{', '.join(ignored)} do(es) not apply to --head {head}; it "
+            f"takes {', '.join(takes) or 'no head options'}"
+        )
     params = {k: v for k, v in given.items() if v is not None}
     if params.get("class_weight") == "none":
         params["class_weight"] = None
@@ -35,42 +53,91 @@ def head_params_from_flags(head: str, given: dict) -> dict:
 @click.pass_context
 @optional_data_options
 @model_options
-@click.option("--cache", "cache_file", type=click.Path(dir_okay=False), multiple=True,
-              help="Use this feature cache (.h5) instead of --data/--model/--weights; "
-                   "repeat it to put several backbones' features side by side.")
-@click.option("--head", type=click.Choice(HEAD_NAMES), default="logreg", show_default=True,
-              help="logreg: C swept on val; linear: the tutorial's SGD recipe; knn: cosine "
-                   "k-NN, k chosen on val.")
-@click.option("--blocks", default=None, metavar="BLOCK,BLOCK",
-              help="Feature blocks of the cache to use [default: all]; `xfeat info` lists them.")
+@click.option(
+    "--cache",
+    "cache_file",
+    type=click.Path(dir_okay=False),
+    multiple=True,
+    help="Use this feature cache (.h5) instead of --data/--model/--weights; "
+    "repeat it to put several backbones' features side by side.",
+)
+@click.option(
+    "--head",
+    type=click.Choice(HEAD_NAMES),
+    default="logreg",
+    show_default=True,
+    help="logreg: C swept on val; linear: the tutorial's SGD recipe; knn: cosine k-NN, k chosen on val.",
+)
+@click.option(
+    "--blocks",
+    default=None,
+    metavar="BLOCK,BLOCK",
+    help="Feature blocks of the cache to use [default: all]; `xfeat info` lists them.",
+)
 @feature_options
-@click.option("--ignore-views", is_flag=True,
-              help="Train on the centre crops only, even if the cache holds augmented views.")
-@click.option("--adapt", type=click.Choice(FIT_ADAPTATIONS), default=None,
-              help="TRANSDUCTIVE site adaptation to the test images (labels never read).")
+@click.option(
+    "--ignore-views",
+    is_flag=True,
+    help="Train on the centre crops only, even if the cache holds augmented views.",
+)
+@click.option(
+    "--adapt",
+    type=click.Choice(FIT_ADAPTATIONS),
+    default=None,
+    help="TRANSDUCTIVE site adaptation to the test images (labels never read).",
+)
 @threshold_option
-@click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=None,
-              help="logreg class weights [default: the head's, balanced].")
+@click.option(
+    "--class-weight",
+    type=click.Choice(["balanced", "none"]),
+    default=None,
+    help="logreg class weights [default: the head's, balanced].",
+)
 @click.option("--C", "C", type=float, default=None, help="logreg: fix C instead of sweeping it.")
-@click.option("--scoring", type=click.Choice(["log_loss", "accuracy", "balanced_accuracy",
-                                              "roc_auc"]), default=None,
-              help="logreg: val score that chooses C [default: the head's, log_loss].")
-@click.option("--refit-on-val", is_flag=True, default=None,
-              help="logreg: refit on train+val with the chosen C.")
+@click.option(
+    "--scoring",
+    type=click.Choice(["log_loss", "accuracy", "balanced_accuracy", "roc_auc"]),
+    default=None,
+    help="logreg: val score that chooses C [default: the head's, log_loss].",
+)
+@click.option(
+    "--refit-on-val", is_flag=True, default=None, help="logreg: refit on train+val with the chosen C."
+)
 @click.option("--epochs", type=int, default=None, help="linear: epochs [default: the head's].")
-@click.option("--lr", type=float, default=None,
-              help="linear: SGD learning rate [default: the head's].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/cached-HEAD].")
+@click.option("--lr", type=float, default=None, help="linear: SGD learning rate [default: the head's].")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/cached-HEAD].",
+)
 @n_boot_option
 @run_options
 @json_option
 @api_errors
-def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, blocks,
-                 ignore_views, tta, adapt, threshold, out_dir, n_boot, as_json, **options):
+def fit_head_cmd(
+    ctx,
+    data,
+    model,
+    weights,
+    image_size,
+    seed,
+    cache_file,
+    head,
+    blocks,
+    ignore_views,
+    tta,
+    adapt,
+    threshold,
+    out_dir,
+    n_boot,
+    as_json,
+    **options,
+):
     """Fit a head on cached features (extracting them first if needed) and evaluate it."""
-    from xfeat.fitting import fit_head
     from xfeat.config import parse_threshold_rule
+    from xfeat.fitting import fit_head
 
     parse_threshold_rule(threshold)  # before any extraction
     head_params = head_params_from_flags(head, {k: options.pop(k) for k in _HEAD_FLAGS})
@@ -78,43 +145,78 @@ def fit_head_cmd(ctx, data, model, weights, image_size, seed, cache_file, head, 
 
     if "seed" in head_options()[head]:
         head_params["seed"] = seed
-    extract_options = cache_source(ctx, data, cache_file, {**options, "tta": tta},
-                                   image_size=image_size, seed=seed)
+    extract_options = cache_source(
+        ctx, data, cache_file, {**options, "tta": tta}, image_size=image_size, seed=seed
+    )
     if cache_file:
-        extraction = {"--layers": options.get("layers") != "penultimate",
-                      "--views": bool(options.get("views")),
-                      "--precision": options.get("precision") != "fp32"}
+        extraction = {
+            "--layers": options.get("layers") != "penultimate",
+            "--views": bool(options.get("views")),
+            "--precision": options.get("precision") != "fp32",
+        }
         given = [flag for flag, set_ in extraction.items() if set_]
         if given:
-            raise click.UsageError(f"{', '.join(given)} choose what to extract, and --cache "
-                                   "gives features already extracted; use --blocks to pick "
-                                   "blocks of the cache, or --data to extract")
-    cache_file = list(cache_file) if len(cache_file) > 1 else (cache_file[0] if cache_file
-                                                                 else None)
-    result = fit_head(data, model, weights=weights, cache=cache_file, head=head,
-                      blocks=blocks.split(",") if blocks else None,
-                      use_views=not ignore_views,
-                      tta=tta, adapt=adapt,
-                      threshold=threshold, head_params=head_params, out_dir=out_dir,
-                      n_boot=n_boot, extract_options=extract_options)
+            raise click.UsageError(
+                f"{', '.join(given)} choose what to extract, and --cache "
+                "gives features already extracted; use --blocks to pick "
+                "blocks of the cache, or --data to extract"
+            )
+    cache_file = list(cache_file) if len(cache_file) > 1 else (cache_file[0] if cache_file else None)
+    result = fit_head(
+        data,
+        model,
+        weights=weights,
+        cache=cache_file,
+        head=head,
+        blocks=blocks.split(",") if blocks else None,
+        use_views=not ignore_views,
+        tta=tta,
+        adapt=adapt,
+        threshold=threshold,
+        head_params=head_params,
+        out_dir=out_dir,
+        n_boot=n_boot,
+        extract_options=extract_options,
+    )
     click.echo(json.dumps(result.record, indent=2) if as_json else result.table())
 
 
 @cli.command("predict")
-@click.option("--head", "head_path", required=True, type=click.Path(dir_okay=False),
-              help="A head.npz written by fit-head, or a model.pt written by finetune.")
+@click.option(
+    "--head",
+    "head_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="A head.npz written by fit-head, or a model.pt written by finetune.",
+)
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out_csv", type=click.Path(dir_okay=False), default="predictions.csv",
-              show_default=True, help="CSV: path, probability per class, predicted label.")
-@click.option("--weights", default=None,
-              help="Where the head's weights file is now, if it moved.")
-@click.option("--tta", default=None, metavar="flip|crops|flip,crops",
-              help="Average the features of these test-time views with the centre crop's.")
-@click.option("--adapt", type=click.Choice(PREDICT_ADAPTATIONS), default=None,
-              help="TRANSDUCTIVE: adapt to the images given (at least 20), their labels unused.")
-@click.option("--compile", is_flag=True,
-              help="Compile the backbone ahead of time (kept in the cache folder for later "
-                   "runs; the first compilation pays off for thousands of images).")
+@click.option(
+    "--out",
+    "out_csv",
+    type=click.Path(dir_okay=False),
+    default="predictions.csv",
+    show_default=True,
+    help="CSV: path, probability per class, predicted label.",
+)
+@click.option("--weights", default=None, help="Where the head's weights file is now, if it moved.")
+@click.option(
+    "--tta",
+    default=None,
+    metavar="flip|crops|flip,crops",
+    help="Average the features of these test-time views with the centre crop's.",
+)
+@click.option(
+    "--adapt",
+    type=click.Choice(PREDICT_ADAPTATIONS),
+    default=None,
+    help="TRANSDUCTIVE: adapt to the images given (at least 20), their labels unused.",
+)
+@click.option(
+    "--compile",
+    is_flag=True,
+    help="Compile the backbone ahead of time (kept in the cache folder for later "
+    "runs; the first compilation pays off for thousands of images).",
+)
 @predict_run_options
 @click.pass_context
 @api_errors
@@ -122,14 +224,24 @@ def predict_cmd(ctx, head_path, images, out_csv, weights, tta, adapt, compile, *
     """Classify image files or folders with a saved head and its backbone."""
     from xfeat.prediction import predict
 
-    rows = predict(head_path, images, out_csv=out_csv, weights=weights, tta=tta, adapt=adapt,
-                   compile=compile,
-                   progress=ctx.obj["progress"], **options)
+    rows = predict(
+        head_path,
+        images,
+        out_csv=out_csv,
+        weights=weights,
+        tta=tta,
+        adapt=adapt,
+        compile=compile,
+        progress=ctx.obj["progress"],
+        **options,
+    )
     failed = [r for r in rows if r["error"]]
     counts = {}
     for r in rows:
         if r["predicted"]:
             counts[r["predicted"]] = counts.get(r["predicted"], 0) + 1
-    click.echo(f"{len(rows)} images -> {out_csv}: " +
-               ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) +
-               (f"; {len(failed)} unreadable (see the error column)" if failed else ""))
+    click.echo(
+        f"{len(rows)} images -> {out_csv}: "
+        + ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
+        + (f"; {len(failed)} unreadable (see the error column)" if failed else "")
+    )

@@ -1,4 +1,5 @@
 """Shared click options. Defaults come from :mod:`xfeat.config`, so they are defined once."""
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -6,8 +7,17 @@ from typing import Optional
 
 import click
 
-from xfeat.config import (AMP_CHOICES, DEFAULT_N_BOOT, DEFAULT_THRESHOLD, INT8_CALIBRATION_IMAGES,
-                      PRECISIONS, RECIPES, ExtractConfig, FinetuneConfig, SplitConfig)
+from xfeat.config import (
+    AMP_CHOICES,
+    DEFAULT_N_BOOT,
+    DEFAULT_THRESHOLD,
+    INT8_CALIBRATION_IMAGES,
+    PRECISIONS,
+    RECIPES,
+    ExtractConfig,
+    FinetuneConfig,
+    SplitConfig,
+)
 
 
 def default(cls, name: str):
@@ -23,22 +33,46 @@ def apply(f, options):
 
 def data_options(f, required: bool = True):
     """--data and the validation carve-out recipe, plus the cache folder."""
-    return apply(f, [
-        click.option("--data", "-d", required=required, metavar="PATH|NAME",
-                     help="Folder ROOT/{train,val,test}/CLASS/*, a MedMNIST-style .npz, or a "
-                          "built-in name (pneumoniamnist, pneumoniamnist_224, ...)."),
-        click.option("--val-fraction", type=float, show_default=True,
-                     default=default(SplitConfig, "val_fraction"),
-                     help="Share of train carved out as val when val is missing or tiny."),
-        click.option("--split-seed", type=int, default=default(SplitConfig, "split_seed"),
-                     show_default=True, help="Seed of the val carve-out."),
-        click.option("--group-pattern", default=default(SplitConfig, "group_pattern"),
-                     show_default=True,
-                     help="Regex whose first group on a file name is the patient id (kept on "
-                          "one side of the split); '' disables grouping."),
-        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                     help="Feature cache folder [default: $XFEAT_CACHE or ./cache]."),
-    ])
+    return apply(
+        f,
+        [
+            click.option(
+                "--data",
+                "-d",
+                required=required,
+                metavar="PATH|NAME",
+                help="Folder ROOT/{train,val,test}/CLASS/*, a MedMNIST-style .npz, or a "
+                "built-in name (pneumoniamnist, pneumoniamnist_224, ...).",
+            ),
+            click.option(
+                "--val-fraction",
+                type=float,
+                show_default=True,
+                default=default(SplitConfig, "val_fraction"),
+                help="Share of train carved out as val when val is missing or tiny.",
+            ),
+            click.option(
+                "--split-seed",
+                type=int,
+                default=default(SplitConfig, "split_seed"),
+                show_default=True,
+                help="Seed of the val carve-out.",
+            ),
+            click.option(
+                "--group-pattern",
+                default=default(SplitConfig, "group_pattern"),
+                show_default=True,
+                help="Regex whose first group on a file name is the patient id (kept on "
+                "one side of the split); '' disables grouping.",
+            ),
+            click.option(
+                "--cache-dir",
+                type=click.Path(file_okay=False),
+                default=None,
+                help="Feature cache folder [default: $XFEAT_CACHE or ./cache].",
+            ),
+        ],
+    )
 
 
 def optional_data_options(f):
@@ -48,43 +82,92 @@ def optional_data_options(f):
 
 def model_options(f):
     """--model, --weights, --image-size, --resize-size, --mean, --std, --seed."""
-    return apply(f, [
-        click.option("--model", "-m", default=default(ExtractConfig, "model"), show_default=True,
-                     help="A torchvision classifier (`xfeat models` lists them), timm:NAME, "
-                          "torchscript:PATH (a module mapping images to (N, D)), or "
-                          "inception_v3_fid."),
-        click.option("--weights", "-w", default=default(ExtractConfig, "weights"),
-                     show_default=True,
-                     help="none (random init), DEFAULT, a torchvision weights name such as "
-                          "IMAGENET1K_V1, or a local state-dict file; `xfeat weights` lists "
-                          "those available offline."),
-        click.option("--image-size", type=int, default=None,
-                     help="Crop size override [default: the weights' own, e.g. 224]."),
-        click.option("--resize-size", type=int, default=None,
-                     help="Short side before the centre crop [default: the weights' own, or "
-                          "the crop's ratio kept]."),
-        click.option("--mean", type=float, nargs=3, default=None, metavar="R G B",
-                     help="Normalisation mean of x/255 [default: the weights' own]."),
-        click.option("--std", type=float, nargs=3, default=None, metavar="R G B",
-                     help="Normalisation std of x/255 [default: the weights' own]."),
-        click.option("--seed", type=int, default=default(ExtractConfig, "seed"),
-                     show_default=True, help="Seed of random initialisation (weights=none)."),
-    ])
+    return apply(
+        f,
+        [
+            click.option(
+                "--model",
+                "-m",
+                default=default(ExtractConfig, "model"),
+                show_default=True,
+                help="A torchvision classifier (`xfeat models` lists them), timm:NAME, "
+                "torchscript:PATH (a module mapping images to (N, D)), or "
+                "inception_v3_fid.",
+            ),
+            click.option(
+                "--weights",
+                "-w",
+                default=default(ExtractConfig, "weights"),
+                show_default=True,
+                help="none (random init), DEFAULT, a torchvision weights name such as "
+                "IMAGENET1K_V1, or a local state-dict file; `xfeat weights` lists "
+                "those available offline.",
+            ),
+            click.option(
+                "--image-size",
+                type=int,
+                default=None,
+                help="Crop size override [default: the weights' own, e.g. 224].",
+            ),
+            click.option(
+                "--resize-size",
+                type=int,
+                default=None,
+                help="Short side before the centre crop [default: the weights' own, or "
+                "the crop's ratio kept].",
+            ),
+            click.option(
+                "--mean",
+                type=float,
+                nargs=3,
+                default=None,
+                metavar="R G B",
+                help="Normalisation mean of x/255 [default: the weights' own].",
+            ),
+            click.option(
+                "--std",
+                type=float,
+                nargs=3,
+                default=None,
+                metavar="R G B",
+                help="Normalisation std of x/255 [default: the weights' own].",
+            ),
+            click.option(
+                "--seed",
+                type=int,
+                default=default(ExtractConfig, "seed"),
+                show_default=True,
+                help="Seed of random initialisation (weights=none).",
+            ),
+        ],
+    )
 
 
 def run_options(f, batch_size: Optional[int] = default(ExtractConfig, "batch_size")):
     """--batch-size (unless ``batch_size`` is None), --num-workers, --device."""
     options = [
-        click.option("--num-workers", type=int, default=None,
-                     help="Image decoders: threads on the CPU (extract, predict) [default: "
-                          "min(4, CPUs)], worker processes on a GPU and for training "
-                          "[default: min(4, CPUs - 1)]."),
-        click.option("--device", default=None,
-                     help="cpu, cuda, cuda:N [default: cuda if available]."),
+        click.option(
+            "--num-workers",
+            type=int,
+            default=None,
+            help="Image decoders: threads on the CPU (extract, predict) [default: "
+            "min(4, CPUs)], worker processes on a GPU and for training "
+            "[default: min(4, CPUs - 1)].",
+        ),
+        click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available]."),
     ]
     if batch_size is not None:
-        options.insert(0, click.option("--batch-size", "-b", type=int, default=batch_size,
-                                       show_default=True, help="Images per forward pass."))
+        options.insert(
+            0,
+            click.option(
+                "--batch-size",
+                "-b",
+                type=int,
+                default=batch_size,
+                show_default=True,
+                help="Images per forward pass.",
+            ),
+        )
     return apply(f, options)
 
 
@@ -99,88 +182,166 @@ def predict_run_options(f):
 
 def threshold_option(f):
     return click.option(
-        "--threshold", default=DEFAULT_THRESHOLD, show_default=True,
-        help="youden, a probability such as 0.5, or sensitivity:0.95 / specificity:0.9; "
-             "chosen on val.")(f)
+        "--threshold",
+        default=DEFAULT_THRESHOLD,
+        show_default=True,
+        help="youden, a probability such as 0.5, or sensitivity:0.95 / specificity:0.9; chosen on val.",
+    )(f)
 
 
 def n_boot_option(f):
-    return click.option("--n-boot", type=int, default=DEFAULT_N_BOOT, show_default=True,
-                        help="Bootstrap resamples for the test confidence intervals.")(f)
+    return click.option(
+        "--n-boot",
+        type=int,
+        default=DEFAULT_N_BOOT,
+        show_default=True,
+        help="Bootstrap resamples for the test confidence intervals.",
+    )(f)
 
 
 def json_option(f, what: str = "results.json"):
-    return click.option("--json", "as_json", is_flag=True,
-                        help=f"Print {what} instead of the table.")(f)
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} instead of the table.")(f)
 
 
 def finetune_options(f):
     """The training recipe: every field of FinetuneConfig that a user sets."""
     d = lambda name: default(FinetuneConfig, name)  # noqa: E731
-    return apply(f, [
-        click.option("--epochs", type=int, default=d("epochs"), show_default=True),
-        click.option("--batch-size", "-b", type=int, default=d("batch_size"), show_default=True),
-        click.option("--recipe", type=click.Choice(RECIPES),
-                     default=d("recipe"), show_default=True,
-                     help="tutorial: SGD + StepLR as in PyTorch's transfer-learning tutorial; "
-                          "modern: AdamW, warm-up + cosine, label smoothing, a 10x lower "
-                          "learning rate for the backbone."),
-        click.option("--lr", type=float, default=None,
-                     help="Learning rate (of the new layer) [default: the recipe's, 1e-3]."),
-        click.option("--momentum", type=float, default=d("momentum"), show_default=True),
-        click.option("--step-size", type=int, default=d("step_size"), show_default=True,
-                     help="StepLR: decay the learning rate every N epochs."),
-        click.option("--gamma", type=float, default=d("gamma"), show_default=True),
-        click.option("--weight-decay", type=float, default=None,
-                     help="[default: the recipe's: tutorial 0, modern 0.05]"),
-        click.option("--warmup-epochs", type=int, default=None,
-                     help="modern: linear warm-up epochs [default: 1]."),
-        click.option("--label-smoothing", type=float, default=None,
-                     help="[default: the recipe's: tutorial 0, modern 0.1]"),
-        click.option("--backbone-lr-scale", type=float, default=None,
-                     help="Backbone learning rate / new layer's [default: tutorial 1, "
-                          "modern 0.1]."),
-        click.option("--amp", type=click.Choice(AMP_CHOICES), default=d("amp"),
-                     show_default=True, help="auto: bf16 autocast on CUDA, fp32 on CPU."),
-        click.option("--channels-last/--no-channels-last", default=None,
-                     help="Memory layout [default: channels_last where it is faster for the "
-                          "model family on this device]."),
-        click.option("--compile", is_flag=True, help="torch.compile the network (slow first "
-                                                     "epoch)."),
-        click.option("--max-train-images", type=int, default=None,
-                     help="Train on a stratified subset of train (quick runs)."),
-    ])
+    return apply(
+        f,
+        [
+            click.option("--epochs", type=int, default=d("epochs"), show_default=True),
+            click.option("--batch-size", "-b", type=int, default=d("batch_size"), show_default=True),
+            click.option(
+                "--recipe",
+                type=click.Choice(RECIPES),
+                default=d("recipe"),
+                show_default=True,
+                help="tutorial: SGD + StepLR as in PyTorch's transfer-learning tutorial; "
+                "modern: AdamW, warm-up + cosine, label smoothing, a 10x lower "
+                "learning rate for the backbone.",
+            ),
+            click.option(
+                "--lr",
+                type=float,
+                default=None,
+                help="Learning rate (of the new layer) [default: the recipe's, 1e-3].",
+            ),
+            click.option("--momentum", type=float, default=d("momentum"), show_default=True),
+            click.option(
+                "--step-size",
+                type=int,
+                default=d("step_size"),
+                show_default=True,
+                help="StepLR: decay the learning rate every N epochs.",
+            ),
+            click.option("--gamma", type=float, default=d("gamma"), show_default=True),
+            click.option(
+                "--weight-decay",
+                type=float,
+                default=None,
+                help="[default: the recipe's: tutorial 0, modern 0.05]",
+            ),
+            click.option(
+                "--warmup-epochs",
+                type=int,
+                default=None,
+                help="modern: linear warm-up epochs [default: 1].",
+            ),
+            click.option(
+                "--label-smoothing",
+                type=float,
+                default=None,
+                help="[default: the recipe's: tutorial 0, modern 0.1]",
+            ),
+            click.option(
+                "--backbone-lr-scale",
+                type=float,
+                default=None,
+                help="Backbone learning rate / new layer's [default: tutorial 1, modern 0.1].",
+            ),
+            click.option(
+                "--amp",
+                type=click.Choice(AMP_CHOICES),
+                default=d("amp"),
+                show_default=True,
+                help="auto: bf16 autocast on CUDA, fp32 on CPU.",
+            ),
+            click.option(
+                "--channels-last/--no-channels-last",
+                default=None,
+                help="Memory layout [default: channels_last where it is faster for the "
+                "model family on this device].",
+            ),
+            click.option(
+                "--compile", is_flag=True, help="torch.compile the network (slow first epoch)."
+            ),
+            click.option(
+                "--max-train-images",
+                type=int,
+                default=None,
+                help="Train on a stratified subset of train (quick runs).",
+            ),
+        ],
+    )
 
 
 def split_options(kwargs: dict) -> dict:
     """Pop the data options into ``extract``'s keyword names."""
-    return {k: kwargs.pop(k) for k in ("val_fraction", "split_seed", "group_pattern",
-                                       "cache_dir") if k in kwargs}
+    return {
+        k: kwargs.pop(k)
+        for k in ("val_fraction", "split_seed", "group_pattern", "cache_dir")
+        if k in kwargs
+    }
 
 
 def cache_source(ctx, data, cache_file, options: dict, *, image_size, seed) -> dict:
     """Check that --data or --cache is given; return ``extract``'s options from the rest."""
     if not data and not cache_file:
         raise click.UsageError("give --data (and --model/--weights) or --cache FILE.h5")
-    extract_options = {**split_options(options), **options, "image_size": image_size,
-                       "seed": seed, "progress": ctx.obj["progress"]}
+    extract_options = {
+        **split_options(options),
+        **options,
+        "image_size": image_size,
+        "seed": seed,
+        "progress": ctx.obj["progress"],
+    }
     return {k: v for k, v in extract_options.items() if v is not None}
 
 
 def feature_options(f):
     """What is cached besides the penultimate features of the centre crop."""
-    return apply(f, [
-        click.option("--layers", default="penultimate", show_default=True,
-                     help="penultimate, stages (each stage's pooled output too), or node names "
-                          "NODE,NODE (`xfeat nodes MODEL`); one forward pass."),
-        click.option("--views", type=int, default=0, show_default=True,
-                     help="Augmented views cached per train image (the fine-tuning "
-                          "augmentation, seeded); heads train on all of them."),
-        click.option("--tta", default=None, metavar="flip|crops|flip,crops",
-                     help="Test-time views of val and test to cache; fit-head averages the "
-                          "features of the centre crop and these views."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
-                     show_default=True,
-                     help="int8: quantized CPU extraction (calibrated on "
-                          f"{INT8_CALIBRATION_IMAGES} train images)."),
-    ])
+    return apply(
+        f,
+        [
+            click.option(
+                "--layers",
+                default="penultimate",
+                show_default=True,
+                help="penultimate, stages (each stage's pooled output too), or node names "
+                "NODE,NODE (`xfeat nodes MODEL`); one forward pass.",
+            ),
+            click.option(
+                "--views",
+                type=int,
+                default=0,
+                show_default=True,
+                help="Augmented views cached per train image (the fine-tuning "
+                "augmentation, seeded); heads train on all of them.",
+            ),
+            click.option(
+                "--tta",
+                default=None,
+                metavar="flip|crops|flip,crops",
+                help="Test-time views of val and test to cache; fit-head averages the "
+                "features of the centre crop and these views.",
+            ),
+            click.option(
+                "--precision",
+                type=click.Choice(PRECISIONS),
+                default="fp32",
+                show_default=True,
+                help="int8: quantized CPU extraction (calibrated on "
+                f"{INT8_CALIBRATION_IMAGES} train images).",
+            ),
+        ],
+    )

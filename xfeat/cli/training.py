@@ -1,89 +1,176 @@
 """``xfeat finetune``, ``compare`` and ``analyze``."""
+
 from __future__ import annotations
 
 import json
 
 import click
 
-from xfeat.config import (COMPARE_MODES, FINETUNE_ADAPTATIONS, FINETUNE_MODES, HEAD_NAMES,
-                      FinetuneConfig)
 from xfeat.cli.app import api_errors, cli
-from xfeat.cli.options import (cache_source, data_options, default, finetune_options, json_option,
-                      loader_options, model_options, n_boot_option, optional_data_options,
-                      run_options, split_options, threshold_option)
+from xfeat.cli.options import (
+    cache_source,
+    data_options,
+    default,
+    finetune_options,
+    json_option,
+    loader_options,
+    model_options,
+    n_boot_option,
+    optional_data_options,
+    run_options,
+    split_options,
+    threshold_option,
+)
+from xfeat.config import COMPARE_MODES, FINETUNE_ADAPTATIONS, FINETUNE_MODES, HEAD_NAMES, FinetuneConfig
 
 
 @cli.command("finetune")
 @data_options
 @model_options
-@click.option("--mode", type=click.Choice(FINETUNE_MODES), default=default(FinetuneConfig, "mode"),
-              show_default=True,
-              help="full: train every layer; frozen: only the new last layer (backbone forward "
-                   "every epoch); lp-ft: start the last layer from the cached logistic probe.")
+@click.option(
+    "--mode",
+    type=click.Choice(FINETUNE_MODES),
+    default=default(FinetuneConfig, "mode"),
+    show_default=True,
+    help="full: train every layer; frozen: only the new last layer (backbone forward "
+    "every epoch); lp-ft: start the last layer from the cached logistic probe.",
+)
 @finetune_options
 @loader_options
 @threshold_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/MODE-linear].")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/MODE-linear].",
+)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
-@click.option("--probe", type=click.Path(dir_okay=False), default=None,
-              help="lp-ft: start from this head.npz of fit-head (default: fit one on the cache).")
-@click.option("--adapt", type=click.Choice(FINETUNE_ADAPTATIONS), default=None,
-              help="TRANSDUCTIVE: evaluate test with BatchNorm statistics re-estimated on the "
-                   "test images (labels never read).")
+@click.option(
+    "--probe",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="lp-ft: start from this head.npz of fit-head (default: fit one on the cache).",
+)
+@click.option(
+    "--adapt",
+    type=click.Choice(FINETUNE_ADAPTATIONS),
+    default=None,
+    help="TRANSDUCTIVE: evaluate test with BatchNorm statistics re-estimated on the "
+    "test images (labels never read).",
+)
 @n_boot_option
 @json_option
 @click.pass_context
 @api_errors
-def finetune_cmd(ctx, data, model, weights, image_size, num_workers, device, out_dir, resume,
-                 as_json, **options):
+def finetune_cmd(
+    ctx, data, model, weights, image_size, num_workers, device, out_dir, resume, as_json, **options
+):
     """Train end to end (full), the frozen-backbone baseline, or LP-FT; evaluate once on test."""
     from xfeat.finetuning import finetune
 
     data_kwargs = split_options(options)
-    result = finetune(data, model, weights=weights, image_size=image_size, out_dir=out_dir,
-                      resume=resume, num_workers=num_workers, device=device,
-                      progress=ctx.obj["progress"], **data_kwargs, **options)
+    result = finetune(
+        data,
+        model,
+        weights=weights,
+        image_size=image_size,
+        out_dir=out_dir,
+        resume=resume,
+        num_workers=num_workers,
+        device=device,
+        progress=ctx.obj["progress"],
+        **data_kwargs,
+        **options,
+    )
     if result is not None:  # under torchrun, rank 0 holds the result
         click.echo(json.dumps(result.record, indent=2) if as_json else result.table())
 
 
 @cli.command("compare")
 @data_options
-@click.option("--models", default="resnet18,resnet50,shufflenet_v2_x2_0", show_default=True,
-              help="Comma-separated backbones.")
-@click.option("--weights", "-w", default="none", show_default=True,
-              help="Weights for every model (none, DEFAULT, a file), or per model: "
-                   "'mobilenet_v2=PATH,resnet50=DEFAULT' (others: none).")
-@click.option("--modes", default=",".join(COMPARE_MODES), show_default=True,
-              help="Comma-separated: cached, frozen, full, lp-ft.")
-@click.option("--quick", is_flag=True,
-              help="Small stratified subset and 2 epochs: the whole comparison in minutes.")
-@click.option("--head", type=click.Choice(HEAD_NAMES), default="logreg", show_default=True,
-              help="Head of the cached mode.")
+@click.option(
+    "--models",
+    default="resnet18,resnet50,shufflenet_v2_x2_0",
+    show_default=True,
+    help="Comma-separated backbones.",
+)
+@click.option(
+    "--weights",
+    "-w",
+    default="none",
+    show_default=True,
+    help="Weights for every model (none, DEFAULT, a file), or per model: "
+    "'mobilenet_v2=PATH,resnet50=DEFAULT' (others: none).",
+)
+@click.option(
+    "--modes",
+    default=",".join(COMPARE_MODES),
+    show_default=True,
+    help="Comma-separated: cached, frozen, full, lp-ft.",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Small stratified subset and 2 epochs: the whole comparison in minutes.",
+)
+@click.option(
+    "--head",
+    type=click.Choice(HEAD_NAMES),
+    default="logreg",
+    show_default=True,
+    help="Head of the cached mode.",
+)
 @click.option("--image-size", type=int, default=None)
 @click.option("--seed", type=int, default=default(FinetuneConfig, "seed"), show_default=True)
 @finetune_options
 @loader_options
 @n_boot_option
 @click.option("--analyze", is_flag=True, help="Also run `xfeat analyze` and link it.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/compare",
-              show_default=True)
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), default="runs/compare", show_default=True
+)
 @json_option
 @click.pass_context
 @api_errors
-def compare_cmd(ctx, models, weights, modes, quick, head, image_size, num_workers, device,
-                analyze, out_dir, n_boot, as_json, **options):
+def compare_cmd(
+    ctx,
+    models,
+    weights,
+    modes,
+    quick,
+    head,
+    image_size,
+    num_workers,
+    device,
+    analyze,
+    out_dir,
+    n_boot,
+    as_json,
+    **options,
+):
     """Speed and accuracy of every (backbone, mode) pair, side by side, with a report."""
     from xfeat.comparison import compare
 
     data_kwargs = split_options(options)
     data = data_kwargs.pop("data", None) or options.pop("data")
-    result = compare(data, [m for m in models.split(",") if m], weights=weights,
-                     modes=[m for m in modes.split(",") if m], quick=quick, head=head,
-                     out_dir=out_dir, analyze=analyze, n_boot=n_boot, image_size=image_size,
-                     num_workers=num_workers, device=device, progress=ctx.obj["progress"],
-                     finetune=options, **data_kwargs)
+    result = compare(
+        data,
+        [m for m in models.split(",") if m],
+        weights=weights,
+        modes=[m for m in modes.split(",") if m],
+        quick=quick,
+        head=head,
+        out_dir=out_dir,
+        analyze=analyze,
+        n_boot=n_boot,
+        image_size=image_size,
+        num_workers=num_workers,
+        device=device,
+        progress=ctx.obj["progress"],
+        finetune=options,
+        **data_kwargs,
+    )
     if as_json:
         click.echo((result.out_dir / "comparison.json").read_text())
         return
@@ -93,32 +180,79 @@ def compare_cmd(ctx, models, weights, modes, quick, head, image_size, num_worker
 @cli.command("analyze")
 @optional_data_options
 @model_options
-@click.option("--cache", "cache_file", type=click.Path(dir_okay=False),
-              help="Use this feature cache (.h5) instead of --data/--model/--weights.")
-@click.option("--run", "runs", multiple=True, type=click.Path(file_okay=False),
-              help="A run folder (fit-head or finetune) whose train/val/test gap to include; "
-                   "repeatable.")
-@click.option("--near-duplicate-threshold", type=float, default=0.995, show_default=True,
-              help="Cosine similarity of embeddings at or above which images are near duplicates.")
-@click.option("--folds", "n_folds", type=int, default=5, show_default=True,
-              help="Cross-validation folds (shift classifier, label noise).")
+@click.option(
+    "--cache",
+    "cache_file",
+    type=click.Path(dir_okay=False),
+    help="Use this feature cache (.h5) instead of --data/--model/--weights.",
+)
+@click.option(
+    "--run",
+    "runs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="A run folder (fit-head or finetune) whose train/val/test gap to include; repeatable.",
+)
+@click.option(
+    "--near-duplicate-threshold",
+    type=float,
+    default=0.995,
+    show_default=True,
+    help="Cosine similarity of embeddings at or above which images are near duplicates.",
+)
+@click.option(
+    "--folds",
+    "n_folds",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Cross-validation folds (shift classifier, label noise).",
+)
 @n_boot_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Report folder [default: runs/DATASET/MODEL-WEIGHTS/analysis].")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Report folder [default: runs/DATASET/MODEL-WEIGHTS/analysis].",
+)
 @run_options
 @json_option
 @click.pass_context
 @api_errors
-def analyze_cmd(ctx, data, model, weights, image_size, seed, cache_file, runs,
-                near_duplicate_threshold, n_folds, n_boot, out_dir, as_json, **options):
+def analyze_cmd(
+    ctx,
+    data,
+    model,
+    weights,
+    image_size,
+    seed,
+    cache_file,
+    runs,
+    near_duplicate_threshold,
+    n_folds,
+    n_boot,
+    out_dir,
+    as_json,
+    **options,
+):
     """Why test accuracy lags: imbalance, shift, duplicates and leakage, label noise,
     overfitting, calibration."""
     from xfeat.analysis import analyze
 
-    extract_options = cache_source(ctx, data, cache_file, options, image_size=image_size,
-                                   seed=seed)
-    analysis = analyze(data, model, weights=weights, cache=cache_file, out_dir=out_dir,
-                       runs=runs, near_duplicate_threshold=near_duplicate_threshold,
-                       n_folds=n_folds, n_boot=n_boot, seed=seed,
-                       extract_options=extract_options, progress=ctx.obj["progress"])
+    extract_options = cache_source(ctx, data, cache_file, options, image_size=image_size, seed=seed)
+    analysis = analyze(
+        data,
+        model,
+        weights=weights,
+        cache=cache_file,
+        out_dir=out_dir,
+        runs=runs,
+        near_duplicate_threshold=near_duplicate_threshold,
+        n_folds=n_folds,
+        n_boot=n_boot,
+        seed=seed,
+        extract_options=extract_options,
+        progress=ctx.obj["progress"],
+    )
     click.echo(json.dumps(analysis.record, indent=2) if as_json else analysis.summary())

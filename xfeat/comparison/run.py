@@ -6,6 +6,7 @@ in its own folder under ``OUT/runs`` named by a hash of its configuration; a fol
 comparison, or one with a model added, computes only what is missing. The report is rebuilt
 from the saved results every time; building it trains nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,12 +15,18 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from xfeat.backbones.weights import parse_weights
-from xfeat.config import (COMPARE_MODES, DEFAULT_GROUP_PATTERN, DEFAULT_N_BOOT, HEAD_NAMES,
-                      FinetuneConfig, default_cache_dir)
+from xfeat.config import (
+    COMPARE_MODES,
+    DEFAULT_GROUP_PATTERN,
+    DEFAULT_N_BOOT,
+    HEAD_NAMES,
+    FinetuneConfig,
+    default_cache_dir,
+)
 from xfeat.errors import ConfigError, TrainingDiverged
 from xfeat.files import read_json, write_json
-from xfeat.runs.results import RunResult, load_result
 from xfeat.runs.folders import config_run_name, run_lock
+from xfeat.runs.results import RunResult, load_result
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +61,14 @@ class Comparison:
 
         lines = [f"note: {note}" for note in self.notes] + ["Verdict:"]
         lines += [f"- {line}" for line in self.verdict["sentences"]]
-        lines += ["", self.table(), "", format_timings_table(self.timings), "",
-                  f"report: {self.out_dir / 'report.md'} (and report.html)"]
+        lines += [
+            "",
+            self.table(),
+            "",
+            format_timings_table(self.timings),
+            "",
+            f"report: {self.out_dir / 'report.md'} (and report.html)",
+        ]
         return "\n".join(lines)
 
 
@@ -71,15 +84,28 @@ class _Setup:
     extract_options: dict  # cache_dir, image_size, num_workers, device, progress
 
 
-def compare(data, models: Sequence[str] = ("resnet18", "resnet50", "shufflenet_v2_x2_0"), *,
-            weights: Union[str, dict, None] = "none", modes: Sequence[str] = COMPARE_MODES,
-            quick: bool = False, out_dir: Union[str, Path] = "runs/compare",
-            head: str = "logreg", finetune: Union[FinetuneConfig, dict, None] = None,
-            n_boot: int = DEFAULT_N_BOOT, image_size: Optional[int] = None,
-            num_workers: Optional[int] = None, device: Optional[str] = None, cache_dir=None,
-            val_fraction: float = 0.1, split_seed: int = 0,
-            group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN, analyze: bool = False,
-            progress: bool = True, **finetune_options) -> Comparison:
+def compare(
+    data,
+    models: Sequence[str] = ("resnet18", "resnet50", "shufflenet_v2_x2_0"),
+    *,
+    weights: Union[str, dict, None] = "none",
+    modes: Sequence[str] = COMPARE_MODES,
+    quick: bool = False,
+    out_dir: Union[str, Path] = "runs/compare",
+    head: str = "logreg",
+    finetune: Union[FinetuneConfig, dict, None] = None,
+    n_boot: int = DEFAULT_N_BOOT,
+    image_size: Optional[int] = None,
+    num_workers: Optional[int] = None,
+    device: Optional[str] = None,
+    cache_dir=None,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN,
+    analyze: bool = False,
+    progress: bool = True,
+    **finetune_options,
+) -> Comparison:
     """Run every (model, mode) pair not already done and write the comparison report.
 
     ``finetune`` (a :class:`~xfeat.config.FinetuneConfig` or a dict of its fields, plus any
@@ -94,22 +120,36 @@ def compare(data, models: Sequence[str] = ("resnet18", "resnet50", "shufflenet_v
     modes_by_model, notes = _supported_modes(models, weights_by_model, modes, config.seed)
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    dataset = load_dataset(data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern),
-                           cache_dir=cache_dir)
+    dataset = load_dataset(
+        data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern), cache_dir=cache_dir
+    )
     if quick:
         dataset = dataset.subsample(QUICK_SIZES, seed=config.seed)
         requested = config.epochs
         config = config.with_options(epochs=min(config.epochs, QUICK_EPOCHS))
         sizes = ", ".join(f"{s} {sum(c)}" for s, c in dataset.counts().items())
-        notes.append(f"--quick: a stratified subset ({sizes} images) and {config.epochs} "
-                     f"epoch(s) instead of {requested}; no figure is extrapolated to the full "
-                     "data or to more epochs.")
-    setup = _Setup(dataset, config, head, n_boot, quick,
-                   {"cache_dir": cache_dir, "image_size": image_size, "num_workers": num_workers,
-                    "device": device, "progress": progress, "seed": config.seed})
+        notes.append(
+            f"--quick: a stratified subset ({sizes} images) and {config.epochs} "
+            f"epoch(s) instead of {requested}; no figure is extrapolated to the full "
+            "data or to more epochs."
+        )
+    setup = _Setup(
+        dataset,
+        config,
+        head,
+        n_boot,
+        quick,
+        {
+            "cache_dir": cache_dir,
+            "image_size": image_size,
+            "num_workers": num_workers,
+            "device": device,
+            "progress": progress,
+            "seed": config.seed,
+        },
+    )
     with run_lock(out_dir, "comparison"):
-        results, failed = _run_all(setup, models, weights_by_model, modes_by_model,
-                                   out_dir / "runs")
+        results, failed = _run_all(setup, models, weights_by_model, modes_by_model, out_dir / "runs")
         notes += [f"{f['model']} {f['mode']} failed: {f['error']}" for f in failed]
         if not results:
             raise TrainingDiverged("every run of the comparison failed: " + "; ".join(notes))
@@ -154,8 +194,10 @@ def _supported_modes(models, weights_by_model, modes, seed: int) -> tuple:
             continue
         if not create_backbone(m, weights_by_model[m], seed=seed, progress=False).trainable:
             plan[m] = [mode for mode in modes if mode not in training]
-            notes.append(f"{m}: {', '.join(training)} skipped: its TorchScript module has no "
-                         "trainable parameters (the cached head and the frozen baseline run)")
+            notes.append(
+                f"{m}: {', '.join(training)} skipped: its TorchScript module has no "
+                "trainable parameters (the cached head and the frozen baseline run)"
+            )
     return plan, notes
 
 
@@ -178,20 +220,26 @@ def _run_name(setup: _Setup, model: str, weights, mode: str) -> str:
     from xfeat.backbones import resolve_weights
 
     info, _ = resolve_weights(model, weights, seed=setup.finetune.seed)
-    config = {"dataset": setup.dataset.fingerprint, "model": model, "weights": info.key(),
-              "mode": mode, "image_size": setup.extract_options["image_size"],
-              "n_boot": setup.n_boot, "seed": setup.finetune.seed}
+    config = {
+        "dataset": setup.dataset.fingerprint,
+        "model": model,
+        "weights": info.key(),
+        "mode": mode,
+        "image_size": setup.extract_options["image_size"],
+        "n_boot": setup.n_boot,
+        "seed": setup.finetune.seed,
+    }
     config["threshold"] = setup.finetune.threshold
     if mode == "cached":
         config["head"] = setup.head
         kind = f"cached-{setup.head}"
     else:
-        config["finetune"] = {k: v for k, v in setup.finetune.training_key().items()
-                              if k != "mode"}
+        config["finetune"] = {k: v for k, v in setup.finetune.training_key().items() if k != "mode"}
         config["adapt"] = setup.finetune.adapt
         kind = f"{mode}-{setup.finetune.epochs}ep"
-    return config_run_name(model, {"kind": info.kind, "id": info.id},
-                           kind + ("-quick" if setup.quick else ""), config)
+    return config_run_name(
+        model, {"kind": info.kind, "id": info.id}, kind + ("-quick" if setup.quick else ""), config
+    )
 
 
 def _run_or_reuse(setup: _Setup, run_dir: Path, model: str, weights, mode: str):
@@ -221,28 +269,48 @@ def _run(setup: _Setup, run_dir: Path, model: str, weights, mode: str) -> RunRes
 
     options = setup.extract_options
     if mode == "cached":
-        return fit_head(setup.dataset, model, weights=weights, head=setup.head, out_dir=run_dir,
-                        threshold=setup.finetune.threshold, n_boot=setup.n_boot,
-                        seed=setup.finetune.seed, extract_options=options)
+        return fit_head(
+            setup.dataset,
+            model,
+            weights=weights,
+            head=setup.head,
+            out_dir=run_dir,
+            threshold=setup.finetune.threshold,
+            n_boot=setup.n_boot,
+            seed=setup.finetune.seed,
+            extract_options=options,
+        )
     config = setup.finetune.with_options(mode=mode, n_boot=setup.n_boot)
-    return finetune(setup.dataset, model, weights=weights, config=config, out_dir=run_dir,
-                    resume=(run_dir / "checkpoint.pt").is_file(),
-                    image_size=options["image_size"], cache_dir=options["cache_dir"],
-                    num_workers=options["num_workers"], device=options["device"],
-                    progress=options["progress"])
+    return finetune(
+        setup.dataset,
+        model,
+        weights=weights,
+        config=config,
+        out_dir=run_dir,
+        resume=(run_dir / "checkpoint.pt").is_file(),
+        image_size=options["image_size"],
+        cache_dir=options["cache_dir"],
+        num_workers=options["num_workers"],
+        device=options["device"],
+        progress=options["progress"],
+    )
 
 
-def _report(setup: _Setup, results, notes, out_dir: Path, models, weights_by_model,
-            analyze: bool) -> Comparison:
+def _report(
+    setup: _Setup, results, notes, out_dir: Path, models, weights_by_model, analyze: bool
+) -> Comparison:
+    from xfeat.comparison.verdict import build_verdict
     from xfeat.report import write_comparison_report
     from xfeat.report.rows import best_run, significance, table_row, timing_rows
-    from xfeat.comparison.verdict import build_verdict
 
     rows = [table_row(model, mode, r) for model, mode, r in results]
     best = best_run(rows)
     tests = significance(results, rows, best)
-    baselines = {model: linear_on_cache(r, _frozen_epochs(results, model), out_dir / "runs")
-                 for model, mode, r in results if mode == "cached"}
+    baselines = {
+        model: linear_on_cache(r, _frozen_epochs(results, model), out_dir / "runs")
+        for model, mode, r in results
+        if mode == "cached"
+    }
     timings = timing_rows(rows, baselines)
     verdict = build_verdict(rows, tests, timings, best)
     analyses = _analyses(setup, results, out_dir, models, weights_by_model) if analyze else {}
@@ -252,8 +320,14 @@ def _report(setup: _Setup, results, notes, out_dir: Path, models, weights_by_mod
 
 
 def _frozen_epochs(results, model: str) -> Optional[int]:
-    return next((len(r.record.get("history") or []) for m, mode, r in results
-                 if m == model and mode == "frozen"), None)
+    return next(
+        (
+            len(r.record.get("history") or [])
+            for m, mode, r in results
+            if m == model and mode == "frozen"
+        ),
+        None,
+    )
 
 
 def _analyses(setup: _Setup, results, out_dir: Path, models, weights_by_model) -> dict:
@@ -263,14 +337,26 @@ def _analyses(setup: _Setup, results, out_dir: Path, models, weights_by_model) -
     analyses = {}
     for model in models:
         runs = [r for m, _, r in results if m == model]
-        probe = next((r for m, mode, r in results if m == model and mode == "cached"
-                      and r.record["head"] == "logreg"), None)
-        analysis = run_analysis(setup.dataset, model, weights=weights_by_model[model],
-                                out_dir=out_dir / "analysis" / model,
-                                runs=[r.run_dir for r in runs if r.run_dir], probe=probe,
-                                seed=setup.finetune.seed, n_boot=setup.n_boot,
-                                progress=setup.extract_options["progress"],
-                                extract_options=setup.extract_options)
+        probe = next(
+            (
+                r
+                for m, mode, r in results
+                if m == model and mode == "cached" and r.record["head"] == "logreg"
+            ),
+            None,
+        )
+        analysis = run_analysis(
+            setup.dataset,
+            model,
+            weights=weights_by_model[model],
+            out_dir=out_dir / "analysis" / model,
+            runs=[r.run_dir for r in runs if r.run_dir],
+            probe=probe,
+            seed=setup.finetune.seed,
+            n_boot=setup.n_boot,
+            progress=setup.extract_options["progress"],
+            extract_options=setup.extract_options,
+        )
         analyses[model] = analysis.out_dir
     return analyses
 
@@ -289,5 +375,6 @@ def linear_on_cache(cached: RunResult, epochs: Optional[int], run_root: Path):
         return None
     from xfeat.fitting import fit_head
 
-    return fit_head(cache=cache_path, head="linear", head_params={"epochs": epochs},
-                    out_dir=run_dir, n_boot=0)
+    return fit_head(
+        cache=cache_path, head="linear", head_params={"epochs": epochs}, out_dir=run_dir, n_boot=0
+    )

@@ -5,13 +5,13 @@ the best run and its test metrics, what the cached path saves against the frozen
 fine-tuning and at what accuracy, and which differences from the best are significant. The
 report prints ``verdict["sentences"]``; the other keys hold the same facts as numbers.
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
 from xfeat.evaluation.stats import format_interval, format_p_value
-from xfeat.report.rows import (ALPHA, CHOSEN_BY, RANDOM_WEIGHTS, TRANSDUCTIVE, format_seconds,
-                    run_label)
+from xfeat.report.rows import ALPHA, CHOSEN_BY, RANDOM_WEIGHTS, TRANSDUCTIVE, format_seconds, run_label
 
 METHOD = "DeLong test for AUC, paired bootstrap for accuracy"
 
@@ -21,21 +21,36 @@ def build_verdict(rows: list, tests: list, timings: list, best: Optional[int]) -
     verdict = {
         "chosen_by": CHOSEN_BY,
         "best": None if best is None else _best(rows[best]),
-        "random_weights_models": sorted({r["model"] for r in rows
-                                         if r["weights_kind"] == "random"}),
-        "speed": [_speed(t) for t in timings if t["extract_seconds"] is not None
-                  and (t["frozen_seconds"] is not None or t["full_seconds"] is not None)],
+        "random_weights_models": sorted({r["model"] for r in rows if r["weights_kind"] == "random"}),
+        "speed": [
+            _speed(t)
+            for t in timings
+            if t["extract_seconds"] is not None
+            and (t["frozen_seconds"] is not None or t["full_seconds"] is not None)
+        ],
         "significance": _significance(tests),
     }
-    verdict["sentences"] = ([_best_sentence(verdict)] +
-                            [_speed_sentence(s) for s in verdict["speed"]] +
-                            _significance_sentences(verdict))
+    verdict["sentences"] = (
+        [_best_sentence(verdict)]
+        + [_speed_sentence(s) for s in verdict["speed"]]
+        + _significance_sentences(verdict)
+    )
     return verdict
 
 
 def _best(row: dict) -> dict:
-    keys = ("model", "mode", "weights", "transductive", "val_auc", "val_accuracy",
-            "test_accuracy", "test_accuracy_ci", "auc", "auc_ci")
+    keys = (
+        "model",
+        "mode",
+        "weights",
+        "transductive",
+        "val_auc",
+        "val_accuracy",
+        "test_accuracy",
+        "test_accuracy_ci",
+        "auc",
+        "auc_ci",
+    )
     return {"run": run_label(row), **{k: row.get(k) for k in keys}}
 
 
@@ -48,27 +63,51 @@ def _speed(t: dict) -> dict:
             continue
         other_acc = t[f"{mode}_test_accuracy"]
         known = not random and None not in (cached_acc, other_acc)
-        against.append({"mode": mode, "name": name, "seconds": t[f"{mode}_seconds"],
-                        "epochs": t[f"{mode}_epochs"], "speed": t[f"cached_vs_{mode}"],
-                        "ratio": t[f"cached_vs_{mode}_ratio"],
-                        "test_accuracy": None if random else other_acc,
-                        "accuracy_diff": cached_acc - other_acc if known else None})
-    return {"model": t["model"], "random_weights": random, "head": t["head"],
-            "extract_seconds": t["extract_seconds"], "head_fit_seconds": t["head_fit_seconds"],
-            "cached_seconds": t["extract_seconds"] + t["head_fit_seconds"],
-            "cached_test_accuracy": None if random else cached_acc, "against": against,
-            "cache_built_vs_frozen": t["cache_built_vs_frozen"]}
+        against.append(
+            {
+                "mode": mode,
+                "name": name,
+                "seconds": t[f"{mode}_seconds"],
+                "epochs": t[f"{mode}_epochs"],
+                "speed": t[f"cached_vs_{mode}"],
+                "ratio": t[f"cached_vs_{mode}_ratio"],
+                "test_accuracy": None if random else other_acc,
+                "accuracy_diff": cached_acc - other_acc if known else None,
+            }
+        )
+    return {
+        "model": t["model"],
+        "random_weights": random,
+        "head": t["head"],
+        "extract_seconds": t["extract_seconds"],
+        "head_fit_seconds": t["head_fit_seconds"],
+        "cached_seconds": t["extract_seconds"] + t["head_fit_seconds"],
+        "cached_test_accuracy": None if random else cached_acc,
+        "against": against,
+        "cache_built_vs_frozen": t["cache_built_vs_frozen"],
+    }
 
 
 def _significance(tests: list) -> dict:
-    out = {"method": METHOD, "alpha": ALPHA, "against": tests[0]["best"] if tests else None,
-           "significant": [], "not_significant": [], "random_weights_left_out": []}
+    out = {
+        "method": METHOD,
+        "alpha": ALPHA,
+        "against": tests[0]["best"] if tests else None,
+        "significant": [],
+        "not_significant": [],
+        "random_weights_left_out": [],
+    }
     for t in tests[1:]:
         if RANDOM_WEIGHTS in t["caveat"]:
             out["random_weights_left_out"].append(f"{t['model']} {t['mode']}")
             continue
-        entry = {"run": run_label(t), **{k: t.get(k) for k in (
-            "auc_diff", "auc_p_value", "accuracy_diff", "accuracy_p_value", "n_boot")}}
+        entry = {
+            "run": run_label(t),
+            **{
+                k: t.get(k)
+                for k in ("auc_diff", "auc_p_value", "accuracy_diff", "accuracy_p_value", "n_boot")
+            },
+        }
         out["significant" if t["significant"] else "not_significant"].append(entry)
     return out
 
@@ -76,19 +115,24 @@ def _significance(tests: list) -> dict:
 def _best_sentence(v: dict) -> str:
     b, randoms = v["best"], v["random_weights_models"]
     if b is None:
-        return ("No meaningful best run: every run starts from random weights, so its "
-                f"accuracy says nothing about transfer learning ({RANDOM_WEIGHTS}). The "
-                "timings still hold.")
-    text = (f"Best run by {v['chosen_by']}: {b['model']} {b['mode']} (val AUC "
-            f"{_num(b['val_auc'])}). On test: accuracy "
-            f"{format_interval(b['test_accuracy'], b['test_accuracy_ci'])}, AUC "
-            f"{format_interval(b['auc'], b['auc_ci'])} (95% bootstrap CIs).")
+        return (
+            "No meaningful best run: every run starts from random weights, so its "
+            f"accuracy says nothing about transfer learning ({RANDOM_WEIGHTS}). The "
+            "timings still hold."
+        )
+    text = (
+        f"Best run by {v['chosen_by']}: {b['model']} {b['mode']} (val AUC "
+        f"{_num(b['val_auc'])}). On test: accuracy "
+        f"{format_interval(b['test_accuracy'], b['test_accuracy_ci'])}, AUC "
+        f"{format_interval(b['auc'], b['auc_ci'])} (95% bootstrap CIs)."
+    )
     if b["transductive"]:
-        text += (f" It is {TRANSDUCTIVE}: its test predictions adapted to the unlabelled test "
-                 "images.")
+        text += f" It is {TRANSDUCTIVE}: its test predictions adapted to the unlabelled test images."
     if randoms:
-        text += (f" Runs of {', '.join(randoms)} start from random weights: timed, never "
-                 f"chosen ({RANDOM_WEIGHTS}).")
+        text += (
+            f" Runs of {', '.join(randoms)} start from random weights: timed, never "
+            f"chosen ({RANDOM_WEIGHTS})."
+        )
     return text
 
 
@@ -96,13 +140,15 @@ def _speed_sentence(s: dict) -> str:
     model = f"{s['model']} ({RANDOM_WEIGHTS})" if s["random_weights"] else s["model"]
     parts = []
     for a in s["against"]:
-        epochs = "" if not a["epochs"] else \
-            f", {a['epochs']} epoch{'s' if a['epochs'] != 1 else ''}"
-        parts.append(f"{a['speed']} than {a['name']} ({_seconds(a['seconds'])}{epochs})"
-                     + _accuracy_change(s["cached_test_accuracy"], a))
-    text = (f"{model}: the cached path (extraction {_seconds(s['extract_seconds'])} + "
-            f"{s['head']} head {_seconds(s['head_fit_seconds'])}) is " + ", and ".join(parts)
-            + ".")
+        epochs = "" if not a["epochs"] else f", {a['epochs']} epoch{'s' if a['epochs'] != 1 else ''}"
+        parts.append(
+            f"{a['speed']} than {a['name']} ({_seconds(a['seconds'])}{epochs})"
+            + _accuracy_change(s["cached_test_accuracy"], a)
+        )
+    text = (
+        f"{model}: the cached path (extraction {_seconds(s['extract_seconds'])} + "
+        f"{s['head']} head {_seconds(s['head_fit_seconds'])}) is " + ", and ".join(parts) + "."
+    )
     if s["cache_built_vs_frozen"]:
         text += f" Once the cache exists: {s['cache_built_vs_frozen']} than the frozen baseline."
     if s["random_weights"]:
@@ -125,22 +171,33 @@ def _significance_sentences(v: dict) -> list:
     if v["best"] is None:
         return []
     if s["against"] is None:
-        return [f"No other run was scored on the same test images: nothing to test against "
-                f"{v['best']['run']}."]
+        return [
+            f"No other run was scored on the same test images: nothing to test against "
+            f"{v['best']['run']}."
+        ]
     head = f"Against {s['against']} ({s['method']}, p < {s['alpha']:g})"
     out = []
     if s["significant"]:
-        out.append(f"{head}, significantly different: "
-                   + "; ".join(_test_text(e, diffs=True) for e in s["significant"]) + ".")
+        out.append(
+            f"{head}, significantly different: "
+            + "; ".join(_test_text(e, diffs=True) for e in s["significant"])
+            + "."
+        )
     if s["not_significant"]:
-        lead = "not significantly different" if s["significant"] else \
-            f"{head}, no run differs significantly"
+        lead = (
+            "not significantly different"
+            if s["significant"]
+            else f"{head}, no run differs significantly"
+        )
         lead = lead[0].upper() + lead[1:]
-        out.append(f"{lead}: " + "; ".join(_test_text(e, diffs=False)
-                                            for e in s["not_significant"]) + ".")
+        out.append(
+            f"{lead}: " + "; ".join(_test_text(e, diffs=False) for e in s["not_significant"]) + "."
+        )
     if s["random_weights_left_out"]:
-        out.append("Runs from random weights are tested in the table below but not summarised "
-                   f"here ({RANDOM_WEIGHTS}).")
+        out.append(
+            "Runs from random weights are tested in the table below but not summarised "
+            f"here ({RANDOM_WEIGHTS})."
+        )
     return out
 
 

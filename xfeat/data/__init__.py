@@ -4,9 +4,19 @@ decoding, the validation carve-out and patient groups.
 Every source builds a :class:`Dataset`; :func:`load_dataset` picks the source from ``--data``
 and carves the validation split. Nothing here imports torch.
 """
+
 from xfeat.data.dataset import SPLITS, Dataset, Split, stratified_rows
 from xfeat.data.load import load_dataset
 from xfeat.data.splits import TINY_VAL_SIZE, SplitRecipe, carve_validation, patient_groups
 
-__all__ = ["SPLITS", "TINY_VAL_SIZE", "Dataset", "Split", "SplitRecipe", "carve_validation",
-           "load_dataset", "patient_groups", "stratified_rows"]
+__all__ = [
+    "SPLITS",
+    "TINY_VAL_SIZE",
+    "Dataset",
+    "Split",
+    "SplitRecipe",
+    "carve_validation",
+    "load_dataset",
+    "patient_groups",
+    "stratified_rows",
+]

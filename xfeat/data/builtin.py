@@ -3,6 +3,7 @@
 Set ``XFEAT_DATASETS_URL`` to a mirror (a folder URL holding the same file names) on machines
 that cannot reach Zenodo.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,13 @@ def class_names(name: str) -> list:
     return list(BUILTIN[name][2])
 
 
-def download(name: str, *, cache_dir: Union[str, Path, None] = None,
-             base_url: Optional[str] = None, timeout: float = 30.0) -> Path:
+def download(
+    name: str,
+    *,
+    cache_dir: Union[str, Path, None] = None,
+    base_url: Optional[str] = None,
+    timeout: float = 30.0,
+) -> Path:
     """Return the local path of built-in dataset ``name``, downloading and verifying it once."""
     if name not in BUILTIN:
         raise DataError(f"unknown built-in dataset {name!r}; expected one of: {', '.join(names())}")
@@ -70,10 +76,13 @@ def download(name: str, *, cache_dir: Union[str, Path, None] = None,
         raise DownloadError(
             f"could not download built-in dataset {name!r} from {url}: {exc}. If this machine is "
             f"offline, fetch {file_name} elsewhere and either put it at {target}, pass the file "
-            "with --data /path/to/file.npz, or set XFEAT_DATASETS_URL to a mirror") from None
+            "with --data /path/to/file.npz, or set XFEAT_DATASETS_URL to a mirror"
+        ) from None
     if digest.hexdigest() != md5:
         partial.unlink(missing_ok=True)
-        raise DownloadError(f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5};"
-                            " the download was corrupted or the mirror serves another file")
+        raise DownloadError(
+            f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5};"
+            " the download was corrupted or the mirror serves another file"
+        )
     os.replace(partial, target)
     return target

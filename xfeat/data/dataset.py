@@ -3,6 +3,7 @@
 Every source (folders, npz, built-ins) builds one; its ``fingerprint`` (content digest plus
 split recipe) keys every cache made from it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,15 +34,15 @@ class Split:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def read_image(self, i: int, draft_size: Optional[int] = None,
-                   exif_transpose: bool = True) -> Image.Image:
+    def read_image(
+        self, i: int, draft_size: Optional[int] = None, exif_transpose: bool = True
+    ) -> Image.Image:
         """Decode sample ``i`` as an RGB PIL image (raises :class:`ImageReadError`)."""
         if self.paths is not None:
-            return read_image_file(self.paths[i], draft_size=draft_size,
-                                   exif_transpose=exif_transpose)
+            return read_image_file(self.paths[i], draft_size=draft_size, exif_transpose=exif_transpose)
         return array_to_rgb(self.arrays[self.array_rows[i]])
 
-    def subset(self, rows: Sequence[int], name: Optional[str] = None) -> "Split":
+    def subset(self, rows: Sequence[int], name: Optional[str] = None) -> Split:
         rows = np.asarray(rows, dtype=np.int64)
         return Split(
             name=name or self.name,
@@ -67,15 +68,16 @@ class Dataset:
     @property
     def fingerprint(self) -> str:
         """Content digest plus the split recipe: any change gives a different fingerprint."""
-        payload = json.dumps({"content": self.content_digest, "split": self.split_info},
-                             sort_keys=True)
+        payload = json.dumps({"content": self.content_digest, "split": self.split_info}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def counts(self) -> dict:
-        return {s: np.bincount(sp.labels, minlength=len(self.class_names)).tolist()
-                for s, sp in self.splits.items()}
+        return {
+            s: np.bincount(sp.labels, minlength=len(self.class_names)).tolist()
+            for s, sp in self.splits.items()
+        }
 
-    def subsample(self, sizes: dict, seed: int = 0) -> "Dataset":
+    def subsample(self, sizes: dict, seed: int = 0) -> Dataset:
         """A stratified, seeded subset: at most ``sizes[split]`` samples per split.
 
         Quick runs use it; the subset has its own fingerprint (and so its own caches).
@@ -87,18 +89,24 @@ class Dataset:
                 splits[name] = split
                 continue
             if n < len(self.class_names):
-                raise DataError(f"cannot subsample {name} to {n} images: fewer than the "
-                                f"{len(self.class_names)} classes")
+                raise DataError(
+                    f"cannot subsample {name} to {n} images: fewer than the "
+                    f"{len(self.class_names)} classes"
+                )
             rows = stratified_rows(split.labels, n, [seed, SPLITS.index(name)])
             splits[name] = split.subset(rows)
             chosen[name] = len(rows)
-        digest = hashlib.sha256(json.dumps([self.content_digest, {s: sp.ids for s, sp in
-                                                                  splits.items()}]).encode())
-        return Dataset(name=f"{self.name}-subset", source=self.source,
-                       class_names=self.class_names, splits=splits,
-                       content_digest=digest.hexdigest(),
-                       split_info={**self.split_info, "subsample": {"sizes": chosen,
-                                                                    "seed": seed}})
+        digest = hashlib.sha256(
+            json.dumps([self.content_digest, {s: sp.ids for s, sp in splits.items()}]).encode()
+        )
+        return Dataset(
+            name=f"{self.name}-subset",
+            source=self.source,
+            class_names=self.class_names,
+            splits=splits,
+            content_digest=digest.hexdigest(),
+            split_info={**self.split_info, "subsample": {"sizes": chosen, "seed": seed}},
+        )
 
 
 def stratified_rows(labels: np.ndarray, n: int, seed) -> np.ndarray:

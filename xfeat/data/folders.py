@@ -1,4 +1,5 @@
 """Class-folder datasets: ``ROOT/{train,val,test}/CLASS/*.jpg`` (the Kermany ``chest_xray`` layout)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,11 +17,14 @@ def load_folder(root: Path) -> Dataset:
     present = [s for s in SPLITS if (root / s).is_dir()]
     if "train" not in present:
         subdirs = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise DataError(f"{root} has no train/ folder (found: {subdirs or 'nothing'}); expected "
-                        "ROOT/train/CLASS/*.jpg with optional ROOT/val and ROOT/test")
-    per_split_classes = {s: sorted(p.name for p in (root / s).iterdir()
-                                   if p.is_dir() and not p.name.startswith("."))
-                         for s in present}
+        raise DataError(
+            f"{root} has no train/ folder (found: {subdirs or 'nothing'}); expected "
+            "ROOT/train/CLASS/*.jpg with optional ROOT/val and ROOT/test"
+        )
+    per_split_classes = {
+        s: sorted(p.name for p in (root / s).iterdir() if p.is_dir() and not p.name.startswith("."))
+        for s in present
+    }
     class_names = per_split_classes["train"]
     if not class_names:
         raise DataError(f"{root / 'train'} has no class folders; expected train/CLASS/*.jpg")
@@ -28,9 +32,11 @@ def load_folder(root: Path) -> Dataset:
         if per_split_classes[s] != class_names:
             extra = sorted(set(per_split_classes[s]) - set(class_names))
             missing = sorted(set(class_names) - set(per_split_classes[s]))
-            raise DataError(f"split {s!r} in {root} has different classes from train: "
-                            f"missing {missing}, extra {extra}; every split needs the same "
-                            "class folders")
+            raise DataError(
+                f"split {s!r} in {root} has different classes from train: "
+                f"missing {missing}, extra {extra}; every split needs the same "
+                "class folders"
+            )
     digest = hashlib.sha256()
     splits, skipped = {}, []
     for s in present:
@@ -40,8 +46,10 @@ def load_folder(root: Path) -> Dataset:
             skipped += bad
             check_utf8_names(files, root / s / cls)
             if not files:
-                raise DataError(f"class folder {root / s / cls} has no images; accepted "
-                                f"extensions: {', '.join(IMAGE_EXTENSIONS)}")
+                raise DataError(
+                    f"class folder {root / s / cls} has no images; accepted "
+                    f"extensions: {', '.join(IMAGE_EXTENSIONS)}"
+                )
             for p in files:
                 rel = p.relative_to(root).as_posix()
                 ids.append(rel)
@@ -51,5 +59,10 @@ def load_folder(root: Path) -> Dataset:
                 digest.update(hashlib.sha256(p.read_bytes()).digest())
         splits[s] = Split(s, ids, np.asarray(labels, dtype=np.int64), paths=paths)
     warn_skipped(skipped, str(root))
-    return Dataset(name=root.name, source=str(root), class_names=class_names, splits=splits,
-                   content_digest=digest.hexdigest())
+    return Dataset(
+        name=root.name,
+        source=str(root),
+        class_names=class_names,
+        splits=splits,
+        content_digest=digest.hexdigest(),
+    )

@@ -4,6 +4,7 @@ One decoder for every path (extraction, the fine-tuning store, ``predict``), so 
 sees the same pixels: EXIF orientation applied (as a viewer shows the image), grayscale,
 palette, RGBA and 16-bit images made RGB, and files that cannot be decoded reported by name.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 
-def read_image_file(path, draft_size: Optional[int] = None,
-                    exif_transpose: bool = True) -> Image.Image:
+def read_image_file(path, draft_size: Optional[int] = None, exif_transpose: bool = True) -> Image.Image:
     """Open any supported image file as RGB; grayscale, RGBA, palette and 16-bit all work.
 
     ``exif_transpose`` rotates/flips the pixels as the file's EXIF orientation tag says.
@@ -41,8 +41,10 @@ def read_image_file(path, draft_size: Optional[int] = None,
                     im = ImageOps.exif_transpose(im)
                 return pil_to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(_printable(path), f"{exc} Downscale the image, or raise "
-                             "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
+        raise ImageReadError(
+            _printable(path),
+            f"{exc} Downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted",
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageReadError(_printable(path), str(exc) or type(exc).__name__) from None
 
@@ -123,8 +125,14 @@ def warn_skipped(skipped: list, where: str) -> None:
         return
     shown = "; ".join(f"{_printable(p)} ({why})" for p, why in skipped[:10])
     more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-    logger.warning("skipped %d entr%s in %s that look like images but are not readable files: "
-                   "%s%s", len(skipped), "y" if len(skipped) == 1 else "ies", where, shown, more)
+    logger.warning(
+        "skipped %d entr%s in %s that look like images but are not readable files: %s%s",
+        len(skipped),
+        "y" if len(skipped) == 1 else "ies",
+        where,
+        shown,
+        more,
+    )
 
 
 def check_utf8_names(files: list, where: str) -> None:
@@ -132,6 +140,8 @@ def check_utf8_names(files: list, where: str) -> None:
     bad = [f for f in files if not is_utf8_name(f)]
     if bad:
         names = ", ".join(_printable(f) for f in bad[:5])
-        raise DataError(f"{len(bad)} file name(s) in {_printable(where)} are not valid UTF-8, "
-                        f"e.g. {names}; rename them (for example with `convmv -f latin1 -t utf8 "
-                        "-r --notest FOLDER`)")
+        raise DataError(
+            f"{len(bad)} file name(s) in {_printable(where)} are not valid UTF-8, "
+            f"e.g. {names}; rename them (for example with `convmv -f latin1 -t utf8 "
+            "-r --notest FOLDER`)"
+        )

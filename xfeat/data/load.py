@@ -1,4 +1,5 @@
 """``load_dataset``: a folder, an ``.npz`` file or a built-in name, with its validation split."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,12 @@ from xfeat.data.splits import SplitRecipe, ensure_validation_split
 from xfeat.errors import DataError
 
 
-def load_dataset(data: Union[str, Path], *, recipe: Optional[SplitRecipe] = None,
-                 cache_dir: Union[str, Path, None] = None) -> Dataset:
+def load_dataset(
+    data: Union[str, Path],
+    *,
+    recipe: Optional[SplitRecipe] = None,
+    cache_dir: Union[str, Path, None] = None,
+) -> Dataset:
     """Load a folder, an ``.npz`` file or a built-in dataset name, with a validation split.
 
     A missing or tiny val split (fewer than ``TINY_VAL_SIZE`` images) is carved out of train
@@ -26,16 +31,21 @@ def load_dataset(data: Union[str, Path], *, recipe: Optional[SplitRecipe] = None
         dataset = load_folder(path)
     elif path.is_file():
         if path.suffix.lower() != ".npz":
-            raise DataError(f"--data {str(data)!r} is a file but not an .npz; expected a folder "
-                            "ROOT/{train,val,test}/CLASS/*.jpg, an .npz file or a built-in name "
-                            f"({', '.join(datasets_builtin.names())})")
+            raise DataError(
+                f"--data {str(data)!r} is a file but not an .npz; expected a folder "
+                "ROOT/{train,val,test}/CLASS/*.jpg, an .npz file or a built-in name "
+                f"({', '.join(datasets_builtin.names())})"
+            )
         dataset = load_npz(path)
     elif str(data).lower() in datasets_builtin.names():
         npz_path = datasets_builtin.download(str(data).lower(), cache_dir=cache_dir)
-        dataset = load_npz(npz_path, name=str(data).lower(),
-                            class_names=datasets_builtin.class_names(str(data).lower()))
+        dataset = load_npz(
+            npz_path, name=str(data).lower(), class_names=datasets_builtin.class_names(str(data).lower())
+        )
     else:
-        raise DataError(f"--data {str(data)!r}: no such folder or .npz file, and not a built-in "
-                        f"dataset (built-in: {', '.join(datasets_builtin.names())})")
+        raise DataError(
+            f"--data {str(data)!r}: no such folder or .npz file, and not a built-in "
+            f"dataset (built-in: {', '.join(datasets_builtin.names())})"
+        )
     ensure_validation_split(dataset, recipe)
     return dataset

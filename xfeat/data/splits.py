@@ -4,6 +4,7 @@ Test is never touched. File names that carry a patient id keep each patient's im
 side (``group_pattern``); the recipe is recorded in the dataset's ``split_info`` and so in the
 cache key.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,7 @@ class SplitRecipe:
     group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN
 
     @classmethod
-    def from_split_info(cls, info: dict) -> "SplitRecipe":
+    def from_split_info(cls, info: dict) -> SplitRecipe:
         """The recipe recorded in a cache's ``split`` metadata (default when val was given)."""
         if info.get("val") != "carved from train":
             return cls()
@@ -45,8 +46,9 @@ class SplitRecipe:
             try:
                 re.compile(self.group_pattern)
             except re.error as exc:
-                raise DataError(f"group pattern {self.group_pattern!r} is not a valid regular "
-                                f"expression: {exc}") from None
+                raise DataError(
+                    f"group pattern {self.group_pattern!r} is not a valid regular expression: {exc}"
+                ) from None
 
 
 def patient_groups(ids: Sequence[str], pattern: Optional[str]) -> list:
@@ -61,16 +63,18 @@ def patient_groups(ids: Sequence[str], pattern: Optional[str]) -> list:
     return groups
 
 
-def carve_validation(labels: np.ndarray, groups: Sequence[str], fraction: float,
-                     seed: int) -> np.ndarray:
+def carve_validation(
+    labels: np.ndarray, groups: Sequence[str], fraction: float, seed: int
+) -> np.ndarray:
     """Boolean mask of samples moved to val: stratified by class, whole groups only, seeded.
 
     Groups are visited in a seeded random order; a group joins val while its class (the
     majority label of the group) is below ``fraction`` of that class's count.
     """
     labels = np.asarray(labels)
-    group_names, group_index = np.unique(np.asarray(groups, dtype=object).astype(str),
-                                         return_inverse=True)
+    group_names, group_index = np.unique(
+        np.asarray(groups, dtype=object).astype(str), return_inverse=True
+    )
     n_classes = int(labels.max()) + 1
     class_count = np.bincount(labels, minlength=n_classes)
     # At least one val image for every class that can spare one: thresholds need both classes.
@@ -98,16 +102,22 @@ def ensure_validation_split(dataset: Dataset, recipe: SplitRecipe) -> None:
     train = dataset.splits["train"]
     merged_val = 0
     if val is not None:
-        logger.warning("val split has only %d images (< %d): merging it into train and carving "
-                       "a %.0f%% stratified validation split instead", len(val), TINY_VAL_SIZE,
-                       100 * recipe.val_fraction)
+        logger.warning(
+            "val split has only %d images (< %d): merging it into train and carving "
+            "a %.0f%% stratified validation split instead",
+            len(val),
+            TINY_VAL_SIZE,
+            100 * recipe.val_fraction,
+        )
         merged_val = len(val)
         train = concat(train, val, "train")
     groups = patient_groups(train.ids, recipe.group_pattern)
     in_val = carve_validation(train.labels, groups, recipe.val_fraction, recipe.seed)
     if not in_val.any() or in_val.all():
-        raise DataError(f"cannot carve a validation split of {recipe.val_fraction:.0%} from "
-                        f"{len(train)} training images; add a val/ split or change val_fraction")
+        raise DataError(
+            f"cannot carve a validation split of {recipe.val_fraction:.0%} from "
+            f"{len(train)} training images; add a val/ split or change val_fraction"
+        )
     dataset.splits["train"] = train.subset(np.flatnonzero(~in_val), "train")
     dataset.splits["val"] = train.subset(np.flatnonzero(in_val), "val")
     dataset.splits = {s: dataset.splits[s] for s in SPLITS if s in dataset.splits}
@@ -120,8 +130,13 @@ def ensure_validation_split(dataset: Dataset, recipe: SplitRecipe) -> None:
         "groups": n_groups,
         "merged_tiny_val": merged_val,
     }
-    logger.info("carved val split: %d of %d training images (%d patient groups, seed %d)",
-                int(in_val.sum()), len(train), n_groups, recipe.seed)
+    logger.info(
+        "carved val split: %d of %d training images (%d patient groups, seed %d)",
+        int(in_val.sum()),
+        len(train),
+        n_groups,
+        recipe.seed,
+    )
 
 
 def concat(a: Split, b: Split, name: str) -> Split:

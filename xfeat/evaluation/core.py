@@ -1,4 +1,4 @@
-"""Validation and the weighted metric core that :mod:`xfeat.evaluation.metrics` and :mod:`xfeat.evaluation.stats` share.
+"""Input validation and the weighted metric core that ``metrics`` and ``stats`` share.
 
 Point estimates and bootstrap replicates share one code path, :func:`metric_arrays`: a
 bootstrap resample is a row of per-sample counts, the full data set is a row of ones. That is
@@ -9,14 +9,26 @@ import numbers
 
 import numpy as np
 
-METRIC_NAMES = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity",
-                "ppv", "npv", "f1", "log_loss", "brier", "ece")
+METRIC_NAMES = (
+    "accuracy",
+    "balanced_accuracy",
+    "roc_auc",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "log_loss",
+    "brier",
+    "ece",
+)
 ECE_BINS = 15
 _CONFUSION_METRICS = frozenset(METRIC_NAMES[:2] + METRIC_NAMES[3:8])
 _LOG_EPS = 1e-15  # log loss clips probabilities to [eps, 1] so a confident mistake stays finite
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 def check_labels(y_true, name="y_true"):
     y = np.asarray(y_true)
@@ -43,24 +55,32 @@ def check_inputs(y_true, proba, name="proba"):
     y = check_labels(y_true)
     p = np.asarray(proba, dtype=float)
     if p.ndim != 2 or p.shape[1] < 2:
-        raise ValueError(f"{name} must have shape (N, C) with C >= 2 classes, got shape "
-                         f"{p.shape}; for a positive-class score p pass "
-                         f"np.column_stack([1 - p, p])")
+        raise ValueError(
+            f"{name} must have shape (N, C) with C >= 2 classes, got shape "
+            f"{p.shape}; for a positive-class score p pass "
+            f"np.column_stack([1 - p, p])"
+        )
     if len(p) != len(y):
         raise ValueError(f"y_true has {len(y)} samples but {name} has {len(p)} rows")
     n_classes = p.shape[1]
     if y.max() >= n_classes:
-        raise ValueError(f"{name} has {n_classes} columns but y_true has labels up to "
-                         f"{y.max()}; expected labels in [0, {n_classes})")
+        raise ValueError(
+            f"{name} has {n_classes} columns but y_true has labels up to "
+            f"{y.max()}; expected labels in [0, {n_classes})"
+        )
     if not np.isfinite(p).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     if p.min() < -1e-6 or p.max() > 1 + 1e-6:
-        raise ValueError(f"{name} must hold probabilities in [0, 1], got values in "
-                         f"[{p.min():.4g}, {p.max():.4g}]; pass softmax outputs, not logits")
+        raise ValueError(
+            f"{name} must hold probabilities in [0, 1], got values in "
+            f"[{p.min():.4g}, {p.max():.4g}]; pass softmax outputs, not logits"
+        )
     sums = p.sum(axis=1)
     if not np.allclose(sums, 1.0, atol=1e-3):
-        raise ValueError(f"{name} rows must sum to 1, got row sums in [{sums.min():.4g}, "
-                         f"{sums.max():.4g}]; pass softmax outputs, not logits")
+        raise ValueError(
+            f"{name} rows must sum to 1, got row sums in [{sums.min():.4g}, "
+            f"{sums.max():.4g}]; pass softmax outputs, not logits"
+        )
     return y, np.clip(p, 0.0, 1.0)
 
 
@@ -70,15 +90,16 @@ def check_binary(y, where):
         raise ValueError(f"{where} needs binary labels 0/1, got label {extra[0]}")
     for label in (0, 1):
         if not (y == label).any():
-            raise ValueError(f"{where} needs both classes in y_true, but class {label} "
-                             f"is absent")
+            raise ValueError(f"{where} needs both classes in y_true, but class {label} is absent")
 
 
 def check_scores(scores, name, n):
     s = np.asarray(scores, dtype=float)
     if s.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},) to match y_true, got shape "
-                         f"{s.shape}; for probabilities pass proba[:, 1]")
+        raise ValueError(
+            f"{name} must have shape ({n},) to match y_true, got shape "
+            f"{s.shape}; for probabilities pass proba[:, 1]"
+        )
     if not np.isfinite(s).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return s
@@ -87,8 +108,11 @@ def check_scores(scores, name, n):
 def check_threshold(threshold, n_classes):
     if n_classes > 2:
         return None  # multi-class predictions are the argmax; the threshold is ignored
-    if (isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real)
-            or not 0.0 <= threshold <= 1.0):
+    if (
+        isinstance(threshold, (bool, np.bool_))
+        or not isinstance(threshold, numbers.Real)
+        or not 0.0 <= threshold <= 1.0
+    ):
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     return float(threshold)
 
@@ -98,11 +122,11 @@ def check_metric_names(names):
         raise ValueError(f"metrics is empty; expected names from {', '.join(METRIC_NAMES)}")
     unknown = [m for m in names if m not in METRIC_NAMES]
     if unknown:
-        raise ValueError(f"unknown metric {unknown[0]!r}; "
-                         f"expected one of {', '.join(METRIC_NAMES)}")
+        raise ValueError(f"unknown metric {unknown[0]!r}; expected one of {', '.join(METRIC_NAMES)}")
 
 
 # ----------------------------------------------------------------------------- core
+
 
 def _div(num, den):
     """num / den with NaN where den == 0, without warnings."""
@@ -203,4 +227,3 @@ def metric_arrays(w, y, proba, pred, names):
         gaps[np.arange(n), bins] = (proba.argmax(axis=1) == y) - conf
         out["ece"] = np.abs(w @ gaps).sum(axis=1) / total
     return {name: out[name] for name in names}
-

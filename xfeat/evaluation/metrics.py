@@ -3,8 +3,8 @@
 This module owns the numbers computed from predictions: point metrics
 (:func:`compute_metrics`), operating-point selection (:func:`choose_threshold`), reliability
 curves, a text table and :func:`evaluate_splits` (everything a run reports).  Their
-uncertainty -- bootstrap intervals, paired bootstrap, DeLong's test -- is in :mod:`xfeat.evaluation.stats`
-and re-exported here.
+uncertainty -- bootstrap intervals, paired bootstrap, DeLong's test -- is in
+:mod:`xfeat.evaluation.stats` and re-exported here.
 
 Conventions
 -----------
@@ -23,15 +23,35 @@ import numpy as np
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_curve
 
-from xfeat.evaluation.core import (ECE_BINS, METRIC_NAMES, bin_index, check_binary, check_inputs,
-                           check_labels, check_scores, check_threshold, metric_arrays,
-                           predict_labels)
-from xfeat.evaluation.stats import bootstrap_ci, delong_test, format_p_value, paired_bootstrap
 from xfeat.config import parse_threshold_rule
+from xfeat.evaluation.core import (
+    ECE_BINS,
+    METRIC_NAMES,
+    bin_index,
+    check_binary,
+    check_inputs,
+    check_labels,
+    check_scores,
+    check_threshold,
+    metric_arrays,
+    predict_labels,
+)
+from xfeat.evaluation.stats import bootstrap_ci, delong_test, format_p_value, paired_bootstrap
 
-__all__ = ["ECE_BINS", "METRIC_NAMES", "bootstrap_ci", "choose_threshold", "compute_metrics",
-           "delong_test", "evaluate_splits", "format_metrics_table", "format_p_value",
-           "paired_bootstrap", "parse_threshold_rule", "reliability_curve"]
+__all__ = [
+    "ECE_BINS",
+    "METRIC_NAMES",
+    "bootstrap_ci",
+    "choose_threshold",
+    "compute_metrics",
+    "delong_test",
+    "evaluate_splits",
+    "format_metrics_table",
+    "format_p_value",
+    "paired_bootstrap",
+    "parse_threshold_rule",
+    "reliability_curve",
+]
 
 
 def compute_metrics(y_true, proba, *, threshold=0.5):
@@ -64,7 +84,7 @@ def compute_metrics(y_true, proba, *, threshold=0.5):
     threshold = check_threshold(threshold, n_classes)
     pred = predict_labels(p, threshold)
     values = metric_arrays(np.ones((1, len(y))), y, p, pred, METRIC_NAMES)
-    cm = np.bincount(y * n_classes + pred, minlength=n_classes ** 2)
+    cm = np.bincount(y * n_classes + pred, minlength=n_classes**2)
     return {
         "n": int(len(y)),
         **{name: float(v[0]) for name, v in values.items()},
@@ -104,8 +124,9 @@ def choose_threshold(y_true, p_positive, rule):
     check_binary(y, "choose_threshold")
     p = check_scores(p_positive, "p_positive", len(y))
     if p.min() < 0 or p.max() > 1:
-        raise ValueError(f"p_positive must hold probabilities in [0, 1], got values in "
-                         f"[{p.min():.4g}, {p.max():.4g}]")
+        raise ValueError(
+            f"p_positive must hold probabilities in [0, 1], got values in [{p.min():.4g}, {p.max():.4g}]"
+        )
     # Thresholds come back in decreasing order, so argmax's first hit is the highest one.
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     if parsed == "youden":
@@ -149,14 +170,19 @@ def reliability_curve(y_true, proba, *, n_bins=15):
         score, hit = p[:, 1], y == 1
     else:
         score, hit = p.max(axis=1), p.argmax(axis=1) == y
-    observed, predicted = calibration_curve(hit.astype(np.int64), score, n_bins=n_bins,
-                                            strategy="uniform")  # non-empty bins only
+    observed, predicted = calibration_curve(
+        hit.astype(np.int64), score, n_bins=n_bins, strategy="uniform"
+    )  # non-empty bins only
     bins, edges = bin_index(score, n_bins)  # the same (lo, hi] bins as calibration_curve
     count = np.bincount(bins, minlength=n_bins)
     confidence, accuracy = np.full(n_bins, math.nan), np.full(n_bins, math.nan)
     confidence[count > 0], accuracy[count > 0] = predicted, observed
-    return {"bin_edges": edges.tolist(), "confidence": confidence.tolist(),
-            "accuracy": accuracy.tolist(), "count": count.tolist()}
+    return {
+        "bin_edges": edges.tolist(),
+        "confidence": confidence.tolist(),
+        "accuracy": accuracy.tolist(),
+        "count": count.tolist(),
+    }
 
 
 def format_metrics_table(metrics_by_split, ci=None):
@@ -167,8 +193,7 @@ def format_metrics_table(metrics_by_split, ci=None):
     missing from a split as ``-``.
     """
     if not metrics_by_split:
-        raise ValueError("metrics_by_split is empty; expected e.g. "
-                         "{'test': compute_metrics(y, proba)}")
+        raise ValueError("metrics_by_split is empty; expected e.g. {'test': compute_metrics(y, proba)}")
     splits = list(metrics_by_split)
     ci = ci or {}
     rows = [["metric", *splits]]
@@ -179,9 +204,10 @@ def format_metrics_table(metrics_by_split, ci=None):
             cells[-1] += f" [{_format_value(lo)}, {_format_value(hi)}]"
         rows.append([name, *cells])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join([row[0].ljust(widths[0])]
-                       + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])])
-             for row in rows]
+    lines = [
+        "  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])])
+        for row in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -193,8 +219,7 @@ def _format_value(value):
     return "nan" if math.isnan(value) else f"{value:.3f}"
 
 
-def evaluate_splits(labels, probas, *, threshold="youden", n_boot=1000, seed=0,
-                    threshold_on=None):
+def evaluate_splits(labels, probas, *, threshold="youden", n_boot=1000, seed=0, threshold_on=None):
     """Everything a run reports, from per-split labels and probabilities.
 
     The threshold rule is applied on ``val`` only (binary problems); metrics are computed for
@@ -214,14 +239,27 @@ def evaluate_splits(labels, probas, *, threshold="youden", n_boot=1000, seed=0,
         value = choose_threshold(y_choose, p_choose[:, 1], rule)
     else:
         value, rule = None, "argmax"  # multi-class
-    metrics = {s: compute_metrics(labels[s], probas[s], threshold=value if value is not None
-                                  else 0.5) for s in probas}
+    metrics = {
+        s: compute_metrics(labels[s], probas[s], threshold=value if value is not None else 0.5)
+        for s in probas
+    }
     at_half = {s: compute_metrics(labels[s], probas[s], threshold=0.5) for s in probas}
     ci = {}
     if "test" in probas and n_boot:
-        ci["test"] = bootstrap_ci(labels["test"], probas["test"],
-                                  threshold=value if value is not None else 0.5,
-                                  n_boot=n_boot, seed=seed)
-    return {"threshold": {"rule": rule if isinstance(rule, str) else float(rule),
-                          "value": value, "chosen_on": "val"},
-            "metrics": metrics, "metrics_at_0.5": at_half, "ci": ci}
+        ci["test"] = bootstrap_ci(
+            labels["test"],
+            probas["test"],
+            threshold=value if value is not None else 0.5,
+            n_boot=n_boot,
+            seed=seed,
+        )
+    return {
+        "threshold": {
+            "rule": rule if isinstance(rule, str) else float(rule),
+            "value": value,
+            "chosen_on": "val",
+        },
+        "metrics": metrics,
+        "metrics_at_0.5": at_half,
+        "ci": ci,
+    }

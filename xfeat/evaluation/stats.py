@@ -15,8 +15,16 @@ import time
 import numpy as np
 from scipy.stats import norm, rankdata
 
-from xfeat.evaluation.core import (check_binary, check_inputs, check_labels, check_metric_names,
-                           check_scores, check_threshold, metric_arrays, predict_labels)
+from xfeat.evaluation.core import (
+    check_binary,
+    check_inputs,
+    check_labels,
+    check_metric_names,
+    check_scores,
+    check_threshold,
+    metric_arrays,
+    predict_labels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +57,14 @@ def _bootstrap_replicates(y, models, names, n_boot, seed):
         w = _resample_weights(rng, n, min(chunk, n_boot - done))
         for part, (proba, pred) in zip(parts, models):
             part.append(metric_arrays(w, y, proba, pred, names))
-    logger.debug("bootstrap: %d resamples of %d samples x %d model(s) in %.1f ms",
-                 n_boot, n, len(models), 1e3 * (time.perf_counter() - start))
-    return [{name: np.concatenate([p[name] for p in part]) for name in names}
-            for part in parts]
+    logger.debug(
+        "bootstrap: %d resamples of %d samples x %d model(s) in %.1f ms",
+        n_boot,
+        n,
+        len(models),
+        1e3 * (time.perf_counter() - start),
+    )
+    return [{name: np.concatenate([p[name] for p in part]) for name in names} for part in parts]
 
 
 def _percentile_ci(values, level):
@@ -64,9 +76,16 @@ def _percentile_ci(values, level):
     return [float(lo), float(hi)]
 
 
-def bootstrap_ci(y_true, proba, *, threshold=0.5,
-                 metrics=("accuracy", "roc_auc", "sensitivity", "specificity"),
-                 n_boot=1000, level=0.95, seed=0):
+def bootstrap_ci(
+    y_true,
+    proba,
+    *,
+    threshold=0.5,
+    metrics=("accuracy", "roc_auc", "sensitivity", "specificity"),
+    n_boot=1000,
+    level=0.95,
+    seed=0,
+):
     """Percentile-bootstrap confidence intervals, resampling samples with replacement.
 
     Resamples where a metric is undefined (e.g. AUC of a resample with one class) are
@@ -82,8 +101,7 @@ def bootstrap_ci(y_true, proba, *, threshold=0.5,
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     check_metric_names(metrics)
     _check_bootstrap_args(n_boot, level)
-    (replicates,) = _bootstrap_replicates(y, [(p, predict_labels(p, threshold))], metrics,
-                                          n_boot, seed)
+    (replicates,) = _bootstrap_replicates(y, [(p, predict_labels(p, threshold))], metrics, n_boot, seed)
     for name, values in replicates.items():
         dropped = int(np.isnan(values).sum())
         if dropped:
@@ -91,8 +109,18 @@ def bootstrap_ci(y_true, proba, *, threshold=0.5,
     return {name: _percentile_ci(values, level) for name, values in replicates.items()}
 
 
-def paired_bootstrap(y_true, proba_a, proba_b, *, metric="accuracy", threshold_a=0.5,
-                     threshold_b=0.5, n_boot=2000, level=0.95, seed=0):
+def paired_bootstrap(
+    y_true,
+    proba_a,
+    proba_b,
+    *,
+    metric="accuracy",
+    threshold_a=0.5,
+    threshold_b=0.5,
+    n_boot=2000,
+    level=0.95,
+    seed=0,
+):
     """Compare two models on the same samples with a paired bootstrap.
 
     Both models are scored on the same resamples. ``p_value`` is two-sided: twice the
@@ -113,8 +141,10 @@ def paired_bootstrap(y_true, proba_a, proba_b, *, metric="accuracy", threshold_a
         raise ValueError(f"metric must be a single metric name, got {metric!r}")
     check_metric_names([metric])
     _check_bootstrap_args(n_boot, level)
-    models = [(pa, predict_labels(pa, check_threshold(threshold_a, pa.shape[1]))),
-              (pb, predict_labels(pb, check_threshold(threshold_b, pb.shape[1])))]
+    models = [
+        (pa, predict_labels(pa, check_threshold(threshold_a, pa.shape[1]))),
+        (pb, predict_labels(pb, check_threshold(threshold_b, pb.shape[1]))),
+    ]
     ones = np.ones((1, len(y)))
     a, b = (float(metric_arrays(ones, y, p, pred, [metric])[metric][0]) for p, pred in models)
     rep_a, rep_b = (r[metric] for r in _bootstrap_replicates(y, models, [metric], n_boot, seed))
@@ -129,8 +159,14 @@ def paired_bootstrap(y_true, proba_a, proba_b, *, metric="accuracy", threshold_a
         p_value = min(1.0, 2 * float(np.mean(diffs >= 0)))
     else:
         p_value = 1.0
-    return {"metric": metric, "a": a, "b": b, "diff": diff,
-            "ci": _percentile_ci(diffs, level), "p_value": p_value}
+    return {
+        "metric": metric,
+        "a": a,
+        "b": b,
+        "diff": diff,
+        "ci": _percentile_ci(diffs, level),
+        "p_value": p_value,
+    }
 
 
 def delong_test(y_true, score_a, score_b):
@@ -148,17 +184,19 @@ def delong_test(y_true, score_a, score_b):
     """
     y = check_labels(y_true)
     check_binary(y, "delong_test")
-    scores = np.vstack([check_scores(score_a, "score_a", len(y)),
-                        check_scores(score_b, "score_b", len(y))])
+    scores = np.vstack(
+        [check_scores(score_a, "score_a", len(y)), check_scores(score_b, "score_b", len(y))]
+    )
     pos, neg = scores[:, y == 1], scores[:, y == 0]
     m, k = pos.shape[1], neg.shape[1]
     if min(m, k) < 2:
-        raise ValueError(f"delong_test needs at least 2 samples of each class, got {m} "
-                         f"positive and {k} negative")
+        raise ValueError(
+            f"delong_test needs at least 2 samples of each class, got {m} positive and {k} negative"
+        )
     rank_all = rankdata(np.hstack([pos, neg]), axis=1)
     rank_pos, rank_neg = rankdata(pos, axis=1), rankdata(neg, axis=1)
     auc = (rank_all[:, :m].sum(axis=1) / m - (m + 1) / 2) / k
-    v_pos = (rank_all[:, :m] - rank_pos) / k      # per positive: share of negatives below
+    v_pos = (rank_all[:, :m] - rank_pos) / k  # per positive: share of negatives below
     v_neg = 1 - (rank_all[:, m:] - rank_neg) / m  # per negative: share of positives above
     cov = np.cov(v_pos) / m + np.cov(v_neg) / k
     se = math.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0))
@@ -170,8 +208,14 @@ def delong_test(y_true, score_a, score_b):
         z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
         p_value = 1.0 if diff == 0 else 0.0
     half = float(norm.ppf(0.975)) * se
-    return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "diff": diff, "z": float(z),
-            "p_value": p_value, "ci": [diff - half, diff + half]}
+    return {
+        "auc_a": float(auc[0]),
+        "auc_b": float(auc[1]),
+        "diff": diff,
+        "z": float(z),
+        "p_value": p_value,
+        "ci": [diff - half, diff + half],
+    }
 
 
 def format_p_value(p, n_boot=None):
@@ -188,8 +232,9 @@ def format_p_value(p, n_boot=None):
         return "nan"
     if not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be a probability in [0, 1] (or NaN), got {p!r}")
-    if n_boot is not None and (isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral)
-                               or n_boot < 1):
+    if n_boot is not None and (
+        isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1
+    ):
         raise ValueError(f"n_boot must be a positive integer or None, got {n_boot!r}")
     p = float(p)
     if n_boot is not None and p < 1.0 / n_boot:

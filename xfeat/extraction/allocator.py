@@ -10,6 +10,7 @@ times both). This is what Intel's PyTorch CPU guide gets by preloading jemalloc 
 here two ``mallopt`` calls do it, for the duration of a pass (extraction, predict,
 fine-tuning); afterwards malloc's defaults come back and the memory is returned.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,9 @@ def _keep() -> bool:
         logger.debug("malloc left as it is: %s", reason)
         return False
     libc = _libc()
-    return libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and \
-        libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
+    return (
+        libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
+    )
 
 
 def _restore() -> None:
@@ -87,7 +89,8 @@ def _user_choice() -> str:
     preload = os.environ.get("LD_PRELOAD", "")
     if any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
         return "an allocator is preloaded"
-    if "malloc" in os.environ.get("GLIBC_TUNABLES", "") or \
-            any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+    if "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
+        k.startswith("MALLOC_") and k.endswith("_") for k in os.environ
+    ):
         return "malloc is tuned through the environment"
     return ""

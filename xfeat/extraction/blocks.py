@@ -7,6 +7,7 @@ spatial resolution, from stride 4 on, found from the architecture itself (ResNet
 as torchvision's ``create_feature_extractor`` does (``xfeat nodes MODEL`` lists them). Each
 block is global-average-pooled to ``(N, C)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,8 +51,10 @@ def _resolve(model_name: str, layers: tuple, crop_size: int) -> tuple:
     from xfeat.backbones import torchvision_models as tv
 
     if model_name not in tv.names():
-        raise ConfigError(f"--layers {','.join(layers)!r} needs a torchvision model; "
-                          f"{model_name} gives its penultimate features only")
+        raise ConfigError(
+            f"--layers {','.join(layers)!r} needs a torchvision model; "
+            f"{model_name} gives its penultimate features only"
+        )
     model = _stripped(tv.build_empty(model_name), model_name)
     nodes = expand_layers(model, layers, crop_size, model_name)
     shapes = _node_shapes(model, [n for n in nodes if n != PENULTIMATE], crop_size)
@@ -84,8 +87,10 @@ def expand_layers(model: nn.Module, layers: tuple, crop_size: int, model_name: s
     known = set(get_graph_node_names(model)[1]) | {n for n, _ in model.named_modules()}
     unknown = [n for n in nodes if n != PENULTIMATE and n not in known]
     if unknown:
-        raise ConfigError(f"{model_name} has no node {unknown[0]!r}; `xfeat nodes "
-                          f"{model_name}` lists its stages and nodes")
+        raise ConfigError(
+            f"{model_name} has no node {unknown[0]!r}; `xfeat nodes "
+            f"{model_name}` lists its stages and nodes"
+        )
     if PENULTIMATE in nodes:  # always last: the order of the columns in the cache
         nodes = [n for n in nodes if n != PENULTIMATE] + [PENULTIMATE]
     return nodes
@@ -96,8 +101,10 @@ def stage_nodes(model: nn.Module, crop_size: int, model_name: str = "") -> list:
     last one, whose information the penultimate features carry."""
     candidates = _candidates(model)
     if not candidates:
-        raise ConfigError(f"cannot find the stages of {model_name or type(model).__name__}; "
-                          "name the nodes with --layers NODE,NODE (`xfeat nodes MODEL`)")
+        raise ConfigError(
+            f"cannot find the stages of {model_name or type(model).__name__}; "
+            "name the nodes with --layers NODE,NODE (`xfeat nodes MODEL`)"
+        )
     shapes = _node_shapes(model, candidates, crop_size)
     last_at = {}
     for name in candidates:
@@ -160,8 +167,7 @@ class BlockExtractor(nn.Module):
         if not nodes:
             self.body, self.graph = model, False
             return
-        from torchvision.models.feature_extraction import (create_feature_extractor,
-                                                           get_graph_node_names)
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
         returns = {n: n for n in nodes}
         if PENULTIMATE in self.names:
@@ -187,6 +193,11 @@ def describe_nodes(model_name: str, crop_size: int = 224) -> dict:
         stages = stage_nodes(model, crop_size, model_name)
     except ConfigError:
         stages = []
-    return {"model": model_name, "stages": stages, "blocks_for_stages":
-            [list(b) for b in _resolve(model_name, (STAGES,), crop_size)] if stages else [],
-            "nodes": get_graph_node_names(model)[1]}
+    return {
+        "model": model_name,
+        "stages": stages,
+        "blocks_for_stages": [list(b) for b in _resolve(model_name, (STAGES,), crop_size)]
+        if stages
+        else [],
+        "nodes": get_graph_node_names(model)[1],
+    }

@@ -10,6 +10,7 @@ inductor cache, 15-60 s without). Where export or ahead-of-time compilation is
 not possible (an unusual graph, a read-only cache folder) it falls back to ``torch.compile``
 in memory, with a warning; the runner falls back to eager mode if that fails too.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,9 +29,15 @@ logger = logging.getLogger(__name__)
 PACKAGE_FORMAT = 1  # bump when what the package key covers changes
 
 
-def compile_for_inference(module: torch.nn.Module, cache_dir, *, name: str = "model",
-                          ahead_of_time: bool = True, build: Optional[Callable] = None,
-                          salt: bytes = b""):
+def compile_for_inference(
+    module: torch.nn.Module,
+    cache_dir,
+    *,
+    name: str = "model",
+    ahead_of_time: bool = True,
+    build: Optional[Callable] = None,
+    salt: bytes = b"",
+):
     """A callable running ``module`` compiled (at its first call), or None for TorchScript.
 
     ``ahead_of_time``: AOTInductor, kept under ``cache_dir/compiled``; otherwise
@@ -67,8 +74,15 @@ class AheadOfTime:
     of the first input it is called with, loaded from ``folder`` when a previous run made it,
     else compiled and saved."""
 
-    def __init__(self, module: torch.nn.Module, folder: Path, name: str, *,
-                 build: Optional[Callable] = None, salt: bytes = b""):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        folder: Path,
+        name: str,
+        *,
+        build: Optional[Callable] = None,
+        salt: bytes = b"",
+    ):
         self.module, self.folder, self.name = module, folder, name
         self.build, self.salt = build, salt
         self.run = None
@@ -90,15 +104,21 @@ class AheadOfTime:
                 logger.info("compiled graph loaded from %s", self.path)
                 return run
             except Exception as exc:  # a package from another build of torch, or damaged
-                logger.warning("compiled graph %s cannot be loaded (%s); compiling it again",
-                               self.path, first_line(exc))
+                logger.warning(
+                    "compiled graph %s cannot be loaded (%s); compiling it again",
+                    self.path,
+                    first_line(exc),
+                )
         target = self.build() if self.build else self.module
         try:
             self._compile(target, x)
             return torch._inductor.aoti_load_package(str(self.path))
         except Exception as exc:
-            logger.warning("ahead-of-time compilation is not possible here (%s); using "
-                           "torch.compile in memory (not kept between runs)", first_line(exc))
+            logger.warning(
+                "ahead-of-time compilation is not possible here (%s); using "
+                "torch.compile in memory (not kept between runs)",
+                first_line(exc),
+            )
             return Frozen(target)
 
     def _compile(self, module: torch.nn.Module, x: torch.Tensor) -> None:
@@ -112,15 +132,20 @@ class AheadOfTime:
             raise PermissionError(f"{self.folder} is not writable")
         _remove_orphans(self.folder)
         tmp = self.path.with_name(f"{self.path.stem}.tmp{os.getpid()}.pt2")
-        logger.info("compiling %s ahead of time for batches of %s (once; kept in %s)",
-                    self.name, tuple(x.shape), self.folder)
+        logger.info(
+            "compiling %s ahead of time for batches of %s (once; kept in %s)",
+            self.name,
+            tuple(x.shape),
+            self.folder,
+        )
         try:
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 example = x.clone()
                 exported = torch.export.export(module, (example,))
                 torch._inductor.aoti_compile_and_package(
-                    exported, package_path=str(tmp), inductor_configs={"freezing": True})
+                    exported, package_path=str(tmp), inductor_configs={"freezing": True}
+                )
             os.chmod(tmp, file_mode())
             os.replace(tmp, self.path)
         finally:
@@ -135,9 +160,22 @@ def package_key(module: torch.nn.Module, x: torch.Tensor, salt: bytes = b"") -> 
 
     h = hashlib.blake2b(digest_size=10)
     h.update(salt)
-    h.update(repr((PACKAGE_FORMAT, __version__, torch.__version__, platform.machine(),
-                   torch.backends.cpu.get_cpu_capability(), str(x.device), str(x.dtype),
-                   tuple(x.shape), x.stride(), repr(module))).encode())
+    h.update(
+        repr(
+            (
+                PACKAGE_FORMAT,
+                __version__,
+                torch.__version__,
+                platform.machine(),
+                torch.backends.cpu.get_cpu_capability(),
+                str(x.device),
+                str(x.dtype),
+                tuple(x.shape),
+                x.stride(),
+                repr(module),
+            )
+        ).encode()
+    )
     for m in module.modules():
         if isinstance(m, torch.fx.GraphModule):
             h.update(m.code.encode())
@@ -169,4 +207,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-

@@ -5,6 +5,7 @@
 CUDA, gloo on CPU), one device per local rank. Without those variables everything here is a
 no-op and xfeat runs as one process.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,11 @@ class World:
 
 def current_world() -> World:
     """This process's place in the job, from torchrun's environment variables."""
-    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_RANK", 0)))
+    return World(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def is_distributed() -> bool:
@@ -50,8 +54,9 @@ def init_process_group(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size)
-        logger.info("rank %d of %d joined the %s process group on %s", world.rank, world.size,
-                    backend, device)
+        logger.info(
+            "rank %d of %d joined the %s process group on %s", world.rank, world.size, backend, device
+        )
     return device
 
 

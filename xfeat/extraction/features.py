@@ -5,6 +5,7 @@ reads the cache it is given, checks that it holds the splits the caller needs an
 is given too, that the cache was made from exactly that data. ``load_matching_dataset`` finds
 the images behind a cache (for the analyses that read pixels).
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,7 @@ import numpy as np
 
 from xfeat import cache as cache_io
 from xfeat.data import Dataset, SplitRecipe, load_dataset
-from xfeat.errors import DataError
-from xfeat.errors import ConfigError
+from xfeat.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,18 @@ class Features:
     dataset: Optional[Dataset] = None
 
 
-def load_features(data=None, model: str = "resnet18", *, weights="none", cache=None,
-                  extract_options: Optional[dict] = None, need: Sequence[str] = ("train", "val"),
-                  blocks: Optional[Sequence[str]] = None, with_dataset: bool = False,
-                  command: str = "this command") -> Features:
+def load_features(
+    data=None,
+    model: str = "resnet18",
+    *,
+    weights="none",
+    cache=None,
+    extract_options: Optional[dict] = None,
+    need: Sequence[str] = ("train", "val"),
+    blocks: Optional[Sequence[str]] = None,
+    with_dataset: bool = False,
+    command: str = "this command",
+) -> Features:
     """The features of ``data`` (extracted or reused) or of ``cache`` (a file or FeatureSet).
 
     Several backbones at once: ``model="a+b"`` (``weights`` one value for all, or
@@ -52,21 +60,28 @@ def load_features(data=None, model: str = "resnet18", *, weights="none", cache=N
         if data is None:
             raise ConfigError(f"{command} needs data= (to build or reuse a cache) or cache=")
         caches, hit, dataset = _extract_all(data, model, weights, options)
-    sets = [c if isinstance(c, cache_io.FeatureSet) else
-            cache_io.read_cache(c, blocks=None if len(caches) > 1 else blocks) for c in caches]
+    sets = [
+        c
+        if isinstance(c, cache_io.FeatureSet)
+        else cache_io.read_cache(c, blocks=None if len(caches) > 1 else blocks)
+        for c in caches
+    ]
     if len(sets) > 1:
         features = merge_feature_sets(sets, blocks)
     else:
         features = select_blocks(sets[0], blocks) if blocks else sets[0]
     missing = [s for s in need if s not in features.splits]
     if missing:
-        raise cache_io.CacheError(f"{features.path} has no {missing[0]!r} split; {command} "
-                                  f"needs {', '.join(need)}")
+        raise cache_io.CacheError(
+            f"{features.path} has no {missing[0]!r} split; {command} needs {', '.join(need)}"
+        )
     if dataset is None and (with_dataset or data is not None):
         dataset = load_matching_dataset(
-            features.meta, data, ids={s: sp.ids + features.skipped.get(s, [])
-                                      for s, sp in features.splits.items()},
-            cache_dir=options.get("cache_dir"))
+            features.meta,
+            data,
+            ids={s: sp.ids + features.skipped.get(s, []) for s, sp in features.splits.items()},
+            cache_dir=options.get("cache_dir"),
+        )
     return Features(features, hit, dataset if with_dataset else None)
 
 
@@ -76,14 +91,21 @@ def _extract_all(data, model: str, weights, options: dict):
     from xfeat.extraction.pipeline import extract, plan_extraction, split_extract_options
 
     models = [m for m in str(model).split("+") if m]
-    weights_by_model = parse_weights(weights, models) if isinstance(weights, dict) or \
-        "=" in str(weights) else {m: weights for m in models}
+    weights_by_model = (
+        parse_weights(weights, models)
+        if isinstance(weights, dict) or "=" in str(weights)
+        else {m: weights for m in models}
+    )
     plan_options, run_options = split_extract_options(options)
     paths, hit, dataset = [], True, None
     for m in models:
-        plan = plan_extraction(data if dataset is None else dataset, m,
-                               weights=weights_by_model[m],
-                               batch_size=run_options.get("batch_size"), **plan_options)
+        plan = plan_extraction(
+            data if dataset is None else dataset,
+            m,
+            weights=weights_by_model[m],
+            batch_size=run_options.get("batch_size"),
+            **plan_options,
+        )
         hit = hit and cache_io.is_complete(plan.path)
         paths.append(extract(plan=plan, **run_options))
         dataset = plan.dataset
@@ -97,21 +119,22 @@ def select_blocks(features, blocks: Sequence[str]):
         return features
     missing = [b for b in blocks if b not in have]
     if missing:
-        raise cache_io.CacheError(f"{features.path} has no feature block {missing[0]!r}; it has "
-                                  f"{have} (extract again with --layers to add blocks)")
+        raise cache_io.CacheError(
+            f"{features.path} has no feature block {missing[0]!r}; it has "
+            f"{have} (extract again with --layers to add blocks)"
+        )
     starts = dict(zip(have, np.cumsum([0] + [d for _, d in features.blocks])))
     dims = dict(features.blocks)
 
     def part(p):
         cols = np.concatenate([np.arange(starts[b], starts[b] + dims[b]) for b in blocks])
-        return cache_io.SplitFeatures(p.features[:, cols], p.labels, p.ids, p.seconds,
-                                      [(b, dims[b]) for b in blocks])
+        return cache_io.SplitFeatures(
+            p.features[:, cols], p.labels, p.ids, p.seconds, [(b, dims[b]) for b in blocks]
+        )
 
-    result = cache_io.FeatureSet(features.path, features.key, features.meta,
-                                 skipped=features.skipped)
+    result = cache_io.FeatureSet(features.path, features.key, features.meta, skipped=features.skipped)
     result.splits = {s: part(p) for s, p in features.splits.items()}
-    result.views = {b: {v: part(p) for v, p in views.items()}
-                    for b, views in features.views.items()}
+    result.views = {b: {v: part(p) for v, p in views.items()} for b, views in features.views.items()}
     return result
 
 
@@ -122,17 +145,21 @@ def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
         if other.meta["dataset"]["fingerprint"] != first.meta["dataset"]["fingerprint"]:
             raise cache_io.CacheError(
                 f"{other.path.name} and {first.path.name} do not hold the same images (their "
-                "data or split differ); extract both from the same data and split")
+                "data or split differ); extract both from the same data and split"
+            )
         for split, part in first.splits.items():
             theirs = other.splits.get(split)
             if theirs is None or theirs.ids != part.ids:
                 raise cache_io.CacheError(
                     f"{other.path.name} and {first.path.name} do not hold the same {split} "
-                    "images (ids differ); extract both from the same data and split")
+                    "images (ids differ); extract both from the same data and split"
+                )
     models = [fs.meta["model"] for fs in sets]
     if len(set(models)) != len(models):
-        raise ConfigError(f"the caches come from models {models}: each backbone may appear once "
-                          "(their blocks are named MODEL:BLOCK)")
+        raise ConfigError(
+            f"the caches come from models {models}: each backbone may appear once "
+            "(their blocks are named MODEL:BLOCK)"
+        )
     names = [f"{fs.meta['model']}:{b}" for fs in sets for b, _ in fs.blocks]
     chosen = list(blocks) if blocks else names
     unknown = [b for b in chosen if b not in names]
@@ -144,18 +171,28 @@ def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
         for fs_part, fs in zip(parts, sets):
             start = 0
             for b, d in fs_part.blocks:
-                columns[f"{fs.meta['model']}:{b}"] = fs_part.features[:, start:start + d]
+                columns[f"{fs.meta['model']}:{b}"] = fs_part.features[:, start : start + d]
                 start += d
         dims = [(b, columns[b].shape[1]) for b in chosen]
-        return cache_io.SplitFeatures(np.concatenate([columns[b] for b in chosen], axis=1),
-                                      parts[0].labels, parts[0].ids, max(p.seconds for p in parts),
-                                      dims)
+        return cache_io.SplitFeatures(
+            np.concatenate([columns[b] for b in chosen], axis=1),
+            parts[0].labels,
+            parts[0].ids,
+            max(p.seconds for p in parts),
+            dims,
+        )
 
-    meta = {**first.meta, "model": "+".join(fs.meta["model"] for fs in sets),
-            "sources": [{k: fs.meta[k] for k in ("model", "weights", "preprocessing", "blocks",
-                                                 "key")} for fs in sets]}
-    result = cache_io.FeatureSet(first.path, "+".join(fs.key for fs in sets), meta,
-                                 skipped=first.skipped)
+    meta = {
+        **first.meta,
+        "model": "+".join(fs.meta["model"] for fs in sets),
+        "sources": [
+            {k: fs.meta[k] for k in ("model", "weights", "preprocessing", "blocks", "key")}
+            for fs in sets
+        ],
+    }
+    result = cache_io.FeatureSet(
+        first.path, "+".join(fs.key for fs in sets), meta, skipped=first.skipped
+    )
     result.splits = {s: merged([fs.splits[s] for fs in sets]) for s in first.splits}
     for base, views in first.views.items():
         common = [v for v in views if all(v in fs.views.get(base, {}) for fs in sets)]
@@ -165,8 +202,9 @@ def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
     return result
 
 
-def load_matching_dataset(meta: dict, data=None, *, ids: Optional[dict] = None,
-                          cache_dir=None) -> Dataset:
+def load_matching_dataset(
+    meta: dict, data=None, *, ids: Optional[dict] = None, cache_dir=None
+) -> Dataset:
     """The dataset a cache was made from (``data``, else its recorded source), verified.
 
     ``data`` may be a path, a built-in name or a :class:`~xfeat.data.dataset.Dataset`. The split
@@ -185,15 +223,18 @@ def load_matching_dataset(meta: dict, data=None, *, ids: Optional[dict] = None,
         except DataError as exc:
             if data is not None:
                 raise
-            raise DataError(f"the cache was made from {source}, which cannot be loaded now "
-                            f"({exc}); pass data= with the images it was made from") from None
+            raise DataError(
+                f"the cache was made from {source}, which cannot be loaded now "
+                f"({exc}); pass data= with the images it was made from"
+            ) from None
     if dataset.fingerprint == meta["dataset"]["fingerprint"]:
         return dataset
     if "subsample" in meta["split"] and ids is not None and not isinstance(data, Dataset):
         return _select_ids(dataset, meta, ids)
     raise cache_io.CacheError(
         f"the cache {meta.get('key', '')[:16]} was made from different data than {source} "
-        "(its content or split changed); run without cache= (--cache) to extract a fresh one")
+        "(its content or split changed); run without cache= (--cache) to extract a fresh one"
+    )
 
 
 def _select_ids(dataset: Dataset, meta: dict, ids: dict) -> Dataset:
@@ -206,11 +247,19 @@ def _select_ids(dataset: Dataset, meta: dict, ids: dict) -> Dataset:
             raise cache_io.CacheError(
                 f"the cache {meta.get('key', '')[:16]} is a subsample of {dataset.source}, but "
                 f"{len(missing)} of its {name} images are not there now (e.g. {missing[0]}); "
-                "run without cache= (--cache) to extract a fresh one")
+                "run without cache= (--cache) to extract a fresh one"
+            )
         splits[name] = split.subset([index[i] for i in wanted])
-    logger.warning("the cache is a subsample of %s: its images were matched by id, and their "
-                   "content cannot be verified against the cache's fingerprint", dataset.source)
-    return Dataset(name=meta["dataset"]["name"], source=dataset.source,
-                   class_names=dataset.class_names, splits=splits,
-                   content_digest=meta["dataset"].get("content_digest", ""),
-                   split_info=meta["split"])
+    logger.warning(
+        "the cache is a subsample of %s: its images were matched by id, and their "
+        "content cannot be verified against the cache's fingerprint",
+        dataset.source,
+    )
+    return Dataset(
+        name=meta["dataset"]["name"],
+        source=dataset.source,
+        class_names=dataset.class_names,
+        splits=splits,
+        content_digest=meta["dataset"].get("content_digest", ""),
+        split_info=meta["split"],
+    )

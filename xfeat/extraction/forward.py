@@ -5,6 +5,7 @@ optionally compiled or int8); :func:`extract_group` streams one split (or view) 
 through it into the cache writer, timing each stage; :func:`embed_files` does the same for
 loose files (``predict``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,13 +16,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from xfeat.extraction.allocator import freed_memory_kept
-from xfeat.extraction.blocks import BlockExtractor
 from xfeat.data.dataset import Split
 from xfeat.errors import ImageReadError
+from xfeat.extraction.allocator import freed_memory_kept
+from xfeat.extraction.blocks import BlockExtractor
 from xfeat.extraction.compiled import compile_for_inference, first_line
-from xfeat.extraction.runtime import (channels_last_default, inference_batches, pad_batch,
-                                      to_memory_format)
+from xfeat.extraction.runtime import (
+    channels_last_default,
+    inference_batches,
+    pad_batch,
+    to_memory_format,
+)
 from xfeat.extraction.views import ViewImages
 
 logger = logging.getLogger(__name__)
@@ -36,13 +41,24 @@ class Runner:
     that fails falls back to eager mode with a warning: extraction never fails because of it.
     """
 
-    def __init__(self, backbone, blocks: list, device: torch.device, *, batch_size: int,
-                 channels_last: Optional[bool] = None, compile: bool = False,
-                 cache_dir=".", precision: str = "fp32", calibration=None):
+    def __init__(
+        self,
+        backbone,
+        blocks: list,
+        device: torch.device,
+        *,
+        batch_size: int,
+        channels_last: Optional[bool] = None,
+        compile: bool = False,
+        cache_dir=".",
+        precision: str = "fp32",
+        calibration=None,
+    ):
         self.backbone, self.device, self.batch_size = backbone, device, batch_size
         self.normalize = backbone.preprocessing.normalize
-        self.channels_last = channels_last_default(backbone.name, device) \
-            if channels_last is None else channels_last
+        self.channels_last = (
+            channels_last_default(backbone.name, device) if channels_last is None else channels_last
+        )
         module = BlockExtractor(backbone.model, blocks).eval().to(device)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
@@ -54,14 +70,14 @@ class Runner:
 
             # calibrated and quantized only when no earlier run kept the compiled graph
             self._fp32, self._calibration, self._eager = module, calibration, None
-            self.compiled = compile_for_inference(module, cache_dir, name=name,
-                                                  build=self._quantize,
-                                                  salt=calibration_salt(calibration))
+            self.compiled = compile_for_inference(
+                module, cache_dir, name=name, build=self._quantize, salt=calibration_salt(calibration)
+            )
         else:  # the uint8 batch goes in: the normalisation is compiled into the graph
-            self._eager = Normalized(module, backbone.preprocessing.mean,
-                                     backbone.preprocessing.std).to(device)
-            self.compiled = compile_for_inference(self._eager, cache_dir, name=name) \
-                if compile else None
+            self._eager = Normalized(module, backbone.preprocessing.mean, backbone.preprocessing.std).to(
+                device
+            )
+            self.compiled = compile_for_inference(self._eager, cache_dir, name=name) if compile else None
 
     @property
     def module(self) -> torch.nn.Module:
@@ -73,8 +89,9 @@ class Runner:
 
         if self._eager is None:
             with torch.inference_mode(False):  # export cannot trace inference tensors
-                self._eager = quantize_int8(self._fp32, self._calibration, self._prepare,
-                                            self.batch_size)
+                self._eager = quantize_int8(
+                    self._fp32, self._calibration, self._prepare, self.batch_size
+                )
         return self._eager
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -96,8 +113,9 @@ class Runner:
             try:
                 out = self.compiled(x)
             except Exception as exc:  # inductor could not build this graph here
-                logger.warning("the compiled model failed (%s); continuing in eager mode",
-                               first_line(exc))
+                logger.warning(
+                    "the compiled model failed (%s); continuing in eager mode", first_line(exc)
+                )
                 self.compiled = None
         if out is None:
             out = self.module(x)
@@ -118,17 +136,33 @@ class Normalized(torch.nn.Module):
         return self.module((images.float() - self.mean) / self.std)
 
 
-def extract_group(runner: Runner, images: ViewImages, writer, group: str, *, start: int,
-                  batch_size: int, num_workers: Optional[int], skip_bad: bool,
-                  progress: bool) -> dict:
+def extract_group(
+    runner: Runner,
+    images: ViewImages,
+    writer,
+    group: str,
+    *,
+    start: int,
+    batch_size: int,
+    num_workers: Optional[int],
+    skip_bad: bool,
+    progress: bool,
+) -> dict:
     """Stream ``images`` (one split or view, from row ``start``) into ``writer``'s ``group``."""
     split = images.split
-    loader = inference_batches(images, batch_size=batch_size, num_workers=num_workers,
-                               device=runner.device)
+    loader = inference_batches(
+        images, batch_size=batch_size, num_workers=num_workers, device=runner.device
+    )
     wait = forward = write = 0.0
     row, t_start = start, time.perf_counter()
-    bar = tqdm(total=len(split), initial=start, unit="img", dynamic_ncols=True,
-               desc=f"{runner.backbone.name} {group}", disable=not progress)
+    bar = tqdm(
+        total=len(split),
+        initial=start,
+        unit="img",
+        dynamic_ncols=True,
+        desc=f"{runner.backbone.name} {group}",
+        disable=not progress,
+    )
     t0 = t_start
     for batch, errors in loader:
         t1 = time.perf_counter()
@@ -137,8 +171,7 @@ def extract_group(runner: Runner, images: ViewImages, writer, group: str, *, sta
             i = int(np.flatnonzero(~ok)[0])
             raise ImageReadError(sample_path(split, row + i), errors[i])
         for i in np.flatnonzero(~ok):
-            logger.warning("skipping unreadable image %s: %s", sample_path(split, row + i),
-                           errors[i])
+            logger.warning("skipping unreadable image %s: %s", sample_path(split, row + i), errors[i])
         blocks = runner(batch)
         t2 = time.perf_counter()
         for array in blocks.values():
@@ -151,13 +184,28 @@ def extract_group(runner: Runner, images: ViewImages, writer, group: str, *, sta
         t0 = t3
     bar.close()
     elapsed, n = time.perf_counter() - t_start, len(split) - start
-    logger.info("%s: %d images in %.1f s (%.1f img/s; waiting for data %.1f s, forward %.1f s, "
-                "write %.1f s)", group, n, elapsed, n / elapsed if elapsed else 0, wait,
-                forward, write)
-    return {"resumed_from_row": start, "images": n, "seconds": elapsed,
-            "data_wait_seconds": wait, "forward_seconds": forward, "write_seconds": write,
-            "device": str(runner.device), "batch_size": batch_size,
-            "channels_last": runner.channels_last, "compiled": runner.compiled is not None}
+    logger.info(
+        "%s: %d images in %.1f s (%.1f img/s; waiting for data %.1f s, forward %.1f s, write %.1f s)",
+        group,
+        n,
+        elapsed,
+        n / elapsed if elapsed else 0,
+        wait,
+        forward,
+        write,
+    )
+    return {
+        "resumed_from_row": start,
+        "images": n,
+        "seconds": elapsed,
+        "data_wait_seconds": wait,
+        "forward_seconds": forward,
+        "write_seconds": write,
+        "device": str(runner.device),
+        "batch_size": batch_size,
+        "channels_last": runner.channels_last,
+        "compiled": runner.compiled is not None,
+    }
 
 
 def sample_path(split: Split, row: int) -> str:
@@ -165,32 +213,49 @@ def sample_path(split: Split, row: int) -> str:
 
 
 @freed_memory_kept()  # every batch reuses the previous one's memory
-def embed_files(runner: Runner, paths, *, views=(None,), batch_size: int = 32,
-                num_workers: Optional[int] = None, progress: bool = True):
+def embed_files(
+    runner: Runner,
+    paths,
+    *,
+    views=(None,),
+    batch_size: int = 32,
+    num_workers: Optional[int] = None,
+    progress: bool = True,
+):
     """``({view: {block: (N, D) with NaN rows}}, errors)`` for image files.
 
     An unreadable file gives NaN rows and its error message instead of stopping the rest.
     """
-    split = Split("files", [str(p) for p in paths], np.zeros(len(paths), dtype=np.int64),
-                  paths=[str(p) for p in paths])
+    split = Split(
+        "files",
+        [str(p) for p in paths],
+        np.zeros(len(paths), dtype=np.int64),
+        paths=[str(p) for p in paths],
+    )
     outputs, errors = {}, []
     for view in views:
         images = ViewImages(split, runner.backbone.preprocessing, view)
-        loader = inference_batches(images, batch_size=batch_size, num_workers=num_workers,
-                                   device=runner.device)
+        loader = inference_batches(
+            images, batch_size=batch_size, num_workers=num_workers, device=runner.device
+        )
         parts, errs = [], []
-        with tqdm(total=len(split), unit="img", desc=f"{runner.backbone.name} {view or ''}",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=len(split),
+            unit="img",
+            desc=f"{runner.backbone.name} {view or ''}",
+            disable=not progress,
+        ) as bar:
             for batch, batch_errors in loader:
                 out = runner(batch)
                 bad = [bool(e) for e in batch_errors]
                 for array in out.values():
                     array[bad] = np.nan
                 parts.append(out)
-                errs += [f"cannot read image {split.paths[len(errs) + i]}: {e}" if e else ""
-                         for i, e in enumerate(batch_errors)]
+                errs += [
+                    f"cannot read image {split.paths[len(errs) + i]}: {e}" if e else ""
+                    for i, e in enumerate(batch_errors)
+                ]
                 bar.update(len(bad))
-        outputs[view] = {b: np.concatenate([p[b] for p in parts]) for b in parts[0]} \
-            if parts else {}
+        outputs[view] = {b: np.concatenate([p[b] for p in parts]) for b in parts[0]} if parts else {}
         errors = errs
     return outputs, errors

@@ -5,6 +5,7 @@ split, model, weights, preprocessing, blocks, views, precision, dtype) into a ca
 without building the model; ``extract`` reuses a complete entry for that key or fills it
 batch by batch (see :mod:`xfeat.extraction.forward` for the pass itself).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,15 +19,26 @@ import numpy as np
 import torch
 
 from xfeat import __version__, cache
-from xfeat.extraction import distributed
-from xfeat.extraction.allocator import freed_memory_kept
-from xfeat.backbones import (Preprocessing, WeightsInfo, create_backbone, default_preprocessing,
-                        normalize_name, resolve_weights)
-from xfeat.extraction.blocks import parse_layers, resolve_blocks
-from xfeat.config import INT8_CALIBRATION_IMAGES, PRECISIONS, ExtractConfig, default_cache_dir
-from xfeat.config import DEFAULT_GROUP_PATTERN
+from xfeat.backbones import (
+    Preprocessing,
+    WeightsInfo,
+    create_backbone,
+    default_preprocessing,
+    normalize_name,
+    resolve_weights,
+)
+from xfeat.config import (
+    DEFAULT_GROUP_PATTERN,
+    INT8_CALIBRATION_IMAGES,
+    PRECISIONS,
+    ExtractConfig,
+    default_cache_dir,
+)
 from xfeat.data import Dataset, SplitRecipe, load_dataset
 from xfeat.errors import ConfigError
+from xfeat.extraction import distributed
+from xfeat.extraction.allocator import freed_memory_kept
+from xfeat.extraction.blocks import parse_layers, resolve_blocks
 from xfeat.extraction.runtime import resolve_device, should_compile
 from xfeat.extraction.views import parse_tta, train_views, tta_views
 
@@ -63,8 +75,13 @@ class ExtractionPlan:
 
         ds = self.dataset
         return {
-            "dataset": {"name": ds.name, "source": ds.source, "fingerprint": ds.fingerprint,
-                        "content_digest": ds.content_digest, "counts": ds.counts()},
+            "dataset": {
+                "name": ds.name,
+                "source": ds.source,
+                "fingerprint": ds.fingerprint,
+                "content_digest": ds.content_digest,
+                "counts": ds.counts(),
+            },
             "split": ds.split_info,
             "class_names": ds.class_names,
             "model": self.model,
@@ -74,25 +91,46 @@ class ExtractionPlan:
             "views": {"train": self.views, "tta": list(self.tta), "seed": self.seed},
             "precision": self.precision,
             "feature_dtype": self.feature_dtype,
-            "weights": {"kind": self.weights.kind, "id": self.weights.id,
-                        "sha256": self.weights.sha256, "url": self.weights.url,
-                        "seed": self.seed if self.weights.kind == "random" else None},
+            "weights": {
+                "kind": self.weights.kind,
+                "id": self.weights.id,
+                "sha256": self.weights.sha256,
+                "url": self.weights.url,
+                "seed": self.seed if self.weights.kind == "random" else None,
+            },
             "preprocessing": self.preprocessing.to_dict(),
-            "versions": {"xfeat": __version__, "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "numpy": np.__version__},
+            "versions": {
+                "xfeat": __version__,
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "numpy": np.__version__,
+            },
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
 
-def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, None] = "none",
-                    cache_dir: Union[str, Path, None] = None, image_size: Optional[int] = None,
-                    feature_dtype: str = "float32", val_fraction: float = 0.1,
-                    split_seed: int = 0, group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN,
-                    seed: int = 0, dataset: Optional[Dataset] = None,
-                    resize_size: Optional[int] = None, mean: Optional[tuple] = None,
-                    std: Optional[tuple] = None, layers="penultimate", views: int = 0,
-                    tta=None, precision: str = "fp32",
-                    batch_size: Optional[int] = None) -> ExtractionPlan:
+def plan_extraction(
+    data,
+    model: str = "resnet18",
+    *,
+    weights: Union[str, Path, None] = "none",
+    cache_dir: Union[str, Path, None] = None,
+    image_size: Optional[int] = None,
+    feature_dtype: str = "float32",
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN,
+    seed: int = 0,
+    dataset: Optional[Dataset] = None,
+    resize_size: Optional[int] = None,
+    mean: Optional[tuple] = None,
+    std: Optional[tuple] = None,
+    layers="penultimate",
+    views: int = 0,
+    tta=None,
+    precision: str = "fp32",
+    batch_size: Optional[int] = None,
+) -> ExtractionPlan:
     """Resolve the dataset, weights, preprocessing and blocks into a cache key and path.
 
     ``image_size`` (the crop), ``resize_size``, ``mean`` and ``std`` override the weights'
@@ -100,63 +138,132 @@ def plan_extraction(data, model: str = "resnet18", *, weights: Union[str, Path, 
     ``batch_size`` matters only to int8, whose calibration batches are that size.
     """
     if feature_dtype not in cache.FEATURE_DTYPES:
-        raise ConfigError(f"feature dtype {feature_dtype!r} not supported; expected one of "
-                          f"{cache.FEATURE_DTYPES}")
+        raise ConfigError(
+            f"feature dtype {feature_dtype!r} not supported; expected one of {cache.FEATURE_DTYPES}"
+        )
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     model = normalize_name(model)
     info, tv_weights = resolve_weights(model, weights, seed=seed)
-    preprocessing = default_preprocessing(model, tv_weights).with_size(
-        image_size, resize_size).with_normalization(mean, std)
+    preprocessing = (
+        default_preprocessing(model, tv_weights)
+        .with_size(image_size, resize_size)
+        .with_normalization(mean, std)
+    )
     layers, tta = parse_layers(layers), parse_tta(tta)
     blocks = resolve_blocks(model, layers, preprocessing.crop_size)
     view_names = train_views(views)
     if dataset is None:
-        dataset = data if isinstance(data, Dataset) else load_dataset(
-            data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern),
-            cache_dir=cache_dir)
+        dataset = (
+            data
+            if isinstance(data, Dataset)
+            else load_dataset(
+                data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern), cache_dir=cache_dir
+            )
+        )
     groups = {s: (s, None) for s in dataset.splits}
     groups.update({f"train.{v}": ("train", v) for v in view_names})
-    groups.update({f"{s}.{v}": (s, v) for s in ("val", "test") if s in dataset.splits
-                   for v in tta_views(tta)})
-    fields = {"dataset": dataset.fingerprint, "model": model, "weights": info.key(),
-              "preprocessing": preprocessing.to_dict(), "feature_dtype": feature_dtype,
-              "blocks": [name for name, _ in blocks], "views": view_names, "tta": list(tta)}
+    groups.update(
+        {f"{s}.{v}": (s, v) for s in ("val", "test") if s in dataset.splits for v in tta_views(tta)}
+    )
+    fields = {
+        "dataset": dataset.fingerprint,
+        "model": model,
+        "weights": info.key(),
+        "preprocessing": preprocessing.to_dict(),
+        "feature_dtype": feature_dtype,
+        "blocks": [name for name, _ in blocks],
+        "views": view_names,
+        "tta": list(tta),
+    }
     if views:
         fields["view_seed"] = seed
     if precision != "fp32":
-        fields["precision"] = {"kind": precision, "calibration": INT8_CALIBRATION_IMAGES,
-                               "batch_size": batch_size or ExtractConfig().batch_size}
+        fields["precision"] = {
+            "kind": precision,
+            "calibration": INT8_CALIBRATION_IMAGES,
+            "batch_size": batch_size or ExtractConfig().batch_size,
+        }
     key = cache.cache_key(fields)
     path = cache.entry_path(cache_dir, f"{dataset.name}-{model}-{info.tag}", key)
-    return ExtractionPlan(dataset, model, info, str(weights), preprocessing, blocks,
-                          feature_dtype, seed, key, path, views=views, tta=tta,
-                          precision=precision, layers=layers, groups=groups)
+    return ExtractionPlan(
+        dataset,
+        model,
+        info,
+        str(weights),
+        preprocessing,
+        blocks,
+        feature_dtype,
+        seed,
+        key,
+        path,
+        views=views,
+        tta=tta,
+        precision=precision,
+        layers=layers,
+        groups=groups,
+    )
 
 
-_PLAN_OPTIONS = ("cache_dir", "image_size", "resize_size", "mean", "std", "feature_dtype",
-                 "val_fraction", "split_seed", "group_pattern", "seed", "layers", "views",
-                 "tta", "precision")
-_RUN_OPTIONS = ("batch_size", "num_workers", "device", "skip_bad", "force", "progress",
-                "compile", "channels_last")
+_PLAN_OPTIONS = (
+    "cache_dir",
+    "image_size",
+    "resize_size",
+    "mean",
+    "std",
+    "feature_dtype",
+    "val_fraction",
+    "split_seed",
+    "group_pattern",
+    "seed",
+    "layers",
+    "views",
+    "tta",
+    "precision",
+)
+_RUN_OPTIONS = (
+    "batch_size",
+    "num_workers",
+    "device",
+    "skip_bad",
+    "force",
+    "progress",
+    "compile",
+    "channels_last",
+)
 
 
 def split_extract_options(options: dict) -> tuple:
     """``extract`` keyword options -> (those of ``plan_extraction``, those of the run)."""
     unknown = set(options) - set(_PLAN_OPTIONS) - set(_RUN_OPTIONS)
     if unknown:
-        raise ConfigError(f"unknown extract options {sorted(unknown)}; expected some of "
-                          f"{sorted(_PLAN_OPTIONS + _RUN_OPTIONS)}")
-    return ({k: v for k, v in options.items() if k in _PLAN_OPTIONS},
-            {k: v for k, v in options.items() if k in _RUN_OPTIONS})
+        raise ConfigError(
+            f"unknown extract options {sorted(unknown)}; expected some of "
+            f"{sorted(_PLAN_OPTIONS + _RUN_OPTIONS)}"
+        )
+    return (
+        {k: v for k, v in options.items() if k in _PLAN_OPTIONS},
+        {k: v for k, v in options.items() if k in _RUN_OPTIONS},
+    )
 
 
-def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, None] = "none",
-            batch_size: int = 64, num_workers: Optional[int] = None,
-            device: Optional[str] = None, skip_bad: bool = False, force: bool = False,
-            compile="auto", channels_last: Optional[bool] = None, progress: bool = True,
-            plan: Optional[ExtractionPlan] = None, **plan_options) -> Path:
+def extract(
+    data=None,
+    model: str = "resnet18",
+    *,
+    weights: Union[str, Path, None] = "none",
+    batch_size: int = 64,
+    num_workers: Optional[int] = None,
+    device: Optional[str] = None,
+    skip_bad: bool = False,
+    force: bool = False,
+    compile="auto",
+    channels_last: Optional[bool] = None,
+    progress: bool = True,
+    plan: Optional[ExtractionPlan] = None,
+    **plan_options,
+) -> Path:
     """Extract features of every split into the cache; return the entry's path.
 
     A complete entry with the same key (dataset content and split, model, weights,
@@ -185,8 +292,7 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
         views, tta, precision, val_fraction, split_seed, group_pattern, seed.
     """
     if plan is None:
-        plan = plan_extraction(data, model, weights=weights, batch_size=batch_size,
-                               **plan_options)
+        plan = plan_extraction(data, model, weights=weights, batch_size=batch_size, **plan_options)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}: expected an integer >= 1")
     should_compile(compile, 0)  # a bad value fails now, not after the dataset is read
@@ -194,12 +300,20 @@ def extract(data=None, model: str = "resnet18", *, weights: Union[str, Path, Non
         from xfeat.extraction.quantize import check_int8
 
         check_int8(plan.model, resolve_device(device))
-    run = dict(batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
-               compile=compile, channels_last=channels_last, progress=progress)
+    run = dict(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        skip_bad=skip_bad,
+        compile=compile,
+        channels_last=channels_last,
+        progress=progress,
+    )
     if distributed.is_distributed():
         if plan.precision == "int8":
-            raise ConfigError("--precision int8 calibrates on one process's train images; run "
-                              "it without torchrun (or extract fp32 under torchrun)")
+            raise ConfigError(
+                "--precision int8 calibrates on one process's train images; run "
+                "it without torchrun (or extract fp32 under torchrun)"
+            )
         return _extract_sharded(plan, device=device, force=force, **run)
     if not force and cache.is_complete(plan.path):  # no lock: a read-only cache is usable
         logger.info("cache hit: %s (backbone not run)", plan.path)
@@ -228,30 +342,47 @@ def _extract_sharded(plan: ExtractionPlan, *, device, force, **run) -> Path:
         logger.info("cache hit: %s (backbone not run)", plan.path)
         return plan.path
     shard_paths = [cache.shard_path(plan.path, r, world.size) for r in range(world.size)]
-    rows = {name: distributed.shard_bounds(len(split), world.rank, world.size)
-            for name, split in plan.dataset.splits.items()}
+    rows = {
+        name: distributed.shard_bounds(len(split), world.rank, world.size)
+        for name, split in plan.dataset.splits.items()
+    }
     shard_dataset = Dataset(
-        name=plan.dataset.name, source=plan.dataset.source,
-        class_names=plan.dataset.class_names, content_digest=plan.dataset.content_digest,
+        name=plan.dataset.name,
+        source=plan.dataset.source,
+        class_names=plan.dataset.class_names,
+        content_digest=plan.dataset.content_digest,
         split_info={**plan.dataset.split_info, "shard": [world.rank, world.size]},
-        splits={name: split.subset(range(*rows[name])) for name, split in
-                plan.dataset.splits.items()})
-    shard = dataclasses.replace(plan, dataset=shard_dataset, path=shard_paths[world.rank],
-                                key=f"{plan.key}/shard{world.rank}of{world.size}")
+        splits={name: split.subset(range(*rows[name])) for name, split in plan.dataset.splits.items()},
+    )
+    shard = dataclasses.replace(
+        plan,
+        dataset=shard_dataset,
+        path=shard_paths[world.rank],
+        key=f"{plan.key}/shard{world.rank}of{world.size}",
+    )
     with cache.entry_lock(shard.path):
         if not cache.is_complete(shard.path):
-            _run(shard, device=str(dev), **{**run, "progress": run["progress"] and
-                                            world.is_main})
+            _run(shard, device=str(dev), **{**run, "progress": run["progress"] and world.is_main})
     distributed.barrier()
     if world.is_main:
         with cache.entry_lock(plan.path):
             if not cache.is_complete(plan.path):
                 t0 = time.perf_counter()
-                cache.merge_shards(plan.path, shard_paths, key=plan.key, meta=plan.meta,
-                                   splits=_group_rows(plan), blocks=plan.blocks,
-                                   dtype=plan.feature_dtype)
-                logger.info("merged %d shards into %s in %.2f s", world.size, plan.path.name,
-                            time.perf_counter() - t0)
+                cache.merge_shards(
+                    plan.path,
+                    shard_paths,
+                    key=plan.key,
+                    meta=plan.meta,
+                    splits=_group_rows(plan),
+                    blocks=plan.blocks,
+                    dtype=plan.feature_dtype,
+                )
+                logger.info(
+                    "merged %d shards into %s in %.2f s",
+                    world.size,
+                    plan.path.name,
+                    time.perf_counter() - t0,
+                )
     distributed.barrier()
     return plan.path
 
@@ -263,9 +394,17 @@ def _group_rows(plan: ExtractionPlan) -> dict:
 
 
 @freed_memory_kept()  # every batch reuses the previous one's memory
-def _run(plan: ExtractionPlan, *, batch_size: int, num_workers: Optional[int],
-         device: Optional[str], skip_bad: bool, compile, channels_last: Optional[bool],
-         progress: bool) -> None:
+def _run(
+    plan: ExtractionPlan,
+    *,
+    batch_size: int,
+    num_workers: Optional[int],
+    device: Optional[str],
+    skip_bad: bool,
+    compile,
+    channels_last: Optional[bool],
+    progress: bool,
+) -> None:
     from xfeat.extraction.forward import Runner, extract_group
     from xfeat.extraction.views import ViewImages
 
@@ -273,37 +412,56 @@ def _run(plan: ExtractionPlan, *, batch_size: int, num_workers: Optional[int],
     # Build (and download) first, so a failure here leaves no partial file behind.
     backbone = create_backbone(plan.model, plan.weights_arg, seed=plan.seed)
     backbone.preprocessing = plan.preprocessing
-    if plan.weights.kind in ("file", "torchscript") and \
-            backbone.weights.sha256 != plan.weights.sha256:
+    if plan.weights.kind in ("file", "torchscript") and backbone.weights.sha256 != plan.weights.sha256:
         raise cache.CacheError(f"weights file {plan.weights.id} changed while extracting")
     meta = plan.meta
     meta["weights"]["sha256"] = backbone.weights.sha256
-    writer = cache.CacheWriter(plan.path, key=plan.key, meta=meta, splits=_group_rows(plan),
-                               blocks=plan.blocks, dtype=plan.feature_dtype)
+    writer = cache.CacheWriter(
+        plan.path,
+        key=plan.key,
+        meta=meta,
+        splits=_group_rows(plan),
+        blocks=plan.blocks,
+        dtype=plan.feature_dtype,
+    )
     try:
         # Decided on the whole entry, so that a resumed run computes the rest the same way.
         total = sum(writer.n_rows(g) for g in plan.groups)
         compiled = should_compile(compile, total) or plan.precision == "int8"
         if compiled and compile == "auto":
-            logger.info("compiling the model: %d images in the entry (--compile off to skip)",
-                        total)
-        runner = Runner(backbone, plan.blocks, dev, batch_size=batch_size,
-                        channels_last=channels_last, compile=compiled,
-                        cache_dir=plan.path.parent, precision=plan.precision,
-                        calibration=_calibration_images(plan) if plan.precision == "int8"
-                        else None)
+            logger.info("compiling the model: %d images in the entry (--compile off to skip)", total)
+        runner = Runner(
+            backbone,
+            plan.blocks,
+            dev,
+            batch_size=batch_size,
+            channels_last=channels_last,
+            compile=compiled,
+            cache_dir=plan.path.parent,
+            precision=plan.precision,
+            calibration=_calibration_images(plan) if plan.precision == "int8" else None,
+        )
         stats = {}
         for group, (base, view) in plan.groups.items():
             start, split = writer.rows_done(group), plan.dataset.splits[base]
             stats[group] = {"resumed_from_row": start, "images": 0}
             if start < len(split):
                 images = ViewImages(split, plan.preprocessing, view, seed=plan.seed, start=start)
-                stats[group] = extract_group(runner, images, writer, group, start=start,
-                                             batch_size=batch_size, num_workers=num_workers,
-                                             skip_bad=skip_bad, progress=progress)
+                stats[group] = extract_group(
+                    runner,
+                    images,
+                    writer,
+                    group,
+                    start=start,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    skip_bad=skip_bad,
+                    progress=progress,
+                )
             total = float(writer.file[group]["seconds"][0])
-            stats[group].update(seconds_total=total,
-                                images_per_second=len(split) / total if total else None)
+            stats[group].update(
+                seconds_total=total, images_per_second=len(split) / total if total else None
+            )
         writer.finalize(stats)
     finally:
         writer.close()

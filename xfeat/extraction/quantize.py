@@ -6,6 +6,7 @@ weights) and compiled by inductor, which lowers it to oneDNN's int8 kernels (VNN
 only for the families where it is faster than the fastest fp32 configuration on this
 machine (``INT8_FASTER``, measured with ``scripts/bench_extract.py --precision int8``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,17 +32,20 @@ def check_int8(model_name: str, device: torch.device) -> None:
     if device.type != "cpu":
         raise ConfigError("--precision int8 is for CPU extraction; on a GPU use fp32")
     if family(model_name) not in INT8_FASTER:
-        raise ConfigError(f"--precision int8 is not offered for {model_name}: it was not "
-                          "faster than compiled fp32 on this CPU (offered for: "
-                          f"{', '.join(sorted(INT8_FASTER))}); use --precision fp32")
+        raise ConfigError(
+            f"--precision int8 is not offered for {model_name}: it was not "
+            "faster than compiled fp32 on this CPU (offered for: "
+            f"{', '.join(sorted(INT8_FASTER))}); use --precision fp32"
+        )
     try:
         import torchao  # noqa: F401
     except ImportError:
         raise ConfigError("--precision int8 needs torchao: pip install 'xfeat[int8]'") from None
 
 
-def quantize_int8(module: torch.nn.Module, calibration: torch.Tensor, prepare,
-                  batch_size: int) -> torch.nn.Module:
+def quantize_int8(
+    module: torch.nn.Module, calibration: torch.Tensor, prepare, batch_size: int
+) -> torch.nn.Module:
     """``module`` quantized to int8 after observing ``prepare(calibration)`` batch by batch.
 
     The graph is exported for batches of ``batch_size`` (the runner pads the last batch), so
@@ -53,8 +57,10 @@ def quantize_int8(module: torch.nn.Module, calibration: torch.Tensor, prepare,
     _require(calibration)
     from xfeat.extraction.runtime import pad_batch
 
-    batches = [prepare(pad_batch(calibration[i:i + batch_size], batch_size))
-               for i in range(0, len(calibration), batch_size)]
+    batches = [
+        prepare(pad_batch(calibration[i : i + batch_size], batch_size))
+        for i in range(0, len(calibration), batch_size)
+    ]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.export.export(module, (batches[0],)).module()

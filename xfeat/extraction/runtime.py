@@ -4,6 +4,7 @@ One place for the choices every pass shares (extraction, fine-tuning, predict), 
 agree: decoding threads or loader workers and pinned memory, ``channels_last`` where it is
 faster, when compiling pays off.
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,8 +23,7 @@ def mix_seed(*values) -> int:
     """A 64-bit seed from a tuple of values (stable across processes, platforms, resumes)."""
     import hashlib
 
-    return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=8).digest(),
-                          "little")
+    return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=8).digest(), "little")
 
 
 def resolve_device(device: Optional[str] = None) -> torch.device:
@@ -33,11 +33,13 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"device {device!r} not understood; expected 'auto', 'cpu', 'cuda' or "
-                          "'cuda:N'") from None
+        raise ConfigError(
+            f"device {device!r} not understood; expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available on this "
-                          "machine; use --device cpu")
+        raise ConfigError(
+            f"device {device!r} requested but CUDA is not available on this machine; use --device cpu"
+        )
     return dev
 
 
@@ -57,9 +59,16 @@ def resolve_num_workers(num_workers: Optional[int], default=default_num_workers)
     return workers
 
 
-def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int = 1,
-                num_workers: Optional[int], device: torch.device, batch_sampler=None,
-                persistent: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int = 1,
+    num_workers: Optional[int],
+    device: torch.device,
+    batch_sampler=None,
+    persistent: bool = False,
+    seed: int = 0,
+) -> torch.utils.data.DataLoader:
     """Batches in order (or ``batch_sampler``'s); pinned memory on CUDA; ``persistent`` keeps
     the worker processes between passes (a training loader reused every epoch).
 
@@ -68,16 +77,21 @@ def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int = 1,
     do not depend on the number of workers or on where a run was resumed.
     """
     workers = resolve_num_workers(num_workers)
-    sizing = {"batch_sampler": batch_sampler} if batch_sampler is not None else \
-        {"batch_size": batch_size}
+    sizing = (
+        {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    )
     return torch.utils.data.DataLoader(
-        dataset, num_workers=workers, pin_memory=device.type == "cuda",
-        persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
-        generator=torch.Generator().manual_seed(seed), **sizing)
+        dataset,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+        **sizing,
+    )
 
 
-def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int],
-                      device: torch.device):
+def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int], device: torch.device):
     """``(uint8 images, errors)`` batches of ``dataset`` in order, for a forward pass.
 
     On the CPU the images are decoded by ``num_workers`` threads of this process (default: one
@@ -93,10 +107,10 @@ def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int],
     :func:`make_loader` with worker processes. ``num_workers=0`` decodes in the calling thread.
     """
     if device.type != "cpu" or getattr(dataset, "uses_torch_ops", False):
-        return make_loader(dataset, batch_size=batch_size, num_workers=num_workers,
-                           device=device)
-    return ThreadedBatches(dataset, batch_size,
-                           resolve_num_workers(num_workers, default_decoding_threads))
+        return make_loader(dataset, batch_size=batch_size, num_workers=num_workers, device=device)
+    return ThreadedBatches(
+        dataset, batch_size, resolve_num_workers(num_workers, default_decoding_threads)
+    )
 
 
 class ThreadedBatches:
@@ -113,8 +127,7 @@ class ThreadedBatches:
         return -(-len(self.dataset) // self.batch_size)
 
     def _batch(self, start: int):
-        items = [self.dataset[i] for i in range(start, min(start + self.batch_size,
-                                                           len(self.dataset)))]
+        items = [self.dataset[i] for i in range(start, min(start + self.batch_size, len(self.dataset)))]
         # numpy stacks in this thread alone (torch.stack would start its own thread team,
         # competing with the forward pass for the cores); the pixels stay in their decoded
         # HWC order, so the batch is channels_last in memory (no conversion for most models)
@@ -130,8 +143,9 @@ class ThreadedBatches:
 
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xfeat-decode")
         try:
-            pending = collections.deque(pool.submit(self._batch, s)
-                                        for s in itertools.islice(starts, self.prefetch))
+            pending = collections.deque(
+                pool.submit(self._batch, s) for s in itertools.islice(starts, self.prefetch)
+            )
             while pending:
                 batch = pending.popleft().result()
                 for start in itertools.islice(starts, 1):
@@ -205,8 +219,17 @@ def family(model_name: str) -> str:
     import re
 
     name = model_name.split(":")[-1]
-    for prefix in ("mobilenet_v2", "mobilenet_v3", "efficientnet_v2", "shufflenet_v2",
-                   "wide_resnet", "regnet_x", "regnet_y", "swin_v2", "squeezenet"):
+    for prefix in (
+        "mobilenet_v2",
+        "mobilenet_v3",
+        "efficientnet_v2",
+        "shufflenet_v2",
+        "wide_resnet",
+        "regnet_x",
+        "regnet_y",
+        "swin_v2",
+        "squeezenet",
+    ):
         if name.startswith(prefix):
             return prefix
     return re.match(r"[a-z]+", name).group(0) if re.match(r"[a-z]+", name) else name

@@ -6,6 +6,7 @@ centre square) in a ``.npy`` file memory-mapped by the data loaders. The store i
 the dataset fingerprint, R and the interpolation, built resumably (``rows_done`` in a side
 file) and renamed into place when complete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,9 @@ def store_path(cache_dir, dataset: Dataset, size: int, interpolation: str) -> Pa
     return Path(cache_dir) / "stores" / f"{dataset.name}-{size}px-{key.hexdigest()[:16]}"
 
 
-def build_store(dataset: Dataset, preprocessing: Preprocessing, *, cache_dir="cache",
-                progress: bool = True):
+def build_store(
+    dataset: Dataset, preprocessing: Preprocessing, *, cache_dir="cache", progress: bool = True
+):
     """Decode every split once (or reuse/resume the store).
 
     Returns ``(arrays, seconds)``: split -> read-only memmap ``(N, R, R, 3)``, and the
@@ -76,8 +78,9 @@ def _build_split(root: Path, split: Split, preprocessing: Preprocessing, progres
         array = np.load(partial, mmap_mode="r+")
         logger.info("resuming image store %s/%s at row %d", root.name, split.name, start)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(split), initial=start, unit="img", desc=f"decode {split.name}",
-               disable=not progress)
+    bar = tqdm(
+        total=len(split), initial=start, unit="img", desc=f"decode {split.name}", disable=not progress
+    )
     for i in range(start, len(split)):
         image = split.read_image(i, draft_size=size, exif_transpose=preprocessing.exif_transpose)
         array[i] = preprocessing.resize_square(image)
@@ -96,15 +99,17 @@ def _write_json(path: Path, state: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(state).encode()))
 
 
-def random_resized_crop_params(height: int, width: int, generator: torch.Generator,
-                               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple:
+def random_resized_crop_params(
+    height: int, width: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple:
     """torchvision's RandomResizedCrop parameters, drawn from an explicit generator."""
     area = height * width
     log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1],
-                                                   generator=generator)).item()
+        aspect = torch.exp(
+            torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)
+        ).item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:

@@ -9,6 +9,7 @@ both (the corners mirrored too). ``fit-head --tta`` and ``predict --tta`` averag
 *features* of a split's views (for a linear head: its logits), so the val choices and the
 threshold see exactly what test sees.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -48,14 +49,13 @@ def tta_views(kinds: tuple) -> list:
 
 def train_views(k: int) -> list:
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ConfigError(f"--views {k!r}: expected an integer >= 0 (augmented views per "
-                          "train image)")
+        raise ConfigError(f"--views {k!r}: expected an integer >= 0 (augmented views per train image)")
     return [f"view{i}" for i in range(1, k + 1)]
 
 
-
-def render(square: np.ndarray, preprocessing, view: Optional[str], *, seed: int = 0,
-           image_id: str = "") -> np.ndarray:
+def render(
+    square: np.ndarray, preprocessing, view: Optional[str], *, seed: int = 0, image_id: str = ""
+) -> np.ndarray:
     """The ``(crop, crop, 3)`` uint8 pixels of ``view`` from an ``(R, R, 3)`` resized square."""
     crop = preprocessing.crop_size
     if view is None:
@@ -70,7 +70,7 @@ def render(square: np.ndarray, preprocessing, view: Optional[str], *, seed: int 
         r = square.shape[0]
         top = 0 if name[-2] == "t" else r - crop
         left = 0 if name[-1] == "l" else r - crop
-        out = square[top:top + crop, left:left + crop]
+        out = square[top : top + crop, left : left + crop]
     else:
         raise ConfigError(f"unknown view {view!r}")
     return np.ascontiguousarray(out[:, ::-1] if flip else out)
@@ -98,8 +98,9 @@ class ViewImages(torch.utils.data.Dataset):
     decides (stop, or record and skip with ``--skip-bad``).
     """
 
-    def __init__(self, split, preprocessing, view: Optional[str] = None, *, seed: int = 0,
-                 start: int = 0):
+    def __init__(
+        self, split, preprocessing, view: Optional[str] = None, *, seed: int = 0, start: int = 0
+    ):
         self.split, self.preprocessing, self.view = split, preprocessing, view
         self.seed, self.start = seed, start
         # augmented views are drawn with torchvision's tensor ops, not PIL's and numpy's
@@ -112,10 +113,10 @@ class ViewImages(torch.utils.data.Dataset):
         row = self.start + i
         p = self.preprocessing
         try:
-            image = self.split.read_image(row, draft_size=p.resize_size,
-                                          exif_transpose=p.exif_transpose)
-            array = render(p.resize_square(image), p, self.view, seed=self.seed,
-                           image_id=self.split.ids[row])
+            image = self.split.read_image(row, draft_size=p.resize_size, exif_transpose=p.exif_transpose)
+            array = render(
+                p.resize_square(image), p, self.view, seed=self.seed, image_id=self.split.ids[row]
+            )
             error = ""
         except ImageReadError as exc:
             array, error = np.zeros((p.crop_size, p.crop_size, 3), dtype=np.uint8), exc.reason

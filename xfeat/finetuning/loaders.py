@@ -4,6 +4,7 @@ Augmentation draws from a generator seeded by (seed, epoch, image), and the batc
 one seeded by (seed, epoch): a resumed run, a run with another number of loader workers and a
 run split across torchrun ranks all see exactly the same batches.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,8 +23,9 @@ IGNORE_LABEL = -100  # cross_entropy's ignore_index: padding samples
 class StoreImages(torch.utils.data.Dataset):
     """uint8 CHW crops from a decoded store: random resized crop + flip, or a centre crop."""
 
-    def __init__(self, array, labels: np.ndarray, preprocessing: Preprocessing, *,
-                 train: bool, seed: int = 0):
+    def __init__(
+        self, array, labels: np.ndarray, preprocessing: Preprocessing, *, train: bool, seed: int = 0
+    ):
         self.array, self.labels, self.preprocessing = array, labels, preprocessing
         self.crop = preprocessing.crop_size
         self.train, self.seed = train, seed
@@ -72,8 +74,8 @@ class EpochBatches(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, -1))
         order = torch.randperm(self.n, generator=g).tolist()
         for start in range(0, self.n, self.batch_size):
-            batch = order[start:start + self.batch_size]
-            mine = batch[self.rank::self.world_size]
+            batch = order[start : start + self.batch_size]
+            mine = batch[self.rank :: self.world_size]
             keys = [(i, self.epoch, len(batch), False) for i in mine]
             yield keys or [(batch[0], self.epoch, len(batch), True)]
 
@@ -91,17 +93,30 @@ class RowView:
         return self.array[self.rows[i]]
 
 
-def split_loader(store: dict, labels: dict, split: str, preprocessing: Preprocessing, *,
-                 train: bool, batch_size: int, seed: int, rows: Optional[np.ndarray] = None,
-                 num_workers: Optional[int], device: torch.device, rank: int = 0,
-                 world_size: int = 1):
+def split_loader(
+    store: dict,
+    labels: dict,
+    split: str,
+    preprocessing: Preprocessing,
+    *,
+    train: bool,
+    batch_size: int,
+    seed: int,
+    rows: Optional[np.ndarray] = None,
+    num_workers: Optional[int],
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+):
     """A loader over ``split`` of the store (``rows`` of it when given)."""
     array = store[split] if rows is None else RowView(store[split], rows)
     y = labels[split] if rows is None else labels[split][rows]
     images = StoreImages(array, y, preprocessing, train=train, seed=seed)
     if not train:
-        return make_loader(images, batch_size=batch_size, num_workers=num_workers,
-                           device=device, seed=seed)
+        return make_loader(
+            images, batch_size=batch_size, num_workers=num_workers, device=device, seed=seed
+        )
     batches = EpochBatches(len(images), batch_size, seed, rank, world_size)
-    return make_loader(images, batch_sampler=batches, num_workers=num_workers, device=device,
-                       persistent=True, seed=seed)
+    return make_loader(
+        images, batch_sampler=batches, num_workers=num_workers, device=device, persistent=True, seed=seed
+    )

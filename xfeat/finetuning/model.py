@@ -3,6 +3,7 @@ LP-FT's start from the cached probe, checkpoints and the saved model.
 
 Files hold tensors and plain values only and are read with ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,23 +39,30 @@ class ProbeHead(nn.Module):
     uses the running statistics. ``eps`` is a buffer, saved with the weights.
     """
 
-    def __init__(self, mean: np.ndarray, scale: np.ndarray, weight: np.ndarray,
-                 bias: np.ndarray, momentum: float = 0.1):
+    def __init__(
+        self,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        weight: np.ndarray,
+        bias: np.ndarray,
+        momentum: float = 0.1,
+    ):
         super().__init__()
         var = np.asarray(scale, dtype=np.float64) ** 2
         self.momentum = momentum
         self.register_buffer("running_mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("running_var", torch.as_tensor(var, dtype=torch.float32))
         # eps far below every variance, so that in eval mode this is the probe to float32.
-        self.register_buffer("eps", torch.tensor(float(max(var.min() * 1e-6, 1e-38)),
-                                                 dtype=torch.float64))
+        self.register_buffer(
+            "eps", torch.tensor(float(max(var.min() * 1e-6, 1e-38)), dtype=torch.float64)
+        )
         self.linear = nn.Linear(weight.shape[1], weight.shape[0])
         with torch.no_grad():
             self.linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
             self.linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
 
     @classmethod
-    def from_logistic(cls, probe) -> "ProbeHead":
+    def from_logistic(cls, probe) -> ProbeHead:
         """From a fitted :class:`~xfeat.heads.LogisticHead` (binary: softmax([0, z]) = sigmoid)."""
         W, b = np.asarray(probe.coef_), np.ravel(probe.intercept_)
         if W.shape[0] == 1:
@@ -62,31 +70,40 @@ class ProbeHead(nn.Module):
         return cls(probe.mean_, probe.scale_, W, b)
 
     @classmethod
-    def empty(cls, dim: int, n_classes: int) -> "ProbeHead":
+    def empty(cls, dim: int, n_classes: int) -> ProbeHead:
         """A head of the right shape whose values a state dict will replace (resume, load)."""
         return cls(np.zeros(dim), np.ones(dim), np.zeros((n_classes, dim)), np.zeros(n_classes))
 
     def forward(self, x):
         batch_stats = self.training and x.shape[0] > 1
-        z = nn.functional.batch_norm(x, self.running_mean, self.running_var,
-                                     training=batch_stats, momentum=self.momentum,
-                                     eps=float(self.eps))
+        z = nn.functional.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            training=batch_stats,
+            momentum=self.momentum,
+            eps=float(self.eps),
+        )
         return self.linear(z)
 
 
-def build_network(backbone: Backbone, n_classes: int, config: FinetuneConfig, *,
-                  probe=None) -> tuple:
+def build_network(backbone: Backbone, n_classes: int, config: FinetuneConfig, *, probe=None) -> tuple:
     """``(network, head)``: the backbone with a new, seeded last layer. LP-FT: the layer of the
     logistic ``probe`` (or, resuming, an empty one that the checkpoint fills)."""
     if config.mode != "frozen":
         backbone.check_trainable(config.mode)
     if config.mode == "lp-ft":
         if backbone.classifier_kind != "linear":
-            raise ConfigError(f"lp-ft needs a linear last layer; {backbone.name} ends with a 1x1 "
-                              "convolution followed by ReLU, which a linear probe cannot "
-                              "initialise; use --mode full")
-        head = ProbeHead.from_logistic(probe) if probe is not None else \
-            ProbeHead.empty(backbone.feature_dim, n_classes)
+            raise ConfigError(
+                f"lp-ft needs a linear last layer; {backbone.name} ends with a 1x1 "
+                "convolution followed by ReLU, which a linear probe cannot "
+                "initialise; use --mode full"
+            )
+        head = (
+            ProbeHead.from_logistic(probe)
+            if probe is not None
+            else ProbeHead.empty(backbone.feature_dim, n_classes)
+        )
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -101,8 +118,9 @@ def build_network(backbone: Backbone, n_classes: int, config: FinetuneConfig, *,
     return net, head
 
 
-def make_optimizer(net: nn.Module, head: nn.Module, config: FinetuneConfig,
-                   steps_per_epoch: int) -> tuple:
+def make_optimizer(
+    net: nn.Module, head: nn.Module, config: FinetuneConfig, steps_per_epoch: int
+) -> tuple:
     """``(optimizer, scheduler, per_step)`` of the recipe.
 
     tutorial: SGD with momentum, StepLR every ``step_size`` epochs (stepped per epoch).
@@ -113,8 +131,12 @@ def make_optimizer(net: nn.Module, head: nn.Module, config: FinetuneConfig,
     head_params = [p for p in head.parameters() if p.requires_grad]
     body_params = [p for p in net.parameters() if p.requires_grad and id(p) not in head_ids]
     if config.recipe == "tutorial":
-        opt = torch.optim.SGD(head_params + body_params, lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay)
+        opt = torch.optim.SGD(
+            head_params + body_params,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
         return opt, torch.optim.lr_scheduler.StepLR(opt, config.step_size, config.gamma), False
     groups = [{"params": head_params, "lr": config.lr}]
     if body_params:
@@ -142,34 +164,47 @@ def load_checkpoint(path: Path, config_key: dict):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"{path} is damaged ({type(exc).__name__}); delete it to start the "
-                          "run again") from None
+        raise ConfigError(
+            f"{path} is damaged ({type(exc).__name__}); delete it to start the run again"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not an xfeat checkpoint")
     if state["config"] != config_key:
-        diff = sorted(k for k in set(config_key) | set(state["config"])
-                      if state["config"].get(k) != config_key.get(k))
-        raise ConfigError(f"cannot resume {path}: it was made with different options ({diff}); "
-                          "use the original options or another --out")
+        diff = sorted(
+            k
+            for k in set(config_key) | set(state["config"])
+            if state["config"].get(k) != config_key.get(k)
+        )
+        raise ConfigError(
+            f"cannot resume {path}: it was made with different options ({diff}); "
+            "use the original options or another --out"
+        )
     return state
 
 
 def save_state_dict(net: nn.Module, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save({k: v.detach().cpu()
-                                             for k, v in net.state_dict().items()}, f))
+    atomic_write(
+        path, lambda f: torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, f)
+    )
 
 
 def save_model(net: nn.Module, backbone: Backbone, meta: dict, path: Path) -> None:
     """The fine-tuned network for ``xfeat predict``: tensors and plain values only."""
-    obj = {"format": MODEL_FORMAT, "model": backbone.name,
-           "classifier_path": backbone.classifier_path, "feature_dim": backbone.feature_dim,
-           "head": "probe" if isinstance(net.get_submodule(backbone.classifier_path), ProbeHead)
-           else "new",
-           "preprocessing": backbone.preprocessing.to_dict(),
-           "weights": {"kind": backbone.weights.kind, "id": backbone.weights.id,
-                       "sha256": backbone.weights.sha256},
-           **meta,
-           "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+    obj = {
+        "format": MODEL_FORMAT,
+        "model": backbone.name,
+        "classifier_path": backbone.classifier_path,
+        "feature_dim": backbone.feature_dim,
+        "head": "probe" if isinstance(net.get_submodule(backbone.classifier_path), ProbeHead) else "new",
+        "preprocessing": backbone.preprocessing.to_dict(),
+        "weights": {
+            "kind": backbone.weights.kind,
+            "id": backbone.weights.id,
+            "sha256": backbone.weights.sha256,
+        },
+        **meta,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    }
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -185,8 +220,7 @@ def load_finetuned(path: Union[str, Path]):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"{path} is not an xfeat fine-tuned model ({type(exc).__name__})") \
-            from None
+        raise ConfigError(f"{path} is not an xfeat fine-tuned model ({type(exc).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
         raise ConfigError(f"{path} is not an xfeat fine-tuned model")
     backbone = create_backbone(obj["model"], "none")

@@ -23,5 +23,15 @@ from xfeat.heads.linear import LinearHead
 from xfeat.heads.logistic import LogisticHead
 from xfeat.heads.registry import HEADS, create_head, head_options
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "HEADS", "KNNHead", "LinearHead", "LogisticHead",
-           "create_head", "head_options", "load_head", "save_head"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HEADS",
+    "KNNHead",
+    "LinearHead",
+    "LogisticHead",
+    "create_head",
+    "head_options",
+    "load_head",
+    "save_head",
+]

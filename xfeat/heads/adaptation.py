@@ -13,6 +13,7 @@ images in ``predict``. Every result that uses one is labelled transductive.
 - ``adabn`` (fine-tuned networks, :mod:`xfeat.finetuning`): BatchNorm statistics re-estimated
   on the target images.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,15 +38,19 @@ def check_method(method: Optional[str], allowed=METHODS) -> Optional[str]:
     if method in (None, "", "none"):
         return None
     if method not in allowed:
-        raise ConfigError(f"--adapt {method!r}: expected one of {', '.join(allowed)} (all "
-                          "transductive: they use the unlabelled target images)")
+        raise ConfigError(
+            f"--adapt {method!r}: expected one of {', '.join(allowed)} (all "
+            "transductive: they use the unlabelled target images)"
+        )
     return method
 
 
 def _check_target(X: np.ndarray, what: str) -> None:
     if len(X) < MIN_TARGET_IMAGES:
-        raise DataError(f"--adapt needs at least {MIN_TARGET_IMAGES} target images to estimate "
-                        f"their statistics; {what} has {len(X)}")
+        raise DataError(
+            f"--adapt needs at least {MIN_TARGET_IMAGES} target images to estimate "
+            f"their statistics; {what} has {len(X)}"
+        )
 
 
 def standardize(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -104,8 +109,9 @@ def fit_bcts(logits: np.ndarray, y: np.ndarray) -> tuple:
     return float(np.exp(res.x[0])), np.concatenate([[0.0], res.x[1:]])
 
 
-def em_prior(proba: np.ndarray, source_prior: np.ndarray, max_iter: int = 1000,
-             tol: float = 1e-8) -> tuple:
+def em_prior(
+    proba: np.ndarray, source_prior: np.ndarray, max_iter: int = 1000, tol: float = 1e-8
+) -> tuple:
     """Saerens et al.'s EM: ``(target prior, adjusted probabilities, iterations)``."""
     prior, iterations = source_prior.copy(), 0
     while iterations < max_iter:
@@ -120,17 +126,19 @@ def em_prior(proba: np.ndarray, source_prior: np.ndarray, max_iter: int = 1000,
     return prior, w / w.sum(1, keepdims=True), iterations
 
 
-def calibrator(temperature: float, bias) -> "callable":
+def calibrator(temperature: float, bias) -> callable:
     """``proba -> softmax(log(proba) / T + b)``: the bias-corrected temperature scaling."""
     bias = np.asarray(bias)
 
     def calibrate(proba: np.ndarray) -> np.ndarray:
         return softmax(np.log(np.clip(proba, 1e-12, 1)) / temperature + bias, axis=1)
+
     return calibrate
 
 
-def em_adapt(val_proba: np.ndarray, val_labels: np.ndarray, target_proba: np.ndarray,
-             source_prior: np.ndarray) -> tuple:
+def em_adapt(
+    val_proba: np.ndarray, val_labels: np.ndarray, target_proba: np.ndarray, source_prior: np.ndarray
+) -> tuple:
     """BCTS on val, then EM on the target: ``(calibrate, adjusted target proba, details)``.
 
     The decision threshold for the adjusted probabilities must be chosen on
@@ -140,13 +148,26 @@ def em_adapt(val_proba: np.ndarray, val_labels: np.ndarray, target_proba: np.nda
     t, b = fit_bcts(np.log(np.clip(val_proba, 1e-12, 1)), val_labels)
     calibrate = calibrator(t, b)
     prior, adjusted, iterations = em_prior(calibrate(target_proba), source_prior)
-    return calibrate, adjusted, {"temperature": t, "bias": b.tolist(), "iterations": iterations,
-                                 "source_prior": source_prior.tolist(),
-                                 "target_prior": prior.tolist()}
+    return (
+        calibrate,
+        adjusted,
+        {
+            "temperature": t,
+            "bias": b.tolist(),
+            "iterations": iterations,
+            "source_prior": source_prior.tolist(),
+            "target_prior": prior.tolist(),
+        },
+    )
 
 
-def within_class_shift(source: np.ndarray, source_labels: np.ndarray, target: np.ndarray,
-                       target_predicted: np.ndarray, seed: int = 0) -> dict:
+def within_class_shift(
+    source: np.ndarray,
+    source_labels: np.ndarray,
+    target: np.ndarray,
+    target_predicted: np.ndarray,
+    seed: int = 0,
+) -> dict:
     """Label-free check of EM's assumption: can a classifier tell source from target images
     within one (predicted, for the target) class? Cross-validated AUC per class."""
     from sklearn.linear_model import LogisticRegression
@@ -161,11 +182,12 @@ def within_class_shift(source: np.ndarray, source_labels: np.ndarray, target: np
         s, t = source[source_labels == c], target[target_predicted == c]
         if len(t) < 10:
             continue
-        s = s[rng.permutation(len(s))[:3 * len(t)]]
+        s = s[rng.permutation(len(s))[: 3 * len(t)]]
         X, d = np.vstack([s, t]), np.r_[np.zeros(len(s)), np.ones(len(t))]
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-        p = cross_val_predict(model, X, d, method="predict_proba",
-                              cv=StratifiedKFold(5, shuffle=True, random_state=seed))[:, 1]
+        p = cross_val_predict(
+            model, X, d, method="predict_proba", cv=StratifiedKFold(5, shuffle=True, random_state=seed)
+        )[:, 1]
         out[int(c)] = float(roc_auc_score(d, p))
     return out
 
@@ -175,7 +197,9 @@ def em_warning(shift_auc: dict, class_names: list) -> Optional[str]:
     bad = {class_names[c]: auc for c, auc in shift_auc.items() if auc > EM_SHIFT_WARNING_AUC}
     if not bad:
         return None
-    return ("EM assumes only the class priors changed, but within class "
-            + ", ".join(f"{k} (AUC {v:.2f})" for k, v in bad.items())
-            + " the target images differ from the source ones: the shift is in the images "
-            "(covariate), so EM's prior estimate is unreliable; prefer --adapt standardize")
+    return (
+        "EM assumes only the class priors changed, but within class "
+        + ", ".join(f"{k} (AUC {v:.2f})" for k, v in bad.items())
+        + " the target images differ from the source ones: the shift is in the images "
+        "(covariate), so EM's prior estimate is unreliable; prefer --adapt standardize"
+    )

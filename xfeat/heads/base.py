@@ -46,8 +46,9 @@ def _check_labels(y: Any, name: str, n_rows: int) -> np.ndarray:
     except ValueError as exc:
         raise DataError(f"{name}: {exc}") from None
     if len(y) != n_rows:
-        raise DataError(f"{name} has {len(y)} labels but its X has {n_rows} rows; "
-                        "expected one label per row.")
+        raise DataError(
+            f"{name} has {len(y)} labels but its X has {n_rows} rows; expected one label per row."
+        )
     return y
 
 
@@ -70,12 +71,16 @@ def check_fit_inputs(X, y, X_val=None, y_val=None):
         Xv = check_X(X_val, "X_val")
         yv = _check_labels(y_val, "y_val", len(Xv))
         if Xv.shape[1] != X.shape[1]:
-            raise DataError(f"X_val has {Xv.shape[1]} features, but X has {X.shape[1]}; "
-                            "expected the same features in both splits.")
+            raise DataError(
+                f"X_val has {Xv.shape[1]} features, but X has {X.shape[1]}; "
+                "expected the same features in both splits."
+            )
         unseen = np.setdiff1d(yv, classes)
         if unseen.size:
-            raise DataError(f"y_val has class(es) {unseen.tolist()} that y lacks; every class "
-                            "must occur in the training split.")
+            raise DataError(
+                f"y_val has class(es) {unseen.tolist()} that y lacks; every class "
+                "must occur in the training split."
+            )
         yv = np.searchsorted(classes, yv)
     return X, y.astype(np.int64), Xv, yv, classes
 
@@ -87,14 +92,17 @@ def check_positive_int(name: str, value: Any) -> None:
 
 def check_choice(name: str, value: Any, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not supported; expected one of: "
-                          f"{', '.join(repr(c) for c in choices)}.")
+        raise ConfigError(
+            f"{name}={value!r} is not supported; expected one of: {', '.join(repr(c) for c in choices)}."
+        )
 
 
 def need_val(what: str, fix: str) -> ConfigError:
     """The error for a choice that needs a validation split which fit was not given."""
-    return ConfigError(f"{what} is chosen on validation data, but fit got none: pass "
-                       f"X_val= and y_val= to fit, or {fix}.")
+    return ConfigError(
+        f"{what} is chosen on validation data, but fit got none: pass "
+        f"X_val= and y_val= to fit, or {fix}."
+    )
 
 
 class BaseHead(ClassifierMixin, BaseEstimator):
@@ -112,8 +120,10 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "classes_")
         X = check_X(X, "X")
         if X.shape[1] != self.n_features_in_:
-            raise DataError(f"X has {X.shape[1]} features, but {type(self).__name__} is "
-                            f"expecting {self.n_features_in_} features as input.")
+            raise DataError(
+                f"X has {X.shape[1]} features, but {type(self).__name__} is "
+                f"expecting {self.n_features_in_} features as input."
+            )
         return X
 
     def predict_proba(self, X) -> np.ndarray:

@@ -39,8 +39,10 @@ def save_head(head: BaseHead, path, *, metadata: dict) -> Path:
     """
     name = next((n for n, cls in HEADS.items() if type(head) is cls), None)
     if name is None:
-        raise TypeError(f"cannot save {type(head).__name__}; expected one of: "
-                        f"{', '.join(cls.__name__ for cls in HEADS.values())}.")
+        raise TypeError(
+            f"cannot save {type(head).__name__}; expected one of: "
+            f"{', '.join(cls.__name__ for cls in HEADS.values())}."
+        )
     check_is_fitted(head, "classes_")
     meta = {
         "format": FORMAT,
@@ -79,8 +81,10 @@ def _read(path: Path) -> tuple[dict, dict]:
         raise DataError(f"{path} is not an xfeat head file (format is not {FORMAT!r}).")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise DataError(f"{path} has format_version {version!r}; this xfeat reads versions up "
-                        f"to {FORMAT_VERSION}. Upgrade xfeat to load it.")
+        raise DataError(
+            f"{path} has format_version {version!r}; this xfeat reads versions up "
+            f"to {FORMAT_VERSION}. Upgrade xfeat to load it."
+        )
     return meta, arrays
 
 
@@ -91,17 +95,23 @@ def load_head(path) -> tuple[BaseHead, dict]:
         raise ConfigError(f"no xfeat head file at {path}; expected a head.npz written by fit-head")
     meta, arrays = _read(path)
     if meta.get("head") not in HEADS:
-        raise DataError(f"{path} holds unknown head {meta.get('head')!r}; expected one of: "
-                        f"{', '.join(sorted(HEADS))}.")
+        raise DataError(
+            f"{path} holds unknown head {meta.get('head')!r}; expected one of: "
+            f"{', '.join(sorted(HEADS))}."
+        )
     cls = HEADS[meta["head"]]
     missing = [a for a in cls._arrays if a not in arrays]
     if missing:
         raise DataError(f"{path} is missing arrays {missing} for a {meta['head']} head.")
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
+    # xfeat 0.2 recorded LogisticHead's solver; the fitted coefficients do not depend on it.
+    params.pop("solver", None)
     unknown = sorted(set(params) - set(cls().get_params(deep=False)))
     if unknown:
-        raise DataError(f"{path} has parameters {unknown} that {cls.__name__} does not take; "
-                        "it was written by another version of xfeat.")
+        raise DataError(
+            f"{path} has parameters {unknown} that {cls.__name__} does not take; "
+            "it was written by another version of xfeat."
+        )
     head = cls(**params)
     for attr, value in {**meta["learned"], "selection_": meta["selection"], **arrays}.items():
         setattr(head, attr, value)

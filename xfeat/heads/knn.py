@@ -31,12 +31,12 @@ def _top_k(queries: np.ndarray, memory: np.ndarray, k: int) -> tuple[np.ndarray,
     idx = np.empty((len(queries), k), dtype=np.int64)
     sim = np.empty((len(queries), k), dtype=np.float32)
     for i in range(0, len(queries), rows):
-        S = queries[i: i + rows] @ memory.T
+        S = queries[i : i + rows] @ memory.T
         part = np.argpartition(-S, k - 1, axis=1)[:, :k]
         part_sim = np.take_along_axis(S, part, axis=1)
         order = np.argsort(-part_sim, axis=1, kind="stable")
-        idx[i: i + rows] = np.take_along_axis(part, order, axis=1)
-        sim[i: i + rows] = np.take_along_axis(part_sim, order, axis=1)
+        idx[i : i + rows] = np.take_along_axis(part, order, axis=1)
+        sim[i : i + rows] = np.take_along_axis(part_sim, order, axis=1)
     return idx, sim
 
 
@@ -64,9 +64,13 @@ class KNNHead(BaseHead):
 
     def _checked_ks(self) -> list[int]:
         values = np.atleast_1d(np.asarray(self.ks, dtype=object))
-        if values.ndim != 1 or not values.size or not all(
-                isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1
-                for k in values):
+        if (
+            values.ndim != 1
+            or not values.size
+            or not all(
+                isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 for k in values
+            )
+        ):
             raise ConfigError(f"ks={self.ks!r}; expected one positive integer or a sequence of them.")
         return sorted({int(k) for k in values})
 
@@ -80,7 +84,7 @@ class KNNHead(BaseHead):
         frac = votes / votes.sum(axis=1, keepdims=True)
         return (frac + _SMOOTHING) / (1.0 + _SMOOTHING * n_classes)
 
-    def fit(self, X, y, *, X_val=None, y_val=None) -> "KNNHead":
+    def fit(self, X, y, *, X_val=None, y_val=None) -> KNNHead:
         """Choose k on val by accuracy; the training split is the neighbour memory; return self."""
         t0 = time.perf_counter()
         check_choice("weights", self.weights, WEIGHTS)
@@ -103,11 +107,16 @@ class KNNHead(BaseHead):
         else:
             best = {"k": usable[0], "val_accuracy": None}
         self.k_ = best["k"]
-        self.selection_ = {"k": self.k_, "criterion": "val_accuracy", "weights": self.weights,
-                           "sweep": sweep}
+        self.selection_ = {
+            "k": self.k_,
+            "criterion": "val_accuracy",
+            "weights": self.weights,
+            "sweep": sweep,
+        }
         self.fit_seconds_ = time.perf_counter() - t0
-        logger.info("KNNHead: k=%d (val_acc=%s); fit in %.2f s",
-                    self.k_, best["val_accuracy"], self.fit_seconds_)
+        logger.info(
+            "KNNHead: k=%d (val_acc=%s); fit in %.2f s", self.k_, best["val_accuracy"], self.fit_seconds_
+        )
         return self
 
     def _proba(self, X: np.ndarray) -> np.ndarray:

@@ -15,9 +15,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
 
 from xfeat.errors import ConfigError, DataError
-from xfeat.heads._lbfgs32 import Lbfgs32Solver
-from xfeat.heads.base import (BaseHead, check_choice, check_fit_inputs, check_positive_int, need_val,
-                   proba_from_logits, single_blas_thread)
+from xfeat.heads.base import (
+    BaseHead,
+    check_choice,
+    check_fit_inputs,
+    check_positive_int,
+    need_val,
+    proba_from_logits,
+    single_blas_thread,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +33,6 @@ logger = logging.getLogger(__name__)
 _LOG10_C_GRID = tuple(range(-6, 3))
 _REFINE_STEPS = 3
 SCORINGS = ("log_loss", "accuracy", "balanced_accuracy", "roc_auc")
-SOLVERS = ("sklearn", "lbfgs32")
 _ROWS_PER_CHUNK = 256  # rows per block when a float64 temporary of a slice is needed
 
 
@@ -38,7 +43,7 @@ def _column_stats(blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     ssd = np.zeros_like(mean)
     for b in blocks:
         for i in range(0, len(b), _ROWS_PER_CHUNK):
-            d = b[i: i + _ROWS_PER_CHUNK] - mean
+            d = b[i : i + _ROWS_PER_CHUNK] - mean
             ssd += np.einsum("ij,ij->j", d, d)
     scale = np.sqrt(ssd / n)
     # As scikit-learn's StandardScaler: a constant feature is left unscaled.
@@ -55,8 +60,8 @@ def _standardize(blocks: list[np.ndarray], mean: np.ndarray, scale: np.ndarray) 
     out = np.empty((sum(len(b) for b in blocks), len(mean)), dtype=np.float32)
     row = 0
     for b in blocks:
-        np.subtract(b, mean32, out=out[row: row + len(b)])
-        out[row: row + len(b)] /= scale32
+        np.subtract(b, mean32, out=out[row : row + len(b)])
+        out[row : row + len(b)] /= scale32
         row += len(b)
     return out
 
@@ -64,8 +69,9 @@ def _standardize(blocks: list[np.ndarray], mean: np.ndarray, scale: np.ndarray) 
 class _SklearnSolver:
     """scikit-learn's ``LogisticRegression`` (L-BFGS) at one C, warm-started on request."""
 
-    def __init__(self, Z: np.ndarray, y: np.ndarray, n_classes: int, *, sample_weight,
-                 max_iter: int, tol: float):
+    def __init__(
+        self, Z: np.ndarray, y: np.ndarray, n_classes: int, *, sample_weight, max_iter: int, tol: float
+    ):
         self.Z, self.y, self.sample_weight = Z, y, sample_weight
         self.params = {"max_iter": max_iter, "tol": tol}
 
@@ -83,11 +89,12 @@ class _SklearnSolver:
             warnings.simplefilter("ignore", ConvergenceWarning)  # LogisticHead logs it once
             clf.fit(self.Z, self.y, sample_weight=self.sample_weight)
         n_iter = int(np.max(clf.n_iter_))
-        return (clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64), n_iter,
-                n_iter < self.params["max_iter"])
-
-
-_SOLVER_CLASSES = {"sklearn": _SklearnSolver, "lbfgs32": Lbfgs32Solver}
+        return (
+            clf.coef_.astype(np.float64),
+            clf.intercept_.astype(np.float64),
+            n_iter,
+            n_iter < self.params["max_iter"],
+        )
 
 
 def _score(scoring: str, y: np.ndarray, proba: np.ndarray) -> float:
@@ -99,8 +106,9 @@ def _score(scoring: str, y: np.ndarray, proba: np.ndarray) -> float:
     if scoring == "balanced_accuracy":
         return float(balanced_accuracy_score(y, proba.argmax(axis=1)))
     if len(np.unique(y)) < len(labels):
-        raise DataError(f"scoring='roc_auc' needs every class in y_val; "
-                        f"got classes {np.unique(y).tolist()}.")
+        raise DataError(
+            f"scoring='roc_auc' needs every class in y_val; got classes {np.unique(y).tolist()}."
+        )
     if proba.shape[1] == 2:
         return float(roc_auc_score(y, proba[:, 1]))
     return float(roc_auc_score(y, proba, multi_class="ovr", labels=labels))
@@ -130,9 +138,6 @@ class LogisticHead(BaseHead):
         Refit the final model on train+val (standardisation statistics included).
     max_iter, tol : int, float
         L-BFGS iteration limit and gradient tolerance per fit.
-    solver : {"sklearn", "lbfgs32"}
-        ``sklearn.linear_model.LogisticRegression``, or the hand-written float32 objective
-        (same problem; kept for ``scripts/bench_heads.py``).
 
     Attributes
     ----------
@@ -144,28 +149,37 @@ class LogisticHead(BaseHead):
     _arrays = ("classes_", "coef_", "intercept_", "mean_", "scale_")
     _scalars = ("C_", "n_features_in_", "fit_seconds_", "n_iter_")
 
-    def __init__(self, *, C=None, class_weight="balanced", scoring="log_loss", refit_on_val=False,
-                 max_iter=1000, tol=1e-4, solver="sklearn"):
+    def __init__(
+        self,
+        *,
+        C=None,
+        class_weight="balanced",
+        scoring="log_loss",
+        refit_on_val=False,
+        max_iter=1000,
+        tol=1e-4,
+    ):
         self.C = C
         self.class_weight = class_weight
         self.scoring = scoring
         self.refit_on_val = refit_on_val
         self.max_iter = max_iter
         self.tol = tol
-        self.solver = solver
 
     def _check_params(self) -> None:
         check_choice("scoring", self.scoring, SCORINGS)
         if not isinstance(self.class_weight, dict):
             check_choice("class_weight", self.class_weight, ("balanced", None, "none"))
         elif not all(isinstance(w, numbers.Real) and w >= 0 for w in self.class_weight.values()):
-            raise ConfigError(f"class_weight={self.class_weight!r}; expected non-negative "
-                              "weights per class.")
-        check_choice("solver", self.solver, SOLVERS)
-        if self.C is not None and not (isinstance(self.C, numbers.Real)
-                                       and not isinstance(self.C, bool) and 0 < self.C < math.inf):
-            raise ConfigError(f"C={self.C!r}; expected a positive finite number, or None to "
-                              "choose C on val.")
+            raise ConfigError(
+                f"class_weight={self.class_weight!r}; expected non-negative weights per class."
+            )
+        if self.C is not None and not (
+            isinstance(self.C, numbers.Real) and not isinstance(self.C, bool) and 0 < self.C < math.inf
+        ):
+            raise ConfigError(
+                f"C={self.C!r}; expected a positive finite number, or None to choose C on val."
+            )
         check_positive_int("max_iter", self.max_iter)
         if not (isinstance(self.tol, numbers.Real) and self.tol > 0):
             raise ConfigError(f"tol={self.tol!r}; expected a positive number.")
@@ -182,12 +196,17 @@ class LogisticHead(BaseHead):
         """A solver on the standardised rows of ``blocks``; returns (solver, mean, scale)."""
         mean, scale = _column_stats(blocks)
         y = np.concatenate(labels)
-        solver = _SOLVER_CLASSES[self.solver](
-            _standardize(blocks, mean, scale), y, len(classes),
-            sample_weight=self._sample_weight(y, classes), max_iter=self.max_iter, tol=self.tol)
+        solver = _SklearnSolver(
+            _standardize(blocks, mean, scale),
+            y,
+            len(classes),
+            sample_weight=self._sample_weight(y, classes),
+            max_iter=self.max_iter,
+            tol=self.tol,
+        )
         return solver, mean, scale
 
-    def fit(self, X, y, *, X_val=None, y_val=None) -> "LogisticHead":
+    def fit(self, X, y, *, X_val=None, y_val=None) -> LogisticHead:
         """Choose C on (X_val, y_val) unless it is fixed, fit on X (or X + X_val); return self."""
         t0 = time.perf_counter()
         self._check_params()
@@ -195,21 +214,28 @@ class LogisticHead(BaseHead):
         if Xv is None and self.C is None:
             raise need_val("LogisticHead(C=None): C", "fix C, e.g. LogisticHead(C=0.1)")
         if Xv is None and self.refit_on_val:
-            raise ConfigError("refit_on_val=True refits on train+val, but fit got no val: pass "
-                              "X_val= and y_val= to fit, or set refit_on_val=False.")
+            raise ConfigError(
+                "refit_on_val=True refits on train+val, but fit got no val: pass "
+                "X_val= and y_val= to fit, or set refit_on_val=False."
+            )
         with single_blas_thread():
             solver, mean, scale = self._solver([X], [y], classes)
             fits = self._fit_path(solver, mean, scale, Xv, yv)
             chosen = fits[self._best(fits)]
-            coef, intercept, n_iter, converged = (chosen[k] for k in ("coef", "intercept",
-                                                                      "n_iter", "converged"))
+            coef, intercept, n_iter, converged = (
+                chosen[k] for k in ("coef", "intercept", "n_iter", "converged")
+            )
             if self.refit_on_val:
                 del solver  # free the standardised train copy before building train+val
                 solver, mean, scale = self._solver([X, Xv], [y, yv], classes)
                 coef, intercept, n_iter, converged = solver.solve(chosen["C"], (coef, intercept))
         if not converged:
-            logger.warning("LogisticHead: the solver stopped after %d iterations without "
-                           "converging at C=%.3g; consider raising max_iter.", n_iter, chosen["C"])
+            logger.warning(
+                "LogisticHead: the solver stopped after %d iterations without "
+                "converging at C=%.3g; consider raising max_iter.",
+                n_iter,
+                chosen["C"],
+            )
         self._set_common(classes, X.shape[1])
         self.C_ = float(chosen["C"])
         self.n_iter_ = n_iter
@@ -218,13 +244,20 @@ class LogisticHead(BaseHead):
         self.selection_ = {
             "C": self.C_,
             "scoring": self.scoring,
-            "sweep": [{k: v for k, v in fits[s].items() if k not in ("coef", "intercept")}
-                      for s in sorted(fits)],
+            "sweep": [
+                {k: v for k, v in fits[s].items() if k not in ("coef", "intercept")}
+                for s in sorted(fits)
+            ],
             "refit_on_val": bool(self.refit_on_val),
         }
         self.fit_seconds_ = time.perf_counter() - t0
-        logger.info("LogisticHead: C=%.3g from %d value(s) (%s on val); fit in %.2f s",
-                    self.C_, len(fits), self.scoring, self.fit_seconds_)
+        logger.info(
+            "LogisticHead: C=%.3g from %d value(s) (%s on val); fit in %.2f s",
+            self.C_,
+            len(fits),
+            self.scoring,
+            self.fit_seconds_,
+        )
         return self
 
     def _fit_path(self, solver, mean, scale, Xv, yv) -> dict[float, dict[str, Any]]:
@@ -234,28 +267,33 @@ class LogisticHead(BaseHead):
 
         def evaluate(log_c: float, C: float) -> None:
             nearest = min(fits, key=lambda s: (abs(s - log_c), s), default=None)
-            start = None if nearest is None else (fits[nearest]["coef"],
-                                                  fits[nearest]["intercept"])
+            start = None if nearest is None else (fits[nearest]["coef"], fits[nearest]["intercept"])
             coef, intercept, n_iter, converged = solver.solve(C, start)
             score = None
             if Zv is not None:
                 logits = Zv @ coef.T.astype(np.float32) + intercept
                 score = _score(self.scoring, yv, proba_from_logits(logits))
-            fits[log_c] = {"C": C, "val_score": score, "n_iter": n_iter, "converged": converged,
-                           "coef": coef, "intercept": intercept}
+            fits[log_c] = {
+                "C": C,
+                "val_score": score,
+                "n_iter": n_iter,
+                "converged": converged,
+                "coef": coef,
+                "intercept": intercept,
+            }
 
         if self.C is not None:
             evaluate(math.log10(self.C), float(self.C))
             return fits
         for log_c in _LOG10_C_GRID:  # strong -> weak regularisation, each fit warm-started
-            evaluate(float(log_c), 10.0 ** log_c)
+            evaluate(float(log_c), 10.0**log_c)
         step = 1.0
         for _ in range(_REFINE_STEPS):
             step /= 2
             center = self._best(fits)
             for log_c in (center - step, center + step):
                 if _LOG10_C_GRID[0] <= log_c <= _LOG10_C_GRID[-1] and log_c not in fits:
-                    evaluate(log_c, 10.0 ** log_c)
+                    evaluate(log_c, 10.0**log_c)
         return fits
 
     def _best(self, fits) -> float:

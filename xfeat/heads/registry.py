@@ -26,6 +26,8 @@ def create_head(name: str, **params) -> BaseHead:
     takes = head_options()[name]
     wrong = [p for p in params if p not in takes]
     if wrong:
-        raise ConfigError(f"{name} takes {', '.join(takes)}; {', '.join(wrong)} "
-                          f"do{'es' if len(wrong) == 1 else ''} not apply")
+        raise ConfigError(
+            f"{name} takes {', '.join(takes)}; {', '.join(wrong)} "
+            f"do{'es' if len(wrong) == 1 else ''} not apply"
+        )
     return HEADS[name](**params)

@@ -4,6 +4,7 @@ Figures are built with matplotlib's object API (:class:`~matplotlib.figure.Figur
 pyplot): no global figure registry to leak into or close, no backend to select, and nothing
 drawn on a display.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,9 @@ def plot_class_balance(fractions: dict, class_names: list, *, title: str = "") -
     return fig
 
 
-def plot_projection(coords, splits, labels, class_names: list, *, title: str = "",
-                    axis_labels=("PC 1", "PC 2")) -> Figure:
+def plot_projection(
+    coords, splits, labels, class_names: list, *, title: str = "", axis_labels=("PC 1", "PC 2")
+) -> Figure:
     """2-D scatter of a projection: colour = split, marker = class."""
     coords, splits, labels = np.asarray(coords), np.asarray(splits), np.asarray(labels)
     fig = Figure(figsize=(6.5, 5.5), layout="tight")
@@ -47,9 +49,16 @@ def plot_projection(coords, splits, labels, class_names: list, *, title: str = "
         for c, name in enumerate(class_names):
             rows = (splits == split) & (labels == c)
             if rows.any():
-                ax.scatter(coords[rows, 0], coords[rows, 1], s=9, alpha=0.5,
-                           color=SPLIT_COLORS.get(split), label=f"{split} {name}",
-                           marker=CLASS_MARKERS[c % len(CLASS_MARKERS)], linewidths=0)
+                ax.scatter(
+                    coords[rows, 0],
+                    coords[rows, 1],
+                    s=9,
+                    alpha=0.5,
+                    color=SPLIT_COLORS.get(split),
+                    label=f"{split} {name}",
+                    marker=CLASS_MARKERS[c % len(CLASS_MARKERS)],
+                    linewidths=0,
+                )
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
     ax.legend(fontsize=8, markerscale=2)
@@ -58,8 +67,9 @@ def plot_projection(coords, splits, labels, class_names: list, *, title: str = "
     return fig
 
 
-def plot_reliability(curves: dict, *, ece: Optional[dict] = None, title: str = "",
-                     xlabel: str = "predicted probability") -> Figure:
+def plot_reliability(
+    curves: dict, *, ece: Optional[dict] = None, title: str = "", xlabel: str = "predicted probability"
+) -> Figure:
     """Reliability diagram, one line per split, from ``{split: {confidence, accuracy, count}}``."""
     fig = Figure(figsize=(5.5, 5), layout="tight")
     ax = fig.subplots()
@@ -90,8 +100,9 @@ def save_figure(figure: Union[Figure, Callable], path) -> Path:
     return path
 
 
-def plot_grouped_bars(values: dict, groups: list, *, title: str = "", ylabel: str = "",
-                      group_labels: Optional[list] = None) -> Figure:
+def plot_grouped_bars(
+    values: dict, groups: list, *, title: str = "", ylabel: str = "", group_labels: Optional[list] = None
+) -> Figure:
     """Grouped bars: ``{series: [one value per group]}``, one bar per series in each group.
 
     A missing value (None or NaN) leaves its bar out; each bar is labelled with its value.
@@ -104,8 +115,7 @@ def plot_grouped_bars(values: dict, groups: list, *, title: str = "", ylabel: st
         heights = [np.nan if v is None else float(v) for v in values[name]]
         xs = [g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))]
         bars = ax.bar(xs, heights, width, label=name)
-        ax.bar_label(bars, labels=["" if np.isnan(h) else f"{h:+.3f}" for h in heights],
-                     fontsize=7)
+        ax.bar_label(bars, labels=["" if np.isnan(h) else f"{h:+.3f}" for h in heights], fontsize=7)
     ax.axhline(0, color="grey", lw=1)
     ax.set_xticks(range(len(groups)), group_labels or groups)
     ax.set_ylabel(ylabel)

@@ -4,16 +4,17 @@ timings, the results, the tests and the figures), ``comparison.csv``/``.json`` a
 Everything shown is computed by :mod:`xfeat.comparison` (rows, tests, timings, verdict); this
 module only lays it out and draws it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
 
-from xfeat.report.rows import run_label
 from xfeat.files import atomic_write, write_csv, write_json, write_text
-from xfeat.report.html import markdown_to_html
 from xfeat.report.figures import plot_confusion_matrices, plot_pareto, plot_roc_curves
+from xfeat.report.html import markdown_to_html
+from xfeat.report.rows import run_label
 from xfeat.report.tables import format_comparison_table, format_tests_table, format_timings_table
 
 TITLE = "xfeat comparison"
@@ -28,12 +29,21 @@ def write_comparison_report(comparison, results: list, *, analyses: Optional[dic
     out = Path(comparison.out_dir)
     rows = comparison.rows
     if len(results) != len(rows):
-        raise ValueError(f"{len(results)} results for {len(rows)} rows of the comparison; "
-                         "expected one result per row, in the same order")
+        raise ValueError(
+            f"{len(results)} results for {len(rows)} rows of the comparison; "
+            "expected one result per row, in the same order"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "comparison.json", {"verdict": comparison.verdict, "rows": rows,
-                                         "timings": comparison.timings,
-                                         "tests": comparison.tests, "notes": comparison.notes})
+    write_json(
+        out / "comparison.json",
+        {
+            "verdict": comparison.verdict,
+            "rows": rows,
+            "timings": comparison.timings,
+            "tests": comparison.tests,
+            "notes": comparison.notes,
+        },
+    )
     write_csv(out / "comparison.csv", rows, list(rows[0]))
     plot_pareto(rows, out / "pareto.png")
     plot_roc_curves(rows, results, out / "roc.png")
@@ -41,8 +51,7 @@ def write_comparison_report(comparison, results: list, *, analyses: Optional[dic
     curves = _training_curves(rows, results, out)
     for page, analysis_page in (("report.md", "analysis.md"), ("report.html", "analysis.html")):
         text = "\n".join(_markdown(comparison, curves, analyses or {}, out, analysis_page))
-        write_text(out / page, markdown_to_html(text, title=TITLE) if page.endswith(".html")
-                   else text)
+        write_text(out / page, markdown_to_html(text, title=TITLE) if page.endswith(".html") else text)
     return out / "report.md"
 
 
@@ -52,26 +61,52 @@ def _markdown(comparison, curves: list, analyses: dict, out: Path, analysis_page
     md += [f"> {note}" for note in comparison.notes] + ([""] if comparison.notes else [])
     md += ["## Verdict", ""] + [f"- {s}" for s in comparison.verdict["sentences"]] + [""]
     if comparison.timings:
-        md += ["## Time", "",
-               "Training seconds per model. The cached path is the extraction (once per cache) "
-               "plus the head's fit; ratios are the other run's training seconds over the "
-               "cached path's. The last column times the frozen baseline's own linear layer "
-               "and SGD recipe trained on the cached features for as many epochs.", "",
-               format_timings_table(comparison.timings, markdown=True), ""]
-    md += ["## Results", "",
-           "Test metrics at the threshold chosen on val, with 95% bootstrap CIs. Every column "
-           "(seconds per stage, img/s, val accuracy, balanced accuracy, parameters) is in "
-           "`comparison.csv`.", "", format_comparison_table(comparison.rows, markdown=True), ""]
+        md += [
+            "## Time",
+            "",
+            "Training seconds per model. The cached path is the extraction (once per cache) "
+            "plus the head's fit; ratios are the other run's training seconds over the "
+            "cached path's. The last column times the frozen baseline's own linear layer "
+            "and SGD recipe trained on the cached features for as many epochs.",
+            "",
+            format_timings_table(comparison.timings, markdown=True),
+            "",
+        ]
+    md += [
+        "## Results",
+        "",
+        "Test metrics at the threshold chosen on val, with 95% bootstrap CIs. Every column "
+        "(seconds per stage, img/s, val accuracy, balanced accuracy, parameters) is in "
+        "`comparison.csv`.",
+        "",
+        format_comparison_table(comparison.rows, markdown=True),
+        "",
+    ]
     if comparison.tests:
-        md += ["## Are the differences real?", "",
-               f"Each run against the best by {comparison.tests[0]['chosen_by']} "
-               f"({comparison.tests[0]['best']}), on the same test images: DeLong test for "
-               "AUC, paired bootstrap for accuracy.", "",
-               format_tests_table(comparison.tests, comparison.verdict["significance"]["alpha"]),
-               ""]
-    md += ["## Accuracy against time", "", "![Pareto plot](pareto.png)", "",
-           "## ROC curves on test", "", "![ROC curves](roc.png)", "",
-           "## Confusion matrices on test", "", "![Confusion matrices](confusion.png)", ""]
+        md += [
+            "## Are the differences real?",
+            "",
+            f"Each run against the best by {comparison.tests[0]['chosen_by']} "
+            f"({comparison.tests[0]['best']}), on the same test images: DeLong test for "
+            "AUC, paired bootstrap for accuracy.",
+            "",
+            format_tests_table(comparison.tests, comparison.verdict["significance"]["alpha"]),
+            "",
+        ]
+    md += [
+        "## Accuracy against time",
+        "",
+        "![Pareto plot](pareto.png)",
+        "",
+        "## ROC curves on test",
+        "",
+        "![ROC curves](roc.png)",
+        "",
+        "## Confusion matrices on test",
+        "",
+        "![Confusion matrices](confusion.png)",
+        "",
+    ]
     if curves:
         md += ["## Training curves", ""]
         for name, link in curves:
@@ -82,9 +117,13 @@ def _markdown(comparison, curves: list, analyses: dict, out: Path, analysis_page
             rel = Path(path).resolve().relative_to(out.resolve()) / analysis_page
             md.append(f"- [{model}]({quote(rel.as_posix())})")
         md.append("")
-    md += ["## Files", "",
-           "- `comparison.csv`, `comparison.json`: the rows, timings, tests and verdict above",
-           "- `runs/*/results.json`: every run in full (schema xfeat-result/1)", ""]
+    md += [
+        "## Files",
+        "",
+        "- `comparison.csv`, `comparison.json`: the rows, timings, tests and verdict above",
+        "- `runs/*/results.json`: every run in full (schema xfeat-result/1)",
+        "",
+    ]
     return md
 
 

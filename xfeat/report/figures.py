@@ -4,6 +4,7 @@ and confusion matrices, every run drawn in its :mod:`~xfeat.report.style`.
 Figures use matplotlib's object-oriented API (``Figure``), never pyplot: nothing here touches
 the backend or the global figure list of a notebook that imports xfeat.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,13 +14,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from xfeat.report.rows import RANDOM_WEIGHTS
 from xfeat.files import save_figure
+from xfeat.report.rows import RANDOM_WEIGHTS
 from xfeat.report.style import bold_headings, key_handles, run_styles
 
 
-def plot_training_curves(history: list, path, *, title: str = "",
-                         best_epoch: Optional[int] = None) -> Path:
+def plot_training_curves(
+    history: list, path, *, title: str = "", best_epoch: Optional[int] = None
+) -> Path:
     """Accuracy and loss per epoch, train vs val, the kept epoch marked."""
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(10, 4))
@@ -45,20 +47,28 @@ def plot_pareto(rows: list, path) -> Path:
     styles = run_styles(rows)
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "auc", "test ROC AUC"),
-                           (axes[1], "test_accuracy", "test accuracy")):
-        points = [(max(r["total_seconds"], 1e-2), r[key], r) for r in rows
-                  if r.get(key) is not None]
+    for ax, key, label in (
+        (axes[0], "auc", "test ROC AUC"),
+        (axes[1], "test_accuracy", "test accuracy"),
+    ):
+        points = [(max(r["total_seconds"], 1e-2), r[key], r) for r in rows if r.get(key) is not None]
         for x, y, r in points:
             style = styles[(r["model"], r["mode"])]
             ci = r.get(f"{key}_ci")
             if ci and None not in ci:
-                ax.errorbar(x, y, yerr=[[y - ci[0]], [ci[1] - y]], color=style.color,
-                            alpha=0.35, lw=1, zorder=1)
+                ax.errorbar(
+                    x, y, yerr=[[y - ci[0]], [ci[1] - y]], color=style.color, alpha=0.35, lw=1, zorder=1
+                )
             ax.scatter(x, y, s=55, zorder=3, **style.scatter())
             if r.get("transductive"):
-                ax.annotate("transductive", (x, y), xytext=(4, 4), textcoords="offset points",
-                            fontsize=7, color=style.color)
+                ax.annotate(
+                    "transductive",
+                    (x, y),
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color=style.color,
+                )
         # Random weights say nothing about accuracy: they are drawn, not on the front.
         _pareto_front(ax, [(x, y) for x, y, r in points if r["weights_kind"] != "random"])
         _seconds_axis(ax)
@@ -67,8 +77,9 @@ def plot_pareto(rows: list, path) -> Path:
         ax.grid(alpha=0.3, which="both")
     handles, labels, headings = key_handles(rows, styles)
     front = axes[0].get_legend_handles_labels()
-    legend = fig.legend(handles + front[0], labels + front[1], loc="outside right upper",
-                        fontsize=8, frameon=False)
+    legend = fig.legend(
+        handles + front[0], labels + front[1], loc="outside right upper", fontsize=8, frameon=False
+    )
     bold_headings(legend, headings)
     return save_figure(fig, path)
 
@@ -89,8 +100,7 @@ def _pareto_front(ax, points: list) -> None:
             front.append((x, y))
             best = y
     if len(front) > 1:
-        ax.step(*zip(*front), where="post", color="grey", lw=1, ls="--", label="Pareto front",
-                zorder=2)
+        ax.step(*zip(*front), where="post", color="grey", lw=1, ls="--", label="Pareto front", zorder=2)
 
 
 def plot_roc_curves(rows: list, results: list, path) -> Path:
@@ -106,17 +116,23 @@ def plot_roc_curves(rows: list, results: list, path) -> Path:
     n_rows = max(1, -(-len(by_model) // cols))
     fig = Figure(figsize=(4.6 * cols, 4.4 * n_rows + 0.5), layout="constrained")
     axes = fig.subplots(n_rows, cols, squeeze=False)
-    for ax in axes.flat[len(by_model):]:
+    for ax in axes.flat[len(by_model) :]:
         ax.axis("off")
     for k, (ax, (model, runs)) in enumerate(zip(axes.flat, by_model.items())):
         _roc_panel(ax, runs, styles)
         if k % cols:
             ax.set_ylabel("")
         caveat = f" ({RANDOM_WEIGHTS})" if runs[0][0]["weights_kind"] == "random" else ""
-        ax.set_title(model + caveat, color=styles[(model, runs[0][0]["mode"])].color,
-                     fontsize=10, fontweight="bold")
-    fig.suptitle("ROC on test; markers: the threshold chosen on val. "
-                 "Colour = model, line and marker = mode", fontsize=10)
+        ax.set_title(
+            model + caveat,
+            color=styles[(model, runs[0][0]["mode"])].color,
+            fontsize=10,
+            fontweight="bold",
+        )
+    fig.suptitle(
+        "ROC on test; markers: the threshold chosen on val. Colour = model, line and marker = mode",
+        fontsize=10,
+    )
     return save_figure(fig, path)
 
 
@@ -134,11 +150,9 @@ def _roc_panel(ax, runs: list, styles: dict) -> None:
         ax.plot(1 - m["specificity"], m["sensitivity"], **style.point())
         handles.append(Line2D([], [], **{**style.point(), **style.line()}))
         auc = "—" if row.get("auc") is None else f"{row['auc']:.3f}"
-        labels.append(f"{row['mode']}{', transductive' if row.get('transductive') else ''}: "
-                      f"AUC {auc}")
+        labels.append(f"{row['mode']}{', transductive' if row.get('transductive') else ''}: AUC {auc}")
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(-0.01, 1.01),
-           ylim=(-0.01, 1.01))
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
     ax.grid(alpha=0.3)
     ax.legend(handles, labels, loc="lower right", fontsize=8, handlelength=3.2)
 
@@ -160,13 +174,20 @@ def plot_confusion_matrices(rows: list, results: list, path) -> Path:
         ax.imshow(cm, cmap="Blues")
         span = max(cm.max() - cm.min(), 1)
         for (i, j), v in np.ndenumerate(cm):  # white on the darker half of the colour map
-            ax.text(j, i, str(v), ha="center", va="center",
-                    color="white" if (v - cm.min()) / span > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(v),
+                ha="center",
+                va="center",
+                color="white" if (v - cm.min()) / span > 0.5 else "black",
+            )
         ax.set_xticks(range(len(names)), [c[:10] for c in names], fontsize=7)
         ax.set_yticks(range(len(names)), [c[:10] for c in names], fontsize=7)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)
         title = f"{row['model']} {row['mode']}" + (f"\n{row['caveat']}" if row["caveat"] else "")
-        ax.set_title(title, fontsize=9, color=styles[(row["model"], row["mode"])].color,
-                     fontweight="bold")
+        ax.set_title(
+            title, fontsize=9, color=styles[(row["model"], row["mode"])].color, fontweight="bold"
+        )
     return save_figure(fig, path)

@@ -1,5 +1,6 @@
 """The small Markdown subset xfeat writes, as one standalone HTML page (no scripts, no links
 out of the folder): headings, paragraphs, bold, code, links, images, lists, quotes, tables."""
+
 from __future__ import annotations
 
 import html
@@ -36,11 +37,18 @@ def _numeric(text: str) -> bool:
 def _table(lines: list) -> str:
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
     numeric = [all(_numeric(r[i]) for r in rows[2:] if i < len(r)) for i in range(len(rows[0]))]
-    head = "".join(f"<th class='n'>{_inline(c)}</th>" if n else f"<th>{_inline(c)}</th>"
-                   for c, n in zip(rows[0], numeric))
-    body = "".join("<tr>" + "".join(f"<td class='n'>{_inline(c)}</td>" if _numeric(c)
-                                    else f"<td>{_inline(c)}</td>" for c in row) + "</tr>"
-                   for row in rows[2:])
+    head = "".join(
+        f"<th class='n'>{_inline(c)}</th>" if n else f"<th>{_inline(c)}</th>"
+        for c, n in zip(rows[0], numeric)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td class='n'>{_inline(c)}</td>" if _numeric(c) else f"<td>{_inline(c)}</td>" for c in row
+        )
+        + "</tr>"
+        for row in rows[2:]
+    )
     return f"<div class='table'><table><tr>{head}</tr>{body}</table></div>"
 
 
@@ -48,11 +56,21 @@ def _blocks(lines: list):
     """Consecutive lines of one kind (table, list, quote) as one block."""
     i = 0
     while i < len(lines):
-        kind = ("table" if lines[i].startswith("|") else "list" if lines[i].startswith("- ")
-                else "quote" if lines[i].startswith("> ") else "line")
+        kind = (
+            "table"
+            if lines[i].startswith("|")
+            else "list"
+            if lines[i].startswith("- ")
+            else "quote"
+            if lines[i].startswith("> ")
+            else "line"
+        )
         j = i + 1
-        while kind != "line" and j < len(lines) and lines[j].startswith(
-                {"table": "|", "list": "- ", "quote": "> "}[kind]):
+        while (
+            kind != "line"
+            and j < len(lines)
+            and lines[j].startswith({"table": "|", "list": "- ", "quote": "> "}[kind])
+        ):
             j += 1
         yield kind, lines[i:j]
         i = j
@@ -73,6 +91,7 @@ def markdown_to_html(text: str, title: str = "xfeat report") -> str:
             out.append(f"<h{n}>{_inline(m.group(2))}</h{n}>")
         elif lines[0].strip():
             out.append(f"<p>{_inline(lines[0])}</p>")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title><style>{_STYLE}</style></head><body>\n" + "\n".join(out) +
-            "\n</body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{_STYLE}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+    )

@@ -4,6 +4,7 @@ timings.
 A run from random weights is timed like any other but never chosen as the best: its accuracy
 says nothing about transfer learning. Nothing here trains a model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,36 +36,54 @@ def table_row(model: str, mode: str, result: RunResult) -> dict:
         ips = t.get("extract_images_per_second")
     else:
         n_params, trainable = params.get("parameters"), params.get("trainable_parameters")
-        extract_s, train_s, eval_s = t.get("store_seconds", 0.0), t["train_seconds"], \
-            t["evaluate_seconds"]
+        extract_s, train_s, eval_s = (
+            t.get("store_seconds", 0.0),
+            t["train_seconds"],
+            t["evaluate_seconds"],
+        )
         ips = t.get("train_images_per_second")
     w = r["weights"]
     transductive = bool(r.get("transductive"))
     return {
-        "model": model, "mode": mode, "head": r["head"],
+        "model": model,
+        "mode": mode,
+        "head": r["head"],
         "weights": w["id"] if w["kind"] not in ("file", "torchscript") else Path(w["id"]).name,
-        "weights_kind": w["kind"], "transductive": transductive,
+        "weights_kind": w["kind"],
+        "transductive": transductive,
         "caveat": run_caveat(w["kind"], transductive),
-        "parameters": n_params, "trainable_parameters": trainable,
-        "extract_seconds": extract_s, "train_seconds": train_s, "evaluate_seconds": eval_s,
-        "total_seconds": extract_s + train_s + eval_s, "images_per_second": ips,
+        "parameters": n_params,
+        "trainable_parameters": trainable,
+        "extract_seconds": extract_s,
+        "train_seconds": train_s,
+        "evaluate_seconds": eval_s,
+        "total_seconds": extract_s + train_s + eval_s,
+        "images_per_second": ips,
         "peak_memory_mib": r.get("peak_memory_mib"),
         "epochs": len(r.get("history") or []) or None,
         "val_accuracy": r["metrics"]["val"]["accuracy"],
         "val_auc": r["metrics"]["val"]["roc_auc"],
-        "test_accuracy": test["accuracy"], "test_accuracy_ci": ci.get("accuracy"),
-        "balanced_accuracy": test["balanced_accuracy"], "auc": test["roc_auc"],
-        "auc_ci": ci.get("roc_auc"), "sensitivity": test["sensitivity"],
-        "sensitivity_ci": ci.get("sensitivity"), "specificity": test["specificity"],
-        "specificity_ci": ci.get("specificity"), "threshold": r["threshold"]["value"],
+        "test_accuracy": test["accuracy"],
+        "test_accuracy_ci": ci.get("accuracy"),
+        "balanced_accuracy": test["balanced_accuracy"],
+        "auc": test["roc_auc"],
+        "auc_ci": ci.get("roc_auc"),
+        "sensitivity": test["sensitivity"],
+        "sensitivity_ci": ci.get("sensitivity"),
+        "specificity": test["specificity"],
+        "specificity_ci": ci.get("specificity"),
+        "threshold": r["threshold"]["value"],
         "run_dir": r.get("run_dir"),
     }
 
 
 def run_caveat(weights_kind: str, transductive: bool = False) -> str:
     """What a reader must know before reading a run's accuracy; ``""`` when nothing."""
-    return "; ".join(c for c, applies in ((RANDOM_WEIGHTS, weights_kind == "random"),
-                                          (TRANSDUCTIVE, transductive)) if applies)
+    return "; ".join(
+        c
+        for c, applies in ((RANDOM_WEIGHTS, weights_kind == "random"), (TRANSDUCTIVE, transductive))
+        if applies
+    )
 
 
 def run_label(row: dict) -> str:
@@ -119,13 +138,24 @@ def significance(results, rows: list, best: Optional[int]) -> list:
             d = delong_test(y_sorted, pa[:, 1], pb[:, 1])
             entry.update(auc_diff=d["diff"], auc_p_value=d["p_value"], auc_diff_ci=d["ci"])
         n_boot = 2000
-        acc = paired_bootstrap(y_sorted, pa, pb, metric="accuracy", n_boot=n_boot,
-                               threshold_a=r["threshold"]["value"] or 0.5,
-                               threshold_b=best_result["threshold"]["value"] or 0.5)
-        entry.update(accuracy_diff=acc["diff"], accuracy_p_value=acc["p_value"],
-                     accuracy_diff_ci=acc["ci"], n_boot=n_boot)
-        entry["significant"] = bool(min(_or(entry.get("auc_p_value"), 1.0),
-                                        entry["accuracy_p_value"]) < ALPHA)
+        acc = paired_bootstrap(
+            y_sorted,
+            pa,
+            pb,
+            metric="accuracy",
+            n_boot=n_boot,
+            threshold_a=r["threshold"]["value"] or 0.5,
+            threshold_b=best_result["threshold"]["value"] or 0.5,
+        )
+        entry.update(
+            accuracy_diff=acc["diff"],
+            accuracy_p_value=acc["p_value"],
+            accuracy_diff_ci=acc["ci"],
+            n_boot=n_boot,
+        )
+        entry["significant"] = bool(
+            min(_or(entry.get("auc_p_value"), 1.0), entry["accuracy_p_value"]) < ALPHA
+        )
         tests.append(entry)
     return tests if len(tests) > 1 else []
 
@@ -136,8 +166,7 @@ def _or(value, default=-1.0):
 
 def format_seconds(seconds: float) -> str:
     """``152``, ``3.1``, ``0.06``: whole seconds from 10 s, tenths from 1 s, hundredths below."""
-    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}" if seconds >= 1 \
-        else f"{seconds:.2f}"
+    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2f}"
 
 
 def speed_ratio(slow_seconds: float, fast_seconds: float) -> str:
@@ -153,8 +182,9 @@ def speed_ratio(slow_seconds: float, fast_seconds: float) -> str:
 
 def timing_rows(rows: list, baselines: dict) -> list:
     """Per model: the cached path (extraction, head fit) against the frozen baseline and full
-    fine-tuning, in seconds and as ratios. ``baselines``: model -> :func:`xfeat.comparison.run.linear_on_cache`'s
-    result (the frozen baseline's own recipe on the cache, for a like-for-like time)."""
+    fine-tuning, in seconds and as ratios. ``baselines``: model ->
+    :func:`xfeat.comparison.run.linear_on_cache`'s result (the frozen baseline's own recipe on
+    the cache, for a like-for-like time)."""
     by_model = {}
     for row in rows:
         by_model.setdefault(row["model"], {})[row["mode"]] = row
@@ -164,24 +194,35 @@ def timing_rows(rows: list, baselines: dict) -> list:
 def _timing_row(model: str, modes: dict, linear) -> dict:
     cached, frozen, full = (modes.get(m) for m in ("cached", "frozen", "full"))
     kind = next(iter(modes.values()))["weights_kind"]
-    t = {"model": model, "weights_kind": kind, "caveat": run_caveat(kind),
-         "head": _get(cached, "head"), "extract_seconds": _get(cached, "extract_seconds"),
-         "head_fit_seconds": _get(cached, "train_seconds"),
-         "cached_test_accuracy": _get(cached, "test_accuracy")}
+    t = {
+        "model": model,
+        "weights_kind": kind,
+        "caveat": run_caveat(kind),
+        "head": _get(cached, "head"),
+        "extract_seconds": _get(cached, "extract_seconds"),
+        "head_fit_seconds": _get(cached, "train_seconds"),
+        "cached_test_accuracy": _get(cached, "test_accuracy"),
+    }
     for name, row in (("frozen", frozen), ("full", full)):
-        t.update({f"{name}_seconds": _get(row, "train_seconds"),
-                  f"{name}_epochs": _get(row, "epochs"),
-                  f"{name}_test_accuracy": _get(row, "test_accuracy")})
-    t["same_recipe_on_cache_seconds"] = None if linear is None else \
-        linear["timing"]["fit_seconds"]
-    t["same_recipe_on_cache_test_accuracy"] = None if linear is None else \
-        linear["metrics"]["test"]["accuracy"]
+        t.update(
+            {
+                f"{name}_seconds": _get(row, "train_seconds"),
+                f"{name}_epochs": _get(row, "epochs"),
+                f"{name}_test_accuracy": _get(row, "test_accuracy"),
+            }
+        )
+    t["same_recipe_on_cache_seconds"] = None if linear is None else linear["timing"]["fit_seconds"]
+    t["same_recipe_on_cache_test_accuracy"] = (
+        None if linear is None else linear["metrics"]["test"]["accuracy"]
+    )
     # Ratios: the slower run's seconds over the cached path's (> 1: the cache is faster).
     fit = _get(cached, "train_seconds")
     with_extraction = None if cached is None else cached["extract_seconds"] + fit
-    for key, slow, fast in (("cached_vs_frozen", frozen, with_extraction),
-                            ("cache_built_vs_frozen", frozen, fit),
-                            ("cached_vs_full", full, with_extraction)):
+    for key, slow, fast in (
+        ("cached_vs_frozen", frozen, with_extraction),
+        ("cache_built_vs_frozen", frozen, fit),
+        ("cached_vs_full", full, with_extraction),
+    ):
         known = slow is not None and fast is not None
         t[key] = speed_ratio(slow["train_seconds"], fast) if known else None
         t[f"{key}_ratio"] = slow["train_seconds"] / fast if known and fast > 0 else None

@@ -4,6 +4,7 @@ Runs from random weights (speed only) get hollow markers and faded lines. Colour
 ``tab10`` (``tab20``, strong shades first, past 10 models; ``turbo`` past 20), so two runs of
 different models never share a colour and two runs of one model never share a marker.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,11 +15,14 @@ from matplotlib.lines import Line2D
 
 from xfeat.report.rows import RANDOM_WEIGHTS
 
-MODE_STYLES = {"cached": ("o", "-"), "frozen": ("s", "--"), "full": ("^", ":"),
-               "lp-ft": ("D", "-.")}
+MODE_STYLES = {"cached": ("o", "-"), "frozen": ("s", "--"), "full": ("^", ":"), "lp-ft": ("D", "-.")}
 # For a mode added later: still one marker and one dash pattern each.
-_SPARE_STYLES = (("v", (0, (5, 1, 1, 1))), ("P", (0, (1, 3))), ("X", (0, (8, 2))),
-                 ("*", (0, (3, 1, 1, 1, 1, 1))))
+_SPARE_STYLES = (
+    ("v", (0, (5, 1, 1, 1))),
+    ("P", (0, (1, 3))),
+    ("X", (0, (8, 2))),
+    ("*", (0, (3, 1, 1, 1, 1, 1))),
+)
 
 
 @dataclass(frozen=True)
@@ -33,18 +37,31 @@ class RunStyle:
 
     def scatter(self) -> dict:
         """Keyword arguments of ``Axes.scatter``."""
-        return {"marker": self.marker, "edgecolors": [self.color], "linewidths": 1.5,
-                "facecolors": "none" if self.hollow else [self.color]}
+        return {
+            "marker": self.marker,
+            "edgecolors": [self.color],
+            "linewidths": 1.5,
+            "facecolors": "none" if self.hollow else [self.color],
+        }
 
     def line(self) -> dict:
         """Keyword arguments of ``Axes.plot`` for a curve."""
-        return {"color": self.color, "linestyle": self.linestyle,
-                "lw": 1.2 if self.hollow else 1.6, "alpha": 0.6 if self.hollow else 1.0}
+        return {
+            "color": self.color,
+            "linestyle": self.linestyle,
+            "lw": 1.2 if self.hollow else 1.6,
+            "alpha": 0.6 if self.hollow else 1.0,
+        }
 
     def point(self) -> dict:
         """Keyword arguments of ``Axes.plot`` for a single marker."""
-        return {"marker": self.marker, "linestyle": "none", "color": self.color, "ms": 7,
-                "markerfacecolor": "none" if self.hollow else self.color}
+        return {
+            "marker": self.marker,
+            "linestyle": "none",
+            "color": self.color,
+            "ms": 7,
+            "markerfacecolor": "none" if self.hollow else self.color,
+        }
 
 
 def model_colors(models) -> dict:
@@ -71,9 +88,12 @@ def run_styles(rows: list) -> dict:
     """``(model, mode)`` -> :class:`RunStyle` for every row of a comparison."""
     colors = model_colors(r["model"] for r in rows)
     marks = mode_styles([r["mode"] for r in rows])
-    return {(r["model"], r["mode"]): RunStyle(colors[r["model"]], *marks[r["mode"]],
-                                              hollow=r.get("weights_kind") == "random")
-            for r in rows}
+    return {
+        (r["model"], r["mode"]): RunStyle(
+            colors[r["model"]], *marks[r["mode"]], hollow=r.get("weights_kind") == "random"
+        )
+        for r in rows
+    }
 
 
 def key_handles(rows: list, styles: dict) -> tuple:
@@ -90,15 +110,19 @@ def key_handles(rows: list, styles: dict) -> tuple:
     for model in dict.fromkeys(r["model"] for r in rows):
         random = any(r["weights_kind"] == "random" for r in rows if r["model"] == model)
         color = next(s.color for (m, _), s in styles.items() if m == model)
-        add(Line2D([], [], linestyle="none", marker="s", ms=9, color=color),
-            f"{model} ({RANDOM_WEIGHTS})" if random else model)
+        add(
+            Line2D([], [], linestyle="none", marker="s", ms=9, color=color),
+            f"{model} ({RANDOM_WEIGHTS})" if random else model,
+        )
     add(Line2D([], [], linestyle="none"), headings[1])
     for mode in dict.fromkeys(r["mode"] for r in rows):
         style = next(s for (_, m), s in styles.items() if m == mode)
         add(Line2D([], [], color="0.3", marker=style.marker, linestyle="none"), mode)
     if any(s.hollow for s in styles.values()):
-        add(Line2D([], [], linestyle="none", marker="o", color="0.3", markerfacecolor="none"),
-            f"hollow: {RANDOM_WEIGHTS.replace(': ', ', ')}")
+        add(
+            Line2D([], [], linestyle="none", marker="o", color="0.3", markerfacecolor="none"),
+            f"hollow: {RANDOM_WEIGHTS.replace(': ', ', ')}",
+        )
     return handles, labels, headings
 
 

@@ -1,10 +1,11 @@
 """Comparison rows -> tables, as fixed-width text or Markdown: the results, the timings per
 model and the significance tests. Cells with an interval read ``0.843 [0.81–0.87]``; runs
 with a caveat (random weights, transductive) say so in their row."""
+
 from __future__ import annotations
 
-from xfeat.report.rows import format_seconds, run_label
 from xfeat.evaluation.stats import format_interval, format_p_value
+from xfeat.report.rows import format_seconds, run_label
 
 
 def _params(value) -> str:
@@ -23,20 +24,25 @@ def _value(key: str, fmt):
     def cell(row: dict) -> str:
         value = row.get(key)
         return "—" if value is None or value != value else fmt(value)
+
     return cell
 
 
 # (header, cell). Seldom-needed columns (extract/train/eval seconds, img/s, val accuracy,
 # balanced accuracy, total parameters) are in comparison.csv and the timings table.
 _COLUMNS = (
-    ("model", lambda r: r["model"]), ("mode", lambda r: r["mode"]),
-    ("weights", lambda r: r["weights"]), ("note", lambda r: r.get("caveat") or ""),
+    ("model", lambda r: r["model"]),
+    ("mode", lambda r: r["mode"]),
+    ("weights", lambda r: r["weights"]),
+    ("note", lambda r: r.get("caveat") or ""),
     ("trainable", _value("trainable_parameters", _params)),
     ("total s", _value("total_seconds", _fixed(1))),
     ("peak MiB", _value("peak_memory_mib", _fixed(0))),
     ("val AUC", _value("val_auc", _fixed(3))),
-    ("test acc [95% CI]", _interval("test_accuracy")), ("AUC [95% CI]", _interval("auc")),
-    ("sens [95% CI]", _interval("sensitivity")), ("spec [95% CI]", _interval("specificity")),
+    ("test acc [95% CI]", _interval("test_accuracy")),
+    ("AUC [95% CI]", _interval("auc")),
+    ("sens [95% CI]", _interval("sensitivity")),
+    ("spec [95% CI]", _interval("specificity")),
     ("thr", _value("threshold", _fixed(3))),
 )
 
@@ -50,11 +56,13 @@ def render_table(header: list, body: list, markdown: bool = False, left: int = 1
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
-    return "\n".join([line(header), "-" * (sum(widths) + 2 * (len(widths) - 1))] +
-                     [line(b) for b in body])
+    return "\n".join(
+        [line(header), "-" * (sum(widths) + 2 * (len(widths) - 1))] + [line(b) for b in body]
+    )
 
 
 def format_comparison_table(rows: list, markdown: bool = False) -> str:
@@ -64,30 +72,48 @@ def format_comparison_table(rows: list, markdown: bool = False) -> str:
     return render_table([h for h, _ in _COLUMNS], body, markdown, left=4)
 
 
-_TIMING_HEADER = ["model", "extraction s", "head fit s", "frozen s (epochs)",
-                  "full s (epochs)", "cached vs frozen", "cache built vs frozen",
-                  "cached vs full", "frozen recipe on cache s"]
+_TIMING_HEADER = [
+    "model",
+    "extraction s",
+    "head fit s",
+    "frozen s (epochs)",
+    "full s (epochs)",
+    "cached vs frozen",
+    "cache built vs frozen",
+    "cached vs full",
+    "frozen recipe on cache s",
+]
 
 
 def format_timings_table(timings: list, markdown: bool = False) -> str:
     """Per model: the cached path's seconds against the frozen baseline's and full
     fine-tuning's, and the ratios (from :func:`xfeat.report.rows.timing_rows`)."""
+
     def seconds(value, epochs=None):
         if value is None:
             return "—"
         return format_seconds(value) + (f" ({epochs})" if epochs else "")
 
-    body = [[f"{t['model']} ({t['caveat']})" if t["caveat"] else t["model"],
-             seconds(t["extract_seconds"]), seconds(t["head_fit_seconds"]),
-             seconds(t["frozen_seconds"], t["frozen_epochs"]),
-             seconds(t["full_seconds"], t["full_epochs"]), t["cached_vs_frozen"] or "—",
-             t["cache_built_vs_frozen"] or "—", t["cached_vs_full"] or "—",
-             seconds(t["same_recipe_on_cache_seconds"])] for t in timings]
+    body = [
+        [
+            f"{t['model']} ({t['caveat']})" if t["caveat"] else t["model"],
+            seconds(t["extract_seconds"]),
+            seconds(t["head_fit_seconds"]),
+            seconds(t["frozen_seconds"], t["frozen_epochs"]),
+            seconds(t["full_seconds"], t["full_epochs"]),
+            t["cached_vs_frozen"] or "—",
+            t["cache_built_vs_frozen"] or "—",
+            t["cached_vs_full"] or "—",
+            seconds(t["same_recipe_on_cache_seconds"]),
+        ]
+        for t in timings
+    ]
     return render_table(_TIMING_HEADER, body, markdown)
 
 
 def format_tests_table(tests: list, alpha: float = 0.05) -> str:
     """Markdown: each run against the best, DeLong for AUC, paired bootstrap for accuracy."""
+
     def diff(t, key):
         if t.get(key) is None:
             return "—"
@@ -97,9 +123,22 @@ def format_tests_table(tests: list, alpha: float = 0.05) -> str:
     body = []
     for t in tests[1:]:
         auc_p = format_p_value(t["auc_p_value"]) if t.get("auc_p_value") is not None else "—"
-        body.append([run_label(t), diff(t, "auc_diff"), auc_p, diff(t, "accuracy_diff"),
-                     format_p_value(t["accuracy_p_value"], t.get("n_boot")),
-                     "yes" if t["significant"] else "no"])
-    header = ["run", "AUC diff [95% CI]", "p (DeLong)", "accuracy diff [95% CI]",
-              "p (bootstrap)", f"significant at {alpha:g}"]
+        body.append(
+            [
+                run_label(t),
+                diff(t, "auc_diff"),
+                auc_p,
+                diff(t, "accuracy_diff"),
+                format_p_value(t["accuracy_p_value"], t.get("n_boot")),
+                "yes" if t["significant"] else "no",
+            ]
+        )
+    header = [
+        "run",
+        "AUC diff [95% CI]",
+        "p (DeLong)",
+        "accuracy diff [95% CI]",
+        "p (bootstrap)",
+        f"significant at {alpha:g}",
+    ]
     return render_table(header, body, markdown=True)

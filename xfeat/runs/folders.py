@@ -4,6 +4,7 @@
 ``analysis``, ...); ``compare`` adds a hash of the run's configuration so a changed option
 never reuses an old run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,9 @@ def weights_tag(weights: dict) -> str:
     return tag(weights["kind"], weights["id"])
 
 
-def default_run_dir(dataset: str, model: str, weights: dict, kind: str,
-                    root: Union[str, Path] = DEFAULT_RUNS_DIR) -> Path:
+def default_run_dir(
+    dataset: str, model: str, weights: dict, kind: str, root: Union[str, Path] = DEFAULT_RUNS_DIR
+) -> Path:
     """``root/DATASET/MODEL-WEIGHTS/KIND``."""
     return Path(root) / dataset / f"{safe_name(model)}-{safe_name(weights_tag(weights))}" / kind
 
@@ -51,8 +53,10 @@ def run_lock(run_dir: Union[str, Path], what: str = "run"):
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise OutputError(f"another xfeat process is writing a {what} to {run_dir}; wait for it "
-                          "to finish or choose another --out") from None
+        raise OutputError(
+            f"another xfeat process is writing a {what} to {run_dir}; wait for it "
+            "to finish or choose another --out"
+        ) from None
     except OSError as exc:
         raise OutputError(describe_os_error(exc, run_dir / ".lock")) from None
     try:
@@ -79,8 +83,10 @@ def check_writable(path: Optional[Union[str, Path]]) -> None:
     path = Path(path)
     existing = next((p for p in [path, *path.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        raise OutputError(f"cannot write to {path}: {existing} is a file, not a folder; choose "
-                          "another path")
+        raise OutputError(
+            f"cannot write to {path}: {existing} is a file, not a folder; choose another path"
+        )
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {path}: {existing} is not writable; choose a "
-                          "writable folder")
+        raise OutputError(
+            f"cannot write to {path}: {existing} is not writable; choose a writable folder"
+        )

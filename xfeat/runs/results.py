@@ -27,6 +27,7 @@
 Next to it, ``predictions.npz`` holds ``{split}_ids``, ``{split}_labels`` and
 ``{split}_proba`` for every split, so later reports never need to recompute anything.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,8 @@ from typing import Optional
 import numpy as np
 
 from xfeat.errors import ConfigError
-from xfeat.files import atomic_write, write_json
 from xfeat.evaluation.metrics import format_metrics_table
+from xfeat.files import atomic_write, write_json
 
 SCHEMA = "xfeat-result/1"
 
@@ -77,12 +78,15 @@ class RunResult:
         th = r["threshold"]
         w = r["weights"]
         weights = w["id"] if w["kind"] not in ("file", "torchscript") else Path(w["id"]).name
-        lines = [f"{r['model']} ({weights}) | mode {r['mode']} | head {r['head']} | "
-                 f"{r['dataset']['name']}"]
+        lines = [
+            f"{r['model']} ({weights}) | mode {r['mode']} | head {r['head']} | {r['dataset']['name']}"
+        ]
         if r.get("transductive"):
             a = r.get("adaptation") or {}
-            lines.append(f"TRANSDUCTIVE: --adapt {a.get('method')} used the {a.get('target')}; "
-                         "test numbers are not comparable with inductive runs")
+            lines.append(
+                f"TRANSDUCTIVE: --adapt {a.get('method')} used the {a.get('target')}; "
+                "test numbers are not comparable with inductive runs"
+            )
             if a.get("warning"):
                 lines.append(f"warning: {a['warning']}")
         sel = r.get("selection") or {}
@@ -94,13 +98,21 @@ class RunResult:
         lines.append(format_metrics_table(r["metrics"], r.get("ci", {}).get("test")))
         half = r.get("metrics_at_0.5", {}).get("test")
         if th.get("value") is not None and half:
-            lines.append("test at threshold 0.5: " + ", ".join(
-                f"{k} {half[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "sensitivity",
-                                               "specificity")))
+            lines.append(
+                "test at threshold 0.5: "
+                + ", ".join(
+                    f"{k} {half[k]:.3f}"
+                    for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity")
+                )
+            )
         lines += [f"note: {n}" for n in r.get("notes", [])]
         t = r["timing"]
-        lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()
-                                           if k.endswith("seconds") and v is not None))
+        lines.append(
+            "time: "
+            + ", ".join(
+                f"{k} {v:.2f} s" for k, v in t.items() if k.endswith("seconds") and v is not None
+            )
+        )
         if r.get("run_dir"):
             lines.append(f"saved: {r['run_dir']}/results.json")
         return "\n".join(lines)
@@ -115,23 +127,26 @@ def load_result(path) -> RunResult:
         raise ConfigError(f"no results.json at {path}; expected a run folder of fit-head or finetune")
     record = json.loads(path.read_text())
     if record.get("schema") != SCHEMA:
-        raise ConfigError(f"{path} is not an xfeat result (schema {record.get('schema')!r}, "
-                         f"expected {SCHEMA!r})")
+        raise ConfigError(
+            f"{path} is not an xfeat result (schema {record.get('schema')!r}, expected {SCHEMA!r})"
+        )
     predictions = {}
     pred_path = path.with_name("predictions.npz")
     if pred_path.is_file():
         with np.load(pred_path, allow_pickle=False) as z:
             for split in ("train", "val", "test"):
                 if f"{split}_proba" in z.files:
-                    predictions[split] = (z[f"{split}_ids"].tolist(), z[f"{split}_labels"],
-                                          z[f"{split}_proba"])
+                    predictions[split] = (
+                        z[f"{split}_ids"].tolist(),
+                        z[f"{split}_labels"],
+                        z[f"{split}_proba"],
+                    )
     record["run_dir"] = str(path.parent)  # where it is now (folders get moved and copied)
     return RunResult(record, predictions)
 
 
 def new_record(**fields) -> dict:
-    return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": None,
-            **fields}
+    return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": None, **fields}
 
 
 def _fmt(v):
