@@ -158,7 +158,7 @@ def main(argv=None):
         cache_dir=args.cache_dir,
     )
     features = read_cache(path)
-    extract_seconds = sum(s.get("seconds_total") or 0 for s in features.meta["splits"].values())
+    extract_seconds = sum(s.get("seconds_total") or 0 for s in features.meta.splits.values())
     stage_blocks = [b for b, _ in features.blocks]
     fit = dict(n_boot=args.n_boot)
     rows = [

@@ -33,8 +33,8 @@ def extraction(args, precision: str) -> dict:
         force=True,
     )  # both timed in this run
     meta = read_meta(path)
-    seconds = sum(s.get("seconds_total") or 0 for s in meta["splits"].values())
-    n = sum(s["n"] for s in meta["splits"].values())
+    seconds = sum(s.get("seconds_total") or 0 for s in meta.splits.values())
+    n = sum(s["n"] for s in meta.splits.values())
     probe = fit_head(cache=path, save=False, n_boot=args.n_boot)
     return {
         "path": str(path),

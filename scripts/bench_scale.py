@@ -79,8 +79,8 @@ def main(argv=None):
             wall, log = run(launcher + common + ["--cache-dir", str(cache_dir)], env)
             path = next(cache_dir.glob("*.h5"))
             meta = xfeat.read_meta(path)
-            n = sum(s["n"] for s in meta["splits"].values())
-            seconds = sum(s["seconds_total"] for s in meta["splits"].values())
+            n = sum(s["n"] for s in meta.splits.values())
+            seconds = sum(s["seconds_total"] for s in meta.splits.values())
             merge = re.search(r"merged \d+ shards into .* in ([0-9.]+) s", log)
             results[nproc] = {
                 "wall_seconds": wall,

@@ -187,8 +187,8 @@ t0 = time.perf_counter()
 path = xfeat.extract(root, model, image_size=size, batch_size=batch, device=str(dev),
                      progress=False)
 meta = xfeat.read_meta(path)
-n = sum(s["n"] for s in meta["splits"].values())
-rate = n / sum(s["seconds_total"] for s in meta["splits"].values())
+n = sum(s["n"] for s in meta.splits.values())
+rate = n / sum(s["seconds_total"] for s in meta.splits.values())
 ratio = rate / forward["fp32 channels_last"]  # extract runs fp32 with channels_last on CUDA
 record("xfeat extract (full pass)",
        f"{rate:.0f} img/s on {n} images = {ratio:.2f} x forward-only fp32 channels_last",

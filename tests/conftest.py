@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xfeat.cache import FeatureSet, SplitFeatures
+from xfeat.cache import CacheMeta, DatasetRecord, FeatureSet, SplitFeatures, WeightsRecord
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("XFEAT_SHARED", REPO.parent / "shared"))
@@ -132,8 +132,25 @@ def make_feature_set(splits: dict, class_names=("NORMAL", "PNEUMONIA"), name="sy
         ids = list(ids[0]) if ids else [f"{split}/{i:06d}" for i in range(len(y))]
         out[split] = SplitFeatures(X, y, ids)
         digest.update(X.tobytes() + y.tobytes())
-    meta = {"class_names": list(class_names), "dataset": {"name": name}}
+    dim = next(iter(out.values())).features.shape[1]
+    meta = make_cache_meta(class_names, (("penultimate", dim),), name=name, key=digest.hexdigest())
     return FeatureSet(path=Path(f"{name}.h5"), key=digest.hexdigest(), meta=meta, splits=out)
+
+
+def make_cache_meta(
+    class_names=("NORMAL", "PNEUMONIA"), blocks=(("penultimate", 4),), *, name="synthetic", key=""
+):
+    """The metadata of a synthetic cache entry: random weights of a model named 'synthetic'."""
+    return CacheMeta(
+        dataset=DatasetRecord(name=name, source=f"{name}.npz", fingerprint=key or "0" * 64),
+        class_names=tuple(class_names),
+        model="synthetic",
+        feature_dim=sum(d for _, d in blocks),
+        blocks=tuple(blocks),
+        weights=WeightsRecord("random", "random(seed=0)", seed=0),
+        preprocessing={},
+        key=key,
+    )
 
 
 def make_npz(path: Path, *, n=(20, 8, 8), channels=1, seed=0, n_classes=2) -> Path:

@@ -315,7 +315,7 @@ def test_cache_of_changed_data_and_bad_params_are_refused(tmp_path):
     cache = xfeat.extract(root, "resnet18", cache_dir=tmp_path / "c", **EXTRACT)
     assert (
         load_matching_dataset(read_cache(cache).meta).fingerprint
-        == read_cache(cache).meta["dataset"]["fingerprint"]
+        == read_cache(cache).meta.dataset.fingerprint
     )
     with pytest.raises(ValueError, match="near_duplicate_threshold=1.5"):
         analyze(cache=cache, near_duplicate_threshold=1.5)

@@ -176,7 +176,7 @@ def test_torchscript_extract_finetune_and_reload(data, tmp_path):
     path = xfeat.extract(data, name, cache_dir=tmp_path / "c", **RUN)
     fs = read_cache(path)
     assert fs["train"].features.shape[1] == 16 and np.isfinite(fs["train"].features).all()
-    assert fs.meta["weights"]["kind"] == "torchscript" and fs.meta["preprocessing"]["std"] == [0.5] * 3
+    assert fs.meta.weights.kind == "torchscript" and fs.meta.preprocessing["std"] == [0.5] * 3
     result = finetune(
         data,
         name,

@@ -1,6 +1,9 @@
+import json
+
 import h5py
 import numpy as np
 import pytest
+from conftest import make_cache_meta
 
 from xfeat.cache import (
     CacheError,
@@ -12,6 +15,27 @@ from xfeat.cache import (
     read_cache,
     read_meta,
 )
+from xfeat.config import DataSpec
+
+# The metadata a format-1 entry (xfeat 0.1) carried: no blocks, layers, views, data spec.
+FORMAT_1_META = {
+    "dataset": {
+        "name": "d",
+        "source": "/d",
+        "fingerprint": "f" * 64,
+        "content_digest": "c" * 64,
+        "counts": {"train": [1, 1]},
+    },
+    "split": {"val": "given"},
+    "class_names": ["x", "y"],
+    "model": "resnet18",
+    "feature_dim": 4,
+    "feature_dtype": "float32",
+    "weights": {"kind": "random", "id": "random(seed=0)", "sha256": None, "url": None, "seed": 0},
+    "preprocessing": {"resize_size": 256, "crop_size": 224},
+    "versions": {"xfeat": "0.1.0"},
+    "created": "2026-01-01T00:00:00+0000",
+}
 
 
 def _writer(path, n=(5, 3), dim=4, dtype="float32", key="k1"):
@@ -22,7 +46,7 @@ def _writer(path, n=(5, 3), dim=4, dtype="float32", key="k1"):
     return CacheWriter(
         path,
         key=key,
-        meta={"class_names": ["a", "b"]},
+        meta=make_cache_meta(("a", "b"), (("penultimate", dim),)),
         splits=splits,
         blocks=[("penultimate", dim)],
         dtype=dtype,
@@ -57,7 +81,7 @@ def test_write_finalize_read_roundtrip(tmp_path):
     np.testing.assert_array_equal(fs["train"].features[4], [16, 17, 18, 19])
     assert fs["val"].ids == ["v0", "v1", "v2"] and fs["train"].labels.tolist() == [0, 1, 0, 1, 0]
     assert fs["train"].seconds == pytest.approx(0.3)
-    assert read_meta(path)["splits"]["train"]["images_per_second"] == 10.0
+    assert read_meta(path).splits["train"]["images_per_second"] == 10.0
 
 
 def test_incomplete_files_are_refused(tmp_path):
@@ -148,7 +172,7 @@ def test_blocks_views_and_format_1_files(tmp_path):
     w = CacheWriter(
         tmp_path / "b.h5",
         key="kb",
-        meta={"class_names": ["x", "y"]},
+        meta=make_cache_meta(("x", "y"), (("layer3", 2), ("penultimate", 3))),
         splits=splits,
         blocks=[("layer3", 2), ("penultimate", 3)],
     )
@@ -172,7 +196,7 @@ def test_blocks_views_and_format_1_files(tmp_path):
     assert only["train"].features.shape == (2, 3) and not only.views
     with pytest.raises(CacheError, match="no feature block 'layer9'"):
         read_cache(tmp_path / "b.h5", blocks=["layer9"])
-    assert read_meta(tmp_path / "b.h5")["blocks"] == [["layer3", 2], ["penultimate", 3]]
+    assert read_meta(tmp_path / "b.h5").blocks == (("layer3", 2), ("penultimate", 3))
 
     old = tmp_path / "v1.h5"
     with h5py.File(old, "w") as f:
@@ -181,7 +205,7 @@ def test_blocks_views_and_format_1_files(tmp_path):
             format_version=1,
             key="k1",
             complete=True,
-            meta='{"class_names": ["x", "y"]}',
+            meta=json.dumps(FORMAT_1_META),
         )
         g = f.create_group("train")
         g["features"] = np.ones((2, 4), np.float32)
@@ -189,3 +213,6 @@ def test_blocks_views_and_format_1_files(tmp_path):
         g["ids"] = np.array([b"a", b"b"])
         g["rows_done"], g["seconds"] = np.array([2]), np.array([0.5])
     assert read_cache(old).blocks == [("penultimate", 4)]
+    meta = read_meta(old)
+    assert meta.data is None and meta.layers == ("penultimate",) and meta.class_names == ("x", "y")
+    assert meta.data_spec() == DataSpec("/d")  # val was given: the default recipe

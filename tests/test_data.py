@@ -3,9 +3,10 @@ import pytest
 from conftest import make_image_folder, make_npz
 from PIL import Image
 
-from xfeat.data import SplitRecipe, carve_validation, load_dataset, patient_groups
+from xfeat.config import DEFAULT_GROUP_PATTERN, DataSpec
+from xfeat.data import carve_validation, load_dataset, patient_groups
 from xfeat.data.images import array_to_rgb, read_image_file
-from xfeat.errors import DataError, ImageReadError
+from xfeat.errors import ConfigError, DataError, ImageReadError
 
 
 def test_folder_layout_classes_and_non_images_ignored(image_folder):
@@ -22,7 +23,7 @@ def test_folder_layout_classes_and_non_images_ignored(image_folder):
 @pytest.mark.parametrize("mode", ["L", "JPEG", "RGBA", "P", "I;16"])
 def test_every_image_mode_becomes_rgb(tmp_path, mode):
     root = make_image_folder(tmp_path / mode, n_train=4, n_test=0, modes=(mode,))
-    ds = load_dataset(root, recipe=SplitRecipe(val_fraction=0.5))
+    ds = load_dataset(DataSpec(root, val_fraction=0.5))
     im = ds.splits["train"].read_image(0)
     assert im.mode == "RGB" and np.asarray(im).shape == (40, 48, 3)
     assert np.asarray(im).max() > 200  # the bright square survived the conversion
@@ -36,15 +37,15 @@ def test_16bit_array_is_rescaled_not_clipped():
 
 def test_carved_val_is_stratified_grouped_and_seeded(tmp_path):
     root = make_image_folder(tmp_path / "d", n_train=40, n_test=4)
-    a = load_dataset(root, recipe=SplitRecipe(val_fraction=0.25, seed=1))
-    b = load_dataset(root, recipe=SplitRecipe(val_fraction=0.25, seed=1))
-    c = load_dataset(root, recipe=SplitRecipe(val_fraction=0.25, seed=2))
+    a = load_dataset(DataSpec(root, val_fraction=0.25, split_seed=1))
+    b = load_dataset(DataSpec(root, val_fraction=0.25, split_seed=1))
+    c = load_dataset(DataSpec(root, val_fraction=0.25, split_seed=2))
     val, train = a.splits["val"], a.splits["train"]
     assert val.ids == b.splits["val"].ids
     assert val.ids != c.splits["val"].ids
     assert np.bincount(val.labels).tolist() == [10, 10]  # 25% of 40 per class
-    groups_val = set(patient_groups(val.ids, SplitRecipe().group_pattern))
-    groups_train = set(patient_groups(train.ids, SplitRecipe().group_pattern))
+    groups_val = set(patient_groups(val.ids, DEFAULT_GROUP_PATTERN))
+    groups_train = set(patient_groups(train.ids, DEFAULT_GROUP_PATTERN))
     assert groups_val and not groups_val & groups_train
     assert all(i.startswith("train/") for i in val.ids)  # never from test
     assert a.split_info["val"] == "carved from train"
@@ -59,7 +60,7 @@ def test_kermany_patient_ids():
         "train/NORMAL/NORMAL2-IM-0381-0001.jpeg",
         "train/NORMAL/odd.jpeg",
     ]
-    assert patient_groups(ids, SplitRecipe().group_pattern) == [
+    assert patient_groups(ids, DEFAULT_GROUP_PATTERN) == [
         "person12",
         "person12",
         "IM-0115",
@@ -146,7 +147,7 @@ def test_npz_grayscale_and_rgb(tmp_path):
 def test_npz_without_val_is_carved(tmp_path):
     path = make_npz(tmp_path / "x.npz", n=(40, 0, 8))
     assert "val_images" not in np.load(path).files
-    ds = load_dataset(path, recipe=SplitRecipe(val_fraction=0.2))
+    ds = load_dataset(DataSpec(path, val_fraction=0.2))
     assert len(ds.splits["val"]) == 8 and len(ds.splits["train"]) == 32
 
 
@@ -180,7 +181,22 @@ def test_other_file_type_is_rejected(tmp_path):
 
 
 def test_bad_recipe_values():
-    with pytest.raises(DataError, match="val_fraction=1.5"):
-        SplitRecipe(val_fraction=1.5)
-    with pytest.raises(DataError, match="not a valid regular expression"):
-        SplitRecipe(group_pattern="(")
+    with pytest.raises(ConfigError, match="val_fraction=1.5"):
+        DataSpec("d", val_fraction=1.5)
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        DataSpec("d", group_pattern="(")
+    with pytest.raises(ConfigError, match="split_seed=-1"):
+        DataSpec("d", split_seed=-1)
+
+
+def test_data_spec_round_trips_and_refuses_newer_records(tmp_path):
+    spec = DataSpec(tmp_path, val_fraction=0.2, split_seed=3, group_pattern="")
+    assert spec.group_pattern is None and spec.source == str(tmp_path)
+    record = spec.to_dict()
+    assert record["version"] == DataSpec.VERSION and DataSpec.from_dict(record) == spec
+    assert DataSpec.coerce(str(tmp_path)) == DataSpec(str(tmp_path))
+    assert DataSpec.coerce(spec) is spec
+    with pytest.raises(ConfigError, match="newer xfeat"):
+        DataSpec.from_dict({**record, "version": DataSpec.VERSION + 1})
+    with pytest.raises(ConfigError, match="expected a folder"):
+        DataSpec.coerce(3)

@@ -86,7 +86,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         np.testing.assert_allclose(
             merged[split].features, reference[split].features, rtol=1e-4, atol=1e-5
         )
-        assert merged.meta["splits"][split]["shards"] == 2
+        assert merged.meta.splits[split]["shards"] == 2
     assert not list(cache_dir.glob("*shard*"))  # merged, then removed
     again = _torchrun(
         *_extract_args(root, cache_dir, TINY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

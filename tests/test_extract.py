@@ -31,10 +31,12 @@ def test_extract_writes_every_split_in_dataset_order(image_folder, cache_dir):
         assert fs[name].ids == split.ids
         np.testing.assert_array_equal(fs[name].labels, split.labels)
     meta = fs.meta
-    assert meta["model"] == "resnet18" and meta["preprocessing"]["crop_size"] == TINY
-    assert meta["weights"]["id"] == "random(seed=0)" and meta["split"]["val"] == "carved from train"
-    assert meta["versions"]["torch"] == torch.__version__
-    assert meta["splits"]["train"]["images_per_second"] > 0
+    assert meta.model == "resnet18" and meta.preprocessing["crop_size"] == TINY
+    assert meta.weights.id == "random(seed=0)" and meta.split["val"] == "carved from train"
+    assert meta.data == xfeat.DataSpec(str(image_folder))
+    assert meta.versions["torch"] == torch.__version__
+    assert meta.splits["train"]["images_per_second"] > 0
+    assert xfeat.cache.CacheMeta.from_dict(meta.to_dict()) == meta
 
 
 def test_features_equal_a_direct_forward(image_folder, cache_dir):
@@ -74,7 +76,7 @@ def test_anything_that_changes_features_gives_a_new_entry(tmp_path, change):
     cache_dir = tmp_path / "cache"
     base = xfeat.plan_extraction(root, "resnet18", cache_dir=cache_dir, image_size=TINY)
     kwargs = dict(cache_dir=cache_dir, image_size=TINY)
-    model = "resnet18"
+    model, data = "resnet18", root
     if change == "content":
         Image.fromarray(np.full((40, 48), 7, np.uint8)).save(
             next((root / "train" / "NORMAL").glob("*.png"))
@@ -82,14 +84,14 @@ def test_anything_that_changes_features_gives_a_new_entry(tmp_path, change):
     elif change == "image_size":
         kwargs["image_size"] = TINY + 8
     elif change == "split":
-        kwargs["val_fraction"] = 0.3
+        data = xfeat.DataSpec(root, val_fraction=0.3)
     elif change == "seed":
         kwargs["seed"] = 1
     elif change == "dtype":
         kwargs["feature_dtype"] = "float16"
     else:
         model = "resnet34"
-    other = xfeat.plan_extraction(root, model, **kwargs)
+    other = xfeat.plan_extraction(data, model, **kwargs)
     assert other.key != base.key and other.path != base.path
 
 
@@ -188,7 +190,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, caplog):
     for split in a.splits:
         assert a[split].ids == b[split].ids
         np.testing.assert_allclose(a[split].features, b[split].features, rtol=1e-4, atol=1e-5)
-    assert a.meta["splits"]["train"]["resumed_from_row"] >= killed_at - 4
+    assert a.meta.splits["train"]["resumed_from_row"] >= killed_at - 4
 
 
 def test_two_processes_on_one_entry_do_not_corrupt_it(tmp_path):

@@ -131,4 +131,4 @@ def test_resume_keeps_the_rows_while_another_process_holds_the_partial_open(tmp_
     finally:
         holder.kill()
         holder.wait()
-    assert read_cache(path).meta["splits"]["train"]["resumed_from_row"] >= killed_at > 0
+    assert read_cache(path).meta.splits["train"]["resumed_from_row"] >= killed_at > 0

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY, make_image_folder, make_npz
 
 import xfeat
-from xfeat.cache import CacheError, read_cache
+from xfeat.cache import CacheError, WeightsRecord, read_cache
 from xfeat.errors import DataError
 from xfeat.fitting import check_head_matches, fit_head
 from xfeat.heads import load_head
@@ -132,13 +132,13 @@ def test_head_from_other_backbone_is_refused(features, tmp_path):
     fit_head(cache=features, out_dir=tmp_path / "run", n_boot=0)
     _, head_meta = load_head(tmp_path / "run" / "head.npz")
     check_head_matches(head_meta, features.meta)
-    other = dict(features.meta, model="resnet34")
+    other = features.meta.with_(model="resnet34")
     with pytest.raises(ValueError, match="trained on backbone 'resnet18'.*'resnet34'"):
         check_head_matches(head_meta, other)
-    other = dict(features.meta, preprocessing={**features.meta["preprocessing"], "crop_size": 64})
+    other = features.meta.with_(preprocessing={**features.meta.preprocessing, "crop_size": 64})
     with pytest.raises(ValueError, match="trained on preprocessing"):
         check_head_matches(head_meta, other)
-    other = dict(features.meta, weights={"kind": "random", "id": "random(seed=1)", "sha256": None})
+    other = features.meta.with_(weights=WeightsRecord("random", "random(seed=1)"))
     with pytest.raises(ValueError, match="weights random\\(seed=0\\)"):
         check_head_matches(head_meta, other)
 
@@ -156,7 +156,7 @@ def test_every_class_must_occur_in_train(features):
     """A head's probability columns are the classes it saw; a class absent from train would
     shift every later column, so fit_head refuses before fitting."""
     three = dataclasses.replace(
-        features, meta={**features.meta, "class_names": [*features.class_names, "COVID"]}
+        features, meta=features.meta.with_(class_names=(*features.class_names, "COVID"))
     )
     with pytest.raises(DataError, match=r"no images of class\(es\) \['COVID'\]"):
         fit_head(cache=three, save=False, n_boot=0)

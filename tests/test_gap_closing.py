@@ -44,7 +44,7 @@ def rich(data, tmp_path_factory):
 def test_stages_are_blocks_of_one_pass(data, rich):
     path, cache_dir = rich
     meta = read_meta(path)
-    assert meta["blocks"] == [["layer1", 64], ["layer2", 128], ["layer3", 256], ["penultimate", 512]]
+    assert meta.blocks == (("layer1", 64), ("layer2", 128), ("layer3", 256), ("penultimate", 512))
     plain = xfeat.extract(data, "resnet18", cache_dir=cache_dir, image_size=48, **RUN)
     assert plain != path  # blocks, views and TTA are part of the key
     np.testing.assert_allclose(

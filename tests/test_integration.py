@@ -31,12 +31,13 @@ def mobilenet_cache(chest, tmp_path_factory):
 
 def test_pretrained_extraction_on_real_xrays(mobilenet_cache):
     fs = read_cache(mobilenet_cache)
-    assert fs.meta["weights"]["sha256"].startswith("3e26d31c")
-    assert fs.meta["preprocessing"]["crop_size"] == 224
+    assert fs.meta.weights.sha256.startswith("3e26d31c")
+    assert fs.meta.preprocessing["crop_size"] == 224
     assert {s: len(fs[s]) for s in fs.splits} == {"train": 72, "val": 8, "test": 80}
     assert all(np.isfinite(fs[s].features).all() and fs[s].features.shape[1] == 1280 for s in fs.splits)
     # Patients never straddle train and val.
-    pattern = fs.meta["split"]["group_pattern"]
+    pattern = fs.meta.data.group_pattern
+    assert fs.meta.split["group_pattern"] == pattern
     from xfeat.data import patient_groups
 
     assert not set(patient_groups(fs["train"].ids, pattern)) & set(

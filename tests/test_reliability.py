@@ -266,7 +266,7 @@ def test_exif_orientation_is_applied_everywhere_and_recorded(tmp_path):
     stored = prep.center_crop(store[split.name][row])  # fine-tuning reads this way
     np.testing.assert_array_equal(extracted.permute(1, 2, 0).numpy(), stored)
     plan = xfeat.plan_extraction(data, "resnet18", cache_dir=tmp_path / "c", image_size=TINY)
-    assert plan.meta["preprocessing"]["exif_transpose"] is True
+    assert plan.meta().preprocessing["exif_transpose"] is True
 
 
 def test_dangling_links_and_folders_named_like_images_are_listed(tmp_path, caplog):

@@ -37,6 +37,7 @@ _API = {
     "fit_head": "xfeat.fitting",
     "predict": "xfeat.prediction",
     "load_result": "xfeat.runs.results",
+    "DataSpec": "xfeat.config",
     "FinetuneConfig": "xfeat.config",
     "XfeatError": "xfeat.errors",
 }

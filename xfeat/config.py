@@ -40,12 +40,73 @@ def default_cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class SplitConfig:
-    """How the validation split is carved out of train when the data has none (or a tiny one)."""
+class DataSpec:
+    """Which images, with which labels, in which splits: the one data argument of every command.
 
+    ``source`` is a folder ``ROOT/{train,val,test}/CLASS/*``, a MedMNIST-style ``.npz`` or a
+    built-in name. When the data have no val split (or one under 50 images), val is carved
+    out of train: ``val_fraction`` of it, stratified by class, seeded by ``split_seed``, whole
+    patient groups only (``group_pattern``'s first group on a file name is the patient id;
+    ``None`` or ``""`` groups nothing). The CLI builds one from ``--data``, ``--val-fraction``,
+    ``--split-seed`` and ``--group-pattern``; the feature cache records it (``to_dict``), so
+    later commands reload exactly the same data set (``from_dict``).
+    """
+
+    source: str
     val_fraction: float = 0.1
     split_seed: int = 0
     group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN
+
+    VERSION = 1  # of the recorded dict; from_dict reads this version and older records
+
+    def __post_init__(self):
+        object.__setattr__(self, "source", str(self.source))
+        if not self.source:
+            raise ConfigError("data source is empty; expected a folder, an .npz file or a built-in name")
+        _check_number("val_fraction", self.val_fraction, low=0.0, low_open=True, high=1.0)
+        if self.val_fraction is None or self.val_fraction >= 1.0:
+            raise ConfigError(f"val_fraction={self.val_fraction!r}: expected a number in (0, 1)")
+        _check_positive_int("split_seed", self.split_seed, minimum=0)
+        if self.group_pattern == "":
+            object.__setattr__(self, "group_pattern", None)
+        if self.group_pattern is not None:
+            import re
+
+            try:
+                re.compile(self.group_pattern)
+            except (re.error, TypeError) as exc:
+                raise ConfigError(
+                    f"group pattern {self.group_pattern!r} is not a valid regular expression: "
+                    f"{exc}; give a regex whose first group is the patient id, or '' for none"
+                ) from None
+
+    @classmethod
+    def coerce(cls, data) -> DataSpec:
+        """``data`` as a spec: a :class:`DataSpec` itself, or a path or name with the defaults."""
+        if isinstance(data, cls):
+            return data
+        if isinstance(data, (str, os.PathLike)):
+            return cls(os.fspath(data))
+        raise ConfigError(
+            f"data={data!r}: expected a folder, an .npz file, a built-in name or a DataSpec"
+        )
+
+    def with_source(self, source) -> DataSpec:
+        """The same recipe for data found elsewhere (a moved folder, a copy)."""
+        return replace(self, source=os.fspath(source))
+
+    def to_dict(self) -> dict:
+        return {"version": self.VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> DataSpec:
+        version = record.get("version", 1)
+        if version > cls.VERSION:
+            raise ConfigError(
+                f"a data record of version {version} was written by a newer xfeat (this one "
+                f"reads up to {cls.VERSION}); upgrade xfeat"
+            )
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.base import clone
 
 from xfeat import cache as cache_io
+from xfeat.cache import CacheMeta
 from xfeat.config import parse_threshold_rule
 from xfeat.errors import ConfigError, DataError
 from xfeat.evaluation.metrics import evaluate_splits
@@ -83,11 +84,9 @@ def fit_head(
     )
     features = loaded.features
     inputs = _inputs(features, use_views=use_views, tta=tta)
-    fitted, threshold_on, fit_seconds = _fit(
-        inputs, head, dict(head_params or {}), features.meta["class_names"]
-    )
+    fitted, threshold_on, fit_seconds = _fit(inputs, head, dict(head_params or {}), features.class_names)
     t_eval = time.perf_counter()
-    probas, adaptation = _predict(fitted, inputs, adapt, features.meta["class_names"], seed)
+    probas, adaptation = _predict(fitted, inputs, adapt, features.class_names, seed)
     labels = {s: sp.labels for s, sp in features.splits.items()}
     evaluation = evaluate_splits(
         labels, probas, threshold=threshold, n_boot=n_boot, seed=seed, threshold_on=threshold_on
@@ -114,7 +113,7 @@ def fit_head(
     )
     if save:
         source = _adaptation_source(
-            inputs, fitted.predict_proba(inputs["eval"]["val"]), features.meta["class_names"], threshold
+            inputs, fitted.predict_proba(inputs["eval"]["val"]), features.class_names, threshold
         )
         _save(result, features.meta, head, evaluation, out_dir, features.blocks, source, tta)
     return result
@@ -239,19 +238,19 @@ def _record(
 ) -> dict:
     """The ``results.json`` record of a head on the cache."""
     meta = features.meta
-    extract_seconds = sum(s.get("seconds_total") or 0 for s in meta["splits"].values())
-    n_images = sum(s["n"] for s in meta["splits"].values())
+    extract_seconds = sum(s.get("seconds_total") or 0 for s in meta.splits.values())
+    n_images = sum(s["n"] for s in meta.splits.values())
     record = new_record(
-        model=meta["model"],
-        weights={k: meta["weights"][k] for k in ("kind", "id", "sha256")},
+        model=meta.model,
+        weights={"kind": meta.weights.kind, "id": meta.weights.id, "sha256": meta.weights.sha256},
         mode="cached",
         head=head,
         dataset={
-            "name": meta["dataset"]["name"],
-            "source": meta["dataset"]["source"],
-            "fingerprint": meta["dataset"]["fingerprint"],
-            "class_names": meta["class_names"],
-            "counts": meta["dataset"]["counts"],
+            "name": meta.dataset.name,
+            "source": meta.dataset.source,
+            "fingerprint": meta.dataset.fingerprint,
+            "class_names": list(meta.class_names),
+            "counts": meta.dataset.counts,
         },
         threshold=evaluation["threshold"],
         selection=fitted.selection_,
@@ -286,7 +285,7 @@ def _record(
 
 def _save(
     result: RunResult,
-    meta: dict,
+    meta: CacheMeta,
     head: str,
     evaluation: dict,
     out_dir,
@@ -298,7 +297,7 @@ def _save(
     run_dir = (
         Path(out_dir)
         if out_dir
-        else default_run_dir(meta["dataset"]["name"], meta["model"], meta["weights"], f"cached-{head}")
+        else default_run_dir(meta.dataset.name, meta.model, meta.weights.to_dict(), f"cached-{head}")
     )
     with run_lock(run_dir, "fit-head run"):
         result.save(run_dir)
@@ -316,7 +315,7 @@ def _save(
             plot_training_curves(
                 result.record["history"],
                 run_dir / "curves.png",
-                title=f"{meta['model']} cached {head} head",
+                title=f"{meta.model} cached {head} head",
                 best_epoch=result.head.selection_.get("best_epoch"),
             )
     logger.info("saved %s", run_dir)
@@ -333,49 +332,50 @@ def _check_every_class_in_train(labels, class_names: list) -> None:
         )
 
 
-def head_metadata(meta: dict, evaluation: dict, blocks: list, tta=()) -> dict:
+def head_metadata(meta: CacheMeta, evaluation: dict, blocks: list, tta=()) -> dict:
     """What a saved head must know to be applied again: its backbone, blocks, threshold."""
-    sources = meta.get("sources") or [{k: meta[k] for k in ("model", "weights", "preprocessing")}]
     return {
         "threshold": evaluation["threshold"]["value"],
         "threshold_rule": evaluation["threshold"]["rule"],
-        "class_names": meta["class_names"],
-        "model": meta["model"],
+        "class_names": list(meta.class_names),
+        "model": meta.model,
         "blocks": [list(b) for b in blocks],
         "feature_dim": sum(d for _, d in blocks),
-        "weights": meta["weights"],
-        "preprocessing": meta["preprocessing"],
-        "sources": [{k: src[k] for k in ("model", "weights", "preprocessing")} for src in sources],
-        "cache_key": meta["key"],
-        "dataset_fingerprint": meta["dataset"]["fingerprint"],
+        "weights": meta.weights.to_dict(),
+        "preprocessing": meta.preprocessing,
+        "sources": [
+            {"model": s.model, "weights": s.weights.to_dict(), "preprocessing": s.preprocessing}
+            for s in meta.merged_sources()
+        ],
+        "cache_key": meta.key,
+        "dataset_fingerprint": meta.dataset.fingerprint,
         "tta": list(tta),
-        "precision": meta.get("precision", "fp32"),
+        "precision": meta.precision,
     }
 
 
-def check_head_matches(head_meta: dict, features_meta: dict, *, source: str = "features") -> None:
+def check_head_matches(head_meta: dict, features_meta: CacheMeta, *, source: str = "features") -> None:
     """Refuse to apply a head to features of another backbone, weights, preprocessing or
     blocks."""
     for field, what in (("model", "backbone"), ("preprocessing", "preprocessing")):
-        if head_meta[field] != features_meta[field]:
+        theirs = getattr(features_meta, field)
+        if head_meta[field] != theirs:
             raise ConfigError(
                 f"the head was trained on {what} {head_meta[field]!r} but "
-                f"{source} come from {features_meta[field]!r}; fit a head on "
+                f"{source} come from {theirs!r}; fit a head on "
                 "these features or extract them with the head's backbone"
             )
     head_blocks = [
         tuple(b) for b in head_meta.get("blocks") or [("penultimate", head_meta["feature_dim"])]
     ]
-    have = {
-        tuple(b) for b in features_meta.get("blocks") or [("penultimate", features_meta["feature_dim"])]
-    }
+    have = set(features_meta.blocks)
     missing = [b for b in head_blocks if b not in have]
     if missing:
         raise ConfigError(
             f"the head was trained on feature blocks {head_blocks} but {source} "
             f"lack {missing}; extract them with the head's --layers"
         )
-    hw, fw = head_meta["weights"], features_meta["weights"]
+    hw, fw = head_meta["weights"], features_meta.weights.to_dict()
     if (hw["kind"], hw.get("sha256") or hw["id"]) != (fw["kind"], fw.get("sha256") or fw["id"]):
         raise ConfigError(
             f"the head was trained on features of weights {hw['id']} but "

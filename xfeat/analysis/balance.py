@@ -42,7 +42,7 @@ def balance_section(features) -> Section:
         ),
     }
     figure = plot_class_balance(
-        fractions, names, title=f"class fractions per split ({features.meta['dataset']['name']})"
+        fractions, names, title=f"class fractions per split ({features.meta.dataset.name})"
     )
     return Section(
         "class_balance",

@@ -127,7 +127,7 @@ def analyze(
     features, dataset = loaded.features, loaded.dataset
     meta = features.meta
     if out_dir is None:
-        out_dir = default_run_dir(meta["dataset"]["name"], meta["model"], meta["weights"], "analysis")
+        out_dir = default_run_dir(meta.dataset.name, meta.model, meta.weights.to_dict(), "analysis")
     out_dir = make_dirs(out_dir)  # an unwritable folder fails now, not after the work
 
     timing = {}
@@ -146,7 +146,7 @@ def analyze(
         functools.partial(
             label_noise_section, features, C=fitted.record["selection"]["C"], n_folds=n_folds, seed=seed
         ),
-        functools.partial(gaps_section, fitted, runs, fingerprint=meta["dataset"]["fingerprint"]),
+        functools.partial(gaps_section, fitted, runs, fingerprint=meta.dataset.fingerprint),
         functools.partial(calibration_section, fitted),
         functools.partial(adaptation_section, features, fitted, seed=seed),
     ]
@@ -171,7 +171,7 @@ def analyze(
     _write(out_dir, record, sections)
     logger.info(
         "analysis of %s written to %s in %.1f s",
-        meta["dataset"]["name"],
+        meta.dataset.name,
         out_dir,
         timing["total_seconds"],
     )
@@ -205,10 +205,15 @@ def _record(features, out_dir: Path, params: dict, sections: list, timing: dict)
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "out_dir": str(out_dir),
-        "dataset": {k: meta["dataset"][k] for k in ("name", "source", "fingerprint")}
-        | {"class_names": meta["class_names"], "split": meta["split"]},
-        "model": meta["model"],
-        "weights": {k: meta["weights"].get(k) for k in ("kind", "id", "sha256")},
+        "dataset": {
+            "name": meta.dataset.name,
+            "source": meta.dataset.source,
+            "fingerprint": meta.dataset.fingerprint,
+            "class_names": list(meta.class_names),
+            "split": meta.split,
+        },
+        "model": meta.model,
+        "weights": {"kind": meta.weights.kind, "id": meta.weights.id, "sha256": meta.weights.sha256},
         "cache": {"path": str(features.path), "key": features.key},
         "params": params,
         "headlines": [h for s in by_priority for h in s.headlines],

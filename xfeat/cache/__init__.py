@@ -4,6 +4,7 @@
 incrementally so that no crash leaves a file that could be mistaken for a complete one.
 """
 
+from xfeat.cache.meta import CacheMeta, DatasetRecord, SourceRecord, ViewsRecord, WeightsRecord
 from xfeat.cache.read import (
     BASE_SPLITS,
     FEATURE_DTYPES,
@@ -23,6 +24,11 @@ from xfeat.errors import CacheError
 __all__ = [
     "BASE_SPLITS",
     "CacheError",
+    "CacheMeta",
+    "DatasetRecord",
+    "SourceRecord",
+    "ViewsRecord",
+    "WeightsRecord",
     "CacheWriter",
     "FEATURE_DTYPES",
     "FORMAT",

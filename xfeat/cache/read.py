@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 import h5py
 import numpy as np
 
+from xfeat.cache.meta import CacheMeta
 from xfeat.config import FEATURE_DTYPES  # noqa: F401  (re-exported)
 from xfeat.errors import CacheError
 
@@ -55,14 +56,14 @@ class FeatureSet:
 
     path: Path
     key: str
-    meta: dict
+    meta: CacheMeta
     splits: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)  # split -> ids of unreadable images
     views: dict = field(default_factory=dict)
 
     @property
     def class_names(self) -> list:
-        return self.meta["class_names"]
+        return list(self.meta.class_names)
 
     @property
     def blocks(self) -> list:
@@ -118,22 +119,27 @@ def is_complete(path: Union[str, Path]) -> bool:
         return False
 
 
-def read_meta(path: Union[str, Path]) -> dict:
-    """The attributes of a complete cache entry, without loading features."""
+def read_meta(path: Union[str, Path]) -> CacheMeta:
+    """The metadata of a complete cache entry, without loading features."""
     path = _check_readable(Path(path))
     with h5py.File(path, "r", locking=False) as f:
         return _meta(f)
 
 
-def _meta(f: h5py.File) -> dict:
-    meta = json.loads(f.attrs["meta"])
+def _meta(f: h5py.File) -> CacheMeta:
+    try:
+        meta = json.loads(f.attrs["meta"])
+    except (KeyError, ValueError) as exc:
+        raise CacheError(
+            f"{f.filename}: its metadata cannot be read ({exc}); extract again with --force"
+        ) from None
     meta["key"] = str(f.attrs["key"])
     meta["splits"] = {
         s: {"n": rows_of(f[s]), **json.loads(f[s].attrs.get("stats", "{}"))} for s in group_order(f)
     }
     first = f[next(iter(f))]
     meta.setdefault("blocks", [[name, ds.shape[1]] for name, ds in block_datasets(first).items()])
-    return meta
+    return CacheMeta.from_dict(meta)
 
 
 def _check_readable(path: Path) -> Path:
@@ -181,7 +187,7 @@ def read_cache(
     path = _check_readable(Path(path))
     with h5py.File(path, "r", locking=False) as f:
         meta = _meta(f)
-        result = FeatureSet(path=path, key=meta["key"], meta=meta)
+        result = FeatureSet(path=path, key=meta.key, meta=meta)
         wanted = list(splits) if splits else [s for s in BASE_SPLITS if s in f]
         for s in wanted:
             if s not in f:

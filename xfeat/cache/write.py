@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
+from xfeat.cache.meta import CacheMeta
 from xfeat.cache.read import FEATURE_DTYPES, FORMAT, FORMAT_VERSION, partial_path, read_cache
 from xfeat.errors import CacheError
 from xfeat.files import describe_os_error, file_mode, make_dirs, safe_name
@@ -76,7 +77,14 @@ class CacheWriter:
     """
 
     def __init__(
-        self, path: Path, *, key: str, meta: dict, splits: dict, blocks: list, dtype: str = "float32"
+        self,
+        path: Path,
+        *,
+        key: str,
+        meta: CacheMeta,
+        splits: dict,
+        blocks: list,
+        dtype: str = "float32",
     ):
         if dtype not in FEATURE_DTYPES:
             raise CacheError(f"feature dtype {dtype!r} not supported; expected one of {FEATURE_DTYPES}")
@@ -145,12 +153,11 @@ class CacheWriter:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["key"] = self.key
-        meta = {
-            **self.meta,
-            "blocks": [list(b) for b in self.blocks],
-            "versions": {**self.meta.get("versions", {}), "h5py": h5py.__version__},
-        }
-        f.attrs["meta"] = json.dumps(meta, sort_keys=True)
+        meta = self.meta.with_(
+            blocks=tuple((name, dim) for name, dim in self.blocks),
+            versions={**self.meta.versions, "h5py": h5py.__version__},
+        )
+        f.attrs["meta"] = json.dumps(meta.to_dict(), sort_keys=True)
         f.attrs["complete"] = False
         for s, (ids, labels) in splits.items():
             g = f.create_group(s)
@@ -217,7 +224,7 @@ def merge_shards(
     shard_paths: Sequence[Path],
     *,
     key: str,
-    meta: dict,
+    meta: CacheMeta,
     splits: dict,
     blocks: list,
     dtype: str,

@@ -9,6 +9,7 @@ import click
 from xfeat.cli.app import api_errors, cli
 from xfeat.cli.options import (
     data_options,
+    data_spec,
     default,
     feature_options,
     json_option,
@@ -102,12 +103,13 @@ def extract_cmd(ctx, as_json, **options):
     from xfeat.cache import read_meta
     from xfeat.extraction.pipeline import extract
 
-    path = extract(progress=ctx.obj["progress"], **options)
+    data = data_spec(options.pop("data"), options)
+    path = extract(data, progress=ctx.obj["progress"], **options)
     if not ctx.obj["report"]:
         return
     meta = read_meta(path)
     if as_json:
-        click.echo(json.dumps({"path": str(path), **meta}, indent=2))
+        click.echo(json.dumps({"path": str(path), **meta.to_dict()}, indent=2))
         return
     click.echo(describe_cache(path, meta))
 
@@ -121,26 +123,25 @@ def info_cmd(cache_file, as_json):
     from xfeat.cache import read_meta
 
     meta = read_meta(cache_file)
-    click.echo(json.dumps(meta, indent=2) if as_json else describe_cache(cache_file, meta))
+    click.echo(json.dumps(meta.to_dict(), indent=2) if as_json else describe_cache(cache_file, meta))
 
 
 def describe_cache(path, meta) -> str:
-    w = meta["weights"]
-    weights = w["id"] if w["kind"] != "file" else f"{w['id']} (sha256 {w['sha256'][:12]})"
-    p = meta["preprocessing"]
-    blocks = meta.get("blocks") or [["penultimate", meta["feature_dim"]]]
+    w = meta.weights
+    weights = w.id if w.kind != "file" else f"{w.id} (sha256 {w.sha256[:12]})"
+    p = meta.preprocessing
     lines = [
         f"cache: {path}",
-        f"  model {meta['model']} ({meta['feature_dtype']}"
-        f"{', ' + meta['precision'] if meta.get('precision', 'fp32') != 'fp32' else ''}), "
+        f"  model {meta.model} ({meta.feature_dtype}"
+        f"{', ' + meta.precision if meta.precision != 'fp32' else ''}), "
         f"weights {weights}",
-        "  blocks: " + ", ".join(f"{name} (D={dim})" for name, dim in blocks),
-        f"  dataset {meta['dataset']['name']} ({meta['dataset']['source']}), classes "
-        f"{', '.join(meta['class_names'])}; val {meta['split'].get('val')}",
+        "  blocks: " + ", ".join(f"{name} (D={dim})" for name, dim in meta.blocks),
+        f"  dataset {meta.dataset.name} ({meta.dataset.source}), classes "
+        f"{', '.join(meta.class_names)}; val {meta.split.get('val')}",
         f"  preprocessing: resize {p['resize_size']}, crop {p['crop_size']}, "
         f"{p['interpolation']}" + (", EXIF orientation applied" if p.get("exif_transpose") else ""),
     ]
-    for split, s in meta["splits"].items():
+    for split, s in meta.splits.items():
         rate = s.get("images_per_second")
         lines.append(
             f"  {split:<14} {s['n']:>6} images"

@@ -9,6 +9,7 @@ import click
 from xfeat.cli.app import api_errors, cli
 from xfeat.cli.options import (
     cache_source,
+    data_spec,
     feature_options,
     json_option,
     model_options,
@@ -145,6 +146,7 @@ def fit_head_cmd(
 
     if "seed" in head_options()[head]:
         head_params["seed"] = seed
+    data = data_spec(data, options)
     extract_options = cache_source(
         ctx, data, cache_file, {**options, "tta": tta}, image_size=image_size, seed=seed
     )

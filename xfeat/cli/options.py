@@ -14,9 +14,9 @@ from xfeat.config import (
     INT8_CALIBRATION_IMAGES,
     PRECISIONS,
     RECIPES,
+    DataSpec,
     ExtractConfig,
     FinetuneConfig,
-    SplitConfig,
 )
 
 
@@ -48,19 +48,19 @@ def data_options(f, required: bool = True):
                 "--val-fraction",
                 type=float,
                 show_default=True,
-                default=default(SplitConfig, "val_fraction"),
+                default=default(DataSpec, "val_fraction"),
                 help="Share of train carved out as val when val is missing or tiny.",
             ),
             click.option(
                 "--split-seed",
                 type=int,
-                default=default(SplitConfig, "split_seed"),
+                default=default(DataSpec, "split_seed"),
                 show_default=True,
                 help="Seed of the val carve-out.",
             ),
             click.option(
                 "--group-pattern",
-                default=default(SplitConfig, "group_pattern"),
+                default=default(DataSpec, "group_pattern"),
                 show_default=True,
                 help="Regex whose first group on a file name is the patient id (kept on "
                 "one side of the split); '' disables grouping.",
@@ -285,13 +285,11 @@ def finetune_options(f):
     )
 
 
-def split_options(kwargs: dict) -> dict:
-    """Pop the data options into ``extract``'s keyword names."""
-    return {
-        k: kwargs.pop(k)
-        for k in ("val_fraction", "split_seed", "group_pattern", "cache_dir")
-        if k in kwargs
-    }
+def data_spec(data, options: dict):
+    """``--data`` with the carve-out options (popped from ``options``) as one
+    :class:`~xfeat.config.DataSpec`; None when ``--data`` is not given."""
+    recipe = {k: options.pop(k) for k in ("val_fraction", "split_seed", "group_pattern") if k in options}
+    return DataSpec(data, **recipe) if data else None
 
 
 def cache_source(ctx, data, cache_file, options: dict, *, image_size, seed) -> dict:
@@ -299,7 +297,6 @@ def cache_source(ctx, data, cache_file, options: dict, *, image_size, seed) -> d
     if not data and not cache_file:
         raise click.UsageError("give --data (and --model/--weights) or --cache FILE.h5")
     extract_options = {
-        **split_options(options),
         **options,
         "image_size": image_size,
         "seed": seed,

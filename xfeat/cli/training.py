@@ -10,6 +10,7 @@ from xfeat.cli.app import api_errors, cli
 from xfeat.cli.options import (
     cache_source,
     data_options,
+    data_spec,
     default,
     finetune_options,
     json_option,
@@ -18,7 +19,6 @@ from xfeat.cli.options import (
     n_boot_option,
     optional_data_options,
     run_options,
-    split_options,
     threshold_option,
 )
 from xfeat.config import COMPARE_MODES, FINETUNE_ADAPTATIONS, FINETUNE_MODES, HEAD_NAMES, FinetuneConfig
@@ -69,7 +69,7 @@ def finetune_cmd(
     """Train end to end (full), the frozen-backbone baseline, or LP-FT; evaluate once on test."""
     from xfeat.finetuning import finetune
 
-    data_kwargs = split_options(options)
+    data = data_spec(data, options)
     result = finetune(
         data,
         model,
@@ -80,7 +80,6 @@ def finetune_cmd(
         num_workers=num_workers,
         device=device,
         progress=ctx.obj["progress"],
-        **data_kwargs,
         **options,
     )
     if result is not None:  # under torchrun, rank 0 holds the result
@@ -152,8 +151,8 @@ def compare_cmd(
     """Speed and accuracy of every (backbone, mode) pair, side by side, with a report."""
     from xfeat.comparison import compare
 
-    data_kwargs = split_options(options)
-    data = data_kwargs.pop("data", None) or options.pop("data")
+    data = data_spec(options.pop("data"), options)
+    cache_dir = options.pop("cache_dir")
     result = compare(
         data,
         [m for m in models.split(",") if m],
@@ -169,7 +168,7 @@ def compare_cmd(
         device=device,
         progress=ctx.obj["progress"],
         finetune=options,
-        **data_kwargs,
+        cache_dir=cache_dir,
     )
     if as_json:
         click.echo((result.out_dir / "comparison.json").read_text())
@@ -240,6 +239,7 @@ def analyze_cmd(
     overfitting, calibration."""
     from xfeat.analysis import analyze
 
+    data = data_spec(data, options)
     extract_options = cache_source(ctx, data, cache_file, options, image_size=image_size, seed=seed)
     analysis = analyze(
         data,

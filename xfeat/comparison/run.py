@@ -17,7 +17,6 @@ from typing import Optional, Sequence, Union
 from xfeat.backbones.weights import parse_weights
 from xfeat.config import (
     COMPARE_MODES,
-    DEFAULT_GROUP_PATTERN,
     DEFAULT_N_BOOT,
     HEAD_NAMES,
     FinetuneConfig,
@@ -99,30 +98,27 @@ def compare(
     num_workers: Optional[int] = None,
     device: Optional[str] = None,
     cache_dir=None,
-    val_fraction: float = 0.1,
-    split_seed: int = 0,
-    group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN,
     analyze: bool = False,
     progress: bool = True,
     **finetune_options,
 ) -> Comparison:
     """Run every (model, mode) pair not already done and write the comparison report.
 
+    ``data`` is a :class:`~xfeat.config.DataSpec` or its source (a folder, an npz file or a
+    built-in name); every run uses the same splits.
     ``finetune`` (a :class:`~xfeat.config.FinetuneConfig` or a dict of its fields, plus any
     ``**finetune_options`` such as ``epochs=5``) is the recipe of the fine-tuned modes; its
     ``seed`` seeds everything. ``quick`` uses a stratified subset (train 300, val 100, test
     200 images) and at most 2 epochs, so the comparison fits in minutes on a CPU.
     """
-    from xfeat.data import SplitRecipe, load_dataset
+    from xfeat.data import load_dataset
 
     config = _finetune_config(finetune, finetune_options)
     weights_by_model = _validate(models, weights, modes, head, n_boot, config)
     modes_by_model, notes = _supported_modes(models, weights_by_model, modes, config.seed)
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    dataset = load_dataset(
-        data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern), cache_dir=cache_dir
-    )
+    dataset = load_dataset(data, cache_dir=cache_dir)
     if quick:
         dataset = dataset.subsample(QUICK_SIZES, seed=config.seed)
         requested = config.epochs

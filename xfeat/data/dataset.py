@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from xfeat.config import DataSpec
 from xfeat.data.images import array_to_rgb, read_image_file
 from xfeat.errors import DataError
 
@@ -63,7 +64,8 @@ class Dataset:
     class_names: list
     splits: dict
     content_digest: str  # sha256 over every sample's split, label, id and bytes
-    split_info: dict = field(default_factory=dict)
+    split_info: dict = field(default_factory=dict)  # how val was obtained (given or carved)
+    spec: Optional[DataSpec] = None  # what was asked for (set by load_dataset)
 
     @property
     def fingerprint(self) -> str:
@@ -106,6 +108,7 @@ class Dataset:
             splits=splits,
             content_digest=digest.hexdigest(),
             split_info={**self.split_info, "subsample": {"sizes": chosen, "seed": seed}},
+            spec=self.spec,
         )
 
 

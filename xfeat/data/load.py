@@ -1,31 +1,31 @@
-"""``load_dataset``: a folder, an ``.npz`` file or a built-in name, with its validation split."""
+"""``load_dataset``: the data a :class:`~xfeat.config.DataSpec` names, with its validation split."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
+from xfeat.config import DataSpec
 from xfeat.data import builtin as datasets_builtin
 from xfeat.data.dataset import Dataset
 from xfeat.data.folders import load_folder
 from xfeat.data.npz import load_npz
-from xfeat.data.splits import SplitRecipe, ensure_validation_split
+from xfeat.data.splits import ensure_validation_split
 from xfeat.errors import DataError
 
 
 def load_dataset(
-    data: Union[str, Path],
-    *,
-    recipe: Optional[SplitRecipe] = None,
-    cache_dir: Union[str, Path, None] = None,
+    data: Union[DataSpec, str, Path], *, cache_dir: Union[str, Path, None] = None
 ) -> Dataset:
-    """Load a folder, an ``.npz`` file or a built-in dataset name, with a validation split.
+    """Load the folder, ``.npz`` file or built-in data set that ``data`` names.
 
+    ``data`` is a :class:`~xfeat.config.DataSpec`, or a path or name (the spec's defaults).
     A missing or tiny val split (fewer than ``TINY_VAL_SIZE`` images) is carved out of train
-    by ``recipe``: stratified by class, seeded, and with every patient group on one side.
-    Test is never touched.
+    as the spec says: stratified by class, seeded, and with every patient group on one side.
+    Test is never touched. Built-in data sets are downloaded into ``cache_dir/datasets``.
     """
-    recipe = recipe or SplitRecipe()
+    spec = DataSpec.coerce(data)
+    data = spec.source
     path = Path(data).expanduser()
     if path.is_dir():
         dataset = load_folder(path)
@@ -47,5 +47,6 @@ def load_dataset(
             f"--data {str(data)!r}: no such folder or .npz file, and not a built-in "
             f"dataset (built-in: {', '.join(datasets_builtin.names())})"
         )
-    ensure_validation_split(dataset, recipe)
+    ensure_validation_split(dataset, spec)
+    dataset.spec = spec
     return dataset

@@ -9,46 +9,18 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from xfeat.config import DEFAULT_GROUP_PATTERN
+from xfeat.config import DataSpec
 from xfeat.data.dataset import SPLITS, Dataset, Split
 from xfeat.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 TINY_VAL_SIZE = 50  # a given val split smaller than this is merged into train and re-carved
-
-
-@dataclass(frozen=True)
-class SplitRecipe:
-    """How the validation split is obtained when the dataset has none (or a tiny one)."""
-
-    val_fraction: float = 0.1
-    seed: int = 0
-    group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN
-
-    @classmethod
-    def from_split_info(cls, info: dict) -> SplitRecipe:
-        """The recipe recorded in a cache's ``split`` metadata (default when val was given)."""
-        if info.get("val") != "carved from train":
-            return cls()
-        return cls(info["val_fraction"], info["seed"], info["group_pattern"])
-
-    def __post_init__(self):
-        if not 0.0 < self.val_fraction < 1.0:
-            raise DataError(f"val_fraction={self.val_fraction!r} must be strictly between 0 and 1")
-        if self.group_pattern:
-            try:
-                re.compile(self.group_pattern)
-            except re.error as exc:
-                raise DataError(
-                    f"group pattern {self.group_pattern!r} is not a valid regular expression: {exc}"
-                ) from None
 
 
 def patient_groups(ids: Sequence[str], pattern: Optional[str]) -> list:
@@ -94,7 +66,7 @@ def carve_validation(
     return in_val
 
 
-def ensure_validation_split(dataset: Dataset, recipe: SplitRecipe) -> None:
+def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:
     val = dataset.splits.get("val")
     if val is not None and len(val) >= TINY_VAL_SIZE:
         dataset.split_info = {"val": "given"}
@@ -107,15 +79,15 @@ def ensure_validation_split(dataset: Dataset, recipe: SplitRecipe) -> None:
             "a %.0f%% stratified validation split instead",
             len(val),
             TINY_VAL_SIZE,
-            100 * recipe.val_fraction,
+            100 * spec.val_fraction,
         )
         merged_val = len(val)
         train = concat(train, val, "train")
-    groups = patient_groups(train.ids, recipe.group_pattern)
-    in_val = carve_validation(train.labels, groups, recipe.val_fraction, recipe.seed)
+    groups = patient_groups(train.ids, spec.group_pattern)
+    in_val = carve_validation(train.labels, groups, spec.val_fraction, spec.split_seed)
     if not in_val.any() or in_val.all():
         raise DataError(
-            f"cannot carve a validation split of {recipe.val_fraction:.0%} from "
+            f"cannot carve a validation split of {spec.val_fraction:.0%} from "
             f"{len(train)} training images; add a val/ split or change val_fraction"
         )
     dataset.splits["train"] = train.subset(np.flatnonzero(~in_val), "train")
@@ -124,9 +96,9 @@ def ensure_validation_split(dataset: Dataset, recipe: SplitRecipe) -> None:
     n_groups = len(set(groups))
     dataset.split_info = {
         "val": "carved from train",
-        "val_fraction": recipe.val_fraction,
-        "seed": recipe.seed,
-        "group_pattern": recipe.group_pattern,
+        "val_fraction": spec.val_fraction,
+        "seed": spec.split_seed,
+        "group_pattern": spec.group_pattern,
         "groups": n_groups,
         "merged_tiny_val": merged_val,
     }
@@ -135,7 +107,7 @@ def ensure_validation_split(dataset: Dataset, recipe: SplitRecipe) -> None:
         int(in_val.sum()),
         len(train),
         n_groups,
-        recipe.seed,
+        spec.split_seed,
     )
 
 

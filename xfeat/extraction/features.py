@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from xfeat import cache as cache_io
-from xfeat.data import Dataset, SplitRecipe, load_dataset
+from xfeat.config import DataSpec
+from xfeat.data import Dataset, load_dataset
 from xfeat.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
     """Several caches of the same images as one FeatureSet, blocks side by side."""
     first = sets[0]
     for other in sets[1:]:
-        if other.meta["dataset"]["fingerprint"] != first.meta["dataset"]["fingerprint"]:
+        if other.meta.dataset.fingerprint != first.meta.dataset.fingerprint:
             raise cache_io.CacheError(
                 f"{other.path.name} and {first.path.name} do not hold the same images (their "
                 "data or split differ); extract both from the same data and split"
@@ -154,13 +155,13 @@ def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
                     f"{other.path.name} and {first.path.name} do not hold the same {split} "
                     "images (ids differ); extract both from the same data and split"
                 )
-    models = [fs.meta["model"] for fs in sets]
+    models = [fs.meta.model for fs in sets]
     if len(set(models)) != len(models):
         raise ConfigError(
             f"the caches come from models {models}: each backbone may appear once "
             "(their blocks are named MODEL:BLOCK)"
         )
-    names = [f"{fs.meta['model']}:{b}" for fs in sets for b, _ in fs.blocks]
+    names = [f"{fs.meta.model}:{b}" for fs in sets for b, _ in fs.blocks]
     chosen = list(blocks) if blocks else names
     unknown = [b for b in chosen if b not in names]
     if unknown:
@@ -171,7 +172,7 @@ def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
         for fs_part, fs in zip(parts, sets):
             start = 0
             for b, d in fs_part.blocks:
-                columns[f"{fs.meta['model']}:{b}"] = fs_part.features[:, start : start + d]
+                columns[f"{fs.meta.model}:{b}"] = fs_part.features[:, start : start + d]
                 start += d
         dims = [(b, columns[b].shape[1]) for b in chosen]
         return cache_io.SplitFeatures(
@@ -182,44 +183,54 @@ def merge_feature_sets(sets: list, blocks: Optional[Sequence[str]] = None):
             dims,
         )
 
-    meta = {
-        **first.meta,
-        "model": "+".join(fs.meta["model"] for fs in sets),
-        "sources": [
-            {k: fs.meta[k] for k in ("model", "weights", "preprocessing", "blocks", "key")}
+    splits = {s: merged([fs.splits[s] for fs in sets]) for s in first.splits}
+    merged_blocks = tuple(tuple(b) for b in next(iter(splits.values())).blocks)
+    meta = first.meta.with_(
+        model="+".join(fs.meta.model for fs in sets),
+        sources=tuple(
+            cache_io.SourceRecord(
+                fs.meta.model, fs.meta.weights, fs.meta.preprocessing, fs.meta.blocks, fs.key
+            )
             for fs in sets
-        ],
-    }
+        ),
+        blocks=merged_blocks,
+        feature_dim=sum(d for _, d in merged_blocks),
+    )
     result = cache_io.FeatureSet(
         first.path, "+".join(fs.key for fs in sets), meta, skipped=first.skipped
     )
-    result.splits = {s: merged([fs.splits[s] for fs in sets]) for s in first.splits}
+    result.splits = splits
     for base, views in first.views.items():
         common = [v for v in views if all(v in fs.views.get(base, {}) for fs in sets)]
         result.views[base] = {v: merged([fs.views[base][v] for fs in sets]) for v in common}
-    meta["blocks"] = [list(b) for b in next(iter(result.splits.values())).blocks]
-    meta["feature_dim"] = sum(d for _, d in meta["blocks"])
     return result
 
 
 def load_matching_dataset(
-    meta: dict, data=None, *, ids: Optional[dict] = None, cache_dir=None
+    meta: cache_io.CacheMeta, data=None, *, ids: Optional[dict] = None, cache_dir=None
 ) -> Dataset:
     """The dataset a cache was made from (``data``, else its recorded source), verified.
 
-    ``data`` may be a path, a built-in name or a :class:`~xfeat.data.dataset.Dataset`. The split
-    recipe is rebuilt from the cache's metadata, and a
-    different content or split fingerprint is refused. A cache of a subsample (``--quick``)
-    reloaded from its source cannot be fingerprinted again: its images are then picked from
-    the source by the cache's ``ids`` ({split: ids}), and every id must be there.
+    ``data`` may be a path, a built-in name, a :class:`~xfeat.config.DataSpec` or a
+    :class:`~xfeat.data.Dataset`. A path or name is loaded with the cache's recorded data
+    spec (its validation carve-out), and a different content or split fingerprint is refused.
+    A cache of a subsample (``--quick``) reloaded from its source cannot be fingerprinted
+    again: its images are then picked from the source by the cache's ``ids`` ({split: ids}),
+    and every id must be there.
     """
     if isinstance(data, Dataset):
         dataset, source = data, data.source
     else:
-        recipe = SplitRecipe.from_split_info(meta["split"])
-        source = data if data is not None else meta["dataset"]["source"]
+        recorded = meta.data_spec()
+        if data is None:
+            spec = recorded.with_source(meta.dataset.source)
+        elif isinstance(data, DataSpec):
+            spec = data
+        else:
+            spec = recorded.with_source(data)
+        source = spec.source
         try:
-            dataset = load_dataset(source, recipe=recipe, cache_dir=cache_dir)
+            dataset = load_dataset(spec, cache_dir=cache_dir)
         except DataError as exc:
             if data is not None:
                 raise
@@ -227,17 +238,17 @@ def load_matching_dataset(
                 f"the cache was made from {source}, which cannot be loaded now "
                 f"({exc}); pass data= with the images it was made from"
             ) from None
-    if dataset.fingerprint == meta["dataset"]["fingerprint"]:
+    if dataset.fingerprint == meta.dataset.fingerprint:
         return dataset
-    if "subsample" in meta["split"] and ids is not None and not isinstance(data, Dataset):
+    if "subsample" in meta.split and ids is not None and not isinstance(data, Dataset):
         return _select_ids(dataset, meta, ids)
     raise cache_io.CacheError(
-        f"the cache {meta.get('key', '')[:16]} was made from different data than {source} "
+        f"the cache {meta.key[:16]} was made from different data than {source} "
         "(its content or split changed); run without cache= (--cache) to extract a fresh one"
     )
 
 
-def _select_ids(dataset: Dataset, meta: dict, ids: dict) -> Dataset:
+def _select_ids(dataset: Dataset, meta: cache_io.CacheMeta, ids: dict) -> Dataset:
     splits = {}
     for name, wanted in ids.items():
         split = dataset.splits.get(name)
@@ -245,7 +256,7 @@ def _select_ids(dataset: Dataset, meta: dict, ids: dict) -> Dataset:
         missing = [i for i in wanted if i not in index]
         if missing:
             raise cache_io.CacheError(
-                f"the cache {meta.get('key', '')[:16]} is a subsample of {dataset.source}, but "
+                f"the cache {meta.key[:16]} is a subsample of {dataset.source}, but "
                 f"{len(missing)} of its {name} images are not there now (e.g. {missing[0]}); "
                 "run without cache= (--cache) to extract a fresh one"
             )
@@ -256,10 +267,11 @@ def _select_ids(dataset: Dataset, meta: dict, ids: dict) -> Dataset:
         dataset.source,
     )
     return Dataset(
-        name=meta["dataset"]["name"],
+        name=meta.dataset.name,
         source=dataset.source,
         class_names=dataset.class_names,
         splits=splits,
-        content_digest=meta["dataset"].get("content_digest", ""),
-        split_info=meta["split"],
+        content_digest=meta.dataset.content_digest,
+        split_info=meta.split,
+        spec=dataset.spec,
     )

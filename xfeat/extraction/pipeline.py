@@ -28,13 +28,12 @@ from xfeat.backbones import (
     resolve_weights,
 )
 from xfeat.config import (
-    DEFAULT_GROUP_PATTERN,
     INT8_CALIBRATION_IMAGES,
     PRECISIONS,
     ExtractConfig,
     default_cache_dir,
 )
-from xfeat.data import Dataset, SplitRecipe, load_dataset
+from xfeat.data import Dataset, load_dataset
 from xfeat.errors import ConfigError
 from xfeat.extraction import distributed
 from xfeat.extraction.allocator import freed_memory_kept
@@ -69,44 +68,45 @@ class ExtractionPlan:
     def feature_dim(self) -> int:
         return sum(dim for _, dim in self.blocks)
 
-    @property
-    def meta(self) -> dict:
+    def meta(self, weights_sha256: Optional[str] = None) -> cache.CacheMeta:
+        """The entry's metadata; ``weights_sha256`` as the built backbone reports it."""
         import torchvision
 
         ds = self.dataset
-        return {
-            "dataset": {
-                "name": ds.name,
-                "source": ds.source,
-                "fingerprint": ds.fingerprint,
-                "content_digest": ds.content_digest,
-                "counts": ds.counts(),
-            },
-            "split": ds.split_info,
-            "class_names": ds.class_names,
-            "model": self.model,
-            "feature_dim": self.feature_dim,
-            "blocks": [list(b) for b in self.blocks],
-            "layers": list(self.layers),
-            "views": {"train": self.views, "tta": list(self.tta), "seed": self.seed},
-            "precision": self.precision,
-            "feature_dtype": self.feature_dtype,
-            "weights": {
-                "kind": self.weights.kind,
-                "id": self.weights.id,
-                "sha256": self.weights.sha256,
-                "url": self.weights.url,
-                "seed": self.seed if self.weights.kind == "random" else None,
-            },
-            "preprocessing": self.preprocessing.to_dict(),
-            "versions": {
+        return cache.CacheMeta(
+            dataset=cache.DatasetRecord(
+                name=ds.name,
+                source=ds.source,
+                fingerprint=ds.fingerprint,
+                content_digest=ds.content_digest,
+                counts=ds.counts(),
+            ),
+            split=ds.split_info,
+            data=ds.spec,
+            class_names=tuple(ds.class_names),
+            model=self.model,
+            feature_dim=self.feature_dim,
+            blocks=tuple(tuple(b) for b in self.blocks),
+            layers=tuple(self.layers),
+            views=cache.ViewsRecord(self.views, tuple(self.tta), self.seed),
+            precision=self.precision,
+            feature_dtype=self.feature_dtype,
+            weights=cache.WeightsRecord(
+                kind=self.weights.kind,
+                id=self.weights.id,
+                sha256=weights_sha256 or self.weights.sha256,
+                url=self.weights.url,
+                seed=self.seed if self.weights.kind == "random" else None,
+            ),
+            preprocessing=self.preprocessing.to_dict(),
+            versions={
                 "xfeat": __version__,
                 "torch": torch.__version__,
                 "torchvision": torchvision.__version__,
                 "numpy": np.__version__,
             },
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
 
 
 def plan_extraction(
@@ -117,9 +117,6 @@ def plan_extraction(
     cache_dir: Union[str, Path, None] = None,
     image_size: Optional[int] = None,
     feature_dtype: str = "float32",
-    val_fraction: float = 0.1,
-    split_seed: int = 0,
-    group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN,
     seed: int = 0,
     dataset: Optional[Dataset] = None,
     resize_size: Optional[int] = None,
@@ -155,13 +152,7 @@ def plan_extraction(
     blocks = resolve_blocks(model, layers, preprocessing.crop_size)
     view_names = train_views(views)
     if dataset is None:
-        dataset = (
-            data
-            if isinstance(data, Dataset)
-            else load_dataset(
-                data, recipe=SplitRecipe(val_fraction, split_seed, group_pattern), cache_dir=cache_dir
-            )
-        )
+        dataset = data if isinstance(data, Dataset) else load_dataset(data, cache_dir=cache_dir)
     groups = {s: (s, None) for s in dataset.splits}
     groups.update({f"train.{v}": ("train", v) for v in view_names})
     groups.update(
@@ -213,9 +204,6 @@ _PLAN_OPTIONS = (
     "mean",
     "std",
     "feature_dtype",
-    "val_fraction",
-    "split_seed",
-    "group_pattern",
     "seed",
     "layers",
     "views",
@@ -273,7 +261,9 @@ def extract(
 
     Parameters
     ----------
-    data : folder ``ROOT/{train,val,test}/CLASS/*``, MedMNIST-style ``.npz``, a built-in name,
+    data : a :class:`~xfeat.config.DataSpec` (the source and its validation carve-out), or
+        its source alone: a folder ``ROOT/{train,val,test}/CLASS/*``, a MedMNIST-style
+        ``.npz``, a built-in name,
         or a :class:`~xfeat.data.dataset.Dataset` already loaded (e.g. a ``subsample``).
     model : a torchvision classifier (``xfeat.list_backbones()``), ``timm:NAME``,
         ``torchscript:PATH`` or ``inception_v3_fid``.
@@ -289,7 +279,7 @@ def extract(
     plan : a :class:`ExtractionPlan` from :func:`plan_extraction`; it then replaces ``data``,
         ``model``, ``weights`` and every option of ``plan_options``.
     **plan_options : cache_dir, image_size, resize_size, mean, std, feature_dtype, layers,
-        views, tta, precision, val_fraction, split_seed, group_pattern, seed.
+        views, tta, precision, seed.
     """
     if plan is None:
         plan = plan_extraction(data, model, weights=weights, batch_size=batch_size, **plan_options)
@@ -372,7 +362,7 @@ def _extract_sharded(plan: ExtractionPlan, *, device, force, **run) -> Path:
                     plan.path,
                     shard_paths,
                     key=plan.key,
-                    meta=plan.meta,
+                    meta=plan.meta(),
                     splits=_group_rows(plan),
                     blocks=plan.blocks,
                     dtype=plan.feature_dtype,
@@ -414,12 +404,10 @@ def _run(
     backbone.preprocessing = plan.preprocessing
     if plan.weights.kind in ("file", "torchscript") and backbone.weights.sha256 != plan.weights.sha256:
         raise cache.CacheError(f"weights file {plan.weights.id} changed while extracting")
-    meta = plan.meta
-    meta["weights"]["sha256"] = backbone.weights.sha256
     writer = cache.CacheWriter(
         plan.path,
         key=plan.key,
-        meta=meta,
+        meta=plan.meta(backbone.weights.sha256),
         splits=_group_rows(plan),
         blocks=plan.blocks,
         dtype=plan.feature_dtype,

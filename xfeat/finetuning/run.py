@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xfeat.config import DEFAULT_GROUP_PATTERN, FinetuneConfig, default_cache_dir
+from xfeat.config import FinetuneConfig, default_cache_dir
 from xfeat.data import stratified_rows
 from xfeat.errors import ConfigError, TrainingDiverged
 from xfeat.extraction import distributed
@@ -84,9 +84,6 @@ def finetune(
     resume: bool = False,
     image_size: Optional[int] = None,
     cache_dir=None,
-    val_fraction: float = 0.1,
-    split_seed: int = 0,
-    group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN,
     num_workers: Optional[int] = None,
     device: Optional[str] = None,
     progress: bool = True,
@@ -99,8 +96,9 @@ def finetune(
 
     Parameters
     ----------
-    data, model, weights, image_size, cache_dir, val_fraction, split_seed, group_pattern,
-    resize_size, mean, std : as for :func:`xfeat.extraction.pipeline`; the splits are the cache's.
+    data, model, weights, image_size, cache_dir, resize_size, mean, std : as for
+        :func:`xfeat.extract` (``data`` a :class:`~xfeat.config.DataSpec` or its source); the
+        splits are the cache's.
     config : a :class:`~xfeat.config.FinetuneConfig` (mode, recipe, epochs, lr, ...);
         ``**options`` replace some of its fields, e.g. ``mode="frozen", epochs=5``.
     out_dir : the run folder (default ``runs/DATASET/MODEL-WEIGHTS/MODE-linear``).
@@ -120,9 +118,6 @@ def finetune(
         resume=resume,
         image_size=image_size,
         cache_dir=cache_dir,
-        val_fraction=val_fraction,
-        split_seed=split_seed,
-        group_pattern=group_pattern,
         num_workers=num_workers,
         device=device,
         progress=progress,
@@ -178,9 +173,6 @@ def _prepare(
     resume,
     image_size,
     cache_dir,
-    val_fraction,
-    split_seed,
-    group_pattern,
     num_workers,
     device,
     progress,
@@ -202,9 +194,6 @@ def _prepare(
         weights=weights,
         cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
         image_size=image_size,
-        val_fraction=val_fraction,
-        split_seed=split_seed,
-        group_pattern=group_pattern,
         seed=config.seed,
         **preprocessing,
     )
