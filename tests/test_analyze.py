@@ -32,14 +32,14 @@ from xfeat.analysis.duplicates import (
 from xfeat.analysis.gaps import gaps_section
 from xfeat.analysis.label_noise import label_noise_section
 from xfeat.analysis.shift import shift_section
-from xfeat.cache import CacheError, read_cache
+from xfeat.cache import CacheError, WeightsRecord, read_cache
 from xfeat.data import load_dataset
 from xfeat.errors import ConfigError
 from xfeat.evaluation.metrics import compute_metrics, evaluate_splits
 from xfeat.extraction.features import load_matching_dataset
 from xfeat.fitting import fit_head
 from xfeat.heads import LogisticHead
-from xfeat.runs.results import RunResult, new_record
+from xfeat.runs.results import RunDataset, RunRecord, RunResult, RunThreshold
 
 EXTRACT = dict(image_size=TINY, num_workers=0, progress=False)
 # Hand counts of the planted folder below (make_image_folder gives 40 train and 12 test per
@@ -393,16 +393,16 @@ def _run_result(
 ):
     """A cached-logreg RunResult from given predictions, through the metrics fit_head uses."""
     ev = evaluate_splits(labels, probas, threshold=threshold, n_boot=n_boot)
-    record = new_record(
+    record = RunRecord(
         model="m",
-        weights={"kind": "random", "id": "r", "sha256": None},
+        weights=WeightsRecord("random", "r"),
         mode="cached",
         head="logreg",
-        dataset={"name": "d", "fingerprint": fingerprint, "class_names": list(class_names)},
-        threshold=ev["threshold"],
+        dataset=RunDataset("d", "d.npz", fingerprint, tuple(class_names)),
+        threshold=RunThreshold(**ev["threshold"]),
         selection={"C": 1.0},
         metrics=ev["metrics"],
-        **{"metrics_at_0.5": ev["metrics_at_0.5"]},
+        metrics_at_half=ev["metrics_at_0.5"],
         ci=ev["ci"],
         history=list(history),
     )
@@ -630,11 +630,15 @@ def test_adaptation_section_flags_em_under_covariate_shift():
     em_val = next(r["val"] for r in s["methods"] if r["method"] == "em")  # calibrated on val
     assert em_val["roc_auc"] == pytest.approx(plain["roc_auc"])
     none = s["methods"][0]
-    assert none["test"]["accuracy"] == pytest.approx(probe["metrics"]["test"]["accuracy"])
+    assert none["test"]["accuracy"] == pytest.approx(probe.record.metrics["test"]["accuracy"])
     assert none["gap"]["accuracy"] == pytest.approx(
-        probe["metrics"]["val"]["accuracy"] - probe["metrics"]["test"]["accuracy"]
+        probe.record.metrics["val"]["accuracy"] - probe.record.metrics["test"]["accuracy"]
     )
-    assert s["threshold"] == {"value": probe["threshold"]["value"], "rule": "youden", "chosen_on": "val"}
+    assert s["threshold"] == {
+        "value": probe.record.threshold.value,
+        "rule": "youden",
+        "chosen_on": "val",
+    }
     # EM: pushed further from the actual prior by the shifted NORMAL images, and says why.
     em = s["em"]
     assert em["actual_test_prior"]["PNEUMONIA"] == 0.625
@@ -715,7 +719,7 @@ def test_a_given_probe_gives_the_analysis_of_a_fitted_one(planted_run, tmp_path)
     reused = analyze(cache=cache, out_dir=tmp_path / "out", probe=strong, n_boot=0, progress=False)
     assert reused["label_noise"]["C"] == 1e-3
     assert reused["overfitting"]["runs"][0]["metrics"]["test"]["log_loss"] == pytest.approx(
-        strong["metrics"]["test"]["log_loss"]
+        strong.record.metrics["test"]["log_loss"]
     )
     assert reused["params"]["probe"] == "given, not saved"
 

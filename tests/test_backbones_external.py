@@ -187,7 +187,7 @@ def test_torchscript_extract_finetune_and_reload(data, tmp_path):
         n_boot=20,
         **RUN,
     )
-    assert result["params"]["trainable_parameters"] == result["params"]["parameters"]
+    assert result.record.params["trainable_parameters"] == result.record.params["parameters"]
     network, meta = load_finetuned(tmp_path / "r" / "model.pt")  # rebuilt from the name
     with torch.inference_mode():
         assert network.model(torch.randn(2, 3, 32, 32)).shape == (2, 2)

@@ -227,8 +227,8 @@ def test_ddp_finetune_killed_resumed_equals_one_process(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     a = xfeat.load_result(tmp_path / "ddp")
     b = xfeat.load_result(tmp_path / "one")
-    assert [h["epoch"] for h in a["history"]] == [1, 2]
-    for ha, hb in zip(a["history"], b["history"]):
+    assert [h["epoch"] for h in a.record.history] == [1, 2]
+    for ha, hb in zip(a.record.history, b.record.history):
         assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)
         assert ha["val_loss"] == pytest.approx(hb["val_loss"], rel=1e-4)
     for split in ("train", "val", "test"):

@@ -52,7 +52,7 @@ def test_full_run_writes_everything(data, tmp_path):
         "val",
         "test",
     }
-    assert result["timing"]["seconds_per_epoch"] > 0
+    assert result.record.timing["seconds_per_epoch"] > 0
 
 
 def _initial(model="resnet18", size=TINY):
@@ -66,7 +66,7 @@ def test_full_moves_every_weight_and_the_loss_falls(data, tmp_path):
     result = finetune(
         data, mode="full", epochs=4, lr=0.01, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK
     )
-    losses = [h["train_loss"] for h in result["history"]]
+    losses = [h["train_loss"] for h in result.record.history]
     assert losses[-1] < losses[0], losses
     trained = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"]
     initial = _initial()
@@ -92,9 +92,9 @@ def test_frozen_trains_only_the_new_layer(data, tmp_path):
         torch.manual_seed(0)
         fresh = torch.nn.Linear(512, 2)
     assert not torch.equal(trained["fc.weight"], fresh.weight)  # the new layer trained
-    losses = [h["train_loss"] for h in result["history"]]
+    losses = [h["train_loss"] for h in result.record.history]
     assert losses[-1] < losses[0], losses
-    assert result["params"]["trainable_parameters"] == 512 * 2 + 2
+    assert result.record.params["trainable_parameters"] == 512 * 2 + 2
 
 
 def test_lpft_layer_reproduces_the_probe(data, tmp_path):
@@ -107,7 +107,7 @@ def test_lpft_layer_reproduces_the_probe(data, tmp_path):
         n_boot=0,
         extract_options=dict(cache_dir=tmp_path / "c", image_size=TINY, num_workers=0, progress=False),
     )
-    features = read_cache(probe["cache"]["path"])
+    features = read_cache(probe.record.cache.path)
     layer = ProbeHead.from_logistic(probe.head)
     with torch.no_grad():
         ours = torch.softmax(layer(torch.from_numpy(features["test"].features)), 1).numpy()
@@ -115,7 +115,7 @@ def test_lpft_layer_reproduces_the_probe(data, tmp_path):
     result = finetune(
         data, mode="lp-ft", epochs=1, cache_dir=tmp_path / "c", out_dir=tmp_path / "r", **QUICK
     )
-    assert result["selection"]["lpft_probe"]["C"] == probe.head.C_
+    assert result.record.selection["lpft_probe"]["C"] == probe.head.C_
 
 
 def test_lpft_survives_nearly_constant_features(tmp_path):
@@ -134,8 +134,8 @@ def test_lpft_survives_nearly_constant_features(tmp_path):
         cache_dir=tmp_path / "c",
         out_dir=tmp_path / "r",
     )
-    assert all(np.isfinite(h["train_loss"]) for h in result["history"])
-    assert all(np.isfinite(h["val_loss"]) for h in result["history"])
+    assert all(np.isfinite(h["train_loss"]) for h in result.record.history)
+    assert all(np.isfinite(h["val_loss"]) for h in result.record.history)
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"]
     assert state["fc.linear.weight"].abs().max() < 1e3
 
@@ -150,7 +150,7 @@ def test_modern_recipe_warms_up_then_decays(data, tmp_path):
         out_dir=tmp_path / "r",
         **QUICK,
     )
-    params = result["params"]
+    params = result.record.params
     assert (
         params["recipe"],
         params["weight_decay"],
@@ -158,7 +158,7 @@ def test_modern_recipe_warms_up_then_decays(data, tmp_path):
         params["backbone_lr_scale"],
         params["warmup_epochs"],
     ) == ("modern", 0.05, 0.1, 0.1, 1)
-    lrs = [h["lr"] for h in result["history"]]  # the head's lr at the start of each epoch
+    lrs = [h["lr"] for h in result.record.history]  # the head's lr at the start of each epoch
     assert lrs[0] < lrs[1] and lrs[2] < lrs[1], lrs
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     groups = state["optimizer"]["param_groups"]
@@ -176,14 +176,14 @@ def test_results_do_not_depend_on_the_number_of_loader_workers(data, tmp_path):
         )
         for w in (0, 2)
     ]
-    assert runs[0]["history"][1]["train_loss"] == runs[1]["history"][1]["train_loss"]
+    assert runs[0].record.history[1]["train_loss"] == runs[1].record.history[1]["train_loss"]
     np.testing.assert_array_equal(runs[0].predictions["test"][2], runs[1].predictions["test"][2])
 
 
 def test_seeded_runs_are_identical(data, tmp_path):
     a = finetune(data, epochs=2, cache_dir=tmp_path / "c", out_dir=tmp_path / "a", **QUICK)
     b = finetune(data, epochs=2, cache_dir=tmp_path / "c", out_dir=tmp_path / "b", **QUICK)
-    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert [h["train_loss"] for h in a.record.history] == [h["train_loss"] for h in b.record.history]
     np.testing.assert_array_equal(a.predictions["test"][2], b.predictions["test"][2])
 
 
@@ -293,7 +293,7 @@ def test_lpft_from_a_saved_probe_and_a_wrong_one(data, tmp_path):
         out_dir=tmp_path / "r",
         **QUICK,
     )
-    assert result["selection"]["lpft_probe"]["probe"].endswith("head.npz")
+    assert result.record.selection["lpft_probe"]["probe"].endswith("head.npz")
     fit_head(data, "resnet34", out_dir=tmp_path / "other", n_boot=0, extract_options=extract_options)
     with pytest.raises(ConfigError, match="trained on backbone 'resnet34'"):
         finetune(
@@ -315,7 +315,7 @@ def test_squeezenet_conv_classifier_finetunes(data, tmp_path):
         out_dir=tmp_path / "r",
         **{**QUICK, "model": "squeezenet1_1", "image_size": 48},
     )
-    assert result["params"]["trainable_parameters"] == result["params"]["parameters"]
+    assert result.record.params["trainable_parameters"] == result.record.params["parameters"]
     rows = predict(tmp_path / "r" / "model.pt", [data / "test"], num_workers=0, progress=False)
     assert len(rows) == 12 and all(r["predicted"] for r in rows)
 

@@ -82,25 +82,25 @@ def test_test_labels_influence_no_choice(features, head, params):
     shuffled.splits["test"].labels = rng.permutation(features["test"].labels)
     a = fit_head(cache=features, head=head, head_params=params, save=False, n_boot=50)
     b = fit_head(cache=shuffled, head=head, head_params=params, save=False, n_boot=50)
-    assert a["selection"] == b["selection"]
-    assert a["threshold"] == b["threshold"]
-    assert a["metrics"]["train"] == b["metrics"]["train"]
-    assert a["metrics"]["val"] == b["metrics"]["val"]
+    assert a.record.selection == b.record.selection
+    assert a.record.threshold == b.record.threshold
+    assert a.record.metrics["train"] == b.record.metrics["train"]
+    assert a.record.metrics["val"] == b.record.metrics["val"]
 
     def no_timing(history):
         return [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history]
 
-    assert no_timing(a["history"]) == no_timing(b["history"])
+    assert no_timing(a.record.history) == no_timing(b.record.history)
     # The permutation is real: test numbers do move.
-    assert a["metrics"]["test"]["confusion_matrix"] != b["metrics"]["test"]["confusion_matrix"]
+    assert a.record.metrics["test"]["confusion_matrix"] != b.record.metrics["test"]["confusion_matrix"]
 
 
 def test_threshold_rules(features):
     sens = fit_head(cache=features, threshold="sensitivity:0.95", save=False, n_boot=0)
-    assert sens["metrics"]["val"]["sensitivity"] >= 0.95
+    assert sens.record.metrics["val"]["sensitivity"] >= 0.95
     fixed = fit_head(cache=features, threshold=0.5, save=False, n_boot=0)
-    assert fixed["threshold"]["value"] == 0.5
-    assert fixed["metrics"]["test"] == fixed["metrics_at_0.5"]["test"]
+    assert fixed.record.threshold.value == 0.5
+    assert fixed.record.metrics["test"] == fixed.record.metrics_at_half["test"]
     with pytest.raises(ValueError, match="threshold rule 'best' not understood"):
         fit_head(cache=features, threshold="best", save=False)
 
@@ -114,9 +114,9 @@ def test_multiclass(tmp_path):
         save=False,
         n_boot=50,
     )
-    assert result["threshold"]["value"] is None
-    assert len(result["metrics"]["test"]["confusion_matrix"]) == 3
-    assert 0 <= result["metrics"]["test"]["roc_auc"] <= 1
+    assert result.record.threshold.value is None
+    assert len(result.record.metrics["test"]["confusion_matrix"]) == 3
+    assert 0 <= result.record.metrics["test"]["roc_auc"] <= 1
 
 
 def test_cache_from_other_data_is_refused(tmp_path):
@@ -146,10 +146,10 @@ def test_head_from_other_backbone_is_refused(features, tmp_path):
 def test_refit_on_val_chooses_the_threshold_out_of_sample(features):
     plain = fit_head(cache=features, save=False, n_boot=0)
     refit = fit_head(cache=features, head_params={"refit_on_val": True}, save=False, n_boot=0)
-    assert refit["selection"]["C"] == plain["selection"]["C"]
-    assert refit["threshold"] == plain["threshold"]  # from the train-only model's val scores
-    assert "in-sample" in refit["notes"][0]
-    assert refit["metrics"]["test"] != plain["metrics"]["test"]  # the model did change
+    assert refit.record.selection["C"] == plain.record.selection["C"]
+    assert refit.record.threshold == plain.record.threshold  # from the train-only model's val scores
+    assert "in-sample" in refit.record.notes[0]
+    assert refit.record.metrics["test"] != plain.record.metrics["test"]  # the model did change
 
 
 def test_every_class_must_occur_in_train(features):

@@ -122,7 +122,7 @@ def test_fit_head_picks_blocks_trains_on_views_and_averages_tta(rich):
     path, _ = rich
     base = fit_head(cache=path, blocks=["penultimate"], use_views=False, save=False, n_boot=0)
     with_views = fit_head(cache=path, blocks=["penultimate"], save=False, n_boot=0)
-    assert base["params"]["train_views"] == 0 and with_views["params"]["train_views"] == 2
+    assert base.record.params["train_views"] == 0 and with_views.record.params["train_views"] == 2
     assert base.head.n_features_in_ == 512
     in_memory = fit_head(
         cache=read_cache(path), blocks=["penultimate"], use_views=False, save=False, n_boot=0
@@ -155,23 +155,25 @@ def test_adaptation_is_transductive_and_honest(rich, adapt):
     plain = fit_head(cache=features, save=False, n_boot=20)
     a = fit_head(cache=features, adapt=adapt, save=False, n_boot=20)
     b = fit_head(cache=shuffled, adapt=adapt, save=False, n_boot=20)
-    assert a["selection"] == b["selection"] == plain["selection"]
-    assert a["threshold"] == b["threshold"]
+    assert a.record.selection == b.record.selection == plain.record.selection
+    assert a.record.threshold == b.record.threshold
     for split in ("train", "val"):
-        assert a["metrics"][split] == b["metrics"][split]
+        assert a.record.metrics[split] == b.record.metrics[split]
     if adapt != "em":  # em's train/val are temperature-scaled (BCTS on val), its threshold too
-        assert a["threshold"] == plain["threshold"]
-        assert a["metrics"]["val"] == plain["metrics"]["val"]
+        assert a.record.threshold == plain.record.threshold
+        assert a.record.metrics["val"] == plain.record.metrics["val"]
     else:
-        assert a["metrics"]["val"]["roc_auc"] == pytest.approx(plain["metrics"]["val"]["roc_auc"])
+        assert a.record.metrics["val"]["roc_auc"] == pytest.approx(
+            plain.record.metrics["val"]["roc_auc"]
+        )
     np.testing.assert_array_equal(a.predictions["test"][2], b.predictions["test"][2])
     assert not np.array_equal(a.predictions["test"][2], plain.predictions["test"][2])
-    assert a["transductive"] is True and a["adaptation"]["method"] == adapt
-    assert "labels not read" in a["adaptation"]["target"]
+    assert a.record.transductive is True and a.record.adaptation["method"] == adapt
+    assert "labels not read" in a.record.adaptation["target"]
     if adapt == "em":
-        prior = a["adaptation"]["target_prior"]
+        prior = a.record.adaptation["target_prior"]
         assert len(prior) == 2 and abs(sum(prior) - 1) < 1e-9
-        assert set(a["adaptation"]["within_class_shift_auc"]) <= {"NORMAL", "PNEUMONIA"}
+        assert set(a.record.adaptation["within_class_shift_auc"]) <= {"NORMAL", "PNEUMONIA"}
 
 
 def test_several_backbones_side_by_side(data, tmp_path):
@@ -179,7 +181,7 @@ def test_several_backbones_side_by_side(data, tmp_path):
     b = xfeat.extract(data, "mobilenet_v3_small", cache_dir=tmp_path, image_size=TINY, **RUN)
     both = fit_head(cache=[a, b], save=False, n_boot=0)
     assert both.head.n_features_in_ == 512 + 1024
-    assert both["model"] == "resnet18+mobilenet_v3_small"
+    assert both.record.model == "resnet18+mobilenet_v3_small"
     by_name = fit_head(
         data,
         "resnet18+mobilenet_v3_small",
@@ -256,6 +258,6 @@ def test_finetune_adabn_changes_test_only(data, tmp_path):
     common = dict(epochs=1, image_size=TINY, n_boot=0, cache_dir=tmp_path / "c", **RUN)
     plain = finetune(data, "resnet18", out_dir=tmp_path / "a", **common)
     adapted = finetune(data, "resnet18", out_dir=tmp_path / "b", adapt="adabn", **common)
-    assert plain["metrics"]["val"] == adapted["metrics"]["val"]
+    assert plain.record.metrics["val"] == adapted.record.metrics["val"]
     assert not np.allclose(plain.predictions["test"][2], adapted.predictions["test"][2])
-    assert adapted["transductive"] is True and adapted["adaptation"]["method"] == "adabn"
+    assert adapted.record.transductive is True and adapted.record.adaptation["method"] == "adabn"

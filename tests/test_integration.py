@@ -72,8 +72,8 @@ def test_closing_the_gap_on_real_xrays(chest, tmp_path):
     assert [b for b, _ in fs.blocks] == ["features.3", "features.6", "features.13", "penultimate"]
     assert set(fs.views["train"]) == {"view1"} and set(fs.views["test"]) == {"flip"}
     result = fit_head(cache=path, tta="flip", adapt="standardize", n_boot=50, out_dir=tmp_path / "run")
-    assert result["transductive"] and result["params"]["train_views"] == 1
-    assert result["metrics"]["test"]["roc_auc"] > 0.8
+    assert result.record.transductive and result.record.params["train_views"] == 1
+    assert result.record.metrics["test"]["roc_auc"] > 0.8
     rows = xfeat.predict(
         tmp_path / "run" / "head.npz", [chest / "test" / "NORMAL"], num_workers=0, progress=False
     )  # the head's own TTA by default

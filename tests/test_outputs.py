@@ -99,7 +99,7 @@ def test_undefined_metrics_are_null(tmp_path):
     )
     record = _strict((tmp_path / "run" / "results.json").read_text())
     assert record["metrics"]["test"]["roc_auc"] is None
-    assert np.isnan(result["metrics"]["test"]["roc_auc"])  # in memory it stays a float
+    assert np.isnan(result.record.metrics["test"]["roc_auc"])  # in memory it stays a float
 
 
 def test_compare_checks_every_model_before_computing(tmp_path):

@@ -37,7 +37,7 @@ def test_predict_matches_the_cached_pipeline(trained):
     for row in rows:
         rel = "test/" + row["path"].split("/test/", 1)[1]
         np.testing.assert_allclose([row["p_NORMAL"], row["p_PNEUMONIA"]], by_id[rel], atol=1e-4)
-        threshold = result["threshold"]["value"]
+        threshold = result.record.threshold.value
         assert row["predicted"] == ("PNEUMONIA" if row["p_PNEUMONIA"] >= threshold else "NORMAL")
 
 

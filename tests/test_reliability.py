@@ -139,7 +139,7 @@ def test_an_out_path_under_a_regular_file(data, tmp_path):
     )
     with pytest.raises(OutputError, match="is a file, not a folder"):
         predict(
-            Path(head["run_dir"]) / "head.npz",
+            Path(head.record.run_dir) / "head.npz",
             [data / "test"],
             out_csv=tmp_path / "afile" / "p.csv",
             num_workers=0,

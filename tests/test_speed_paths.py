@@ -106,7 +106,7 @@ def test_compiled_extraction_matches_eager(data, tmp_path):
     common = dict(image_size=TINY, num_workers=0, progress=False, batch_size=8)
     eager = xfeat.extract(data, "resnet18", cache_dir=tmp_path / "e", compile="off", **common)
     compiled = xfeat.extract(data, "resnet18", cache_dir=tmp_path / "c", compile="on", **common)
-    assert read_meta(compiled)["splits"]["train"]["compiled"] is True
+    assert read_meta(compiled).splits["train"]["compiled"] is True
     for split in ("train", "val", "test"):
         np.testing.assert_allclose(
             read_cache(compiled)[split].features, read_cache(eager)[split].features, rtol=1e-3, atol=1e-4
@@ -146,7 +146,7 @@ def test_int8_extraction_is_its_own_cache_entry_and_its_graph_is_kept(data, tmp_
     fp32 = xfeat.extract(data, "mobilenet_v2", **common)
     with caplog.at_level(logging.INFO, logger="xfeat"):
         int8 = xfeat.extract(data, "mobilenet_v2", precision="int8", **common)
-    assert int8 != fp32 and read_meta(int8)["precision"] == "int8"
+    assert int8 != fp32 and read_meta(int8).precision == "int8"
     assert read_cache(int8)["train"].features.shape == read_cache(fp32)["train"].features.shape
     first = read_cache(int8)["test"].features
     assert np.isfinite(first).all() and "int8: calibrated on" in caplog.text

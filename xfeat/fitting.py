@@ -15,14 +15,14 @@ import numpy as np
 from sklearn.base import clone
 
 from xfeat import cache as cache_io
-from xfeat.cache import CacheMeta
+from xfeat.cache import CacheMeta, WeightsRecord
 from xfeat.config import parse_threshold_rule
 from xfeat.errors import ConfigError, DataError
 from xfeat.evaluation.metrics import evaluate_splits
 from xfeat.extraction.features import load_features
 from xfeat.heads import create_head, save_head
 from xfeat.runs.folders import check_writable, default_run_dir, run_lock
-from xfeat.runs.results import RunResult, new_record
+from xfeat.runs.results import CacheUse, RunDataset, RunRecord, RunResult, RunThreshold
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ def fit_head(
         features, fitted, head, evaluation, timing, cache_hit=loaded.cache_hit, params=params
     )
     if adaptation:
-        record["adaptation"] = adaptation
-        record["transductive"] = True
+        record.adaptation, record.transductive = adaptation, True
     result = RunResult(
         record, {s: (sp.ids, labels[s], probas[s]) for s, sp in features.splits.items()}, head=fitted
     )
@@ -235,27 +234,27 @@ def _predict(fitted, inputs: dict, adapt: Optional[str], class_names: list, seed
 
 def _record(
     features, fitted, head: str, evaluation: dict, timing: dict, *, cache_hit: bool, params: dict
-) -> dict:
+) -> RunRecord:
     """The ``results.json`` record of a head on the cache."""
     meta = features.meta
     extract_seconds = sum(s.get("seconds_total") or 0 for s in meta.splits.values())
     n_images = sum(s["n"] for s in meta.splits.values())
-    record = new_record(
+    record = RunRecord(
         model=meta.model,
-        weights={"kind": meta.weights.kind, "id": meta.weights.id, "sha256": meta.weights.sha256},
+        weights=WeightsRecord(meta.weights.kind, meta.weights.id, meta.weights.sha256),
         mode="cached",
         head=head,
-        dataset={
-            "name": meta.dataset.name,
-            "source": meta.dataset.source,
-            "fingerprint": meta.dataset.fingerprint,
-            "class_names": list(meta.class_names),
-            "counts": meta.dataset.counts,
-        },
-        threshold=evaluation["threshold"],
+        dataset=RunDataset(
+            meta.dataset.name,
+            meta.dataset.source,
+            meta.dataset.fingerprint,
+            tuple(meta.class_names),
+            meta.dataset.counts,
+        ),
+        threshold=RunThreshold(**evaluation["threshold"]),
         selection=fitted.selection_,
         metrics=evaluation["metrics"],
-        **{"metrics_at_0.5": evaluation["metrics_at_0.5"]},
+        metrics_at_half=evaluation["metrics_at_0.5"],
         ci=evaluation["ci"],
         timing={
             "extract_seconds": extract_seconds,
@@ -265,18 +264,18 @@ def _record(
             "wall_seconds": time.perf_counter() - timing["start"],
             "extract_images_per_second": n_images / extract_seconds if extract_seconds else None,
         },
-        cache={
-            "path": str(features.path),
-            "key": features.key,
-            "hit": cache_hit,
-            "feature_dim": sum(d for _, d in features.blocks),
-        },
+        cache=CacheUse(
+            path=str(features.path),
+            key=features.key,
+            hit=cache_hit,
+            feature_dim=sum(d for _, d in features.blocks),
+        ),
         history=getattr(fitted, "history_", []),
         params=params,
         skipped=features.skipped,
     )
     if fitted.selection_.get("refit_on_val"):
-        record["notes"] = [
+        record.notes = [
             "refit on train+val: val metrics are in-sample; the threshold was "
             "chosen on val with the train-only model of the same C"
         ]
@@ -309,11 +308,11 @@ def _save(
                 "adaptation_source": adaptation_source,
             },
         )
-        if result.record["history"]:
+        if result.record.history:
             from xfeat.report import plot_training_curves
 
             plot_training_curves(
-                result.record["history"],
+                result.record.history,
                 run_dir / "curves.png",
                 title=f"{meta.model} cached {head} head",
                 best_epoch=result.head.selection_.get("best_epoch"),

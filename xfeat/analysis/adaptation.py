@@ -82,7 +82,7 @@ def adaptation_section(features, probe: RunResult, *, seed: int = 0) -> Section:
             row_threshold = (
                 None
                 if threshold is None
-                else float(choose_threshold(va.labels, p_cal[:, 1], probe.record["threshold"]["rule"]))
+                else float(choose_threshold(va.labels, p_cal[:, 1], probe.record.threshold.rule))
             )
             row_val = _metrics(va.labels, p_cal, row_threshold)
         test = _metrics(te.labels, p_test, row_threshold)
@@ -103,7 +103,7 @@ def adaptation_section(features, probe: RunResult, *, seed: int = 0) -> Section:
         "head": head_note,
         # "probe": the probe's own head; "fitted_on_train": a LogisticHead of its C, fitted here
         "head_source": "probe" if own else "fitted_on_train",
-        "threshold": {"value": threshold, "rule": probe.record["threshold"]["rule"], "chosen_on": "val"},
+        "threshold": {"value": threshold, "rule": probe.record.threshold.rule, "chosen_on": "val"},
         "gap": "val - test",
         "methods": rows,
         "em": em,
@@ -156,7 +156,7 @@ def _probe_head(features, probe: RunResult):
     head = probe.head
     if head is not None and getattr(head, "n_features_in_", None) == dim:
         return head, "the analysis' logistic probe", True
-    C = probe.record["selection"]["C"]
+    C = probe.record.selection["C"]
     logger.info(
         "the probe's head cannot be applied to these %d features; fitting "
         "LogisticHead(C=%g) on train for the adaptation section",
@@ -173,12 +173,12 @@ def _probe_head(features, probe: RunResult):
 
 def _threshold(probe: RunResult, own_head: bool, y_val, p_val):
     """The probe's val-chosen threshold; re-chosen on val by its rule for another head."""
-    chosen = probe.record["threshold"]
-    if chosen["value"] is None:  # multi-class: argmax
+    chosen = probe.record.threshold
+    if chosen.value is None:  # multi-class: argmax
         return None
     if own_head:
-        return float(chosen["value"])
-    return float(choose_threshold(y_val, p_val[:, 1], chosen["rule"]))
+        return float(chosen.value)
+    return float(choose_threshold(y_val, p_val[:, 1], chosen.rule))
 
 
 def _metrics(y, proba, threshold) -> dict:

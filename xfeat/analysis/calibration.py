@@ -17,7 +17,7 @@ def calibration_section(probe: RunResult) -> Section:
     problems the diagram plots the positive-class probability against the observed rate.
     """
     rec = probe.record
-    names = rec["dataset"]["class_names"]
+    names = rec.dataset.class_names
     splits = [s for s in ("val", "test") if s in probe.predictions]
     binary = len(names) == 2
     positive = names[1] if binary else None
@@ -25,19 +25,19 @@ def calibration_section(probe: RunResult) -> Section:
         "x": f"predicted probability of {positive}" if binary else "top-label confidence",
         # the class whose probability the curves plot; None: top-label confidence (multi-class)
         "positive_class": positive,
-        "ece": {s: rec["metrics"][s]["ece"] for s in splits},
-        "brier": {s: rec["metrics"][s]["brier"] for s in splits},
+        "ece": {s: rec.metrics[s]["ece"] for s in splits},
+        "brier": {s: rec.metrics[s]["brier"] for s in splits},
         "curves": {
             s: reliability_curve(probe.predictions[s][1], probe.predictions[s][2]) for s in splits
         },
         "threshold": None,
     }
-    if binary and "test" in rec["metrics"]:
-        chosen = {k: rec["metrics"]["test"][k] for k in THRESHOLD_METRICS}
-        half = {k: rec["metrics_at_0.5"]["test"][k] for k in THRESHOLD_METRICS}
+    if binary and "test" in rec.metrics:
+        chosen = {k: rec.metrics["test"][k] for k in THRESHOLD_METRICS}
+        half = {k: rec.metrics_at_half["test"][k] for k in THRESHOLD_METRICS}
         summary["threshold"] = {
-            "rule": rec["threshold"]["rule"],
-            "value": rec["threshold"]["value"],
+            "rule": rec.threshold.rule,
+            "value": rec.threshold.value,
             "chosen_on": "val",
             "test_at_chosen": chosen,
             "test_at_0.5": half,

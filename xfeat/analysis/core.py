@@ -144,7 +144,7 @@ def analyze(
             duplicates_section, features, dataset, hashes, threshold=near_duplicate_threshold
         ),
         functools.partial(
-            label_noise_section, features, C=fitted.record["selection"]["C"], n_folds=n_folds, seed=seed
+            label_noise_section, features, C=fitted.record.selection["C"], n_folds=n_folds, seed=seed
         ),
         functools.partial(gaps_section, fitted, runs, fingerprint=meta.dataset.fingerprint),
         functools.partial(calibration_section, fitted),

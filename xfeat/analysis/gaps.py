@@ -10,7 +10,7 @@ from typing import Sequence
 from xfeat.analysis.section import SPLIT_ORDER, Section, diff, fmt, is_nan, md_table
 from xfeat.files import safe_name
 from xfeat.report import plot_training_curves
-from xfeat.runs.results import RunResult, load_result
+from xfeat.runs.results import RunRecord, RunResult, load_result
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def gaps_section(probe: RunResult, runs: Sequence = (), *, fingerprint: str = ""
     figures = {}
     for name, rec, run in entries:
         entry = _entry(name, rec, run, fingerprint)
-        history = rec.get("history") or []
+        history = rec.history
         if history and all(
             f"{p}_{m}" in history[0] for p in ("train", "val") for m in ("accuracy", "loss")
         ):
@@ -45,7 +45,7 @@ def gaps_section(probe: RunResult, runs: Sequence = (), *, fingerprint: str = ""
                 plot_training_curves,
                 history,
                 title=name,
-                best_epoch=(rec.get("selection") or {}).get("best_epoch"),
+                best_epoch=rec.selection.get("best_epoch"),
             )
         summary["runs"].append(entry)
     return Section(
@@ -58,8 +58,8 @@ def gaps_section(probe: RunResult, runs: Sequence = (), *, fingerprint: str = ""
     )
 
 
-def _entry(name: str, rec: dict, run, fingerprint: str) -> dict:
-    metrics = rec.get("metrics", {})
+def _entry(name: str, rec: RunRecord, run, fingerprint: str) -> dict:
+    metrics = rec.metrics
     table = {s: {m: metrics[s].get(m) for m in GAP_METRICS} for s in SPLIT_ORDER if s in metrics}
     gaps = {
         f"{a}-{b}": {m: diff(table[a][m], table[b][m]) for m in GAP_METRICS}
@@ -68,15 +68,15 @@ def _entry(name: str, rec: dict, run, fingerprint: str) -> dict:
     }
     entry = {
         "name": name,
-        "model": rec.get("model"),
-        "mode": rec.get("mode"),
-        "head": rec.get("head"),
+        "model": rec.model,
+        "mode": rec.mode,
+        "head": rec.head,
         "run_dir": str(run) if run else None,
         "metrics": table,
         "gaps": gaps,
-        "threshold": (rec.get("threshold") or {}).get("value"),
-        "test_ci": rec.get("ci", {}).get("test", {}),
-        "same_data": rec.get("dataset", {}).get("fingerprint") == fingerprint,
+        "threshold": rec.threshold.value,
+        "test_ci": rec.ci.get("test", {}),
+        "same_data": rec.dataset.fingerprint == fingerprint,
     }
     # A given run made on other data is listed but its gaps are not comparable to the probe's.
     entry["comparable"] = run is None or entry["same_data"]

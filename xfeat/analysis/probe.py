@@ -62,14 +62,14 @@ def _load_probe(run_dir: Path, features) -> RunResult:
 
 def _check_probe(probe: RunResult, features) -> None:
     rec = probe.record
-    where = rec.get("run_dir") or "the given run"
-    if (rec.get("mode"), rec.get("head")) != ("cached", "logreg"):
+    where = rec.run_dir or "the given run"
+    if (rec.mode, rec.head) != ("cached", "logreg"):
         raise ConfigError(
-            f"probe= {where} is a {rec.get('mode')} {rec.get('head')} run; analyze "
+            f"probe= {where} is a {rec.mode} {rec.head} run; analyze "
             "reuses only a logistic probe on the cache (fit_head with "
             "head='logreg'), or pass probe=None to fit one"
         )
-    params = rec.get("params") or {}
+    params = rec.params
     changed = [
         name
         for name, value in (
@@ -79,13 +79,13 @@ def _check_probe(probe: RunResult, features) -> None:
         )
         if value
     ]
-    if rec.get("transductive") or changed:
+    if rec.transductive or changed:
         raise ConfigError(
             f"probe= {where} used {', '.join(changed) or 'adaptation'}: analyze "
             "diagnoses the plain probe on the centre crops; pass a fit-head run "
             "without those options, or probe=None to fit one"
         )
-    key = (rec.get("cache") or {}).get("key") or ""
+    key = (rec.cache.key if rec.cache is not None else None) or ""
     if key != features.key:
         raise ConfigError(
             f"probe= {where} was fitted on cache {key[:16] or '(none)'}, but this "

@@ -180,7 +180,7 @@ def fit_head_cmd(
         n_boot=n_boot,
         extract_options=extract_options,
     )
-    click.echo(json.dumps(result.record, indent=2) if as_json else result.table())
+    click.echo(json.dumps(result.record.to_dict(), indent=2) if as_json else result.table())
 
 
 @cli.command("predict")

@@ -83,7 +83,7 @@ def finetune_cmd(
         **options,
     )
     if result is not None:  # under torchrun, rank 0 holds the result
-        click.echo(json.dumps(result.record, indent=2) if as_json else result.table())
+        click.echo(json.dumps(result.record.to_dict(), indent=2) if as_json else result.table())
 
 
 @cli.command("compare")

@@ -253,8 +253,8 @@ def _run_or_reuse(setup: _Setup, run_dir: Path, model: str, weights, mode: str):
         logger.error("%s", exc)
         write_json(run_dir / "failed.json", {"model": model, "mode": mode, "error": str(exc)})
         return None
-    result.record["peak_memory_mib"] = peak.mib
-    result.record["memory_increase_mib"] = peak.increase_mib
+    result.record.peak_memory_mib = peak.mib
+    result.record.memory_increase_mib = peak.increase_mib
     result.save(run_dir)
     return result
 
@@ -317,11 +317,7 @@ def _report(
 
 def _frozen_epochs(results, model: str) -> Optional[int]:
     return next(
-        (
-            len(r.record.get("history") or [])
-            for m, mode, r in results
-            if m == model and mode == "frozen"
-        ),
+        (len(r.record.history) for m, mode, r in results if m == model and mode == "frozen"),
         None,
     )
 
@@ -337,7 +333,7 @@ def _analyses(setup: _Setup, results, out_dir: Path, models, weights_by_model) -
             (
                 r
                 for m, mode, r in results
-                if m == model and mode == "cached" and r.record["head"] == "logreg"
+                if m == model and mode == "cached" and r.record.head == "logreg"
             ),
             None,
         )
@@ -361,10 +357,10 @@ def linear_on_cache(cached: RunResult, epochs: Optional[int], run_root: Path):
     """The frozen baseline's linear layer and SGD recipe, trained on the cached features for
     the same number of epochs: the like-for-like time of the cached path. Saved once in
     ``run_root`` and reused."""
-    if epochs is None or not cached.record.get("cache"):
+    if epochs is None or cached.record.cache is None:
         return None
-    cache_path = Path(cached.record["cache"]["path"])
-    run_dir = run_root / f"{Path(cached.record['run_dir']).name}-as-linear-{epochs}ep"
+    cache_path = Path(cached.record.cache.path)
+    run_dir = run_root / f"{Path(cached.record.run_dir).name}-as-linear-{epochs}ep"
     if (run_dir / "results.json").is_file():
         return load_result(run_dir)
     if not cache_path.is_file():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xfeat.cache import WeightsRecord
 from xfeat.config import FinetuneConfig, default_cache_dir
 from xfeat.data import stratified_rows
 from xfeat.errors import ConfigError, TrainingDiverged
@@ -36,7 +37,7 @@ from xfeat.finetuning.model import (
     save_state_dict,
 )
 from xfeat.runs.folders import default_run_dir, run_lock
-from xfeat.runs.results import RunResult, new_record
+from xfeat.runs.results import CacheUse, RunDataset, RunRecord, RunResult, RunThreshold
 
 logger = logging.getLogger(__name__)
 
@@ -474,23 +475,19 @@ def _write_record(run: _Run, backbone, net, outputs: dict, evaluation: dict, tim
     n_params = sum(p.numel() for p in net.parameters())
     n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     n_train = len(run.train_rows) if run.train_rows is not None else len(dataset.splits["train"])
-    record = new_record(
+    record = RunRecord(
         model=plan.model,
-        weights={
-            "kind": backbone.weights.kind,
-            "id": backbone.weights.id,
-            "sha256": backbone.weights.sha256,
-        },
+        weights=WeightsRecord(backbone.weights.kind, backbone.weights.id, backbone.weights.sha256),
         mode=config.mode,
         head="linear",
-        dataset={
-            "name": dataset.name,
-            "source": dataset.source,
-            "fingerprint": dataset.fingerprint,
-            "class_names": dataset.class_names,
-            "counts": dataset.counts(),
-        },
-        threshold=evaluation["threshold"],
+        dataset=RunDataset(
+            dataset.name,
+            dataset.source,
+            dataset.fingerprint,
+            tuple(dataset.class_names),
+            dataset.counts(),
+        ),
+        threshold=RunThreshold(**evaluation["threshold"]),
         selection={
             "best_epoch": run.best["epoch"],
             "metric": "val_accuracy",
@@ -498,7 +495,7 @@ def _write_record(run: _Run, backbone, net, outputs: dict, evaluation: dict, tim
             "lpft_probe": run.lpft,
         },
         metrics=evaluation["metrics"],
-        **{"metrics_at_0.5": evaluation["metrics_at_0.5"]},
+        metrics_at_half=evaluation["metrics_at_0.5"],
         ci=evaluation["ci"],
         timing={
             "store_seconds": timing["store"],
@@ -509,19 +506,13 @@ def _write_record(run: _Run, backbone, net, outputs: dict, evaluation: dict, tim
             "seconds_per_epoch": train_seconds / max(1, len(history)),
             "train_images_per_second": float(np.mean([h["images_per_second"] for h in history])),
         },
-        cache={"path": run.lpft["cache"], "key": None, "hit": None} if run.lpft else None,
+        cache=CacheUse(run.lpft["cache"]) if run.lpft else None,
         history=history,
-        **(
-            {
-                "transductive": True,
-                "adaptation": {
-                    "method": "adabn",
-                    "target": "test images (labels not read)",
-                    "transductive": True,
-                },
-            }
+        transductive=bool(config.adapt),
+        adaptation=(
+            {"method": "adabn", "target": "test images (labels not read)", "transductive": True}
             if config.adapt
-            else {}
+            else None
         ),
         params={
             **config.to_dict(),

@@ -131,7 +131,7 @@ def _training_curves(rows: list, results: list, out: Path) -> list:
     """(run label, link) of each run's ``curves.png``, copied into ``out`` when outside."""
     curves = []
     for row, r in zip(rows, results):
-        src = Path(r.record.get("run_dir") or "") / "curves.png"
+        src = Path(r.record.run_dir or "") / "curves.png"
         if src.is_file():
             curves.append((run_label(row), _figure_link(src, out)))
     return curves

@@ -146,7 +146,7 @@ def _roc_panel(ax, runs: list, styles: dict) -> None:
         _, y, p = r.predictions["test"]
         fpr, tpr, _ = roc_curve(y, p[:, 1])
         ax.plot(fpr, tpr, **style.line())
-        m = r.record["metrics"]["test"]
+        m = r.record.metrics["test"]
         ax.plot(1 - m["specificity"], m["sensitivity"], **style.point())
         handles.append(Line2D([], [], **{**style.point(), **style.line()}))
         auc = "—" if row.get("auc") is None else f"{row['auc']:.3f}"
@@ -169,8 +169,8 @@ def plot_confusion_matrices(rows: list, results: list, path) -> Path:
         ax.axis("off")
     for ax, row, r in zip(axes.flat, rows, results):
         rec = r.record
-        cm = np.asarray(rec["metrics"]["test"]["confusion_matrix"])
-        names = rec["dataset"]["class_names"]
+        cm = np.asarray(rec.metrics["test"]["confusion_matrix"])
+        names = rec.dataset.class_names
         ax.imshow(cm, cmap="Blues")
         span = max(cm.max() - cm.min(), 1)
         for (i, j), v in np.ndenumerate(cm):  # white on the darker half of the colour map

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from xfeat.runs.results import RunResult
+from xfeat.runs.results import RunRecord, RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ def table_row(model: str, mode: str, result: RunResult) -> dict:
     from xfeat.backbones import parameter_count
 
     r = result.record
-    t, test, ci = r["timing"], r["metrics"]["test"], r.get("ci", {}).get("test", {})
-    params = r.get("params", {})
+    t, test, ci = r.timing, r.metrics["test"], r.ci.get("test", {})
+    params = r.params
     if mode == "cached":
         n_params, trainable = parameter_count(model), _head_params(r)
         extract_s, train_s, eval_s = t["extract_seconds"], t["fit_seconds"], t["evaluate_seconds"]
@@ -42,16 +42,16 @@ def table_row(model: str, mode: str, result: RunResult) -> dict:
             t["evaluate_seconds"],
         )
         ips = t.get("train_images_per_second")
-    w = r["weights"]
-    transductive = bool(r.get("transductive"))
+    w = r.weights
+    transductive = r.transductive
     return {
         "model": model,
         "mode": mode,
-        "head": r["head"],
-        "weights": w["id"] if w["kind"] not in ("file", "torchscript") else Path(w["id"]).name,
-        "weights_kind": w["kind"],
+        "head": r.head,
+        "weights": w.id if w.kind not in ("file", "torchscript") else Path(w.id).name,
+        "weights_kind": w.kind,
         "transductive": transductive,
-        "caveat": run_caveat(w["kind"], transductive),
+        "caveat": run_caveat(w.kind, transductive),
         "parameters": n_params,
         "trainable_parameters": trainable,
         "extract_seconds": extract_s,
@@ -59,10 +59,10 @@ def table_row(model: str, mode: str, result: RunResult) -> dict:
         "evaluate_seconds": eval_s,
         "total_seconds": extract_s + train_s + eval_s,
         "images_per_second": ips,
-        "peak_memory_mib": r.get("peak_memory_mib"),
-        "epochs": len(r.get("history") or []) or None,
-        "val_accuracy": r["metrics"]["val"]["accuracy"],
-        "val_auc": r["metrics"]["val"]["roc_auc"],
+        "peak_memory_mib": r.peak_memory_mib,
+        "epochs": len(r.history) or None,
+        "val_accuracy": r.metrics["val"]["accuracy"],
+        "val_auc": r.metrics["val"]["roc_auc"],
         "test_accuracy": test["accuracy"],
         "test_accuracy_ci": ci.get("accuracy"),
         "balanced_accuracy": test["balanced_accuracy"],
@@ -72,8 +72,8 @@ def table_row(model: str, mode: str, result: RunResult) -> dict:
         "sensitivity_ci": ci.get("sensitivity"),
         "specificity": test["specificity"],
         "specificity_ci": ci.get("specificity"),
-        "threshold": r["threshold"]["value"],
-        "run_dir": r.get("run_dir"),
+        "threshold": r.threshold.value,
+        "run_dir": r.run_dir,
     }
 
 
@@ -101,14 +101,14 @@ def best_run(rows: list) -> Optional[int]:
     return max(candidates, key=lambda i: (_or(rows[i]["val_auc"]), _or(rows[i]["val_accuracy"])))
 
 
-def _head_params(record: dict) -> Optional[int]:
+def _head_params(record: RunRecord) -> Optional[int]:
     """Trainable numbers of a head on the cache: ``C x D`` (+ biases); k-NN has none."""
-    cache = record.get("cache") or {}
-    d, c = cache.get("feature_dim"), len(record["dataset"]["class_names"])
+    d = record.cache.feature_dim if record.cache is not None else None
+    c = len(record.dataset.class_names)
     if d is None:
         return None
     k = 1 if c == 2 else c
-    return {"logreg": d * k + k, "linear": d * c + c, "knn": 0}[record["head"]]
+    return {"logreg": d * k + k, "linear": d * c + c, "knn": 0}[record.head]
 
 
 def significance(results, rows: list, best: Optional[int]) -> list:
@@ -144,8 +144,8 @@ def significance(results, rows: list, best: Optional[int]) -> list:
             pb,
             metric="accuracy",
             n_boot=n_boot,
-            threshold_a=r["threshold"]["value"] or 0.5,
-            threshold_b=best_result["threshold"]["value"] or 0.5,
+            threshold_a=r.record.threshold.value or 0.5,
+            threshold_b=best_result.record.threshold.value or 0.5,
         )
         entry.update(
             accuracy_diff=acc["diff"],
@@ -211,9 +211,9 @@ def _timing_row(model: str, modes: dict, linear) -> dict:
                 f"{name}_test_accuracy": _get(row, "test_accuracy"),
             }
         )
-    t["same_recipe_on_cache_seconds"] = None if linear is None else linear["timing"]["fit_seconds"]
+    t["same_recipe_on_cache_seconds"] = None if linear is None else linear.record.timing["fit_seconds"]
     t["same_recipe_on_cache_test_accuracy"] = (
-        None if linear is None else linear["metrics"]["test"]["accuracy"]
+        None if linear is None else linear.record.metrics["test"]["accuracy"]
     )
     # Ratios: the slower run's seconds over the cached path's (> 1: the cache is faster).
     fit = _get(cached, "train_seconds")

@@ -32,72 +32,211 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
+from xfeat.cache.meta import WeightsRecord
 from xfeat.errors import ConfigError
 from xfeat.evaluation.metrics import format_metrics_table
 from xfeat.files import atomic_write, write_json
 
 SCHEMA = "xfeat-result/1"
+READABLE_SCHEMAS = ("xfeat-result/1",)
+
+
+@dataclass(frozen=True)
+class RunDataset:
+    """The data set a run was trained and evaluated on."""
+
+    name: str
+    source: str
+    fingerprint: str
+    class_names: tuple
+    counts: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunThreshold:
+    """The decision threshold: its ``rule`` and the ``value`` it gave on val (None for
+    multi-class, where the prediction is the argmax)."""
+
+    rule: Union[str, float]
+    value: Optional[float]
+    chosen_on: str = "val"
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """The feature cache a run read (``hit``: it existed before the run)."""
+
+    path: str
+    key: Optional[str] = None
+    hit: Optional[bool] = None
+    feature_dim: Optional[int] = None
+
+
+@dataclass
+class RunRecord:
+    """One run's ``results.json`` as a typed record (see the module docstring for each field).
+
+    ``metrics`` and ``metrics_at_half`` map split -> metric name -> value; ``ci`` maps split
+    -> metric name -> ``[low, high]``; ``timing`` maps stage -> seconds; ``selection``,
+    ``params``, ``adaptation`` and ``history`` hold what is specific to the kind of run.
+    """
+
+    model: str
+    weights: WeightsRecord
+    mode: str
+    head: str
+    dataset: RunDataset
+    threshold: RunThreshold
+    metrics: dict
+    metrics_at_half: dict = field(default_factory=dict)
+    ci: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    cache: Optional[CacheUse] = None
+    transductive: bool = False
+    adaptation: Optional[dict] = None
+    notes: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+    peak_memory_mib: Optional[float] = None
+    memory_increase_mib: Optional[float] = None
+    run_dir: Optional[str] = None
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict:
+        """The JSON record, in the key order of ``results.json``."""
+        record = {
+            "schema": self.schema,
+            "created": self.created,
+            "run_dir": self.run_dir,
+            "model": self.model,
+            "weights": {"kind": self.weights.kind, "id": self.weights.id, "sha256": self.weights.sha256},
+            "mode": self.mode,
+            "head": self.head,
+            "dataset": {**asdict(self.dataset), "class_names": list(self.dataset.class_names)},
+            "threshold": asdict(self.threshold),
+            "selection": self.selection,
+            "metrics": self.metrics,
+            "metrics_at_0.5": self.metrics_at_half,
+            "ci": self.ci,
+            "timing": self.timing,
+            "cache": asdict(self.cache) if self.cache is not None else None,
+            "history": self.history,
+            "params": self.params,
+            "skipped": self.skipped,
+        }
+        if self.transductive:
+            record["transductive"] = True
+            record["adaptation"] = self.adaptation
+        if self.notes:
+            record["notes"] = self.notes
+        for name in ("peak_memory_mib", "memory_increase_mib"):
+            if getattr(self, name) is not None:
+                record[name] = getattr(self, name)
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict, *, path="results.json") -> RunRecord:
+        if record.get("schema") not in READABLE_SCHEMAS:
+            raise ConfigError(
+                f"{path} is not an xfeat result (schema {record.get('schema')!r}, expected {SCHEMA!r})"
+            )
+        try:
+            w, d, th, c = record["weights"], record["dataset"], record["threshold"], record.get("cache")
+            return cls(
+                model=record["model"],
+                weights=WeightsRecord(w["kind"], w["id"], w.get("sha256")),
+                mode=record["mode"],
+                head=record["head"],
+                dataset=RunDataset(
+                    d["name"],
+                    d["source"],
+                    d["fingerprint"],
+                    tuple(d["class_names"]),
+                    d.get("counts") or {},
+                ),
+                threshold=RunThreshold(th["rule"], th["value"], th.get("chosen_on", "val")),
+                metrics=record["metrics"],
+                metrics_at_half=record.get("metrics_at_0.5") or {},
+                ci=record.get("ci") or {},
+                timing=record.get("timing") or {},
+                selection=record.get("selection") or {},
+                history=record.get("history") or [],
+                params=record.get("params") or {},
+                cache=CacheUse(**{k: c.get(k) for k in ("path", "key", "hit", "feature_dim")})
+                if c
+                else None,
+                transductive=bool(record.get("transductive")),
+                adaptation=record.get("adaptation"),
+                notes=record.get("notes") or [],
+                skipped=record.get("skipped") or {},
+                peak_memory_mib=record.get("peak_memory_mib"),
+                memory_increase_mib=record.get("memory_increase_mib"),
+                run_dir=record.get("run_dir"),
+                created=record.get("created", ""),
+                schema=record["schema"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"{path} is damaged or incomplete ({type(exc).__name__}: {exc}); delete its run "
+                "folder and run the command again"
+            ) from None
 
 
 @dataclass
 class RunResult:
-    """One run's numbers plus its per-split predictions; ``save`` writes both."""
+    """One run's record plus its per-split predictions; ``save`` writes both."""
 
-    record: dict
+    record: RunRecord
     predictions: dict = field(default_factory=dict)  # split -> (ids, labels, proba)
     head: object = None  # the fitted head, when the run made one in this process
 
-    def __getitem__(self, key):
-        return self.record[key]
-
     @property
     def run_dir(self) -> Optional[Path]:
-        return Path(self.record["run_dir"]) if self.record.get("run_dir") else None
+        return Path(self.record.run_dir) if self.record.run_dir else None
 
     def save(self, run_dir) -> Path:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.record["run_dir"] = str(run_dir)
+        self.record.run_dir = str(run_dir)
         arrays = {}
         for split, (ids, labels, proba) in self.predictions.items():
             arrays[f"{split}_ids"] = np.asarray(ids, dtype=str)
             arrays[f"{split}_labels"] = np.asarray(labels)
             arrays[f"{split}_proba"] = np.asarray(proba, dtype=np.float32)
         atomic_write(run_dir / "predictions.npz", lambda f: np.savez(f, **arrays))
-        write_json(run_dir / "results.json", self.record)
+        write_json(run_dir / "results.json", self.record.to_dict())
         return run_dir / "results.json"
 
     def table(self) -> str:
         r = self.record
-        th = r["threshold"]
-        w = r["weights"]
-        weights = w["id"] if w["kind"] not in ("file", "torchscript") else Path(w["id"]).name
-        lines = [
-            f"{r['model']} ({weights}) | mode {r['mode']} | head {r['head']} | {r['dataset']['name']}"
-        ]
-        if r.get("transductive"):
-            a = r.get("adaptation") or {}
+        th, w = r.threshold, r.weights
+        weights = w.id if w.kind not in ("file", "torchscript") else Path(w.id).name
+        lines = [f"{r.model} ({weights}) | mode {r.mode} | head {r.head} | {r.dataset.name}"]
+        if r.transductive:
+            a = r.adaptation or {}
             lines.append(
                 f"TRANSDUCTIVE: --adapt {a.get('method')} used the {a.get('target')}; "
                 "test numbers are not comparable with inductive runs"
             )
             if a.get("warning"):
                 lines.append(f"warning: {a['warning']}")
-        sel = r.get("selection") or {}
-        chosen = {k: v for k, v in sel.items() if k in ("C", "k", "best_epoch", "scoring")}
+        chosen = {k: v for k, v in r.selection.items() if k in ("C", "k", "best_epoch", "scoring")}
         if chosen:
             lines.append("chosen on val: " + ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.items()))
-        if th.get("value") is not None:
-            lines.append(f"threshold: {th['value']:.3f} ({th['rule']}, chosen on val)")
-        lines.append(format_metrics_table(r["metrics"], r.get("ci", {}).get("test")))
-        half = r.get("metrics_at_0.5", {}).get("test")
-        if th.get("value") is not None and half:
+        if th.value is not None:
+            lines.append(f"threshold: {th.value:.3f} ({th.rule}, chosen on val)")
+        lines.append(format_metrics_table(r.metrics, r.ci.get("test")))
+        half = r.metrics_at_half.get("test")
+        if th.value is not None and half:
             lines.append(
                 "test at threshold 0.5: "
                 + ", ".join(
@@ -105,16 +244,15 @@ class RunResult:
                     for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity")
                 )
             )
-        lines += [f"note: {n}" for n in r.get("notes", [])]
-        t = r["timing"]
+        lines += [f"note: {n}" for n in r.notes]
         lines.append(
             "time: "
             + ", ".join(
-                f"{k} {v:.2f} s" for k, v in t.items() if k.endswith("seconds") and v is not None
+                f"{k} {v:.2f} s" for k, v in r.timing.items() if k.endswith("seconds") and v is not None
             )
         )
-        if r.get("run_dir"):
-            lines.append(f"saved: {r['run_dir']}/results.json")
+        if r.run_dir:
+            lines.append(f"saved: {r.run_dir}/results.json")
         return "\n".join(lines)
 
 
@@ -125,11 +263,15 @@ def load_result(path) -> RunResult:
         path = path / "results.json"
     if not path.is_file():
         raise ConfigError(f"no results.json at {path}; expected a run folder of fit-head or finetune")
-    record = json.loads(path.read_text())
-    if record.get("schema") != SCHEMA:
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
         raise ConfigError(
-            f"{path} is not an xfeat result (schema {record.get('schema')!r}, expected {SCHEMA!r})"
-        )
+            f"{path} is not valid JSON ({exc}); delete its run folder and run the command again"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} is not an xfeat result (a JSON {type(raw).__name__})")
+    record = RunRecord.from_dict(raw, path=path)
     predictions = {}
     pred_path = path.with_name("predictions.npz")
     if pred_path.is_file():
@@ -141,12 +283,8 @@ def load_result(path) -> RunResult:
                         z[f"{split}_labels"],
                         z[f"{split}_proba"],
                     )
-    record["run_dir"] = str(path.parent)  # where it is now (folders get moved and copied)
+    record.run_dir = str(path.parent)  # where it is now (folders get moved and copied)
     return RunResult(record, predictions)
-
-
-def new_record(**fields) -> dict:
-    return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_dir": None, **fields}
 
 
 def _fmt(v):
