@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY, make_image_folder, make_npz
+from conftest import REPO, TINY, child_env, make_image_folder, make_npz
 
 from xfeat.comparison import compare
 from xfeat.errors import BackboneError, ConfigError
@@ -185,3 +185,24 @@ def test_help_does_not_import_torch():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_public_functions_and_subpackages_never_shadow_each_other():
+    """Functions are verbs, packages nouns: after every submodule is imported, ``xfeat.compare``
+    is still the function and ``xfeat.comparison`` its package (and so for every API name)."""
+    code = (
+        "import importlib, pkgutil, types, xfeat\n"
+        "for m in pkgutil.walk_packages(xfeat.__path__, 'xfeat.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "names = {m.name.split('.')[1] for m in pkgutil.iter_modules(xfeat.__path__, 'xfeat.')}\n"
+        "assert not names & set(xfeat.__all__), names & set(xfeat.__all__)\n"
+        "assert all(not isinstance(getattr(xfeat, n), types.ModuleType) for n in xfeat.__all__)\n"
+        "assert callable(xfeat.compare) and isinstance(xfeat.comparison, types.ModuleType)\n"
+        "assert xfeat.compare is xfeat.comparison.compare\n"
+        "assert xfeat.analyze is xfeat.analysis.analyze\n"
+        "assert xfeat.finetune is xfeat.finetuning.finetune\n"
+        "assert xfeat.predict is xfeat.prediction.predict\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env())
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
