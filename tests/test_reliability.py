@@ -261,7 +261,7 @@ def test_exif_orientation_is_applied_everywhere_and_recorded(tmp_path):
     from xfeat.extraction.store import build_store
     from xfeat.extraction.views import ViewImages
 
-    extracted, _ = ViewImages(split, prep)[row]  # extract and predict read this way
+    extracted = ViewImages(split, prep)[row][0]  # extract and predict read this way
     store, _ = build_store(ds, prep, cache_dir=tmp_path / "c", progress=False)
     stored = prep.center_crop(store[split.name][row])  # fine-tuning reads this way
     np.testing.assert_array_equal(extracted.permute(1, 2, 0).numpy(), stored)

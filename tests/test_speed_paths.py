@@ -177,10 +177,11 @@ def test_decoding_threads_give_the_loader_s_batches_in_order(data):
     for workers in (0, 1, 3):
         batches = inference_batches(images, batch_size=5, num_workers=workers, device=CPU)
         assert isinstance(batches, ThreadedBatches) and len(batches) == len(reference)
-        for (got, errors), (want, want_errors) in zip(batches, reference):
+        for (got, errors, stats), (want, want_errors, want_stats) in zip(batches, reference):
             assert got.dtype == torch.uint8 and got.shape == want.shape
             assert got.is_contiguous(memory_format=torch.channels_last)  # as decoded (HWC)
             assert torch.equal(got, want) and list(errors) == list(want_errors)
+            np.testing.assert_array_equal(stats, want_stats.numpy())
     augmented = ViewImages(split, images.preprocessing, "view1")
     assert not isinstance(
         inference_batches(augmented, batch_size=5, num_workers=1, device=CPU), ThreadedBatches

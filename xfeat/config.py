@@ -18,6 +18,12 @@ from xfeat.errors import ConfigError
 # Kermany file names: person123_bacteria_456.jpeg, IM-0115-0001.jpeg, NORMAL2-IM-0381-0001.jpeg.
 DEFAULT_GROUP_PATTERN = r"^(person\d+|(?:NORMAL\d+-)?IM-\d+)[_-]"
 FEATURE_DTYPES = ("float32", "float16")
+# How an image becomes the resize_size square whose centre crop the network sees:
+#   crop    short side to resize_size, centre square (torchvision's Resize + CenterCrop)
+#   stretch the whole image to resize_size x resize_size, aspect ratio not kept (the images
+#           of a data set that was squashed to a square; transformers' ViT processors)
+#   pad     letterbox to a square on black (aspect ratio kept, nothing cut), then resize
+RESIZE_MODES = ("crop", "stretch", "pad")
 HEAD_NAMES = ("logreg", "linear", "knn")
 FINETUNE_MODES = ("full", "frozen", "lp-ft")
 COMPARE_MODES = ("cached", "frozen", "full", "lp-ft")
@@ -27,6 +33,9 @@ PRECISIONS = ("fp32", "int8")
 COMPILE_CHOICES = ("auto", "on", "off")
 FIT_ADAPTATIONS = ("standardize", "coral", "em")  # transductive, see xfeat.heads.adaptation
 PREDICT_ADAPTATIONS = ("standardize", "em")
+# predict: bring an image whose aspect ratio differs from the training images' to their geometry
+# first ("match"), or apply the recorded preprocessing to it as it is ("as-recorded").
+GEOMETRY_CHOICES = ("match", "as-recorded")
 FINETUNE_ADAPTATIONS = ("adabn",)
 INT8_CALIBRATION_IMAGES = 256
 DEFAULT_THRESHOLD = "youden"

@@ -16,11 +16,11 @@ from sklearn.base import clone
 
 from xfeat import cache as cache_io
 from xfeat.cache import CacheMeta, WeightsRecord
-from xfeat.config import parse_threshold_rule
+from xfeat.config import DEFAULT_THRESHOLD, parse_threshold_rule
 from xfeat.errors import ConfigError, DataError
 from xfeat.evaluation.metrics import evaluate_splits
 from xfeat.extraction.features import load_features
-from xfeat.heads import create_head, save_head
+from xfeat.heads import NearestNeighbourOOD, create_head, save_head
 from xfeat.runs.folders import check_writable, default_run_dir, run_lock
 from xfeat.runs.results import CacheUse, RunDataset, RunRecord, RunResult, RunThreshold
 
@@ -34,7 +34,7 @@ def fit_head(
     weights="none",
     cache: Union[str, Path, cache_io.FeatureSet, list, None] = None,
     head: str = "logreg",
-    threshold: Union[str, float] = "youden",
+    threshold: Union[str, float, None] = None,
     head_params: Optional[dict] = None,
     out_dir: Union[str, Path, None] = None,
     n_boot: int = 1000,
@@ -55,7 +55,9 @@ def fit_head(
     cache : a cache file (``.h5``), a :class:`~xfeat.cache.FeatureSet`, or a list of them.
         With ``data`` too, the cache must have been made from that data.
     head : ``logreg`` (C swept on val), ``linear`` (the tutorial's SGD recipe) or ``knn``.
-    threshold : ``youden``, a probability such as ``0.5``, or ``sensitivity:0.95``; chosen on val.
+    threshold : two classes: ``youden`` (None: the default), a probability such as ``0.5``, or
+        ``sensitivity:0.95``; chosen on val. With three classes or more the prediction is the
+        most probable class, and a threshold is an error.
     head_params : head options, e.g. ``{"C": 0.1}``, ``{"epochs": 25}``, ``{"refit_on_val": True}``.
     blocks : feature blocks to use (default every cached block); each column is standardised.
     use_views : train on the cached augmented views of the train images too (if any).
@@ -70,6 +72,8 @@ def fit_head(
     from xfeat.heads.adaptation import check_method
 
     t_start = time.perf_counter()
+    explicit_threshold = threshold is not None
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     parse_threshold_rule(threshold)  # before any extraction
     adapt, tta = check_method(adapt), parse_tta(tta)
     check_writable(out_dir)
@@ -83,6 +87,8 @@ def fit_head(
         command="fit_head",
     )
     features = loaded.features
+    if explicit_threshold:
+        check_threshold_applies(threshold, features.class_names)
     inputs = _inputs(features, use_views=use_views, tta=tta)
     fitted, threshold_on, fit_seconds = _fit(inputs, head, dict(head_params or {}), features.class_names)
     t_eval = time.perf_counter()
@@ -114,7 +120,15 @@ def fit_head(
         source = _adaptation_source(
             inputs, fitted.predict_proba(inputs["eval"]["val"]), features.class_names, threshold
         )
-        _save(result, features.meta, head, evaluation, out_dir, features.blocks, source, tta)
+        enough = len(inputs["train_labels"]) > NearestNeighbourOOD.k and len(inputs["val_labels"])
+        ood = (
+            NearestNeighbourOOD.fit(
+                inputs["train_features"], inputs["train_labels"], inputs["eval"]["val"], seed=seed
+            )
+            if enough
+            else None  # too few images for a reference; predict then leaves ood_score empty
+        )
+        _save(result, features.meta, head, evaluation, out_dir, features.blocks, source, tta, ood)
     return result
 
 
@@ -291,6 +305,7 @@ def _save(
     blocks: list,
     adaptation_source: dict,
     tta=(),
+    ood=None,
 ) -> Path:
     """results.json, predictions, head.npz (and the training curves) in the run folder."""
     run_dir = (
@@ -307,6 +322,7 @@ def _save(
                 **head_metadata(meta, evaluation, blocks, tta),
                 "adaptation_source": adaptation_source,
             },
+            extra=ood.to_arrays() if ood is not None else None,
         )
         if result.record.history:
             from xfeat.report import plot_training_curves
@@ -319,6 +335,16 @@ def _save(
             )
     logger.info("saved %s", run_dir)
     return run_dir
+
+
+def check_threshold_applies(threshold, class_names) -> None:
+    """A decision threshold exists for two classes only; with more, refuse it clearly."""
+    if len(class_names) > 2:
+        raise ConfigError(
+            f"threshold {threshold!r} applies to two classes, but these data have "
+            f"{len(class_names)} ({', '.join(class_names)}): the prediction is the most probable "
+            "class; leave --threshold out"
+        )
 
 
 def _check_every_class_in_train(labels, class_names: list) -> None:
@@ -350,6 +376,8 @@ def head_metadata(meta: CacheMeta, evaluation: dict, blocks: list, tta=()) -> di
         "dataset_fingerprint": meta.dataset.fingerprint,
         "tta": list(tta),
         "precision": meta.precision,
+        # what the training images looked like: predict checks new images against it
+        "input_profile": meta.splits.get("train", {}).get("input_profile"),
     }
 
 

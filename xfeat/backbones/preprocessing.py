@@ -1,4 +1,5 @@
-"""Preprocessing: resize the short side, centre-crop, scale, normalise. Part of every cache key.
+"""Preprocessing: resize (short side, stretch or letterbox), centre-crop, scale, normalise.
+Part of every cache key.
 
 The same object decodes images for extraction, for the fine-tuning store and for ``predict``,
 so every path sees identical pixels; it reproduces torchvision's ``weights.transforms()``
@@ -13,6 +14,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from xfeat.config import RESIZE_MODES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _PIL_INTERPOLATION = {
@@ -26,7 +29,8 @@ INTERPOLATIONS = tuple(_PIL_INTERPOLATION)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Short side to ``resize_size``, centre ``crop_size`` square, ``(x / 255 - mean) / std``.
+    """The ``resize_size`` square (``resize_mode``: see :data:`RESIZE_MODES`), its centre
+    ``crop_size`` square, ``(x / 255 - mean) / std``.
 
     ``exif_transpose``: rotate images as their EXIF orientation says (as a viewer shows them).
     """
@@ -37,6 +41,7 @@ class Preprocessing:
     std: tuple = IMAGENET_STD
     interpolation: str = "bilinear"
     exif_transpose: bool = True
+    resize_mode: str = "crop"
 
     def __post_init__(self):
         from xfeat.errors import ConfigError
@@ -50,6 +55,10 @@ class Preprocessing:
                 f"crop_size={self.crop_size} is larger than resize_size="
                 f"{self.resize_size}; the centre crop must fit in the resized image"
             )
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(
+                f"resize_mode={self.resize_mode!r}; expected one of {', '.join(RESIZE_MODES)}"
+            )
         if self.interpolation not in _PIL_INTERPOLATION:
             raise ConfigError(
                 f"interpolation={self.interpolation!r}; expected one of {sorted(_PIL_INTERPOLATION)}"
@@ -62,8 +71,12 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
     def to_dict(self) -> dict:
+        """A JSON-ready record; ``resize_mode`` only when it is not ``crop``, so that caches
+        keyed before resize modes existed keep their keys."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.resize_mode == "crop":
+            del d["resize_mode"]
         return d
 
     @classmethod
@@ -77,6 +90,7 @@ class Preprocessing:
             tuple(d["std"]),
             d.get("interpolation", "bilinear"),
             bool(d.get("exif_transpose", False)),
+            d.get("resize_mode", "crop"),
         )
 
     @classmethod
@@ -103,6 +117,10 @@ class Preprocessing:
             )
         return replace(self, crop_size=crop_size, resize_size=resize_size)
 
+    def with_resize_mode(self, resize_mode: Optional[str]) -> Preprocessing:
+        """The same preprocessing with another resize mode (None keeps it)."""
+        return self if resize_mode is None else replace(self, resize_mode=resize_mode)
+
     def with_normalization(self, mean=None, std=None) -> Preprocessing:
         """The same preprocessing with ``mean`` and/or ``std`` replaced (None keeps them)."""
         if mean is None and std is None:
@@ -122,8 +140,17 @@ class Preprocessing:
         return int(size * width / height), size
 
     def resize_square(self, image: Image.Image) -> np.ndarray:
-        """Short side to ``resize_size``, then the ``(R, R, 3)`` uint8 square whose centre crop
-        is exactly torchvision's ``CenterCrop(crop_size)`` of the resized image (the store)."""
+        """The ``(R, R, 3)`` uint8 square of ``image`` (R = ``resize_size``) as ``resize_mode``
+        says. In ``crop`` mode its centre crop is exactly torchvision's
+        ``CenterCrop(crop_size)`` of the short-side-resized image (the store)."""
+        resample = _PIL_INTERPOLATION[self.interpolation]
+        size = self.resize_size
+        if self.resize_mode == "pad":
+            image = letterbox(image)
+        if self.resize_mode in ("stretch", "pad"):
+            if image.size != (size, size):
+                image = image.resize((size, size), resample, reducing_gap=None)
+            return np.array(image, dtype=np.uint8)
         new_w, new_h = self.resized_shape(*image.size)
         if (new_w, new_h) != image.size:
             image = image.resize(
@@ -135,6 +162,11 @@ class Preprocessing:
         left = min(max(0, int(round((new_w - self.crop_size) / 2.0)) - inner), new_w - size)
         top = min(max(0, int(round((new_h - self.crop_size) / 2.0)) - inner), new_h - size)
         return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+    def describe(self) -> str:
+        """``resize 256 (short side), crop 224, bilinear``: one line for tables and logs."""
+        how = {"crop": "short side", "stretch": "stretched", "pad": "letterboxed"}[self.resize_mode]
+        return f"resize {self.resize_size} ({how}), crop {self.crop_size}, {self.interpolation}"
 
     def center_crop(self, square: np.ndarray) -> np.ndarray:
         """The centre ``crop_size`` square of a ``(R, R, ...)`` array from :meth:`resize_square`."""
@@ -156,3 +188,14 @@ class Preprocessing:
         mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1) * 255.0
         return (batch.float() - mean) / std
+
+
+def letterbox(image: Image.Image) -> Image.Image:
+    """``image`` centred on a black square as wide as its long side (nothing cut)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square

@@ -20,6 +20,7 @@ import numpy as np
 
 from xfeat.cache.meta import CacheMeta
 from xfeat.config import FEATURE_DTYPES  # noqa: F401  (re-exported)
+from xfeat.data.profile import summarize as summarize_profile
 from xfeat.errors import CacheError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class SplitFeatures:
     ids: list
     seconds: float = 0.0
     blocks: list = field(default_factory=list)  # [(name, dim)] in column order
+    stats: Optional[np.ndarray] = None  # (N, 6) image facts (xfeat.data.profile.STAT_COLUMNS)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -137,6 +139,10 @@ def _meta(f: h5py.File) -> CacheMeta:
     meta["splits"] = {
         s: {"n": rows_of(f[s]), **json.loads(f[s].attrs.get("stats", "{}"))} for s in group_order(f)
     }
+    for s in BASE_SPLITS:  # what the images of each split looked like (predict checks these)
+        if s in f and "image_stats" in f[s]:
+            rows = f[s]["image_stats"][()][f[s]["ok"][()]]
+            meta["splits"][s]["input_profile"] = summarize_profile(rows)
     first = f[next(iter(f))]
     meta.setdefault("blocks", [[name, ds.shape[1]] for name, ds in block_datasets(first).items()])
     return CacheMeta.from_dict(meta)
@@ -226,5 +232,6 @@ def _read_group(g: h5py.Group, path: Path, blocks, include_skipped: bool):
         ids=ids if include_skipped else [ids[i] for i in rows],
         seconds=float(g["seconds"][0]),
         blocks=[(b, int(stored[b].shape[1])) for b in names],
+        stats=g["image_stats"][()][rows] if "image_stats" in g else None,
     )
     return part, [ids[i] for i in np.flatnonzero(~ok)]

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import h5py
 import numpy as np
@@ -24,6 +24,7 @@ from filelock import FileLock, Timeout
 
 from xfeat.cache.meta import CacheMeta
 from xfeat.cache.read import FEATURE_DTYPES, FORMAT, FORMAT_VERSION, partial_path, read_cache
+from xfeat.data.profile import STAT_COLUMNS
 from xfeat.errors import CacheError
 from xfeat.files import describe_os_error, file_mode, make_dirs, safe_name
 
@@ -140,6 +141,11 @@ class CacheWriter:
             self._discard()
             return None
         logger.info("resuming %s: rows already written %s", self.partial.name, done)
+        for s in f:  # a partial started by xfeat 0.2 has no image facts: they start from here
+            if "image_stats" not in f[s]:
+                _preallocated(
+                    f[s], "image_stats", (f[s]["ok"].shape[0], len(STAT_COLUMNS)), np.float32, np.nan
+                )
         return f
 
     def _discard(self) -> None:
@@ -168,6 +174,7 @@ class CacheWriter:
             for name, dim in self.blocks:
                 _preallocated(feats, name, (len(ids), dim), dtype, np.nan)
             _preallocated(g, "ok", (len(ids),), np.bool_, True)
+            _preallocated(g, "image_stats", (len(ids), len(STAT_COLUMNS)), np.float32, np.nan)
             _preallocated(g, "rows_done", (1,), np.int64, 0)
             _preallocated(g, "seconds", (1,), np.float64, 0.0)
         f.flush()
@@ -179,9 +186,17 @@ class CacheWriter:
     def n_rows(self, split: str) -> int:
         return self.file[split]["ok"].shape[0]
 
-    def write(self, split: str, start: int, features: dict, ok: np.ndarray, seconds: float) -> None:
-        """Write rows ``start:start+n`` of every block (``{block: (n, dim)}``), then, after a
-        flush, advance ``rows_done``."""
+    def write(
+        self,
+        split: str,
+        start: int,
+        features: dict,
+        ok: np.ndarray,
+        seconds: float,
+        stats: Optional[np.ndarray] = None,
+    ) -> None:
+        """Write rows ``start:start+n`` of every block (``{block: (n, dim)}``) and their image
+        facts (``stats``, ``(n, 6)``), then, after a flush, advance ``rows_done``."""
         g = self.file[split]
         n = len(ok)
         if start != self.rows_done(split):
@@ -190,6 +205,8 @@ class CacheWriter:
             for name, _ in self.blocks:
                 g["features"][name][start : start + n] = features[name]
             g["ok"][start : start + n] = ok
+            if stats is not None:
+                g["image_stats"][start : start + n] = stats
             self.file.flush()
             g["seconds"][0] = g["seconds"][0] + seconds
             g["rows_done"][0] = start + n
@@ -249,7 +266,9 @@ def merge_shards(
             row, seconds = 0, wall  # the split's seconds go with its first rows
             for part in parts:
                 if len(part["ids"]):
-                    writer.write(name, row, part["blocks"], part["ok"], seconds=seconds)
+                    writer.write(
+                        name, row, part["blocks"], part["ok"], seconds=seconds, stats=part["stats"]
+                    )
                     row, seconds = row + len(part["ids"]), 0.0
             stats[name] = {
                 "seconds_total": wall,
@@ -282,6 +301,7 @@ def _read_all_groups(path: Path, blocks: list) -> dict:
             "ids": part.ids,
             "seconds": part.seconds,
             "ok": np.array([i not in skipped for i in part.ids], dtype=bool),
+            "stats": part.stats,
             "blocks": {
                 b: part.features[:, cols[k] : cols[k + 1]] for k, (b, _) in enumerate(part.blocks)
             },

@@ -138,9 +138,20 @@ def describe_cache(path, meta) -> str:
         "  blocks: " + ", ".join(f"{name} (D={dim})" for name, dim in meta.blocks),
         f"  dataset {meta.dataset.name} ({meta.dataset.source}), classes "
         f"{', '.join(meta.class_names)}; val {meta.split.get('val')}",
-        f"  preprocessing: resize {p['resize_size']}, crop {p['crop_size']}, "
+        f"  preprocessing: resize {p['resize_size']} ({p.get('resize_mode', 'crop')}), "
+        f"crop {p['crop_size']}, "
         f"{p['interpolation']}" + (", EXIF orientation applied" if p.get("exif_transpose") else ""),
     ]
+    profile = meta.splits.get("train", {}).get("input_profile")
+    if profile:
+        w, h, a = profile["width"], profile["height"], profile["aspect"]
+        lines.append(
+            f"  train images: {w['p0']:.0f}-{w['p100']:.0f} x {h['p0']:.0f}-{h['p100']:.0f} px, "
+            f"aspect {a['p0']:.2f}-{a['p100']:.2f}; "
+            + ", ".join(f"{m} {n}" for m, n in profile["modes"].items())
+            + "; "
+            + ", ".join(f"{b}-bit {n}" for b, n in profile["bit_depths"].items())
+        )
     for split, s in meta.splits.items():
         rate = s.get("images_per_second")
         lines.append(

@@ -19,7 +19,8 @@ from xfeat.cli.options import (
     run_options,
     threshold_option,
 )
-from xfeat.config import FIT_ADAPTATIONS, HEAD_NAMES, PREDICT_ADAPTATIONS
+from xfeat.config import FIT_ADAPTATIONS, GEOMETRY_CHOICES, HEAD_NAMES, PREDICT_ADAPTATIONS
+from xfeat.files import dumps
 
 # CLI flag -> the head parameter it sets; which head takes which is read from the heads.
 _HEAD_FLAGS = {
@@ -140,7 +141,8 @@ def fit_head_cmd(
     from xfeat.config import parse_threshold_rule
     from xfeat.fitting import fit_head
 
-    parse_threshold_rule(threshold)  # before any extraction
+    if threshold is not None:
+        parse_threshold_rule(threshold)  # before any extraction
     head_params = head_params_from_flags(head, {k: options.pop(k) for k in _HEAD_FLAGS})
     from xfeat.heads import head_options
 
@@ -198,7 +200,8 @@ def fit_head_cmd(
     type=click.Path(dir_okay=False),
     default="predictions.csv",
     show_default=True,
-    help="CSV: path, probability per class, predicted label.",
+    help="CSV: path, probability per class, predicted class, threshold and rule, geometry, "
+    "input_check, ood_score, ood, error.",
 )
 @click.option("--weights", default=None, help="Where the head's weights file is now, if it moved.")
 @click.option(
@@ -214,15 +217,27 @@ def fit_head_cmd(
     help="TRANSDUCTIVE: adapt to the images given (at least 20), their labels unused.",
 )
 @click.option(
+    "--geometry",
+    type=click.Choice(GEOMETRY_CHOICES),
+    default="match",
+    show_default=True,
+    help="match: an image whose aspect ratio differs from the training images' (when those "
+    "share one) is first resized to their size or aspect, as they were; as-recorded: the "
+    "recorded preprocessing on the image as it is.",
+)
+@click.option(
     "--compile",
     is_flag=True,
     help="Compile the backbone ahead of time (kept in the cache folder for later "
     "runs; the first compilation pays off for thousands of images).",
 )
 @predict_run_options
+@json_option
 @click.pass_context
 @api_errors
-def predict_cmd(ctx, head_path, images, out_csv, weights, tta, adapt, compile, **options):
+def predict_cmd(
+    ctx, head_path, images, out_csv, weights, tta, adapt, geometry, compile, as_json, **options
+):
     """Classify image files or folders with a saved head and its backbone."""
     from xfeat.prediction import predict
 
@@ -233,10 +248,14 @@ def predict_cmd(ctx, head_path, images, out_csv, weights, tta, adapt, compile, *
         weights=weights,
         tta=tta,
         adapt=adapt,
+        geometry=geometry,
         compile=compile,
         progress=ctx.obj["progress"],
         **options,
     )
+    if as_json:
+        click.echo(dumps(rows))
+        return
     failed = [r for r in rows if r["error"]]
     counts = {}
     for r in rows:

@@ -14,6 +14,7 @@ from xfeat.config import (
     INT8_CALIBRATION_IMAGES,
     PRECISIONS,
     RECIPES,
+    RESIZE_MODES,
     DataSpec,
     ExtractConfig,
     FinetuneConfig,
@@ -81,7 +82,7 @@ def optional_data_options(f):
 
 
 def model_options(f):
-    """--model, --weights, --image-size, --resize-size, --mean, --std, --seed."""
+    """--model, --weights, --image-size, --resize-size, --resize-mode, --mean, --std, --seed."""
     return apply(
         f,
         [
@@ -115,6 +116,14 @@ def model_options(f):
                 default=None,
                 help="Short side before the centre crop [default: the weights' own, or "
                 "the crop's ratio kept].",
+            ),
+            click.option(
+                "--resize-mode",
+                type=click.Choice(RESIZE_MODES),
+                default=None,
+                help="How an image becomes the square that is centre-cropped: crop (short side, "
+                "then the centre), stretch (the whole image to a square, aspect not kept: data "
+                "squashed to a square), pad (letterboxed on black) [default: crop].",
             ),
             click.option(
                 "--mean",
@@ -183,9 +192,10 @@ def predict_run_options(f):
 def threshold_option(f):
     return click.option(
         "--threshold",
-        default=DEFAULT_THRESHOLD,
-        show_default=True,
-        help="youden, a probability such as 0.5, or sensitivity:0.95 / specificity:0.9; chosen on val.",
+        default=None,
+        help="Two classes: youden, a probability such as 0.5, or sensitivity:0.95 / "
+        f"specificity:0.9, chosen on val [default: {DEFAULT_THRESHOLD}]. With three classes or "
+        "more the prediction is the most probable class, and --threshold is an error.",
     )(f)
 
 

@@ -21,7 +21,14 @@ from xfeat.cli.options import (
     run_options,
     threshold_option,
 )
-from xfeat.config import COMPARE_MODES, FINETUNE_ADAPTATIONS, FINETUNE_MODES, HEAD_NAMES, FinetuneConfig
+from xfeat.config import (
+    COMPARE_MODES,
+    FINETUNE_ADAPTATIONS,
+    FINETUNE_MODES,
+    HEAD_NAMES,
+    RESIZE_MODES,
+    FinetuneConfig,
+)
 
 
 @cli.command("finetune")
@@ -70,6 +77,8 @@ def finetune_cmd(
     from xfeat.finetuning import finetune
 
     data = data_spec(data, options)
+    if options.get("threshold") is None:
+        options.pop("threshold", None)  # the recipe's default
     result = finetune(
         data,
         model,
@@ -121,6 +130,13 @@ def finetune_cmd(
     help="Head of the cached mode.",
 )
 @click.option("--image-size", type=int, default=None)
+@click.option(
+    "--resize-mode",
+    type=click.Choice(RESIZE_MODES),
+    default=None,
+    help="crop (short side, then the centre), stretch (aspect not kept) or pad (letterbox) "
+    "[default: crop].",
+)
 @click.option("--seed", type=int, default=default(FinetuneConfig, "seed"), show_default=True)
 @finetune_options
 @loader_options
@@ -140,6 +156,7 @@ def compare_cmd(
     quick,
     head,
     image_size,
+    resize_mode,
     num_workers,
     device,
     analyze,
@@ -164,6 +181,7 @@ def compare_cmd(
         analyze=analyze,
         n_boot=n_boot,
         image_size=image_size,
+        resize_mode=resize_mode,
         num_workers=num_workers,
         device=device,
         progress=ctx.obj["progress"],

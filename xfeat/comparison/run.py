@@ -18,6 +18,7 @@ from xfeat.backbones.weights import parse_weights
 from xfeat.config import (
     COMPARE_MODES,
     DEFAULT_N_BOOT,
+    DEFAULT_THRESHOLD,
     HEAD_NAMES,
     FinetuneConfig,
     default_cache_dir,
@@ -80,7 +81,7 @@ class _Setup:
     head: str
     n_boot: int
     quick: bool
-    extract_options: dict  # cache_dir, image_size, num_workers, device, progress
+    extract_options: dict  # cache_dir, image_size, resize_mode, num_workers, device, progress
 
 
 def compare(
@@ -95,6 +96,7 @@ def compare(
     finetune: Union[FinetuneConfig, dict, None] = None,
     n_boot: int = DEFAULT_N_BOOT,
     image_size: Optional[int] = None,
+    resize_mode: Optional[str] = None,
     num_workers: Optional[int] = None,
     device: Optional[str] = None,
     cache_dir=None,
@@ -138,6 +140,7 @@ def compare(
         {
             "cache_dir": cache_dir,
             "image_size": image_size,
+            "resize_mode": resize_mode,
             "num_workers": num_workers,
             "device": device,
             "progress": progress,
@@ -225,6 +228,8 @@ def _run_name(setup: _Setup, model: str, weights, mode: str) -> str:
         "n_boot": setup.n_boot,
         "seed": setup.finetune.seed,
     }
+    if setup.extract_options["resize_mode"] is not None:  # absent: earlier runs keep their names
+        config["resize_mode"] = setup.extract_options["resize_mode"]
     config["threshold"] = setup.finetune.threshold
     if mode == "cached":
         config["head"] = setup.head
@@ -271,7 +276,10 @@ def _run(setup: _Setup, run_dir: Path, model: str, weights, mode: str) -> RunRes
             weights=weights,
             head=setup.head,
             out_dir=run_dir,
-            threshold=setup.finetune.threshold,
+            # the recipe's default rule is no explicit choice (it does not apply to 3+ classes)
+            threshold=None
+            if setup.finetune.threshold == DEFAULT_THRESHOLD
+            else setup.finetune.threshold,
             n_boot=setup.n_boot,
             seed=setup.finetune.seed,
             extract_options=options,
@@ -285,6 +293,7 @@ def _run(setup: _Setup, run_dir: Path, model: str, weights, mode: str) -> RunRes
         out_dir=run_dir,
         resume=(run_dir / "checkpoint.pt").is_file(),
         image_size=options["image_size"],
+        resize_mode=options["resize_mode"],
         cache_dir=options["cache_dir"],
         num_workers=options["num_workers"],
         device=options["device"],
@@ -370,3 +379,9 @@ def linear_on_cache(cached: RunResult, epochs: Optional[int], run_root: Path):
     return fit_head(
         cache=cache_path, head="linear", head_params={"epochs": epochs}, out_dir=run_dir, n_boot=0
     )
+
+
+def _explicit_threshold(config: FinetuneConfig):
+    """The recipe's threshold rule for fit_head, None when it is the default (a default is no
+    explicit choice, and with three classes or more no threshold applies)."""
+    return None if config.threshold == DEFAULT_THRESHOLD else config.threshold

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from xfeat.config import DataSpec
-from xfeat.data.images import array_to_rgb, read_image_file
+from xfeat.data.images import array_to_rgb, read_image_with_header
 from xfeat.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -39,9 +39,21 @@ class Split:
         self, i: int, draft_size: Optional[int] = None, exif_transpose: bool = True
     ) -> Image.Image:
         """Decode sample ``i`` as an RGB PIL image (raises :class:`ImageReadError`)."""
+        return self.read_image_with_header(i, draft_size, exif_transpose)[0]
+
+    def read_image_with_header(
+        self, i: int, draft_size: Optional[int] = None, exif_transpose: bool = True
+    ) -> tuple:
+        """``(RGB image, (width, height, mode, bit depth))`` of sample ``i``; an array's mode
+        is L or RGB by its channels, its bit depth that of its dtype."""
         if self.paths is not None:
-            return read_image_file(self.paths[i], draft_size=draft_size, exif_transpose=exif_transpose)
-        return array_to_rgb(self.arrays[self.array_rows[i]])
+            return read_image_with_header(
+                self.paths[i], draft_size=draft_size, exif_transpose=exif_transpose
+            )
+        array = self.arrays[self.array_rows[i]]
+        mode = "RGB" if array.ndim == 3 and array.shape[-1] == 3 else "L"
+        header = (array.shape[1], array.shape[0], mode, 8 * array.dtype.itemsize)
+        return array_to_rgb(array), header
 
     def subset(self, rows: Sequence[int], name: Optional[str] = None) -> Split:
         rows = np.asarray(rows, dtype=np.int64)

@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from xfeat.data.profile import header_info
 from xfeat.errors import DataError, ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -29,17 +30,24 @@ def read_image_file(path, draft_size: Optional[int] = None, exif_transpose: bool
     ``exif_transpose`` rotates/flips the pixels as the file's EXIF orientation tag says.
     ``draft_size`` lets libjpeg decode a large JPEG at a reduced scale (never below it).
     """
+    return read_image_with_header(path, draft_size, exif_transpose)[0]
+
+
+def read_image_with_header(path, draft_size: Optional[int] = None, exif_transpose: bool = True):
+    """As :func:`read_image_file`, with the file's header facts: ``(RGB image, (width,
+    height, mode, bit depth))``, the size as a viewer shows it, before any draft reduction."""
     try:
         with warnings.catch_warnings():
             # PIL warns above MAX_IMAGE_PIXELS / 2 and raises above MAX_IMAGE_PIXELS * 2.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                header = header_info(im)
                 if draft_size and im.format == "JPEG":
                     im.draft("RGB", (draft_size, draft_size))
                 im.load()
                 if exif_transpose:
                     im = ImageOps.exif_transpose(im)
-                return pil_to_rgb(im)
+                return pil_to_rgb(im), header
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(
             _printable(path),

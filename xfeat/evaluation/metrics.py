@@ -196,7 +196,9 @@ def format_metrics_table(metrics_by_split, ci=None):
         raise ValueError("metrics_by_split is empty; expected e.g. {'test': compute_metrics(y, proba)}")
     splits = list(metrics_by_split)
     ci = ci or {}
-    rows = [["metric", *splits]]
+    first = metrics_by_split[splits[0]]
+    multiclass = len(first.get("confusion_matrix") or [[0, 0]]) > 2
+    rows = [["metric" + (" (macro over classes)" if multiclass else ""), *splits]]
     for name in METRIC_NAMES:
         cells = [_format_value(metrics_by_split[s].get(name)) for s in splits]
         if name in ci:

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from xfeat.data.dataset import Split
+from xfeat.data.profile import STAT_COLUMNS
 from xfeat.errors import ImageReadError
 from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.extraction.blocks import BlockExtractor
@@ -164,7 +165,7 @@ def extract_group(
         disable=not progress,
     )
     t0 = t_start
-    for batch, errors in loader:
+    for batch, errors, stats in loader:
         t1 = time.perf_counter()
         ok = np.array([not e for e in errors])
         if not ok.all() and not skip_bad:
@@ -176,7 +177,7 @@ def extract_group(
         t2 = time.perf_counter()
         for array in blocks.values():
             array[~ok] = np.nan
-        writer.write(group, row, blocks, ok, seconds=time.perf_counter() - t0)
+        writer.write(group, row, blocks, ok, seconds=time.perf_counter() - t0, stats=np.asarray(stats))
         t3 = time.perf_counter()
         wait, forward, write = wait + (t1 - t0), forward + (t2 - t1), write + (t3 - t2)
         row += len(ok)
@@ -221,10 +222,13 @@ def embed_files(
     batch_size: int = 32,
     num_workers: Optional[int] = None,
     progress: bool = True,
+    geometry: Optional[dict] = None,
 ):
-    """``({view: {block: (N, D) with NaN rows}}, errors)`` for image files.
+    """``({view: {block: (N, D) with NaN rows}}, errors, stats)`` for image files; ``stats``
+    holds the centre view's stat rows (:data:`xfeat.data.profile.STAT_COLUMNS`).
 
     An unreadable file gives NaN rows and its error message instead of stopping the rest.
+    ``geometry``: bring each image to the training geometry first (see :class:`ViewImages`).
     """
     split = Split(
         "files",
@@ -232,20 +236,21 @@ def embed_files(
         np.zeros(len(paths), dtype=np.int64),
         paths=[str(p) for p in paths],
     )
-    outputs, errors = {}, []
+    outputs, errors, stats = {}, [], None
     for view in views:
-        images = ViewImages(split, runner.backbone.preprocessing, view)
+        images = ViewImages(split, runner.backbone.preprocessing, view, geometry=geometry)
         loader = inference_batches(
             images, batch_size=batch_size, num_workers=num_workers, device=runner.device
         )
-        parts, errs = [], []
+        parts, errs, rows = [], [], []
         with tqdm(
             total=len(split),
             unit="img",
             desc=f"{runner.backbone.name} {view or ''}",
             disable=not progress,
         ) as bar:
-            for batch, batch_errors in loader:
+            for batch, batch_errors, batch_stats in loader:
+                rows.append(np.asarray(batch_stats))
                 out = runner(batch)
                 bad = [bool(e) for e in batch_errors]
                 for array in out.values():
@@ -258,4 +263,6 @@ def embed_files(
                 bar.update(len(bad))
         outputs[view] = {b: np.concatenate([p[b] for p in parts]) for b in parts[0]} if parts else {}
         errors = errs
-    return outputs, errors
+        if stats is None:
+            stats = np.concatenate(rows) if rows else np.zeros((0, len(STAT_COLUMNS)), np.float32)
+    return outputs, errors, stats

@@ -122,6 +122,7 @@ def plan_extraction(
     resize_size: Optional[int] = None,
     mean: Optional[tuple] = None,
     std: Optional[tuple] = None,
+    resize_mode: Optional[str] = None,
     layers="penultimate",
     views: int = 0,
     tta=None,
@@ -130,8 +131,10 @@ def plan_extraction(
 ) -> ExtractionPlan:
     """Resolve the dataset, weights, preprocessing and blocks into a cache key and path.
 
-    ``image_size`` (the crop), ``resize_size``, ``mean`` and ``std`` override the weights'
-    own preprocessing (e.g. for a ``torchscript:PATH`` model without a sidecar JSON).
+    ``image_size`` (the crop), ``resize_size``, ``mean``, ``std`` and ``resize_mode``
+    (``crop``, ``stretch`` or ``pad``, see :data:`xfeat.backbones.preprocessing.RESIZE_MODES`)
+    override the weights' own preprocessing (e.g. for a ``torchscript:PATH`` model without a
+    sidecar JSON, or for data that were squashed to a square: ``stretch``).
     ``batch_size`` matters only to int8, whose calibration batches are that size.
     """
     if feature_dtype not in cache.FEATURE_DTYPES:
@@ -147,6 +150,7 @@ def plan_extraction(
         default_preprocessing(model, tv_weights)
         .with_size(image_size, resize_size)
         .with_normalization(mean, std)
+        .with_resize_mode(resize_mode)
     )
     layers, tta = parse_layers(layers), parse_tta(tta)
     blocks = resolve_blocks(model, layers, preprocessing.crop_size)
@@ -203,6 +207,7 @@ _PLAN_OPTIONS = (
     "resize_size",
     "mean",
     "std",
+    "resize_mode",
     "feature_dtype",
     "seed",
     "layers",
@@ -278,7 +283,7 @@ def extract(
     skip_bad : record unreadable images (dropped by readers) instead of stopping.
     plan : a :class:`ExtractionPlan` from :func:`plan_extraction`; it then replaces ``data``,
         ``model``, ``weights`` and every option of ``plan_options``.
-    **plan_options : cache_dir, image_size, resize_size, mean, std, feature_dtype, layers,
+    **plan_options : cache_dir, image_size, resize_size, mean, std, resize_mode, feature_dtype, layers,
         views, tta, precision, seed.
     """
     if plan is None:
@@ -462,4 +467,4 @@ def _calibration_images(plan: ExtractionPlan):
     split = plan.dataset.splits["train"]
     n = min(INT8_CALIBRATION_IMAGES, len(split))
     images = ViewImages(split.subset(range(n)), plan.preprocessing)
-    return torch.stack([images[i][0] for i in range(n)])
+    return torch.stack([images[i][0] for i in range(n)])  # (crop, error, stats)[0]

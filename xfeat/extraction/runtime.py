@@ -92,7 +92,7 @@ def make_loader(
 
 
 def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int], device: torch.device):
-    """``(uint8 images, errors)`` batches of ``dataset`` in order, for a forward pass.
+    """``(uint8 images, errors, stat rows)`` batches of ``dataset`` in order, for a forward pass.
 
     On the CPU the images are decoded by ``num_workers`` threads of this process (default: one
     per core, at most 4; PIL releases the GIL while it decodes and resizes): no worker
@@ -114,9 +114,9 @@ def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int], d
 
 
 class ThreadedBatches:
-    """Iterate over ``dataset`` in batches of ``batch_size`` ``(CHW uint8 tensor, error)``
-    items, decoded ahead by ``workers`` threads (none: in the calling thread); each batch is
-    ``(N, C, H, W)`` in channels_last memory."""
+    """Iterate over ``dataset`` in batches of ``batch_size`` ``(CHW uint8 tensor, error, stat
+    row)`` items, decoded ahead by ``workers`` threads (none: in the calling thread); each
+    batch is ``(N, C, H, W)`` in channels_last memory, its errors and its ``(N, 6)`` stats."""
 
     prefetch = 4  # batches decoded ahead
 
@@ -131,8 +131,9 @@ class ThreadedBatches:
         # numpy stacks in this thread alone (torch.stack would start its own thread team,
         # competing with the forward pass for the cores); the pixels stay in their decoded
         # HWC order, so the batch is channels_last in memory (no conversion for most models)
-        images = np.stack([image.permute(1, 2, 0).numpy() for image, _ in items])
-        return torch.from_numpy(images).permute(0, 3, 1, 2), [error for _, error in items]
+        images = np.stack([image.permute(1, 2, 0).numpy() for image, _, _ in items])
+        stats = np.stack([s for _, _, s in items])
+        return torch.from_numpy(images).permute(0, 3, 1, 2), [error for _, error, _ in items], stats
 
     def __iter__(self):
         starts = iter(range(0, len(self.dataset), self.batch_size))

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from xfeat.backbones import Preprocessing
 from xfeat.cache import entry_lock
 from xfeat.data.dataset import Dataset, Split
+from xfeat.data.profile import STAT_COLUMNS, stat_row, summarize
 from xfeat.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,15 @@ logger = logging.getLogger(__name__)
 _FLUSH_EVERY = 256
 
 
-def store_path(cache_dir, dataset: Dataset, size: int, interpolation: str) -> Path:
-    key = hashlib.sha256(json.dumps([dataset.fingerprint, size, interpolation]).encode())
-    return Path(cache_dir) / "stores" / f"{dataset.name}-{size}px-{key.hexdigest()[:16]}"
+def store_path(cache_dir, dataset: Dataset, preprocessing: Preprocessing) -> Path:
+    """The store's folder, keyed on the data and on how the squares are made (the resize
+    mode only when it is not the default ``crop``, so that older stores keep their keys)."""
+    p = preprocessing
+    fields = [dataset.fingerprint, p.resize_size, p.interpolation]
+    if p.resize_mode != "crop":
+        fields.append(p.resize_mode)
+    key = hashlib.sha256(json.dumps(fields).encode())
+    return Path(cache_dir) / "stores" / f"{dataset.name}-{p.resize_size}px-{key.hexdigest()[:16]}"
 
 
 def build_store(
@@ -45,8 +52,7 @@ def build_store(
     seconds that decoding took when the store was made (whether or not this call made it).
     An unreadable image raises :class:`~xfeat.data.dataset.ImageReadError` naming the file.
     """
-    size, interpolation = preprocessing.resize_size, preprocessing.interpolation
-    root = store_path(cache_dir, dataset, size, interpolation)
+    root = store_path(cache_dir, dataset, preprocessing)
     arrays = {}
     with entry_lock(root.with_suffix(".npy")):
         root.mkdir(parents=True, exist_ok=True)
@@ -72,27 +78,46 @@ def _build_split(root: Path, split: Split, preprocessing: Preprocessing, progres
         state = json.loads(state_file.read_text())
         if state.get("shape") == list(shape):
             start = state["rows_done"]
+    stats_partial = root / f"{split.name}.stats.npy.partial"
     if start == 0:
         array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
     else:
         array = np.load(partial, mmap_mode="r+")
         logger.info("resuming image store %s/%s at row %d", root.name, split.name, start)
+    if start == 0 or not stats_partial.is_file():  # a store begun by xfeat 0.2 had none
+        stats = np.lib.format.open_memmap(
+            stats_partial, mode="w+", dtype=np.float32, shape=(len(split), len(STAT_COLUMNS))
+        )
+        stats[:] = np.nan
+    else:
+        stats = np.load(stats_partial, mmap_mode="r+")
     t0 = time.perf_counter()
     bar = tqdm(
         total=len(split), initial=start, unit="img", desc=f"decode {split.name}", disable=not progress
     )
+    p = preprocessing
     for i in range(start, len(split)):
-        image = split.read_image(i, draft_size=size, exif_transpose=preprocessing.exif_transpose)
-        array[i] = preprocessing.resize_square(image)
+        image, header = split.read_image_with_header(i, draft_size=size, exif_transpose=p.exif_transpose)
+        array[i] = p.resize_square(image)
+        stats[i] = stat_row(header, p.center_crop(array[i]), p.mean, p.std)
         bar.update(1)
         if (i + 1) % _FLUSH_EVERY == 0 or i + 1 == len(split):
             array.flush()
+            stats.flush()
             _write_json(state_file, {"shape": list(shape), "rows_done": i + 1})
     bar.close()
-    del array
+    del array, stats
+    os.replace(stats_partial, root / f"{split.name}.stats.npy")
     os.replace(partial, final)
     state_file.unlink(missing_ok=True)
     return np.load(final, mmap_mode="r"), time.perf_counter() - t0
+
+
+def store_profile(dataset: Dataset, preprocessing: Preprocessing, *, cache_dir, split="train"):
+    """The input profile (:func:`xfeat.data.profile.summarize`) of one split of the store, or
+    None for a store built before the store kept its image facts."""
+    path = store_path(cache_dir, dataset, preprocessing) / f"{split}.stats.npy"
+    return summarize(np.load(path)) if path.is_file() else None
 
 
 def _write_json(path: Path, state: dict) -> None:

@@ -16,7 +16,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
+from xfeat.data.profile import empty_row, match_geometry, stat_row
 from xfeat.errors import ConfigError, ImageReadError
 from xfeat.extraction.runtime import mix_seed
 
@@ -92,17 +94,28 @@ def _augmented(square: np.ndarray, crop: int, seed: int) -> np.ndarray:
 
 
 class ViewImages(torch.utils.data.Dataset):
-    """uint8 CHW crops of one split's images in one view, from row ``start`` on.
+    """``(uint8 CHW crop, error, stat row)`` of one split's images in one view, from row
+    ``start`` on; the stat row (:data:`xfeat.data.profile.STAT_COLUMNS`) describes the file
+    and the preprocessed pixels.
 
-    An unreadable image gives zeros and its error message instead of raising, so the loop
-    decides (stop, or record and skip with ``--skip-bad``).
+    An unreadable image gives zeros, its error message and a NaN stat row instead of raising,
+    so the loop decides (stop, or record and skip with ``--skip-bad``). ``geometry``
+    (:func:`xfeat.data.profile.training_geometry`) first resizes an image whose aspect ratio
+    differs from the training images' to their geometry (``predict``).
     """
 
     def __init__(
-        self, split, preprocessing, view: Optional[str] = None, *, seed: int = 0, start: int = 0
+        self,
+        split,
+        preprocessing,
+        view: Optional[str] = None,
+        *,
+        seed: int = 0,
+        start: int = 0,
+        geometry: Optional[dict] = None,
     ):
         self.split, self.preprocessing, self.view = split, preprocessing, view
-        self.seed, self.start = seed, start
+        self.seed, self.start, self.geometry = seed, start, geometry
         # augmented views are drawn with torchvision's tensor ops, not PIL's and numpy's
         self.uses_torch_ops = view is not None and view.removeprefix("flip_").startswith("view")
 
@@ -113,11 +126,17 @@ class ViewImages(torch.utils.data.Dataset):
         row = self.start + i
         p = self.preprocessing
         try:
-            image = self.split.read_image(row, draft_size=p.resize_size, exif_transpose=p.exif_transpose)
+            image, header = self.split.read_image_with_header(
+                row, draft_size=p.resize_size, exif_transpose=p.exif_transpose
+            )
+            target = match_geometry(header[0], header[1], self.geometry) if self.geometry else None
+            if target is not None and image.size != target:
+                image = image.resize(target, Image.BILINEAR, reducing_gap=None)
             array = render(
                 p.resize_square(image), p, self.view, seed=self.seed, image_id=self.split.ids[row]
             )
-            error = ""
+            error, stats = "", stat_row(header, array, p.mean, p.std)
         except ImageReadError as exc:
             array, error = np.zeros((p.crop_size, p.crop_size, 3), dtype=np.uint8), exc.reason
-        return torch.from_numpy(array).permute(2, 0, 1), error
+            stats = empty_row()
+        return torch.from_numpy(array).permute(2, 0, 1), error, stats

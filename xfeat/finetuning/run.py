@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from xfeat.cache import WeightsRecord
-from xfeat.config import FinetuneConfig, default_cache_dir
+from xfeat.config import DEFAULT_THRESHOLD, FinetuneConfig, default_cache_dir
 from xfeat.data import stratified_rows
 from xfeat.errors import ConfigError, TrainingDiverged
 from xfeat.extraction import distributed
 from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.extraction.runtime import resolve_device
+from xfeat.extraction.store import store_profile
 from xfeat.files import write_csv, write_json
 from xfeat.finetuning.loaders import mix_seed, split_loader
 from xfeat.finetuning.loop import adabn, evaluate, train_one_epoch
@@ -91,13 +92,14 @@ def finetune(
     resize_size: Optional[int] = None,
     mean: Optional[tuple] = None,
     std: Optional[tuple] = None,
+    resize_mode: Optional[str] = None,
     **options,
 ) -> Optional[RunResult]:
     """Train ``model`` end to end, its new last layer only, or LP-FT; evaluate once on test.
 
     Parameters
     ----------
-    data, model, weights, image_size, cache_dir, resize_size, mean, std : as for
+    data, model, weights, image_size, cache_dir, resize_size, mean, std, resize_mode : as for
         :func:`xfeat.extract` (``data`` a :class:`~xfeat.config.DataSpec` or its source); the
         splits are the cache's.
     config : a :class:`~xfeat.config.FinetuneConfig` (mode, recipe, epochs, lr, ...);
@@ -122,7 +124,7 @@ def finetune(
         num_workers=num_workers,
         device=device,
         progress=progress,
-        preprocessing={"resize_size": resize_size, "mean": mean, "std": std},
+        preprocessing={"resize_size": resize_size, "mean": mean, "std": std, "resize_mode": resize_mode},
     )
     lock = run_lock(run.run_dir, "fine-tuning run") if run.world.is_main else _no_lock()
     with lock, freed_memory_kept():  # every step reuses the previous one's memory
@@ -202,6 +204,10 @@ def _prepare(
         from xfeat.extraction.runtime import channels_last_default
 
         config = config.with_options(channels_last=channels_last_default(plan.model, dev))
+    if config.threshold != DEFAULT_THRESHOLD:
+        from xfeat.fitting import check_threshold_applies
+
+        check_threshold_applies(config.threshold, plan.dataset.class_names)
     labels = plan.dataset.splits["train"].labels
     rows = None
     if config.max_train_images is not None and config.max_train_images < len(labels):
@@ -535,7 +541,12 @@ def _write_record(run: _Run, backbone, net, outputs: dict, evaluation: dict, tim
     save_model(
         net,
         backbone,
-        {"class_names": dataset.class_names, "threshold": evaluation["threshold"]["value"]},
+        {
+            "class_names": dataset.class_names,
+            "threshold": evaluation["threshold"]["value"],
+            "threshold_rule": evaluation["threshold"]["rule"],
+            "input_profile": store_profile(dataset, plan.preprocessing, cache_dir=plan.path.parent),
+        },
         run.run_dir / "model.pt",
     )
     plot_training_curves(

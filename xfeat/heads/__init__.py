@@ -17,10 +17,11 @@ name          class             choice made on val
 Heads are saved by :func:`save_head` as one pickle-free ``.npz`` and read by :func:`load_head`.
 """
 
-from xfeat.heads.io import FORMAT, FORMAT_VERSION, load_head, save_head
+from xfeat.heads.io import FORMAT, FORMAT_VERSION, load_head, load_head_extra, save_head
 from xfeat.heads.knn import KNNHead
 from xfeat.heads.linear import LinearHead
 from xfeat.heads.logistic import LogisticHead
+from xfeat.heads.ood import NearestNeighbourOOD
 from xfeat.heads.registry import HEADS, create_head, head_options
 
 __all__ = [
@@ -33,5 +34,7 @@ __all__ = [
     "create_head",
     "head_options",
     "load_head",
+    "load_head_extra",
+    "NearestNeighbourOOD",
     "save_head",
 ]

@@ -12,6 +12,7 @@ import json
 import logging
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
@@ -31,11 +32,15 @@ FORMAT = "xfeat-head"
 FORMAT_VERSION = 2
 
 
-def save_head(head: BaseHead, path, *, metadata: dict) -> Path:
+EXTRA = "extra__"  # prefix of the arrays stored beside a head (e.g. its OOD reference)
+
+
+def save_head(head: BaseHead, path, *, metadata: dict, extra: Optional[dict] = None) -> Path:
     """Write a fitted head to one ``.npz`` (numeric arrays + a JSON ``__meta__``), atomically.
 
     ``metadata`` (threshold, class names, cache key, ...) must be JSON-serialisable; it is
-    returned unchanged by :func:`load_head`.
+    returned unchanged by :func:`load_head`. ``extra``: named numeric arrays kept beside the
+    head (:func:`load_head_extra` returns them).
     """
     name = next((n for n, cls in HEADS.items() if type(head) is cls), None)
     if name is None:
@@ -59,6 +64,7 @@ def save_head(head: BaseHead, path, *, metadata: dict) -> Path:
     except (TypeError, ValueError) as exc:
         raise DataError(f"metadata for the {name} head is not JSON-serialisable: {exc}") from exc
     arrays = {attr: np.asarray(getattr(head, attr)) for attr in head._arrays}
+    arrays.update({EXTRA + name: np.asarray(value) for name, value in (extra or {}).items()})
     path = atomic_write(path, lambda f: np.savez(f, __meta__=np.array(meta_json), **arrays))
     logger.info("saved %s head to %s", name, path)
     return path
@@ -94,6 +100,7 @@ def load_head(path) -> tuple[BaseHead, dict]:
     if not path.is_file():
         raise ConfigError(f"no xfeat head file at {path}; expected a head.npz written by fit-head")
     meta, arrays = _read(path)
+    arrays = {k: v for k, v in arrays.items() if not k.startswith(EXTRA)}
     if meta.get("head") not in HEADS:
         raise DataError(
             f"{path} holds unknown head {meta.get('head')!r}; expected one of: "
@@ -116,3 +123,9 @@ def load_head(path) -> tuple[BaseHead, dict]:
     for attr, value in {**meta["learned"], "selection_": meta["selection"], **arrays}.items():
         setattr(head, attr, value)
     return head, meta["metadata"]
+
+
+def load_head_extra(path) -> dict:
+    """The arrays saved beside a head with ``save_head(extra=...)``; ``{}`` when there are none."""
+    _, arrays = _read(Path(path))
+    return {k[len(EXTRA) :]: v for k, v in arrays.items() if k.startswith(EXTRA)}

@@ -18,6 +18,9 @@ from xfeat.files import save_figure
 from xfeat.report.rows import RANDOM_WEIGHTS
 from xfeat.report.style import bold_headings, key_handles, run_styles
 
+# one colour per class in the one-vs-rest ROC panels (Okabe-Ito: safe for colour-blind readers)
+CLASS_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#999999")
+
 
 def plot_training_curves(
     history: list, path, *, title: str = "", best_epoch: Optional[int] = None
@@ -104,36 +107,85 @@ def _pareto_front(ax, points: list) -> None:
 
 
 def plot_roc_curves(rows: list, results: list, path) -> Path:
-    """ROC curves on test of every binary run, one panel per model (readable with a dozen
-    runs): colour = model, line and marker = mode, each marker the operating point (the
-    threshold chosen on val). ``rows`` and ``results`` are aligned."""
+    """:func:`roc_figure` as a PNG at ``path``."""
+    return save_figure(roc_figure(rows, results), path)
+
+
+def roc_figure(rows: list, results: list) -> Figure:
+    """ROC curves on test, one panel per model for binary runs (readable with a dozen runs:
+    colour = model, line and marker = mode, each marker the operating point, the threshold
+    chosen on val), and one panel per multi-class run with a one-vs-rest curve per class and
+    their macro average. ``rows`` and ``results`` are aligned."""
     styles = run_styles(rows)
-    by_model = {}
+    panels = {}  # title key -> ("binary", runs) or ("classes", (row, result))
     for row, r in zip(rows, results):
-        if "test" in r.predictions and r.predictions["test"][2].shape[1] == 2:
-            by_model.setdefault(row["model"], []).append((row, r))
-    cols = max(1, min(3, len(by_model)))
-    n_rows = max(1, -(-len(by_model) // cols))
+        if "test" not in r.predictions:
+            continue
+        if r.predictions["test"][2].shape[1] == 2:
+            panels.setdefault(row["model"], ("binary", []))[1].append((row, r))
+        else:
+            panels[(row["model"], row["mode"])] = ("classes", (row, r))
+    cols = max(1, min(3, len(panels)))
+    n_rows = max(1, -(-len(panels) // cols))
     fig = Figure(figsize=(4.6 * cols, 4.4 * n_rows + 0.5), layout="constrained")
     axes = fig.subplots(n_rows, cols, squeeze=False)
-    for ax in axes.flat[len(by_model) :]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    for k, (ax, (model, runs)) in enumerate(zip(axes.flat, by_model.items())):
-        _roc_panel(ax, runs, styles)
+    for k, (ax, (kind, content)) in enumerate(zip(axes.flat, panels.values())):
+        first = content[0][0] if kind == "binary" else content[0]
+        if kind == "binary":
+            _roc_panel(ax, content, styles)
+            title = first["model"]
+        else:
+            _one_vs_rest_panel(ax, *content)
+            title = f"{first['model']} {first['mode']}"
         if k % cols:
             ax.set_ylabel("")
-        caveat = f" ({RANDOM_WEIGHTS})" if runs[0][0]["weights_kind"] == "random" else ""
+        caveat = f" ({RANDOM_WEIGHTS})" if first["weights_kind"] == "random" else ""
         ax.set_title(
-            model + caveat,
-            color=styles[(model, runs[0][0]["mode"])].color,
+            title + caveat,
+            color=styles[(first["model"], first["mode"])].color,
             fontsize=10,
             fontweight="bold",
         )
     fig.suptitle(
-        "ROC on test; markers: the threshold chosen on val. Colour = model, line and marker = mode",
+        "ROC on test; markers: the threshold chosen on val. Colour = model, line and marker = mode"
+        if all(kind == "binary" for kind, _ in panels.values())
+        else "ROC on test: binary runs by model; with 3 or more classes one-vs-rest per class "
+        "and their macro average",
         fontsize=10,
     )
-    return save_figure(fig, path)
+    return fig
+
+
+def _one_vs_rest_panel(ax, row: dict, result) -> None:
+    """One ROC curve per class (that class against the others) and their macro average (the
+    mean true-positive rate over a common false-positive grid), AUCs in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    _, y, p = result.predictions["test"]
+    y = np.asarray(y)
+    names = result.record.dataset.class_names
+    grid = np.linspace(0.0, 1.0, 201)
+    curves = []
+    for c, name in enumerate(names):
+        positive = y == c
+        if positive.all() or not positive.any():
+            continue  # a class absent from test (or alone in it) has no curve
+        fpr, tpr, _ = roc_curve(positive, p[:, c])
+        auc = roc_auc_score(positive, p[:, c])
+        ax.plot(
+            fpr, tpr, lw=1.3, color=CLASS_COLORS[c % len(CLASS_COLORS)], label=f"{name}: AUC {auc:.3f}"
+        )
+        curves.append((np.interp(grid, fpr, tpr), auc))
+    if curves:
+        mean_tpr = np.mean([t for t, _ in curves], axis=0)
+        macro = np.mean([a for _, a in curves])
+        ax.plot(grid, mean_tpr, "--", lw=2, color="black", label=f"macro average: AUC {macro:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
 
 
 def _roc_panel(ax, runs: list, styles: dict) -> None:

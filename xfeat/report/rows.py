@@ -73,6 +73,7 @@ def table_row(model: str, mode: str, result: RunResult) -> dict:
         "specificity": test["specificity"],
         "specificity_ci": ci.get("specificity"),
         "threshold": r.threshold.value,
+        "n_classes": len(r.dataset.class_names),
         "run_dir": r.run_dir,
     }
 

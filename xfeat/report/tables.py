@@ -65,11 +65,18 @@ def render_table(header: list, body: list, markdown: bool = False, left: int = 1
     )
 
 
+_MACRO = ("val AUC", "AUC [95% CI]", "sens [95% CI]", "spec [95% CI]")
+
+
 def format_comparison_table(rows: list, markdown: bool = False) -> str:
     """The comparison, one row per run: test metrics at the threshold chosen on val, with
-    95% bootstrap intervals (text, or Markdown with ``markdown=True``)."""
+    95% bootstrap intervals (text, or Markdown with ``markdown=True``). With three classes
+    or more, AUC, sensitivity and specificity are macro averages over the classes, and the
+    headers say so."""
+    multiclass = any((r.get("n_classes") or 2) > 2 for r in rows)
+    header = [f"macro {h}" if multiclass and h in _MACRO else h for h, _ in _COLUMNS]
     body = [[cell(r) for _, cell in _COLUMNS] for r in rows]
-    return render_table([h for h, _ in _COLUMNS], body, markdown, left=4)
+    return render_table(header, body, markdown, left=4)
 
 
 _TIMING_HEADER = [

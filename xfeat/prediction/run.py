@@ -1,4 +1,5 @@
-"""``predict``: apply a saved head to new image files with the backbone it was trained on."""
+"""``predict``: a saved head (or fine-tuned network) on new image files, with the backbone,
+geometry and preprocessing it was trained with."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import numpy as np
 from scipy.special import softmax
 
 from xfeat.backbones import Preprocessing, create_backbone
-from xfeat.config import PREDICT_ADAPTATIONS, default_cache_dir
+from xfeat.config import GEOMETRY_CHOICES, PREDICT_ADAPTATIONS, default_cache_dir
 from xfeat.data.images import IMAGE_EXTENSIONS, check_utf8_names, scan_image_files, warn_skipped
 from xfeat.errors import ConfigError, DataError
 from xfeat.extraction.views import parse_tta
 from xfeat.files import write_csv
-from xfeat.heads import load_head
+from xfeat.heads import NearestNeighbourOOD, load_head, load_head_extra
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +90,16 @@ def _features(
     device,
     compile,
     progress,
+    geometry,
 ):
-    """``(X (N, D) per view, errors)``: the head's blocks, every source's backbone run once."""
+    """``(X (N, D) per view, errors, stats)``: the head's blocks, every source's backbone run
+    once."""
     from xfeat.extraction.forward import Runner, embed_files
     from xfeat.extraction.runtime import resolve_device
 
     dev = resolve_device(device)
     prefixed = len(sources) > 1
-    columns, errors = {v: {} for v in views}, None
+    columns, errors, stats = {v: {} for v in views}, None, None
     for src in sources:
         prefix = src["model"] + ":"
         mine = [
@@ -112,15 +115,21 @@ def _features(
             compile=compile,
             cache_dir=default_cache_dir(),
         )
-        outputs, errs = embed_files(
-            runner, files, views=views, batch_size=batch_size, num_workers=num_workers, progress=progress
+        outputs, errs, stats = embed_files(
+            runner,
+            files,
+            views=views,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+            geometry=geometry,
         )
         errors = errs if errors is None else [a or b for a, b in zip(errors, errs)]
         for view, out in outputs.items():
             for b, _ in mine:
                 columns[view][f"{src['model']}:{b}" if prefixed else b] = out[b]
     X = {v: np.concatenate([cols[b] for b, _ in blocks], axis=1) for v, cols in columns.items()}
-    return X, errors
+    return X, errors, stats
 
 
 def _probabilities(
@@ -137,8 +146,9 @@ def _probabilities(
     device,
     compile,
     progress,
+    geometry,
 ):
-    """``(proba (N, C) with NaN rows, errors, adaptation)`` of the files.
+    """``(proba (N, C) with NaN rows, errors, adaptation, stats, features)`` of the files.
 
     ``tta``: features averaged over the centre crop and the test-time views. ``adapt``
     (transductive): the batch of files is the target of the adaptation.
@@ -163,12 +173,18 @@ def _probabilities(
             compile=compile,
             cache_dir=default_cache_dir(),
         )
-        out, errors = embed_files(
-            runner, files, views=views, batch_size=batch_size, num_workers=num_workers, progress=progress
+        out, errors, stats = embed_files(
+            runner,
+            files,
+            views=views,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+            geometry=geometry,
         )
         X = {v: o["penultimate"] for v, o in out.items()}
     else:
-        X, errors = _features(
+        X, errors, stats = _features(
             sources,
             blocks,
             files,
@@ -179,6 +195,7 @@ def _probabilities(
             device=device,
             compile=compile,
             progress=progress,
+            geometry=geometry,
         )
     features = np.mean([X[v] for v in views], axis=0) if X else np.zeros((0, 0), np.float32)
     ok = np.array([not e for e in errors], dtype=bool)
@@ -189,7 +206,7 @@ def _probabilities(
             proba[ok] = softmax(features[ok].astype(np.float64), axis=1)
         else:
             proba[ok], adaptation = _head_proba(head, meta, features[ok], adapt)
-    return proba, errors, adaptation
+    return proba, errors, adaptation, stats, features
 
 
 def _head_proba(head, meta: dict, X: np.ndarray, adapt):
@@ -221,6 +238,7 @@ def predict(
     weights: Optional[str] = None,
     tta=None,
     adapt: Optional[str] = None,
+    geometry: str = "match",
     batch_size: int = 32,
     num_workers: Optional[int] = None,
     device: Optional[str] = None,
@@ -230,17 +248,29 @@ def predict(
     """Classify image files with a saved head (``head.npz`` from fit-head) or a fine-tuned
     network (``model.pt`` from finetune); one dict per image (and a CSV if asked).
 
-    Each row: ``path``, ``p_<class>`` per class, ``predicted`` (class name, using the head's
-    val-chosen threshold for binary problems) and ``error`` (non-empty for unreadable files).
-    ``tta``: ``flip``/``crops``/``flip,crops``, features averaged over the views.
-    ``adapt``: ``standardize`` or ``em``, *transductive*: the images given are the target
-    (at least 20 of them); their labels are not needed. ``compile``: compile the backbone
-    ahead of time, kept in the cache folder for later calls (:mod:`xfeat.extraction.compiled`; the first
-    compilation is worth it for thousands of images).
+    Each row (:mod:`xfeat.prediction.rows`): ``path``, ``p_<class>`` per class,
+    ``predicted``, the ``threshold`` and ``rule`` that decided it (the head's val-chosen
+    threshold for two classes, else the argmax), ``geometry``, ``input_check``,
+    ``ood_score``, ``ood`` and ``error`` (non-empty for unreadable files).
+
+    ``geometry``: ``match`` (default) brings an image whose aspect ratio differs from the
+    training images' (when those share one, within 2%) to their size or aspect first, as
+    the training images were; ``as-recorded`` applies the recorded preprocessing to the
+    image as it is. ``tta``: ``flip``/``crops``/``flip,crops``, features averaged over the
+    views. ``adapt``: ``standardize`` or ``em``, *transductive*: the images given are the
+    target (at least 20 of them); their labels are not needed. ``compile``: compile the
+    backbone ahead of time, kept in the cache folder for later calls.
+
+    Warnings sum up the images resized, outside the training profile or out of
+    distribution; a :class:`~xfeat.errors.DataError` only when no image could be predicted.
     """
+    from xfeat.data.profile import training_geometry
     from xfeat.heads.adaptation import check_method
+    from xfeat.prediction.rows import build_rows, columns, warn_summary
 
     adapt = check_method(adapt, PREDICT_ADAPTATIONS)
+    if geometry not in GEOMETRY_CHOICES:
+        raise ConfigError(f"geometry={geometry!r}: expected one of {', '.join(GEOMETRY_CHOICES)}")
     tta_given = tta is not None
     if adapt and Path(head_path).suffix == ".pt":
         raise ConfigError(
@@ -250,6 +280,7 @@ def predict(
         from xfeat.runs.folders import check_writable
 
         check_writable(Path(out_csv).parent)
+    ood_scorer = None
     if Path(head_path).suffix == ".pt":  # a network from `xfeat finetune`
         from xfeat.finetuning import load_finetuned
 
@@ -257,6 +288,7 @@ def predict(
         head = None
     else:
         head, meta = load_head(head_path)
+        ood_scorer = NearestNeighbourOOD.from_arrays(load_head_extra(head_path))
         network = None  # each source backbone of the head is built below
     files = expand_images(images)
     if not tta_given and meta.get("tta"):
@@ -269,7 +301,9 @@ def predict(
         logger.warning(
             "the head was fitted on %s features; predict extracts fp32 ones", meta["precision"]
         )
-    proba, errors, adaptation = _probabilities(
+    profile = meta.get("input_profile")
+    target = training_geometry(profile) if geometry == "match" else None
+    proba, errors, adaptation, stats, features = _probabilities(
         network,
         head,
         meta,
@@ -282,32 +316,45 @@ def predict(
         device=device,
         compile=compile,
         progress=progress,
+        geometry=target,
     )
     if adaptation:
         logger.info("transductive adaptation (%s) to the %d images given", adapt, len(files))
     ok = np.array([not e for e in errors], dtype=bool)
+    if not ok.any():
+        raise DataError(
+            f"none of the {len(files)} images could be predicted; the first error: {errors[0]}"
+        )
+    for i in np.flatnonzero(~ok):
+        logger.warning("%s", errors[i])
     classes = meta["class_names"]
-    threshold = meta.get("threshold")
+    threshold, rule = meta.get("threshold"), str(meta.get("threshold_rule") or "youden")
     if adaptation and adaptation.get("threshold") is not None:
-        threshold = adaptation["threshold"]
-    rows = []
-    for i, path in enumerate(files):
-        row = {"path": str(path), **{f"p_{c}": float(proba[i, j]) for j, c in enumerate(classes)}}
-        if ok[i]:
-            label = (
-                int(proba[i, 1] >= threshold)
-                if threshold is not None and len(classes) == 2
-                else int(np.argmax(proba[i]))
-            )
-            row.update(predicted=classes[label], error="")
-        else:
-            logger.warning("%s", errors[i])
-            row.update(predicted="", error=errors[i])
-        rows.append(row)
+        threshold, rule = adaptation["threshold"], f"{rule} on calibrated val ({adapt})"
+    if threshold is None or len(classes) != 2:
+        threshold, rule = None, "argmax"
+    ood = None
+    if ood_scorer is not None:
+        scores, flags = np.full(len(files), np.nan), np.zeros(len(files), dtype=bool)
+        scores[ok], flags[ok] = ood_scorer.scores(features[ok])
+        ood = (scores, flags)
+    rows = build_rows(
+        files,
+        proba,
+        errors,
+        stats,
+        class_names=classes,
+        threshold=threshold,
+        rule=rule,
+        profile=profile,
+        geometry=target,
+        geometry_mode=geometry,
+        ood=ood,
+    )
+    warn_summary(rows, stats, profile=profile, geometry_mode=geometry, has_ood=ood is not None)
     if adaptation:  # every row says so: these probabilities depend on the whole batch
         for row in rows:
             row["adaptation"] = f"{adapt} (transductive)"
     if out_csv:
-        columns = ["path", *[f"p_{c}" for c in classes], "predicted", "error"]
-        write_csv(out_csv, rows, columns + (["adaptation"] if adaptation else []))
+        write_csv(out_csv, rows, columns(classes, bool(adaptation)))
     return rows
