@@ -174,9 +174,9 @@ def test_npz_missing_keys(tmp_path):
 
 
 def test_other_file_type_is_rejected(tmp_path):
-    path = tmp_path / "x.csv"
+    path = tmp_path / "x.txt"
     path.write_text("a,b")
-    with pytest.raises(DataError, match="not an .npz"):
+    with pytest.raises(DataError, match=r"neither a label table \(.csv, .tsv, .jsonl\) nor an .npz"):
         load_dataset(path)
 
 

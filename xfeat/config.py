@@ -56,17 +56,30 @@ class DataSpec:
     built-in name. When the data have no val split (or one under 50 images), val is carved
     out of train: ``val_fraction`` of it, stratified by class, seeded by ``split_seed``, whole
     patient groups only (``group_pattern``'s first group on a file name is the patient id;
-    ``None`` or ``""`` groups nothing). The CLI builds one from ``--data``, ``--val-fraction``,
-    ``--split-seed`` and ``--group-pattern``; the feature cache records it (``to_dict``), so
-    later commands reload exactly the same data set (``from_dict``).
+    ``None`` or ``""`` groups nothing).
+
+    A label table (a ``.csv``, ``.tsv`` or ``.jsonl`` file, or a folder with a
+    ``metadata.csv``/``metadata.jsonl``: see :mod:`xfeat.data.tables`) is read through its
+    columns: ``image_col`` (image paths, relative to the table), ``label_col`` (class names),
+    ``split_col`` (train/val/test; used when the table has it) and ``patient_col`` (when given,
+    the patient of each image groups the carve-out instead of ``group_pattern``).
+
+    The CLI builds one from ``--data``, ``--val-fraction``, ``--split-seed``,
+    ``--group-pattern``, ``--image-col``, ``--label-col``, ``--split-col`` and
+    ``--patient-col``; the feature cache records it (``to_dict``), so later commands reload
+    exactly the same data set (``from_dict``).
     """
 
     source: str
     val_fraction: float = 0.1
     split_seed: int = 0
     group_pattern: Optional[str] = DEFAULT_GROUP_PATTERN
+    image_col: str = "file_name"
+    label_col: str = "label"
+    split_col: str = "split"
+    patient_col: Optional[str] = None
 
-    VERSION = 1  # of the recorded dict; from_dict reads this version and older records
+    VERSION = 2  # of the recorded dict (2: table columns); from_dict reads older records
 
     def __post_init__(self):
         object.__setattr__(self, "source", str(self.source))
@@ -78,6 +91,11 @@ class DataSpec:
         _check_positive_int("split_seed", self.split_seed, minimum=0)
         if self.group_pattern == "":
             object.__setattr__(self, "group_pattern", None)
+        if self.patient_col == "":
+            object.__setattr__(self, "patient_col", None)
+        for name in ("image_col", "label_col", "split_col"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected a column name")
         if self.group_pattern is not None:
             import re
 
@@ -103,6 +121,10 @@ class DataSpec:
     def with_source(self, source) -> DataSpec:
         """The same recipe for data found elsewhere (a moved folder, a copy)."""
         return replace(self, source=os.fspath(source))
+
+    def table_fields(self) -> dict:
+        """The options that say how a label table is read (part of its content digest)."""
+        return {k: getattr(self, k) for k in ("image_col", "label_col", "split_col", "patient_col")}
 
     def to_dict(self) -> dict:
         return {"version": self.VERSION, **asdict(self)}

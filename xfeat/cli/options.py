@@ -42,8 +42,9 @@ def data_options(f, required: bool = True):
                 "-d",
                 required=required,
                 metavar="PATH|NAME",
-                help="Folder ROOT/{train,val,test}/CLASS/*, a MedMNIST-style .npz, or a "
-                "built-in name (pneumoniamnist, pneumoniamnist_224, ...).",
+                help="Folder ROOT/{train,val,test}/CLASS/*, a label table (.csv, .tsv, .jsonl, "
+                "or a folder with metadata.csv), a MedMNIST-style .npz, or a built-in name "
+                "(pneumoniamnist, pneumoniamnist_224, ...).",
             ),
             click.option(
                 "--val-fraction",
@@ -65,6 +66,31 @@ def data_options(f, required: bool = True):
                 show_default=True,
                 help="Regex whose first group on a file name is the patient id (kept on "
                 "one side of the split); '' disables grouping.",
+            ),
+            click.option(
+                "--image-col",
+                default=default(DataSpec, "image_col"),
+                show_default=True,
+                help="Label tables: the column of image paths (relative to the table).",
+            ),
+            click.option(
+                "--label-col",
+                default=default(DataSpec, "label_col"),
+                show_default=True,
+                help="Label tables: the column of class names.",
+            ),
+            click.option(
+                "--split-col",
+                default=default(DataSpec, "split_col"),
+                show_default=True,
+                help="Label tables: the column of train/val/test (used when the table has it; "
+                "without it every row is train and val is carved out).",
+            ),
+            click.option(
+                "--patient-col",
+                default=None,
+                help="Label tables: the column of patient ids; a patient's images stay on one "
+                "side of a carved val split [default: the patient id in the file names].",
             ),
             click.option(
                 "--cache-dir",
@@ -296,9 +322,10 @@ def finetune_options(f):
 
 
 def data_spec(data, options: dict):
-    """``--data`` with the carve-out options (popped from ``options``) as one
+    """``--data`` with the carve-out and table options (popped from ``options``) as one
     :class:`~xfeat.config.DataSpec`; None when ``--data`` is not given."""
-    recipe = {k: options.pop(k) for k in ("val_fraction", "split_seed", "group_pattern") if k in options}
+    names = ("val_fraction", "split_seed", "group_pattern", "image_col", "label_col", "split_col")
+    recipe = {k: options.pop(k) for k in (*names, "patient_col") if k in options}
     return DataSpec(data, **recipe) if data else None
 
 

@@ -31,6 +31,7 @@ class Split:
     paths: Optional[list] = None  # folder datasets: absolute file paths
     arrays: Optional[np.ndarray] = None  # npz datasets: (N, H, W[, C]) images
     array_rows: Optional[np.ndarray] = None  # npz datasets: row of each sample in ``arrays``
+    groups: Optional[list] = None  # label tables with a patient column: the patient of each sample
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -64,6 +65,7 @@ class Split:
             paths=None if self.paths is None else [self.paths[r] for r in rows],
             arrays=self.arrays,
             array_rows=None if self.array_rows is None else self.array_rows[rows],
+            groups=None if self.groups is None else [self.groups[r] for r in rows],
         )
 
 

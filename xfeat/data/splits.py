@@ -83,7 +83,8 @@ def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:
         )
         merged_val = len(val)
         train = concat(train, val, "train")
-    groups = patient_groups(train.ids, spec.group_pattern)
+    # a table's patient column, else the patient id in the file names
+    groups = train.groups if train.groups is not None else patient_groups(train.ids, spec.group_pattern)
     in_val = carve_validation(train.labels, groups, spec.val_fraction, spec.split_seed)
     if not in_val.any() or in_val.all():
         raise DataError(
@@ -102,6 +103,8 @@ def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:
         "groups": n_groups,
         "merged_tiny_val": merged_val,
     }
+    if train.groups is not None:  # grouped by a table's patient column, not the file names
+        dataset.split_info["patient_col"] = spec.patient_col
     logger.info(
         "carved val split: %d of %d training images (%d patient groups, seed %d)",
         int(in_val.sum()),
@@ -114,6 +117,7 @@ def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:
 def concat(a: Split, b: Split, name: str) -> Split:
     labels = np.concatenate([a.labels, b.labels])
     if a.paths is not None:
-        return Split(name, a.ids + b.ids, labels, paths=a.paths + b.paths)
+        groups = a.groups + b.groups if a.groups is not None and b.groups is not None else None
+        return Split(name, a.ids + b.ids, labels, paths=a.paths + b.paths, groups=groups)
     arrays = np.concatenate([a.arrays[a.array_rows], b.arrays[b.array_rows]])
     return Split(name, a.ids + b.ids, labels, arrays=arrays, array_rows=np.arange(len(arrays)))

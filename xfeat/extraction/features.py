@@ -105,6 +105,7 @@ def _extract_all(data, model: str, weights, options: dict):
             m,
             weights=weights_by_model[m],
             batch_size=run_options.get("batch_size"),
+            skip_bad=run_options.get("skip_bad", False),
             **plan_options,
         )
         hit = hit and cache_io.is_complete(plan.path)

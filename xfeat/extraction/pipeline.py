@@ -123,6 +123,7 @@ def plan_extraction(
     mean: Optional[tuple] = None,
     std: Optional[tuple] = None,
     resize_mode: Optional[str] = None,
+    skip_bad: bool = False,
     layers="penultimate",
     views: int = 0,
     tta=None,
@@ -136,6 +137,7 @@ def plan_extraction(
     override the weights' own preprocessing (e.g. for a ``torchscript:PATH`` model without a
     sidecar JSON, or for data that were squashed to a square: ``stretch``).
     ``batch_size`` matters only to int8, whose calibration batches are that size.
+    ``skip_bad``: a label table may name missing files (extraction records them as unreadable).
     """
     if feature_dtype not in cache.FEATURE_DTYPES:
         raise ConfigError(
@@ -156,7 +158,11 @@ def plan_extraction(
     blocks = resolve_blocks(model, layers, preprocessing.crop_size)
     view_names = train_views(views)
     if dataset is None:
-        dataset = data if isinstance(data, Dataset) else load_dataset(data, cache_dir=cache_dir)
+        dataset = (
+            data
+            if isinstance(data, Dataset)
+            else load_dataset(data, cache_dir=cache_dir, allow_missing=skip_bad)
+        )
     groups = {s: (s, None) for s in dataset.splits}
     groups.update({f"train.{v}": ("train", v) for v in view_names})
     groups.update(
@@ -287,7 +293,9 @@ def extract(
         views, tta, precision, seed.
     """
     if plan is None:
-        plan = plan_extraction(data, model, weights=weights, batch_size=batch_size, **plan_options)
+        plan = plan_extraction(
+            data, model, weights=weights, batch_size=batch_size, skip_bad=skip_bad, **plan_options
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}: expected an integer >= 1")
     should_compile(compile, 0)  # a bad value fails now, not after the dataset is read
