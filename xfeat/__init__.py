@@ -31,7 +31,7 @@ _API = {
     "read_cache": "xfeat.cache",
     "read_meta": "xfeat.cache",
     "load_dataset": "xfeat.data",
-    "extract": "xfeat.extraction.pipeline",
+    "extract": "xfeat.extraction.entry",
     "plan_extraction": "xfeat.extraction.pipeline",
     "finetune": "xfeat.finetuning",
     "fit_head": "xfeat.fitting",

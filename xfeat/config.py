@@ -11,7 +11,7 @@ import numbers
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from xfeat.errors import ConfigError
 
@@ -329,3 +329,22 @@ def _to_float(text):
         return float(text)
     except ValueError:
         return None
+
+
+def parse_weights(weights: Union[str, dict, None], models: Sequence[str]) -> dict:
+    """``"W"`` for every model, or ``"m1=W1,m2=W2"`` (others: ``none``) -> model -> weights."""
+    if isinstance(weights, dict):
+        return {m: weights.get(m, "none") for m in models}
+    text = "none" if weights is None else str(weights)
+    pairs = [p for p in text.split(",") if p]
+    if pairs and all("=" in p for p in pairs):
+        mapping = {}
+        for pair in pairs:
+            model, _, value = pair.partition("=")
+            if model not in models:
+                raise ConfigError(
+                    f"--weights names model {model!r}, which is not in --models {list(models)}"
+                )
+            mapping[model] = value
+        return {m: mapping.get(m, "none") for m in models}
+    return {m: text for m in models}

@@ -162,10 +162,38 @@ def save_figure(figure, path, dpi: int = 110) -> Path:
     return atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=dpi))
 
 
-def sha256_file(path) -> str:
-    """The SHA-256 of a file's bytes, read in 1 MiB chunks."""
+def sha256_file(path, memo_dir=None) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB chunks.
+
+    ``memo_dir``: remember digests in ``memo_dir/digests.json`` by resolved path, size and
+    modification time, so that an unchanged 100 MB weights file is hashed once (a file
+    rewritten in place with the same size and time would not be noticed, as with make).
+    """
+    if memo_dir is not None:
+        return _remembered_sha256(Path(path), Path(memo_dir) / "digests.json")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _remembered_sha256(path: Path, memo_file: Path) -> str:
+    stat = path.stat()
+    key = str(path.resolve())
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    known = memo.get(key) if isinstance(memo, dict) else None
+    if isinstance(known, list) and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+        return known[2]
+    digest = sha256_file(path)
+    memo = memo if isinstance(memo, dict) else {}
+    memo[key] = [stat.st_size, stat.st_mtime_ns, digest]
+    try:
+        make_dirs(memo_file.parent)
+        write_json(memo_file, memo)
+    except OutputError:  # a read-only cache folder only loses the memo
+        pass
+    return digest

@@ -68,7 +68,7 @@ def fit_head(
     out_dir : where results.json, predictions.npz and head.npz go
         (default ``runs/DATASET/MODEL-WEIGHTS/cached-HEAD``).
     """
-    from xfeat.extraction.views import parse_tta
+    from xfeat.extraction.view_names import parse_tta
     from xfeat.heads.adaptation import check_method
 
     t_start = time.perf_counter()
@@ -151,7 +151,7 @@ def _adaptation_source(inputs: dict, val_proba: np.ndarray, class_names: list, t
 
 def _inputs(features, *, use_views: bool, tta: tuple) -> dict:
     """The arrays a head sees: train (+ its augmented views), val and test (TTA-averaged)."""
-    from xfeat.extraction.views import tta_views
+    from xfeat.extraction.view_names import tta_views
 
     train = features["train"]
     views = list(features.views.get("train", {}).values()) if use_views else []

@@ -134,14 +134,15 @@ def describe_backbones() -> list:
     return [{**row, "source": "torchvision"} for row in tv.describe()] + torchscript_models.describe()
 
 
-def resolve_weights(name: str, weights: Union[str, Path, None], *, seed: int = 0):
+def resolve_weights(name: str, weights: Union[str, Path, None], *, seed: int = 0, digest_memo=None):
     """``(WeightsInfo, torchvision weights entry or None)`` for a ``--weights`` value.
 
     Accepts ``none`` (random init, seeded), ``DEFAULT`` or, for torchvision, an enum name such
-    as ``IMAGENET1K_V1``, or a path to a local state-dict file; a TorchScript model takes
-    ``none`` only (its weights are inside its file). Never downloads.
+    as ``IMAGENET1K_V1``, or a path to a local state-dict file (its sha256 remembered in the
+    folder ``digest_memo`` by path, size and modification time, when given); a TorchScript
+    model takes ``none`` only (its weights are inside its file). Never downloads.
     """
-    return _source(name).resolve_weights(name, weights, seed=seed)
+    return _source(name).resolve_weights(name, weights, seed=seed, digest_memo=digest_memo)
 
 
 def default_preprocessing(name: str, tv_weights=None) -> Preprocessing:

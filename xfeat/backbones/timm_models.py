@@ -97,7 +97,7 @@ def min_input_size(name: str) -> int:
     return max(32, int((cfg.get("min_input_size") or (3, 32, 32))[-1]))
 
 
-def resolve_weights(name: str, weights, *, seed: int = 0) -> tuple:
+def resolve_weights(name: str, weights, *, seed: int = 0, digest_memo=None) -> tuple:
     """``(WeightsInfo, None)`` for ``none``, ``DEFAULT`` or a local file; never downloads."""
     cfg = _describe(name)["cfg"]
     value = "none" if weights is None else str(weights)
@@ -113,7 +113,7 @@ def resolve_weights(name: str, weights, *, seed: int = 0) -> tuple:
         return w.WeightsInfo("timm", tag, url=source), None
     path = Path(value).expanduser()
     if path.is_file():
-        return w.WeightsInfo("file", str(path.resolve()), sha256=w.sha256_file(path)), None
+        return w.WeightsInfo("file", str(path.resolve()), sha256=w.sha256_file(path, digest_memo)), None
     raise BackboneError(
         f"--weights {value!r} for {name}: no such file; expected 'none', "
         "'DEFAULT' (timm's pretrained weights) or the path of a state-dict "

@@ -30,6 +30,7 @@ from xfeat.backbones import offline
 from xfeat.backbones.preprocessing import Preprocessing
 from xfeat.backbones.weights import WeightsInfo
 from xfeat.errors import BackboneError
+from xfeat.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def check_name(name: str) -> None:
     file_of(name)
 
 
-def resolve_weights(name: str, weights, *, seed: int = 0) -> tuple:
+def resolve_weights(name: str, weights, *, seed: int = 0, digest_memo=None) -> tuple:
     """``(WeightsInfo("torchscript", path, sha256), None)``; ``weights`` must be none."""
     value = "none" if weights is None else str(weights)
     if value.lower() not in ("none", "default"):
@@ -104,7 +105,8 @@ def resolve_weights(name: str, weights, *, seed: int = 0) -> tuple:
             "weights are inside its file; omit --weights (or pass 'none')"
         )
     path = file_of(name)
-    return WeightsInfo("torchscript", str(path.resolve()), sha256=offline.file_sha256(path)), None
+    digest = sha256_file(path, digest_memo) if digest_memo else offline.file_sha256(path)
+    return WeightsInfo("torchscript", str(path.resolve()), sha256=digest), None
 
 
 def default_preprocessing(name: str, extra=None) -> Preprocessing:

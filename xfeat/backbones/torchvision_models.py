@@ -86,10 +86,12 @@ def check_name(name: str) -> None:
         )
 
 
-def resolve_weights(name: str, weights, *, seed: int = 0) -> tuple:
+def resolve_weights(name: str, weights, *, seed: int = 0, digest_memo=None) -> tuple:
     """``(WeightsInfo, torchvision weights entry or None)``; never downloads."""
     check_name(name)
-    return w.resolve(weights, enum=get_model_weights(name), seed=seed, model=name)
+    return w.resolve(
+        weights, enum=get_model_weights(name), seed=seed, model=name, digest_memo=digest_memo
+    )
 
 
 def default_preprocessing(name: str, tv_weights=None) -> Preprocessing:

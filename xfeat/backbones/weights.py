@@ -14,12 +14,12 @@ import os
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from xfeat.errors import BackboneError, ConfigError, WeightsUnavailableError
+from xfeat.errors import BackboneError, WeightsUnavailableError
 from xfeat.files import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -66,30 +66,14 @@ def weights_tag(kind: str, weights_id: str) -> str:
     return Path(str(weights_id)).stem
 
 
-def parse_weights(weights: Union[str, dict, None], models: Sequence[str]) -> dict:
-    """``"W"`` for every model, or ``"m1=W1,m2=W2"`` (others: ``none``) -> model -> weights."""
-    if isinstance(weights, dict):
-        return {m: weights.get(m, "none") for m in models}
-    text = "none" if weights is None else str(weights)
-    pairs = [p for p in text.split(",") if p]
-    if pairs and all("=" in p for p in pairs):
-        mapping = {}
-        for pair in pairs:
-            model, _, value = pair.partition("=")
-            if model not in models:
-                raise ConfigError(
-                    f"--weights names model {model!r}, which is not in --models {list(models)}"
-                )
-            mapping[model] = value
-        return {m: mapping.get(m, "none") for m in models}
-    return {m: text for m in models}
-
-
-def resolve(value: Union[str, Path, None], *, enum=None, seed: int = 0, model: str = ""):
+def resolve(
+    value: Union[str, Path, None], *, enum=None, seed: int = 0, model: str = "", digest_memo=None
+):
     """``(WeightsInfo, torchvision weights entry or None)`` for a ``--weights`` value.
 
     ``none`` (random init, seeded), a name of ``enum`` (``DEFAULT``, ``IMAGENET1K_V1``), or a
-    local file. Never downloads.
+    local file (its digest remembered in the folder ``digest_memo``, when given). Never
+    downloads.
     """
     value = "none" if value is None else str(value)
     if value.lower() in ("none", "random"):
@@ -99,7 +83,10 @@ def resolve(value: Union[str, Path, None], *, enum=None, seed: int = 0, model: s
         return WeightsInfo("torchvision", f"{type(w).__name__}.{w.name}", url=w.url), w
     path = Path(value).expanduser()
     if path.is_file():
-        return WeightsInfo("file", str(path.resolve()), sha256=sha256_file(path)), None
+        return (
+            WeightsInfo("file", str(path.resolve()), sha256=sha256_file(path, digest_memo)),
+            None,
+        )
     looks_like_path = os.sep in value or value.endswith((".pth", ".pt", ".bin", ".ckpt", ".safetensors"))
     names = list(enum.__members__) if enum is not None else []
     raise BackboneError(

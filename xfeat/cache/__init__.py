@@ -18,7 +18,15 @@ from xfeat.cache.read import (
     read_cache,
     read_meta,
 )
-from xfeat.cache.write import CacheWriter, cache_key, entry_lock, entry_path, merge_shards, shard_path
+from xfeat.cache.write import (
+    CacheWriter,
+    cache_key,
+    entry_index_path,
+    entry_lock,
+    entry_path,
+    merge_shards,
+    shard_path,
+)
 from xfeat.errors import CacheError
 
 __all__ = [
@@ -37,6 +45,7 @@ __all__ = [
     "PENULTIMATE",
     "SplitFeatures",
     "cache_key",
+    "entry_index_path",
     "entry_lock",
     "entry_path",
     "is_complete",

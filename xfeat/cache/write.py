@@ -41,6 +41,12 @@ def entry_path(cache_dir: Union[str, Path], label: str, key: str) -> Path:
     return Path(cache_dir) / f"{safe_name(label)}-{key[:16]}.h5"
 
 
+def entry_index_path(cache_dir: Union[str, Path], signature: str) -> Path:
+    """Where the entry that answers a request signature is remembered
+    (:mod:`xfeat.extraction.entry`)."""
+    return Path(cache_dir) / "index" / f"{signature}.json"
+
+
 def shard_path(path: Path, rank: int, world_size: int) -> Path:
     """Where rank ``rank`` of ``world_size`` writes its part of the entry ``path``."""
     return path.with_name(f"{path.stem}.shard{rank}of{world_size}{path.suffix}")

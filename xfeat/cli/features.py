@@ -101,7 +101,7 @@ def weights_cmd(as_json):
 def extract_cmd(ctx, as_json, **options):
     """Run a backbone once over every split and cache the features (HDF5)."""
     from xfeat.cache import read_meta
-    from xfeat.extraction.pipeline import extract
+    from xfeat.extraction.entry import extract
 
     data = data_spec(options.pop("data"), options)
     path = extract(data, progress=ctx.obj["progress"], **options)

@@ -5,8 +5,8 @@ results into the table rows, the best run, the significance tests and the timing
 ``verdict`` says what they mean in a few sentences, which the report opens with.
 """
 
-from xfeat.backbones.weights import parse_weights
 from xfeat.comparison.run import QUICK_EPOCHS, QUICK_SIZES, Comparison, compare
 from xfeat.config import COMPARE_MODES as MODES
+from xfeat.config import parse_weights
 
 __all__ = ["MODES", "QUICK_EPOCHS", "QUICK_SIZES", "Comparison", "compare", "parse_weights"]

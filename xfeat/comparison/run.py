@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from xfeat.backbones.weights import parse_weights
 from xfeat.config import (
     COMPARE_MODES,
     DEFAULT_N_BOOT,
@@ -22,6 +21,7 @@ from xfeat.config import (
     HEAD_NAMES,
     FinetuneConfig,
     default_cache_dir,
+    parse_weights,
 )
 from xfeat.errors import ConfigError, TrainingDiverged
 from xfeat.files import read_json, write_json

@@ -46,9 +46,10 @@ def mode_code(mode: str) -> int:
 
 def stat_row(header: tuple, crop: np.ndarray, mean, std) -> np.ndarray:
     """One row of :data:`STAT_COLUMNS`: the header facts and the intensity of the
-    ``(H, W, 3)`` uint8 crop after normalisation with ``mean``/``std`` (averaged over channels)."""
+    ``(H, W, 3)`` uint8 crop after normalisation with ``mean``/``std`` (averaged over channels;
+    estimated on every 4th pixel of every 4th row: 1/16 of the pixels, ~0.05 ms a crop)."""
     width, height, mode, bits = header
-    pixels = crop.reshape(-1, 3).astype(np.float32) / 255.0
+    pixels = crop[::4, ::4].reshape(-1, 3).astype(np.float32) / 255.0
     normalised = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.array(
         [width, height, mode_code(mode), bits, normalised.mean(), normalised.std()], dtype=np.float32

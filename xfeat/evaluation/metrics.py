@@ -20,8 +20,6 @@ import math
 import numbers
 
 import numpy as np
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import roc_curve
 
 from xfeat.config import parse_threshold_rule
 from xfeat.evaluation.core import (
@@ -128,6 +126,8 @@ def choose_threshold(y_true, p_positive, rule):
             f"p_positive must hold probabilities in [0, 1], got values in [{p.min():.4g}, {p.max():.4g}]"
         )
     # Thresholds come back in decreasing order, so argmax's first hit is the highest one.
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     if parsed == "youden":
         best = int(np.argmax(tpr - fpr))
@@ -170,6 +170,8 @@ def reliability_curve(y_true, proba, *, n_bins=15):
         score, hit = p[:, 1], y == 1
     else:
         score, hit = p.max(axis=1), p.argmax(axis=1) == y
+    from sklearn.calibration import calibration_curve  # 0.1 s to import: only when needed
+
     observed, predicted = calibration_curve(
         hit.astype(np.int64), score, n_bins=n_bins, strategy="uniform"
     )  # non-empty bins only

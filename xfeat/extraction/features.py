@@ -56,11 +56,12 @@ def load_features(
     """
     options = dict(extract_options or {})
     caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
-    dataset, hit = None, True
+    dataset, hit, listed = None, True, False
     if cache is None:
         if data is None:
             raise ConfigError(f"{command} needs data= (to build or reuse a cache) or cache=")
         caches, hit, dataset = _extract_all(data, model, weights, options)
+        listed = dataset is None  # every entry found by the data's listing: the same files
     sets = [
         c
         if isinstance(c, cache_io.FeatureSet)
@@ -76,7 +77,7 @@ def load_features(
         raise cache_io.CacheError(
             f"{features.path} has no {missing[0]!r} split; {command} needs {', '.join(need)}"
         )
-    if dataset is None and (with_dataset or data is not None):
+    if dataset is None and (with_dataset or (data is not None and not listed)):
         dataset = load_matching_dataset(
             features.meta,
             data,
@@ -87,9 +88,11 @@ def load_features(
 
 
 def _extract_all(data, model: str, weights, options: dict):
-    """Extract (or reuse) the cache of every backbone in ``model`` ("a+b")."""
-    from xfeat.backbones.weights import parse_weights
-    from xfeat.extraction.pipeline import extract, plan_extraction, split_extract_options
+    """Extract (or reuse) the cache of every backbone in ``model`` ("a+b"): ``(paths, hit,
+    dataset)``, the dataset None when every entry was found by the data's listing."""
+    from xfeat.config import parse_weights
+    from xfeat.extraction.entry import find_entry, remember, request_signature
+    from xfeat.extraction.options import split_extract_options
 
     models = [m for m in str(model).split("+") if m]
     weights_by_model = (
@@ -100,6 +103,20 @@ def _extract_all(data, model: str, weights, options: dict):
     plan_options, run_options = split_extract_options(options)
     paths, hit, dataset = [], True, None
     for m in models:
+        signature = None
+        if dataset is None and not run_options.get("force"):
+            signature = request_signature(
+                data,
+                m,
+                weights_by_model[m],
+                {**options, "batch_size": run_options.get("batch_size", 64)},
+            )
+            found = find_entry(signature, options.get("cache_dir"))
+            if found is not None:  # answered from the cache index: no torch, no image read
+                paths.append(found)
+                continue
+        from xfeat.extraction.pipeline import extract, plan_extraction
+
         plan = plan_extraction(
             data if dataset is None else dataset,
             m,
@@ -110,6 +127,7 @@ def _extract_all(data, model: str, weights, options: dict):
         )
         hit = hit and cache_io.is_complete(plan.path)
         paths.append(extract(plan=plan, **run_options))
+        remember(signature, paths[-1], options.get("cache_dir"))
         dataset = plan.dataset
     return paths, hit, dataset
 

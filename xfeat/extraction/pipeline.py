@@ -38,8 +38,9 @@ from xfeat.errors import ConfigError
 from xfeat.extraction import distributed
 from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.extraction.blocks import parse_layers, resolve_blocks
+from xfeat.extraction.options import split_extract_options  # noqa: F401  (re-exported)
 from xfeat.extraction.runtime import resolve_device, should_compile
-from xfeat.extraction.views import parse_tta, train_views, tta_views
+from xfeat.extraction.view_names import parse_tta, train_views, tta_views
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def plan_extraction(
         raise ConfigError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     model = normalize_name(model)
-    info, tv_weights = resolve_weights(model, weights, seed=seed)
+    info, tv_weights = resolve_weights(model, weights, seed=seed, digest_memo=cache_dir)
     preprocessing = (
         default_preprocessing(model, tv_weights)
         .with_size(image_size, resize_size)
@@ -204,46 +205,6 @@ def plan_extraction(
         precision=precision,
         layers=layers,
         groups=groups,
-    )
-
-
-_PLAN_OPTIONS = (
-    "cache_dir",
-    "image_size",
-    "resize_size",
-    "mean",
-    "std",
-    "resize_mode",
-    "feature_dtype",
-    "seed",
-    "layers",
-    "views",
-    "tta",
-    "precision",
-)
-_RUN_OPTIONS = (
-    "batch_size",
-    "num_workers",
-    "device",
-    "skip_bad",
-    "force",
-    "progress",
-    "compile",
-    "channels_last",
-)
-
-
-def split_extract_options(options: dict) -> tuple:
-    """``extract`` keyword options -> (those of ``plan_extraction``, those of the run)."""
-    unknown = set(options) - set(_PLAN_OPTIONS) - set(_RUN_OPTIONS)
-    if unknown:
-        raise ConfigError(
-            f"unknown extract options {sorted(unknown)}; expected some of "
-            f"{sorted(_PLAN_OPTIONS + _RUN_OPTIONS)}"
-        )
-    return (
-        {k: v for k, v in options.items() if k in _PLAN_OPTIONS},
-        {k: v for k, v in options.items() if k in _RUN_OPTIONS},
     )
 
 

@@ -14,7 +14,7 @@ from xfeat.backbones import Preprocessing, create_backbone
 from xfeat.config import GEOMETRY_CHOICES, PREDICT_ADAPTATIONS, default_cache_dir
 from xfeat.data.images import IMAGE_EXTENSIONS, check_utf8_names, scan_image_files, warn_skipped
 from xfeat.errors import ConfigError, DataError
-from xfeat.extraction.views import parse_tta
+from xfeat.extraction.view_names import parse_tta
 from xfeat.files import write_csv
 from xfeat.heads import NearestNeighbourOOD, load_head, load_head_extra
 
@@ -153,7 +153,7 @@ def _probabilities(
     ``tta``: features averaged over the centre crop and the test-time views. ``adapt``
     (transductive): the batch of files is the target of the adaptation.
     """
-    from xfeat.extraction.views import tta_views
+    from xfeat.extraction.view_names import tta_views
 
     views = [None] + tta_views(tta)
     if head is None:  # a fine-tuned network returns logits
