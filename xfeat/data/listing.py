@@ -38,6 +38,7 @@ def listing_fingerprint(spec: DataSpec, cache_dir=None) -> Optional[str]:
     the data cannot be listed without loading them (a built-in set not downloaded yet, a
     missing path, an unreadable table)."""
     path = Path(spec.source).expanduser()
+    path = path.resolve() if path.exists() else path  # one folder has one listing, whatever the cwd
     try:
         table = table_of(path)
         if table is not None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from xfeat.config import default_cache_dir
 from xfeat.data.dataset import Split
 from xfeat.data.profile import STAT_COLUMNS
 from xfeat.errors import ImageReadError
@@ -51,10 +52,11 @@ class Runner:
         batch_size: int,
         channels_last: Optional[bool] = None,
         compile: bool = False,
-        cache_dir=".",
+        cache_dir=None,
         precision: str = "fp32",
         calibration=None,
     ):
+        cache_dir = default_cache_dir() if cache_dir is None else cache_dir  # compiled graphs
         self.backbone, self.device, self.batch_size = backbone, device, batch_size
         self.normalize = backbone.preprocessing.normalize
         self.channels_last = (
