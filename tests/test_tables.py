@@ -120,6 +120,20 @@ def test_a_patient_column_keeps_each_patient_on_one_side(folder, tmp_path):
     assert ds.split_info["patient_col"] == "patient" and "test" not in ds.splits
 
 
+def test_patients_across_splits_come_from_the_patient_column():
+    from xfeat.analysis.duplicates import patients_across_splits
+
+    images = {
+        "id": ["a.png", "b.png", "c.png", "d.png"],
+        "split": ["train", "test", "train", "val"],
+        "label": ["NORMAL"] * 4,
+        "patient": ["P1", "P1", "P2", "P3"],
+    }
+    summary, rows = patients_across_splits(images, None, [], [])
+    assert summary["patients_from"] == "patient column" and summary["n_patients"] == 3
+    assert summary["n_across_splits"] == 1 and {r["id"] for r in rows} == {"a.png", "b.png"}
+
+
 @pytest.mark.parametrize(
     "edit, options, message",
     [

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Optional
@@ -93,10 +94,29 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise OutputError(describe_os_error(exc, path)) from None
+    except RuntimeError as exc:  # torch.save wraps the OSError of a full disk in a RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, OSError):
+            raise OutputError(describe_os_error(cause, path)) from None
+        if "write" in str(exc).lower():
+            free = _free_mib(path.parent)
+            raise OutputError(
+                f"cannot write {path} ({str(exc).splitlines()[0][:120]}); {free} MiB free on its "
+                "disk: free some space and run again"
+            ) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _free_mib(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free >> 20
+    except OSError:
+        return -1
 
 
 def write_text(path, text: str) -> Path:

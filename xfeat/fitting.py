@@ -190,6 +190,7 @@ def _fit(inputs: dict, head: str, params: dict, class_names: list):
     t0 = time.perf_counter()
     X, y = inputs["train"]
     _check_every_class_in_train(y, class_names)
+    check_val_classes(inputs["val_labels"], class_names)
     fit_kwargs = dict(X_val=inputs["eval"]["val"], y_val=inputs["val_labels"])
     if not params.get("refit_on_val"):
         fitted = create_head(head, **params).fit(X, y, **fit_kwargs)
@@ -307,14 +308,15 @@ def _save(
     tta=(),
     ood=None,
 ) -> Path:
-    """results.json, predictions, head.npz (and the training curves) in the run folder."""
+    """head.npz (and the training curves), then predictions and results.json, last: a run
+    folder with a results.json is complete, whatever interrupted the one before."""
     run_dir = (
         Path(out_dir)
         if out_dir
         else default_run_dir(meta.dataset.name, meta.model, meta.weights.to_dict(), f"cached-{head}")
     )
     with run_lock(run_dir, "fit-head run"):
-        result.save(run_dir)
+        (run_dir / "results.json").unlink(missing_ok=True)  # incomplete until written again
         save_head(
             result.head,
             run_dir / "head.npz",
@@ -333,6 +335,7 @@ def _save(
                 title=f"{meta.model} cached {head} head",
                 best_epoch=result.head.selection_.get("best_epoch"),
             )
+        result.save(run_dir)
     logger.info("saved %s", run_dir)
     return run_dir
 
@@ -344,6 +347,19 @@ def check_threshold_applies(threshold, class_names) -> None:
             f"threshold {threshold!r} applies to two classes, but these data have "
             f"{len(class_names)} ({', '.join(class_names)}): the prediction is the most probable "
             "class; leave --threshold out"
+        )
+
+
+def check_val_classes(labels, class_names) -> None:
+    """Val chooses C, k, epochs and the threshold: with two classes it needs both, else
+    nothing can be chosen; a one-line error naming the split and the class."""
+    present = set(np.unique(labels).tolist())
+    if len(class_names) == 2 and len(present) == 1:
+        only = next(iter(present))
+        raise DataError(
+            f"the val split has no images of class {class_names[1 - only]!r} (only {len(labels)} "
+            f"of {class_names[only]!r}); choices are made on val and need both "
+            "classes: give a larger val split (--val-fraction) or add val images of that class"
         )
 
 

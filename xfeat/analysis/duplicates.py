@@ -117,6 +117,11 @@ def _image_table(dataset: Dataset, hashes: dict) -> dict:
     """Flat per-image lists over every split, and id -> content index / path lookups."""
     table = {"split": [], "id": [], "label": [], "path": {}, "hash": []}
     names = dataset.class_names
+    # a label table's patient column names every image's patient
+    with_patients = all(sp.groups is not None for sp in dataset.splits.values())
+    table["patient"] = (
+        [g for sp in dataset.splits.values() for g in sp.groups] if with_patients else None
+    )
     for s, sp in dataset.splits.items():
         table["split"] += [s] * len(sp)
         table["id"] += list(sp.ids)
@@ -287,18 +292,23 @@ def _top_pairs(keep_i, keep_j, keep_s, max_pairs):
 
 
 def patients_across_splits(images: dict, pattern: Optional[str], exact_groups: list, near_rows: list):
-    """Patient ids (from file names, where ``pattern`` matched) present in several splits.
+    """Patient ids (a table's patient column, else from file names where ``pattern``
+    matched) present in several splits.
 
     Each such patient is marked ``pixel_evidence`` when one of its cross-split image pairs
     is also an exact or near duplicate: matching ids then likely are the same person.
     Returns ``(summary, CSV rows)``.
     """
-    if not pattern:
+    if images.get("patient"):  # a table's patient column: every image has its patient
+        groups, named = images["patient"], [True] * len(images["id"])
+    elif not pattern:
         return {"pattern": None, "skipped": "no patient pattern (grouping disabled)"}, []
-    groups = patient_groups(images["id"], pattern)
+    else:
+        groups = patient_groups(images["id"], pattern)
+        named = [g != image_id for g, image_id in zip(groups, images["id"])]  # the pattern matched
     by_patient = {}
-    for k, (g, image_id) in enumerate(zip(groups, images["id"])):
-        if g != image_id:  # the pattern matched this file name
+    for k, g in enumerate(groups):
+        if named[k]:
             by_patient.setdefault(g, []).append(k)
     leaking = {}
     for g, rows in by_patient.items():
@@ -344,6 +354,7 @@ def patients_across_splits(images: dict, pattern: Optional[str], exact_groups: l
             )
     summary = {
         "pattern": pattern,
+        "patients_from": "patient column" if images.get("patient") else "file names",
         "n_images_matched": sum(len(v) for v in by_patient.values()),
         "n_patients": len(by_patient),
         "n_across_splits": len(leaking),

@@ -8,6 +8,7 @@ so every path sees identical pixels; it reproduces torchvision's ``weights.trans
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
@@ -25,6 +26,7 @@ _PIL_INTERPOLATION = {
     "lanczos": Image.LANCZOS,
 }
 INTERPOLATIONS = tuple(_PIL_INTERPOLATION)
+MAX_SIDE = 4096  # the largest resize or crop size accepted, in pixels
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class Preprocessing:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"{name}={value!r}: expected a positive number of pixels, such as 224")
+            if value > MAX_SIDE:  # a sidecar or config asking for 100000 would allocate 240 GB
+                raise ConfigError(
+                    f"{name}={value}: more than {MAX_SIDE} pixels a side; expected the network's "
+                    "input size, such as 224 (check the model's sidecar or configuration)"
+                )
         if self.crop_size > self.resize_size:
             raise ConfigError(
                 f"crop_size={self.crop_size} is larger than resize_size="
@@ -63,9 +70,14 @@ class Preprocessing:
             raise ConfigError(
                 f"interpolation={self.interpolation!r}; expected one of {sorted(_PIL_INTERPOLATION)}"
             )
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+        values = [*self.mean, *self.std] if len(self.mean) == len(self.std) == 3 else []
+        if (
+            not values
+            or not all(isinstance(v, numbers.Real) and np.isfinite(v) for v in values)
+            or min(self.std) <= 0
+        ):
             raise ConfigError(
-                f"mean={self.mean!r}, std={self.std!r}: expected three values each, std > 0"
+                f"mean={self.mean!r}, std={self.std!r}: expected three finite values each, std > 0"
             )
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))

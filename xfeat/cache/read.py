@@ -171,8 +171,11 @@ def _check_readable(path: Path) -> Path:
                 )
             if not f.attrs.get("complete", False) or not all_rows_done(f):
                 raise CacheError(f"{path} is incomplete; re-run the extraction that made it")
-    except OSError as exc:
-        raise CacheError(f"cannot open {path} as HDF5: {exc}") from None
+    except (OSError, KeyError, ValueError) as exc:  # not HDF5, or a damaged object header
+        raise CacheError(
+            f"cannot open {path} as an xfeat cache ({exc}); if xfeat wrote it, it is damaged: "
+            "extract again with --force"
+        ) from None
     return path
 
 
@@ -191,6 +194,16 @@ def read_cache(
     ``views``: also read the augmented and test-time views of those splits.
     """
     path = _check_readable(Path(path))
+    try:
+        return _read(path, splits, blocks, views, include_skipped)
+    except (OSError, KeyError, ValueError) as exc:  # a checksum that fails, a broken object
+        raise CacheError(
+            f"{path} is damaged ({str(exc).splitlines()[0][:120] or type(exc).__name__}); its "
+            "features are not used: extract again with --force"
+        ) from None
+
+
+def _read(path: Path, splits, blocks, views: bool, include_skipped: bool) -> FeatureSet:
     with h5py.File(path, "r", locking=False) as f:
         meta = _meta(f)
         result = FeatureSet(path=path, key=meta.key, meta=meta)

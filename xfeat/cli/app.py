@@ -11,9 +11,12 @@ import click
 from xfeat import __version__
 from xfeat.errors import XfeatError
 
+INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
+
 
 def api_errors(f):
-    """Turn the API's user-facing exceptions into one-line CLI errors (exit status 1)."""
+    """Turn the API's user-facing exceptions into one-line CLI errors (exit status 1), and
+    Ctrl-C into a line that says how to go on (exit status 130)."""
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -21,6 +24,13 @@ def api_errors(f):
             return f(*args, **kwargs)
         except XfeatError as exc:
             raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo(
+                "xfeat: interrupted; run the same command again to resume (work already "
+                "finished is kept and reused)",
+                err=True,
+            )
+            sys.exit(INTERRUPTED)
 
     return wrapper
 

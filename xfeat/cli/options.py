@@ -118,8 +118,8 @@ def model_options(f):
                 default=default(ExtractConfig, "model"),
                 show_default=True,
                 help="A torchvision classifier (`xfeat models` lists them), timm:NAME, "
-                "torchscript:PATH (a module mapping images to (N, D)), or "
-                "inception_v3_fid.",
+                "torchscript:PATH (a module mapping images to (N, D); loading it runs the code "
+                "it holds, so use files you trust), or inception_v3_fid.",
             ),
             click.option(
                 "--weights",

@@ -247,8 +247,13 @@ def _run_or_reuse(setup: _Setup, run_dir: Path, model: str, weights, mode: str):
     from xfeat.extraction.runtime import PeakMemory
 
     if (run_dir / "results.json").is_file():
-        logger.info("reusing %s", run_dir)
-        return load_result(run_dir)
+        try:
+            result = load_result(run_dir)
+            logger.info("reusing %s", run_dir)
+            return result
+        except ConfigError as exc:  # damaged: never used, run again
+            logger.warning("%s; running it again", exc)
+            (run_dir / "results.json").unlink(missing_ok=True)
     (run_dir / "failed.json").unlink(missing_ok=True)
     try:
         with PeakMemory() as peak:
@@ -371,7 +376,10 @@ def linear_on_cache(cached: RunResult, epochs: Optional[int], run_root: Path):
     cache_path = Path(cached.record.cache.path)
     run_dir = run_root / f"{Path(cached.record.run_dir).name}-as-linear-{epochs}ep"
     if (run_dir / "results.json").is_file():
-        return load_result(run_dir)
+        try:
+            return load_result(run_dir)
+        except ConfigError as exc:  # damaged: never used, made again
+            logger.warning("%s; making it again", exc)
     if not cache_path.is_file():
         return None
     from xfeat.fitting import fit_head

@@ -31,13 +31,13 @@ def load_npz(
                 "train_labels (and optionally val_* / test_*), as in MedMNIST"
             )
         if class_names is None and "class_names" in keys:
-            class_names = [str(c) for c in npz["class_names"]]
+            class_names = [str(c) for c in _array(npz, path, "class_names")]
         raw = {}
         for s in SPLITS:
             if f"{s}_images" in keys:
                 if f"{s}_labels" not in keys:
                     raise DataError(f"{path} has {s}_images but no {s}_labels")
-                images, labels = npz[f"{s}_images"], npz[f"{s}_labels"]
+                images, labels = _array(npz, path, f"{s}_images"), _array(npz, path, f"{s}_labels")
                 if len(images) == 0:
                     if s == "train":
                         raise DataError(f"{path}: train_images has no rows; expected training images")
@@ -116,3 +116,17 @@ def _npz_labels(path: Path, split: str, labels: np.ndarray, n: int) -> np.ndarra
     if labels.min() < 0:
         raise DataError(f"{path}: {split}_labels contains {int(labels.min())}; labels must be >= 0")
     return labels
+
+
+def _array(npz, path: Path, key: str) -> np.ndarray:
+    """``npz[key]``; an array of Python objects (which only pickle could load, and loading a
+    pickle can run code) or a damaged member is a one-line error naming the key."""
+    try:
+        return npz[key]
+    except ValueError as exc:
+        raise DataError(
+            f"{path}: {key} is an array of Python objects ({exc}); xfeat reads numeric arrays "
+            "only: save it with a numeric dtype (uint8 images, integer labels, str class names)"
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: {key} cannot be read ({exc}); the file is damaged") from None

@@ -102,7 +102,7 @@ def remember(signature: Optional[str], path: Path, cache_dir=None) -> None:
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(index, lambda f: f.write(json.dumps({"entry": Path(path).name}).encode()))
-    except OSError as exc:
+    except OSError as exc:  # OutputError (a read-only folder, a full disk) is one too
         logger.debug("could not remember %s: %s", index, exc)
 
 

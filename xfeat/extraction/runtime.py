@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
 from typing import Optional
 
@@ -17,6 +18,12 @@ import torch
 
 from xfeat.config import COMPILE_CHOICES
 from xfeat.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+# On a machine without CUDA, torch logs "No CUDA runtime is found" as soon as its C++-extension
+# helper is imported (the compilers import it); xfeat builds no extension, so it means nothing.
+if not torch.cuda.is_available():
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def mix_seed(*values) -> int:
@@ -52,10 +59,15 @@ def default_decoding_threads() -> int:
 
 
 def resolve_num_workers(num_workers: Optional[int], default=default_num_workers) -> int:
-    """``None``: ``default()``; else an integer >= 0, or a clear error."""
+    """``None``: ``default()``; else an integer >= 0, or a clear error. More than the CPUs this
+    process may use is capped there, with a note (128 workers would start 130 processes)."""
     workers = default() if num_workers is None else num_workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ConfigError(f"num_workers={num_workers!r}: expected an integer >= 0")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers > cpus:
+        logger.warning("num_workers=%d is more than the %d CPUs here: using %d", workers, cpus, cpus)
+        workers = cpus
     return workers
 
 

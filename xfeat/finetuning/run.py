@@ -537,7 +537,6 @@ def _write_record(run: _Run, backbone, net, outputs: dict, evaluation: dict, tim
         for s, sp in dataset.splits.items()
     }
     result = RunResult(record, {s: (ids[s], o["labels"], o["proba"]) for s, o in outputs.items()})
-    result.save(run.run_dir)
     save_model(
         net,
         backbone,
@@ -555,4 +554,5 @@ def _write_record(run: _Run, backbone, net, outputs: dict, evaluation: dict, tim
         title=f"{plan.model} {config.mode} ({dataset.name})",
         best_epoch=run.best["epoch"],
     )
+    result.save(run.run_dir)  # last: a run folder with a results.json is complete
     return result

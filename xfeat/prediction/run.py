@@ -281,6 +281,11 @@ def predict(
 
         check_writable(Path(out_csv).parent)
     ood_scorer = None
+    if Path(head_path).is_dir() or Path(head_path).suffix not in (".npz", ".pt"):
+        raise ConfigError(
+            f"--head {head_path}: expected a head.npz (written by fit-head) or a model.pt "
+            "(written by finetune); a run folder holds it next to results.json"
+        )
     if Path(head_path).suffix == ".pt":  # a network from `xfeat finetune`
         from xfeat.finetuning import load_finetuned
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -275,14 +276,20 @@ def load_result(path) -> RunResult:
     predictions = {}
     pred_path = path.with_name("predictions.npz")
     if pred_path.is_file():
-        with np.load(pred_path, allow_pickle=False) as z:
-            for split in ("train", "val", "test"):
-                if f"{split}_proba" in z.files:
-                    predictions[split] = (
-                        z[f"{split}_ids"].tolist(),
-                        z[f"{split}_labels"],
-                        z[f"{split}_proba"],
-                    )
+        try:
+            with np.load(pred_path, allow_pickle=False) as z:
+                for split in ("train", "val", "test"):
+                    if f"{split}_proba" in z.files:
+                        predictions[split] = (
+                            z[f"{split}_ids"].tolist(),
+                            z[f"{split}_labels"],
+                            z[f"{split}_proba"],
+                        )
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ConfigError(
+                f"{pred_path} is damaged ({type(exc).__name__}); delete its run folder and run "
+                "the command again"
+            ) from None
     record.run_dir = str(path.parent)  # where it is now (folders get moved and copied)
     return RunResult(record, predictions)
 

@@ -1,0 +1,144 @@
+"""Faults that must end in one line, never a traceback or a silently wrong number: damaged
+caches and results, interrupted runs, inputs out of bounds, Ctrl-C."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY, make_feature_set, make_image_folder, run_killed_at
+
+import xfeat
+from xfeat.backbones.preprocessing import Preprocessing
+from xfeat.cache import CacheError, read_cache
+from xfeat.cli import cli
+from xfeat.data import load_dataset
+from xfeat.errors import ConfigError, DataError, OutputError
+from xfeat.extraction.runtime import resolve_num_workers
+from xfeat.files import atomic_write
+from xfeat.fitting import fit_head
+from xfeat.runs.results import load_result
+
+EXTRACT = dict(image_size=TINY, num_workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    base = tmp_path_factory.mktemp("r3")
+    root = make_image_folder(base / "d", n_train=16, n_test=4)
+    return root, xfeat.extract(root, "resnet18", cache_dir=base / "c", **EXTRACT)
+
+
+def test_a_flipped_bit_in_features_or_labels_is_never_used(cached, tmp_path):
+    _, path = cached
+    for dataset in ("features/penultimate", "labels"):
+        damaged = tmp_path / f"{dataset.replace('/', '_')}.h5"
+        damaged.write_bytes(path.read_bytes())
+        with h5py.File(damaged, "r") as f:
+            offset = f["train"][dataset].id.get_chunk_info(0).byte_offset
+        data = bytearray(damaged.read_bytes())
+        data[offset + 3] ^= 0x04
+        damaged.write_bytes(bytes(data))
+        with pytest.raises(CacheError, match="is damaged .*extract again with --force"):
+            read_cache(damaged)
+
+
+def test_results_json_is_written_last(cached, tmp_path):
+    """Killed after the head and before results.json: the folder is not a finished run, so
+    nothing reuses it; a damaged results.json is an error naming it, never a traceback."""
+    _, path = cached
+    out = tmp_path / "run"
+    run_killed_at(
+        "xfeat.runs.results:RunResult.save", 1, ["-q", "fit-head", "--cache", path, "--out", out]
+    )
+    assert (out / "head.npz").is_file() and not (out / "results.json").exists()
+    fit_head(cache=path, out_dir=out, n_boot=0)
+    assert load_result(out).record.mode == "cached"
+    (out / "results.json").write_text('{"schema": "xfeat-result/1", "model": ')
+    with pytest.raises(ConfigError, match="results.json is not valid JSON"):
+        load_result(out)
+    (out / "results.json").write_text(json.dumps({"schema": "xfeat-result/1", "model": "m"}))
+    with pytest.raises(ConfigError, match="is damaged or incomplete"):
+        load_result(out)
+    (out / "predictions.npz").write_bytes(b"PK\x03\x04 truncated")
+    (out / "results.json").unlink()
+    fit_head(cache=path, out_dir=out, n_boot=0)  # rewritten whole
+    assert load_result(out).predictions["test"][2].shape[1] == 2
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"mean": (float("nan"), 0.4, 0.4)}, "three finite values each"),
+        ({"std": (0.2, float("inf"), 0.2)}, "three finite values each"),
+        ({"std": (0.2, 0.0, 0.2)}, "std > 0"),
+        ({"crop_size": 100_000, "resize_size": 100_000}, "more than 4096 pixels a side"),
+    ],
+)
+def test_preprocessing_values_are_checked_before_any_work(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Preprocessing(**options)
+
+
+def test_num_workers_capped_at_the_cpus(caplog):
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    assert resolve_num_workers(128) == cpus
+    assert f"num_workers=128 is more than the {cpus} CPUs" in caplog.text
+    with pytest.raises(ConfigError, match="num_workers=-1"):
+        resolve_num_workers(-1)
+
+
+def test_npz_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(
+        path, train_images=np.array([np.zeros((4, 4)), "x"], dtype=object), train_labels=np.array([0, 1])
+    )
+    with pytest.raises(DataError, match="train_images is an array of Python objects"):
+        load_dataset(path)
+
+
+def test_a_failed_torch_save_is_an_output_error(tmp_path):
+    def write(f):
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file"
+        )
+
+    with pytest.raises(OutputError, match="cannot write .*checkpoint.pt .*free some space"):
+        atomic_write(tmp_path / "checkpoint.pt", write)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_one_class_val_split_names_the_split_and_class():
+    rng = np.random.default_rng(0)
+    features = make_feature_set(
+        {
+            "train": (rng.normal(size=(40, 4)), [0] * 20 + [1] * 20),
+            "val": (rng.normal(size=(10, 4)), [0] * 10),
+            "test": (rng.normal(size=(10, 4)), [0] * 5 + [1] * 5),
+        }
+    )
+    with pytest.raises(DataError, match="the val split has no images of class 'PNEUMONIA'"):
+        fit_head(cache=features, save=False, n_boot=0)
+
+
+def test_predict_names_the_file_it_expected(cached, tmp_path):
+    root, path = cached
+    result = CliRunner().invoke(cli, ["predict", "--head", str(tmp_path / "results.json"), str(root)])
+    assert result.exit_code == 1
+    assert "expected a head.npz (written by fit-head) or a model.pt" in result.output
+    assert "pickle" not in result.output
+
+
+def test_ctrl_c_says_how_to_resume(monkeypatch, cached):
+    root, _ = cached
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("xfeat.extraction.entry.extract", interrupted)
+    result = CliRunner().invoke(cli, ["extract", "--data", str(root), "--image-size", str(TINY)])
+    assert result.exit_code == 130
+    assert "interrupted; run the same command again to resume" in result.output
