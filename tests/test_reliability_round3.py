@@ -142,3 +142,19 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, cached):
     result = CliRunner().invoke(cli, ["extract", "--data", str(root), "--image-size", str(TINY)])
     assert result.exit_code == 130
     assert "interrupted; run the same command again to resume" in result.output
+
+
+def test_a_nearly_full_disk_extracts_eagerly_instead_of_compiling(cached, tmp_path, caplog):
+    """Compiling on a nearly full disk aborts the process (SIGABRT in the compiler): with
+    less than the room it needs under the cache folder, extraction runs eagerly and says so."""
+    from test_reliability import _tmpfs
+
+    root, path = cached
+    with _tmpfs(tmp_path / "small", "20m") as small:
+        with caplog.at_level("WARNING", logger="xfeat"):
+            entry = xfeat.extract(root, "resnet18", cache_dir=small, compile="on", **EXTRACT)
+        assert "compiling needs about 1024 MiB: running eagerly instead" in caplog.text
+        assert not any(s.get("compiled") for s in xfeat.read_meta(entry).splits.values())
+        np.testing.assert_allclose(
+            read_cache(entry)["train"].features, read_cache(path)["train"].features, rtol=1e-4, atol=1e-5
+        )

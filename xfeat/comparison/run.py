@@ -203,14 +203,16 @@ def _supported_modes(models, weights_by_model, modes, seed: int) -> tuple:
 def _run_all(setup: _Setup, models, weights_by_model, modes_by_model: dict, run_root: Path):
     """Every pair, reusing finished runs; a diverging run is recorded as failed."""
     results, failed = [], []
-    for model in models:
-        for mode in modes_by_model[model]:
-            run_dir = run_root / _run_name(setup, model, weights_by_model[model], mode)
-            result = _run_or_reuse(setup, run_dir, model, weights_by_model[model], mode)
-            if result is None:
-                failed.append(read_json(run_dir / "failed.json"))
-            else:
-                results.append((model, mode, result))
+    pairs = [(model, mode) for model in models for mode in modes_by_model[model]]
+    for k, (model, mode) in enumerate(pairs, 1):
+        if setup.extract_options["progress"]:
+            logger.info("run %d of %d: %s %s", k, len(pairs), model, mode)
+        run_dir = run_root / _run_name(setup, model, weights_by_model[model], mode)
+        result = _run_or_reuse(setup, run_dir, model, weights_by_model[model], mode)
+        if result is None:
+            failed.append(read_json(run_dir / "failed.json"))
+        else:
+            results.append((model, mode, result))
     return results, failed
 
 

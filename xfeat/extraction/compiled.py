@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,6 +28,21 @@ from xfeat.files import file_mode, safe_name
 logger = logging.getLogger(__name__)
 
 PACKAGE_FORMAT = 1  # bump when what the package key covers changes
+
+
+MIN_FREE_TO_COMPILE = 1 << 30  # bytes free under the cache folder before compiling
+
+
+def _free_bytes(folder: Path):
+    """Free bytes on the disk holding ``folder`` (or its nearest existing parent); None when
+    that cannot be known."""
+    for candidate in (folder, *folder.resolve().parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
 
 
 def compile_for_inference(
@@ -48,6 +64,18 @@ def compile_for_inference(
     """
     if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
         return None  # a TorchScript graph is already compiled its own way
+    free = _free_bytes(Path(cache_dir))
+    if free is not None and free < MIN_FREE_TO_COMPILE:
+        # inductor's build files and the kept package take hundreds of MB; a full disk during
+        # compilation aborts the process (SIGABRT), which no exception handler can catch
+        logger.warning(
+            "only %d MiB free under %s; compiling needs about %d MiB: running eagerly instead "
+            "(free some space to compile)",
+            free >> 20,
+            cache_dir,
+            MIN_FREE_TO_COMPILE >> 20,
+        )
+        return None
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
     if ahead_of_time:
         return AheadOfTime(module, Path(cache_dir) / "compiled", name, build=build, salt=salt)
