@@ -100,10 +100,11 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
         if isinstance(cause, OSError):
             raise OutputError(describe_os_error(cause, path)) from None
         if "write" in str(exc).lower():
-            free = _free_mib(path.parent)
+            free = free_bytes(path.parent)
             raise OutputError(
-                f"cannot write {path} ({str(exc).splitlines()[0][:120]}); {free} MiB free on its "
-                "disk: free some space and run again"
+                f"cannot write {path} ({str(exc).splitlines()[0][:120]}); "
+                f"{-1 if free is None else free >> 20} MiB free on its disk: free some space and "
+                "run again"
             ) from None
         raise
     except BaseException:
@@ -112,11 +113,17 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
-def _free_mib(folder: Path) -> int:
-    try:
-        return shutil.disk_usage(folder).free >> 20
-    except OSError:
-        return -1
+def free_bytes(folder) -> Optional[int]:
+    """Free bytes on the disk holding ``folder`` (or its nearest existing parent); None when
+    that cannot be known."""
+    folder = Path(folder)
+    for candidate in (folder, *folder.resolve().parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
 
 
 def write_text(path, text: str) -> Path:

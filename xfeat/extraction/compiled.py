@@ -17,13 +17,12 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from xfeat.files import file_mode, safe_name
+from xfeat.files import file_mode, free_bytes, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -31,18 +30,6 @@ PACKAGE_FORMAT = 1  # bump when what the package key covers changes
 
 
 MIN_FREE_TO_COMPILE = 1 << 30  # bytes free under the cache folder before compiling
-
-
-def _free_bytes(folder: Path):
-    """Free bytes on the disk holding ``folder`` (or its nearest existing parent); None when
-    that cannot be known."""
-    for candidate in (folder, *folder.resolve().parents):
-        if candidate.exists():
-            try:
-                return shutil.disk_usage(candidate).free
-            except OSError:
-                return None
-    return None
 
 
 def compile_for_inference(
@@ -64,7 +51,7 @@ def compile_for_inference(
     """
     if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
         return None  # a TorchScript graph is already compiled its own way
-    free = _free_bytes(Path(cache_dir))
+    free = free_bytes(cache_dir)
     if free is not None and free < MIN_FREE_TO_COMPILE:
         # inductor's build files and the kept package take hundreds of MB; a full disk during
         # compilation aborts the process (SIGABRT), which no exception handler can catch

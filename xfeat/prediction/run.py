@@ -11,7 +11,7 @@ import numpy as np
 from scipy.special import softmax
 
 from xfeat.backbones import Preprocessing, create_backbone
-from xfeat.config import GEOMETRY_CHOICES, PREDICT_ADAPTATIONS, default_cache_dir
+from xfeat.config import GEOMETRY_CHOICES, PREDICT_ADAPTATIONS
 from xfeat.data.images import IMAGE_EXTENSIONS, check_utf8_names, scan_image_files, warn_skipped
 from xfeat.errors import ConfigError, DataError
 from xfeat.extraction.view_names import parse_tta
@@ -82,24 +82,20 @@ def _features(
     sources: list,
     blocks: list,
     files: list,
-    views,
     *,
     weights,
-    batch_size,
-    num_workers,
     device,
     compile,
-    progress,
-    geometry,
+    embed: dict,
 ):
     """``(X (N, D) per view, errors, stats)``: the head's blocks, every source's backbone run
-    once."""
+    once; ``embed``: :func:`~xfeat.extraction.forward.embed_files`'s options."""
     from xfeat.extraction.forward import Runner, embed_files
     from xfeat.extraction.runtime import resolve_device
 
     dev = resolve_device(device)
     prefixed = len(sources) > 1
-    columns, errors, stats = {v: {} for v in views}, None, None
+    columns, errors, stats = {v: {} for v in embed["views"]}, None, None
     for src in sources:
         prefix = src["model"] + ":"
         mine = [
@@ -107,23 +103,9 @@ def _features(
             for b, d in blocks
             if not prefixed or b.startswith(prefix)
         ]
-        runner = Runner(
-            _backbone_for(src, weights if not prefixed else None),
-            mine,
-            dev,
-            batch_size=batch_size,
-            compile=compile,
-            cache_dir=default_cache_dir(),
-        )
-        outputs, errs, stats = embed_files(
-            runner,
-            files,
-            views=views,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress,
-            geometry=geometry,
-        )
+        backbone = _backbone_for(src, weights if not prefixed else None)
+        runner = Runner(backbone, mine, dev, batch_size=embed["batch_size"], compile=compile)
+        outputs, errs, stats = embed_files(runner, files, **embed)
         errors = errs if errors is None else [a or b for a, b in zip(errors, errs)]
         for view, out in outputs.items():
             for b, _ in mine:
@@ -156,6 +138,13 @@ def _probabilities(
     from xfeat.extraction.view_names import tta_views
 
     views = [None] + tta_views(tta)
+    embed = dict(
+        views=views,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        geometry=geometry,
+    )
     if head is None:  # a fine-tuned network returns logits
         blocks, sources = [("penultimate", len(meta["class_names"]))], None
     else:
@@ -165,37 +154,12 @@ def _probabilities(
         from xfeat.extraction.forward import Runner, embed_files
         from xfeat.extraction.runtime import resolve_device
 
-        runner = Runner(
-            network,
-            blocks,
-            resolve_device(device),
-            batch_size=batch_size,
-            compile=compile,
-            cache_dir=default_cache_dir(),
-        )
-        out, errors, stats = embed_files(
-            runner,
-            files,
-            views=views,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress,
-            geometry=geometry,
-        )
+        runner = Runner(network, blocks, resolve_device(device), batch_size=batch_size, compile=compile)
+        out, errors, stats = embed_files(runner, files, **embed)
         X = {v: o["penultimate"] for v, o in out.items()}
     else:
         X, errors, stats = _features(
-            sources,
-            blocks,
-            files,
-            views,
-            weights=weights,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            compile=compile,
-            progress=progress,
-            geometry=geometry,
+            sources, blocks, files, weights=weights, device=device, compile=compile, embed=embed
         )
     features = np.mean([X[v] for v in views], axis=0) if X else np.zeros((0, 0), np.float32)
     ok = np.array([not e for e in errors], dtype=bool)
