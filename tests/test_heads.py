@@ -565,9 +565,9 @@ def _rewrite_meta(path, new_path, **changes):
 def test_load_rejects_newer_format_version_and_unknown_parameters(tmp_path):
     path = save_head(fit_on(LogisticHead(), splits()), tmp_path / "h.npz", metadata={})
     with pytest.raises(
-        DataError, match="future.npz has format_version 3; this xfeat reads versions up to 2"
+        DataError, match="future.npz has format_version 4; this xfeat reads versions up to 3"
     ):
-        load_head(_rewrite_meta(path, tmp_path / "future.npz", format_version=3))
+        load_head(_rewrite_meta(path, tmp_path / "future.npz", format_version=4))
     params = {**LogisticHead().get_params(), "momentum": 0.9}
     with pytest.raises(
         DataError,

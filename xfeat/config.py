@@ -24,6 +24,7 @@ FEATURE_DTYPES = ("float32", "float16")
 #           of a data set that was squashed to a square; transformers' ViT processors)
 #   pad     letterbox to a square on black (aspect ratio kept, nothing cut), then resize
 RESIZE_MODES = ("crop", "stretch", "pad")
+UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")  # CheXpert's U-Ignore, U-Zeros, U-Ones
 HEAD_NAMES = ("logreg", "linear", "knn")
 FINETUNE_MODES = ("full", "frozen", "lp-ft")
 COMPARE_MODES = ("cached", "frozen", "full", "lp-ft")
@@ -64,6 +65,12 @@ class DataSpec:
     ``split_col`` (train/val/test; used when the table has it) and ``patient_col`` (when given,
     the patient of each image groups the carve-out instead of ``group_pattern``).
 
+    Multi-label tables: ``label_sep`` splits ``label_col`` into several labels (``"|"`` for NIH
+    ChestX-ray14's ``Finding Labels``; ``negative_label`` such as ``"No Finding"`` means none),
+    or ``label_cols`` names one column per label holding 1 / 0 / -1 (uncertain) / blank
+    (unknown), as CheXpert does; ``uncertain`` maps -1 to unknown (``ignore``), 0 (``zeros``)
+    or 1 (``ones``). Unknown entries count in no loss, metric or threshold choice.
+
     The CLI builds one from ``--data``, ``--val-fraction``, ``--split-seed``,
     ``--group-pattern``, ``--image-col``, ``--label-col``, ``--split-col`` and
     ``--patient-col``; the feature cache records it (``to_dict``), so later commands reload
@@ -78,8 +85,12 @@ class DataSpec:
     label_col: str = "label"
     split_col: str = "split"
     patient_col: Optional[str] = None
+    label_sep: Optional[str] = None
+    negative_label: Optional[str] = None
+    label_cols: Optional[tuple] = None
+    uncertain: str = "ignore"
 
-    VERSION = 2  # of the recorded dict (2: table columns); from_dict reads older records
+    VERSION = 3  # of the recorded dict (2: table columns, 3: multi-label); reads older records
 
     def __post_init__(self):
         object.__setattr__(self, "source", str(self.source))
@@ -91,8 +102,25 @@ class DataSpec:
         _check_positive_int("split_seed", self.split_seed, minimum=0)
         if self.group_pattern == "":
             object.__setattr__(self, "group_pattern", None)
-        if self.patient_col == "":
-            object.__setattr__(self, "patient_col", None)
+        for name in ("patient_col", "label_sep", "negative_label"):
+            if getattr(self, name) == "":
+                object.__setattr__(self, name, None)
+        if isinstance(self.label_cols, str):
+            object.__setattr__(self, "label_cols", tuple(c.strip() for c in self.label_cols.split(",")))
+        if self.label_cols is not None:
+            cols = tuple(self.label_cols)
+            if not cols or not all(isinstance(c, str) and c for c in cols) or len(set(cols)) < len(cols):
+                raise ConfigError(
+                    f"label_cols={self.label_cols!r}: expected distinct column names, e.g. "
+                    "'Atelectasis,Cardiomegaly,Edema'"
+                )
+            if self.label_sep is not None:
+                raise ConfigError("give either label_cols (one column per label) or label_sep, not both")
+            object.__setattr__(self, "label_cols", cols)
+        if self.uncertain not in UNCERTAIN_POLICIES:
+            raise ConfigError(
+                f"uncertain={self.uncertain!r}: expected one of {', '.join(UNCERTAIN_POLICIES)}"
+            )
         for name in ("image_col", "label_col", "split_col"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a column name")
@@ -124,7 +152,17 @@ class DataSpec:
 
     def table_fields(self) -> dict:
         """The options that say how a label table is read (part of its content digest)."""
-        return {k: getattr(self, k) for k in ("image_col", "label_col", "split_col", "patient_col")}
+        names = ("image_col", "label_col", "split_col", "patient_col")
+        multi = ("label_sep", "negative_label", "label_cols", "uncertain")
+        fields_ = {k: getattr(self, k) for k in names}
+        if self.multilabel:  # single-label tables keep their version-2 digest
+            fields_.update({k: getattr(self, k) for k in multi})
+        return fields_
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether a label table is read as several labels per image."""
+        return self.label_sep is not None or self.label_cols is not None
 
     def to_dict(self) -> dict:
         return {"version": self.VERSION, **asdict(self)}
@@ -137,7 +175,10 @@ class DataSpec:
                 f"a data record of version {version} was written by a newer xfeat (this one "
                 f"reads up to {cls.VERSION}); upgrade xfeat"
             )
-        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+        values = {f.name: record[f.name] for f in fields(cls) if f.name in record}
+        if values.get("label_cols") is not None:
+            values["label_cols"] = tuple(values["label_cols"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,12 @@ from sklearn.base import clone
 from xfeat import cache as cache_io
 from xfeat.cache import CacheMeta, WeightsRecord
 from xfeat.config import DEFAULT_THRESHOLD, parse_threshold_rule
+from xfeat.data.dataset import strata
 from xfeat.errors import ConfigError, DataError
 from xfeat.evaluation.metrics import evaluate_splits
+from xfeat.evaluation.multilabel import evaluate_multilabel
 from xfeat.extraction.features import load_features
-from xfeat.heads import NearestNeighbourOOD, create_head, save_head
+from xfeat.heads import NearestNeighbourOOD, OneVsRestHead, create_head, save_head
 from xfeat.runs.folders import check_writable, default_run_dir, run_lock
 from xfeat.runs.results import CacheUse, RunDataset, RunRecord, RunResult, RunThreshold
 
@@ -87,16 +89,40 @@ def fit_head(
         command="fit_head",
     )
     features = loaded.features
-    if explicit_threshold:
+    multilabel = features.multilabel
+    if explicit_threshold and not multilabel:
         check_threshold_applies(threshold, features.class_names)
+    if multilabel and adapt == "em":
+        raise ConfigError(
+            "--adapt em re-estimates the class prior of single-label data; these data are "
+            "multi-label: use --adapt standardize or coral"
+        )
     inputs = _inputs(features, use_views=use_views, tta=tta)
-    fitted, threshold_on, fit_seconds = _fit(inputs, head, dict(head_params or {}), features.class_names)
+    if multilabel:
+        fitted, threshold_on, fit_seconds = _fit_multilabel(
+            inputs, head, dict(head_params or {}), features.class_names
+        )
+    else:
+        fitted, threshold_on, fit_seconds = _fit(
+            inputs, head, dict(head_params or {}), features.class_names
+        )
     t_eval = time.perf_counter()
     probas, adaptation = _predict(fitted, inputs, adapt, features.class_names, seed)
     labels = {s: sp.labels for s, sp in features.splits.items()}
-    evaluation = evaluate_splits(
-        labels, probas, threshold=threshold, n_boot=n_boot, seed=seed, threshold_on=threshold_on
-    )
+    if multilabel:
+        evaluation = evaluate_multilabel(
+            labels,
+            probas,
+            features.class_names,
+            threshold=threshold,
+            n_boot=n_boot,
+            seed=seed,
+            groups={"test": features.patient_groups("test")} if "test" in features.splits else None,
+        )
+    else:
+        evaluation = evaluate_splits(
+            labels, probas, threshold=threshold, n_boot=n_boot, seed=seed, threshold_on=threshold_on
+        )
     timing = {"fit": fit_seconds, "evaluate": time.perf_counter() - t_eval, "start": t_start}
     params = {
         "head_params": head_params or {},
@@ -123,7 +149,10 @@ def fit_head(
         enough = len(inputs["train_labels"]) > NearestNeighbourOOD.k and len(inputs["val_labels"])
         ood = (
             NearestNeighbourOOD.fit(
-                inputs["train_features"], inputs["train_labels"], inputs["eval"]["val"], seed=seed
+                inputs["train_features"],
+                strata(inputs["train_labels"]),
+                inputs["eval"]["val"],
+                seed=seed,
             )
             if enough
             else None  # too few images for a reference; predict then leaves ood_score empty
@@ -140,6 +169,8 @@ def _adaptation_source(inputs: dict, val_proba: np.ndarray, class_names: list, t
     from xfeat.heads.adaptation import calibrator, fit_bcts
 
     X, y = inputs["train_features"], inputs["train_labels"]
+    if y.ndim == 2:  # multi-label: feature statistics only (EM adapts single-label priors)
+        return {"mean": X.mean(0).tolist(), "std": X.std(0).tolist(), "calibration": None}
     t, b = fit_bcts(np.log(np.clip(val_proba, 1e-12, 1)), inputs["val_labels"])
     prior = np.bincount(y, minlength=len(class_names)) / len(y)
     calibration = {"temperature": t, "bias": b.tolist(), "source_prior": prior.tolist()}
@@ -202,6 +233,22 @@ def _fit(inputs: dict, head: str, params: dict, class_names: list):
     fitted.fit(X, y, **fit_kwargs)
     fitted.selection_ = {**selector.selection_, "refit_on_val": True}
     return fitted, threshold_on, time.perf_counter() - t0
+
+
+def _fit_multilabel(inputs: dict, head: str, params: dict, label_names: list):
+    """``(one-vs-rest head, None, seconds)``: each label's head fitted on its known train rows,
+    its hyper-parameters chosen on its known val rows."""
+    if params.get("refit_on_val"):
+        raise ConfigError(
+            "refit_on_val is not available for multi-label heads: their per-label thresholds "
+            "are chosen on val; leave it out"
+        )
+    t0 = time.perf_counter()
+    X, Y = inputs["train"]
+    fitted = OneVsRestHead(head, **params).fit(
+        X, Y, X_val=inputs["eval"]["val"], Y_val=inputs["val_labels"], label_names=label_names
+    )
+    return fitted, None, time.perf_counter() - t0
 
 
 def _predict(fitted, inputs: dict, adapt: Optional[str], class_names: list, seed: int):
@@ -378,6 +425,8 @@ def head_metadata(meta: CacheMeta, evaluation: dict, blocks: list, tta=()) -> di
     return {
         "threshold": evaluation["threshold"]["value"],
         "threshold_rule": evaluation["threshold"]["rule"],
+        # multi-label: one threshold per label, chosen on val; class_names are the labels
+        "label_thresholds": evaluation["threshold"].get("per_label"),
         "class_names": list(meta.class_names),
         "model": meta.model,
         "blocks": [list(b) for b in blocks],

@@ -18,6 +18,7 @@ from xfeat.analysis.calibration import calibration_section
 from xfeat.analysis.duplicates import duplicates_section, hash_images
 from xfeat.analysis.gaps import gaps_section
 from xfeat.analysis.label_noise import label_noise_section
+from xfeat.analysis.labels import label_section, not_applicable
 from xfeat.analysis.probe import fit_or_reuse_probe
 from xfeat.analysis.shift import DOMAIN_C, MAX_TRAIN_PER_TEST, shift_section
 from xfeat.errors import ConfigError
@@ -34,6 +35,7 @@ SCHEMA = "xfeat-analysis/1"
 HEADLINE_ORDER = (
     "duplicates",
     "shift",
+    "label_balance",
     "class_balance",
     "label_noise",
     "overfitting",
@@ -55,7 +57,10 @@ class Analysis:
     def summary(self) -> str:
         """Headline findings as readable lines for a terminal."""
         r = self.record
-        n = sum(c["total"] for c in r["class_balance"]["counts"].values())
+        if "class_balance" in r:
+            n = sum(c["total"] for c in r["class_balance"]["counts"].values())
+        else:  # multi-label: the label section counts the images
+            n = r["label_balance"]["n_images"]
         lines = [
             f"xfeat analysis: {r['dataset']['name']} | {r['model']} ({r['weights']['id']}) "
             f"| {n} images | {r['timing']['total_seconds']:.1f} s"
@@ -135,21 +140,19 @@ def analyze(
     hashes = hash_images(dataset, progress=progress)
     timing["pixel_hash_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
-    fitted = fit_or_reuse_probe(features, probe, n_boot=n_boot, seed=seed)
+    # multi-label data: no section reads a probe (see _multilabel_diagnoses)
+    fitted = (
+        None if features.multilabel else fit_or_reuse_probe(features, probe, n_boot=n_boot, seed=seed)
+    )
     timing["probe_seconds"] = time.perf_counter() - t
-    diagnoses = [
-        functools.partial(balance_section, features),
-        functools.partial(shift_section, features, n_folds=n_folds, n_boot=n_boot, seed=seed),
-        functools.partial(
-            duplicates_section, features, dataset, hashes, threshold=near_duplicate_threshold
-        ),
-        functools.partial(
-            label_noise_section, features, C=fitted.record.selection["C"], n_folds=n_folds, seed=seed
-        ),
-        functools.partial(gaps_section, fitted, runs, fingerprint=meta.dataset.fingerprint),
-        functools.partial(calibration_section, fitted),
-        functools.partial(adaptation_section, features, fitted, seed=seed),
-    ]
+    if features.multilabel:
+        diagnoses = _multilabel_diagnoses(
+            features, dataset, hashes, n_folds, n_boot, seed, near_duplicate_threshold
+        )
+    else:
+        diagnoses = _diagnoses(
+            features, dataset, hashes, fitted, runs, n_folds, n_boot, seed, near_duplicate_threshold
+        )
     sections = []
     for diagnose in diagnoses:
         t = time.perf_counter()
@@ -163,7 +166,7 @@ def analyze(
         "n_boot": n_boot,
         "seed": seed,
         "runs": [str(r) for r in runs],
-        "probe": None if probe is None else str(fitted.run_dir or "given, not saved"),
+        "probe": None if probe is None or fitted is None else str(fitted.run_dir or "given, not saved"),
         "domain_C": DOMAIN_C,
         "max_train_per_test": MAX_TRAIN_PER_TEST,
     }
@@ -176,6 +179,49 @@ def analyze(
         timing["total_seconds"],
     )
     return Analysis(record, out_dir)
+
+
+def _diagnoses(features, dataset, hashes, fitted, runs, n_folds, n_boot, seed, threshold) -> list:
+    """The single-label diagnoses, in report order."""
+    meta = features.meta
+    return [
+        functools.partial(balance_section, features),
+        functools.partial(shift_section, features, n_folds=n_folds, n_boot=n_boot, seed=seed),
+        functools.partial(duplicates_section, features, dataset, hashes, threshold=threshold),
+        functools.partial(
+            label_noise_section, features, C=fitted.record.selection["C"], n_folds=n_folds, seed=seed
+        ),
+        functools.partial(gaps_section, fitted, runs, fingerprint=meta.dataset.fingerprint),
+        functools.partial(calibration_section, fitted),
+        functools.partial(adaptation_section, features, fitted, seed=seed),
+    ]
+
+
+def _multilabel_diagnoses(features, dataset, hashes, n_folds, n_boot, seed, threshold) -> list:
+    """Multi-label data: the label section replaces class balance; shift (per label) and
+    duplicates apply as they are; the sections built on one class per image say why not."""
+    why = {
+        "label_noise": "label noise is estimated from one class per image (confident learning); "
+        "these images have several labels",
+        "overfitting": "the train/val/test gaps are read on accuracy, which multi-label data do "
+        "not have; the per-label AUC of every split is in fit-head's results.json",
+        "calibration": "the reliability diagram is drawn for one class per image; per-label "
+        "calibration is not computed",
+        "adaptation": "the transductive adaptations re-estimate one class prior; multi-label "
+        "data have one prevalence per label",
+    }
+    titles = {
+        "label_noise": "Label noise",
+        "overfitting": "Train, val and test gaps",
+        "calibration": "Calibration",
+        "adaptation": "Adaptation to the test images (transductive)",
+    }
+    return [
+        functools.partial(label_section, features),
+        functools.partial(shift_section, features, n_folds=n_folds, n_boot=n_boot, seed=seed),
+        functools.partial(duplicates_section, features, dataset, hashes, threshold=threshold),
+        *(functools.partial(not_applicable, name, titles[name], why[name]) for name in why),
+    ]
 
 
 def _check_params(threshold, n_folds, n_boot) -> None:

@@ -39,6 +39,18 @@ NEAR_COLUMNS = [
 PATIENT_COLUMNS = ["patient", "splits", "split", "id", "label"]
 
 
+def label_text(names: list, label) -> str:
+    """A class name, or a multi-label row as its positive labels joined by ``|`` (``none``;
+    an unknown entry as ``LABEL?``)."""
+    label = np.asarray(label)
+    if label.ndim == 0:
+        return names[int(label)]
+    parts = [n for n, v in zip(names, label) if v == 1] + [
+        f"{n}?" for n, v in zip(names, label) if v < 0
+    ]
+    return "|".join(parts) or "none"
+
+
 def hash_images(dataset: Dataset, *, progress: bool = True) -> dict:
     """sha256 of each image's pixels: ``{split: [hex digest or None if unreadable]}``.
 
@@ -125,7 +137,7 @@ def _image_table(dataset: Dataset, hashes: dict) -> dict:
     for s, sp in dataset.splits.items():
         table["split"] += [s] * len(sp)
         table["id"] += list(sp.ids)
-        table["label"] += [names[y] for y in sp.labels]
+        table["label"] += [label_text(names, y) for y in sp.labels]
         table["hash"] += hashes[s]
         if sp.paths is not None:
             table["path"].update(zip(sp.ids, sp.paths))
@@ -216,10 +228,10 @@ def _near_duplicates(features, images: dict, threshold: float, max_pairs: int):
             "cross_split": bool(c),
             "split_a": row_split[i],
             "id_a": ids[i],
-            "label_a": names[labels[i]],
+            "label_a": label_text(names, labels[i]),
             "split_b": row_split[j],
             "id_b": ids[j],
-            "label_b": names[labels[j]],
+            "label_b": label_text(names, labels[j]),
             "path_a": path.get(ids[i], ""),
             "path_b": path.get(ids[j], ""),
         }

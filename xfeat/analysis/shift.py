@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from xfeat.analysis.probe import out_of_fold_proba
 from xfeat.analysis.section import Section, fmt_ci, md_table
+from xfeat.data.dataset import strata
 from xfeat.evaluation.metrics import bootstrap_ci
 from xfeat.report.analysis_figures import plot_projection
 
@@ -48,8 +49,9 @@ def shift_section(features, *, n_folds: int = 5, n_boot: int = 1000, seed: int =
     summary["n_train_used"], summary["n_test"] = int(len(rows)), int(len(te))
     summary["per_class"] = {}
     for c, name in enumerate(features.class_names):
-        tr_c = np.flatnonzero(tr.labels == c)
-        te_c = np.flatnonzero(te.labels == c)
+        # multi-label data: the images positive for label c
+        tr_c = np.flatnonzero(tr.labels[:, c] == 1 if tr.labels.ndim == 2 else tr.labels == c)
+        te_c = np.flatnonzero(te.labels[:, c] == 1 if te.labels.ndim == 2 else te.labels == c)
         if len(te_c) < 2 or len(tr_c) < 2:
             summary["per_class"][name] = {"skipped": "fewer than 2 images in train or test"}
             continue
@@ -127,11 +129,14 @@ def _projection(features, train_rows, seed):
     if n_comp < 2:
         coords = np.column_stack([coords, np.zeros(len(coords))])
     explained = pca.explained_variance_ratio_.tolist() + [0.0] * (2 - n_comp)
+    labels, names = np.concatenate([p[2] for p in parts]), list(features.class_names)
+    if labels.ndim == 2:  # multi-label: the marker of each image's rarest positive label
+        labels, names = strata(labels), names + ["none"]
     return plot_projection(
         coords,
         np.concatenate([[s] * len(p) for s, p, _ in parts]),
-        np.concatenate([p[2] for p in parts]),
-        features.class_names,
+        labels,
+        names,
         title="PCA of standardised features",
         axis_labels=[f"PC {k + 1} ({v:.0%} of variance)" for k, v in enumerate(explained)],
     )

@@ -42,6 +42,7 @@ class SplitFeatures:
     seconds: float = 0.0
     blocks: list = field(default_factory=list)  # [(name, dim)] in column order
     stats: Optional[np.ndarray] = None  # (N, 6) image facts (xfeat.data.profile.STAT_COLUMNS)
+    patients: Optional[list] = None  # the patient of each row (caches since xfeat 0.3)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -66,6 +67,16 @@ class FeatureSet:
     @property
     def class_names(self) -> list:
         return list(self.meta.class_names)
+
+    def patient_groups(self, split: str) -> Optional[list]:
+        """The patient of each row of ``split`` (bootstrap intervals resample whole patients),
+        or None when the cache does not know them (each image is then its own group)."""
+        return self.splits[split].patients if split in self.splits else None
+
+    @property
+    def multilabel(self) -> bool:
+        """Several labels per image: each split's ``labels`` are (N, L), -1 where unknown."""
+        return bool(self.splits) and next(iter(self.splits.values())).labels.ndim == 2
 
     @property
     def blocks(self) -> list:
@@ -246,5 +257,8 @@ def _read_group(g: h5py.Group, path: Path, blocks, include_skipped: bool):
         seconds=float(g["seconds"][0]),
         blocks=[(b, int(stored[b].shape[1])) for b in names],
         stats=g["image_stats"][()][rows] if "image_stats" in g else None,
+        patients=[p.decode() if isinstance(p, bytes) else str(p) for p in g["patients"][()][rows]]
+        if "patients" in g
+        else None,
     )
     return part, [ids[i] for i in np.flatnonzero(~ok)]

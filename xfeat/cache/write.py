@@ -79,7 +79,8 @@ def entry_lock(path: Path):
 class CacheWriter:
     """Creates or resumes the partial file of one entry and fills it batch by batch.
 
-    ``splits``: ``{group: (ids, labels)}``; ``blocks``: ``[(name, dim)]``. Use under
+    ``splits``: ``{group: (ids, labels[, patients])}`` (patients: the patient of each row,
+    used for patient-level bootstrap intervals); ``blocks``: ``[(name, dim)]``. Use under
     :func:`entry_lock`; ``finalize`` renames the file into place once every row is written.
     """
 
@@ -111,7 +112,7 @@ class CacheWriter:
     def _layout_matches(self, f: h5py.File, splits: dict, dtype: str) -> bool:
         if f.attrs.get("key") != self.key or sorted(f) != sorted(splits):
             return False
-        for s, (ids, _) in splits.items():
+        for s, (ids, *_) in splits.items():
             feats = f[s]["features"]
             for name, dim in self.blocks:
                 if (
@@ -171,11 +172,20 @@ class CacheWriter:
         )
         f.attrs["meta"] = json.dumps(meta.to_dict(), sort_keys=True)
         f.attrs["complete"] = False
-        for s, (ids, labels) in splits.items():
+        for s, (ids, labels, *patients) in splits.items():
             g = f.create_group(s)
             g.attrs["blocks"] = json.dumps([name for name, _ in self.blocks])
-            g.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), fletcher32=len(ids) > 0)
+            labels = np.asarray(labels, dtype=np.int64)
+            g.create_dataset("labels", data=labels, fletcher32=len(ids) > 0)
+            if labels.ndim == 2:  # multi-label: (N, L) 1/0 with -1 where unknown, and its mask
+                g.create_dataset("label_mask", data=labels >= 0, fletcher32=len(ids) > 0)
             g.create_dataset("ids", data=np.asarray(list(ids), dtype=object), dtype=h5py.string_dtype())
+            if patients and patients[0] is not None:
+                g.create_dataset(
+                    "patients",
+                    data=np.asarray(list(patients[0]), dtype=object),
+                    dtype=h5py.string_dtype(),
+                )
             feats = g.create_group("features")
             for name, dim in self.blocks:
                 _preallocated(feats, name, (len(ids), dim), dtype, np.nan)
@@ -264,7 +274,7 @@ def merge_shards(
     writer = CacheWriter(path, key=key, meta=meta, splits=splits, blocks=blocks, dtype=dtype)
     try:
         stats = {}
-        for name, (ids, _) in splits.items():
+        for name, (ids, *_) in splits.items():
             parts = [sh[name] for sh in shards]
             if [i for part in parts for i in part["ids"]] != list(ids):
                 raise CacheError(f"the shards of {path.name} do not add up to split {name}")
@@ -333,8 +343,8 @@ def _close_quietly(f) -> None:
 
 def _check_free_space(folder: Path, splits: dict, blocks: list, dtype: str) -> None:
     """Refuse to start an entry that cannot fit: the arrays are allocated up front."""
-    rows = sum(len(ids) for ids, _ in splits.values())
-    ids_bytes = sum(len(str(i)) + 16 for ids, _ in splits.values() for i in ids)
+    rows = sum(len(ids) for ids, *_ in splits.values())
+    ids_bytes = sum(len(str(i)) + 16 for ids, *_ in splits.values() for i in ids)
     width = sum(dim for _, dim in blocks) * np.dtype(dtype).itemsize
     need = rows * (width + 10) + ids_bytes + (1 << 20)
     free = shutil.disk_usage(folder).free

@@ -15,6 +15,7 @@ from xfeat.config import (
     PRECISIONS,
     RECIPES,
     RESIZE_MODES,
+    UNCERTAIN_POLICIES,
     DataSpec,
     ExtractConfig,
     FinetuneConfig,
@@ -77,7 +78,35 @@ def data_options(f, required: bool = True):
                 "--label-col",
                 default=default(DataSpec, "label_col"),
                 show_default=True,
-                help="Label tables: the column of class names.",
+                help="Label tables: the column of class names (or of joined labels, with --label-sep).",
+            ),
+            click.option(
+                "--label-sep",
+                default=None,
+                metavar="SEP",
+                help="Label tables, multi-label: --label-col holds several labels joined by SEP "
+                "(e.g. '|', as NIH ChestX-ray14's 'Finding Labels').",
+            ),
+            click.option(
+                "--negative-label",
+                default=None,
+                metavar="NAME",
+                help="With --label-sep: the label that means none (e.g. 'No Finding').",
+            ),
+            click.option(
+                "--label-cols",
+                default=None,
+                metavar="A,B,C",
+                help="Label tables, multi-label: one column per label holding 1, 0, -1 "
+                "(uncertain) or blank (unknown), as CheXpert's.",
+            ),
+            click.option(
+                "--uncertain",
+                type=click.Choice(UNCERTAIN_POLICIES),
+                default=default(DataSpec, "uncertain"),
+                show_default=True,
+                help="Multi-label: what -1 (uncertain) means: unknown (ignore, masked out of "
+                "losses and metrics), 0 (zeros) or 1 (ones).",
             ),
             click.option(
                 "--split-col",
@@ -325,7 +354,8 @@ def data_spec(data, options: dict):
     """``--data`` with the carve-out and table options (popped from ``options``) as one
     :class:`~xfeat.config.DataSpec`; None when ``--data`` is not given."""
     names = ("val_fraction", "split_seed", "group_pattern", "image_col", "label_col", "split_col")
-    recipe = {k: options.pop(k) for k in (*names, "patient_col") if k in options}
+    multi = ("patient_col", "label_sep", "negative_label", "label_cols", "uncertain")
+    recipe = {k: options.pop(k) for k in (*names, *multi) if k in options}
     return DataSpec(data, **recipe) if data else None
 
 

@@ -23,6 +23,7 @@ from xfeat.config import (
     default_cache_dir,
     parse_weights,
 )
+from xfeat.data import split_patients
 from xfeat.errors import ConfigError, TrainingDiverged
 from xfeat.files import read_json, write_json
 from xfeat.runs.folders import config_run_name, run_lock
@@ -317,7 +318,11 @@ def _report(
 
     rows = [table_row(model, mode, r) for model, mode, r in results]
     best = best_run(rows)
-    tests = significance(results, rows, best)
+    test = setup.dataset.splits.get("test")
+    patients = (
+        dict(zip(test.ids, split_patients(test, setup.dataset.spec))) if test is not None else None
+    )
+    tests = significance(results, rows, best, patients)
     baselines = {
         model: linear_on_cache(r, _frozen_epochs(results, model), out_dir / "runs")
         for model, mode, r in results

@@ -14,6 +14,7 @@ from xfeat.evaluation.stats import format_interval, format_p_value
 from xfeat.report.rows import ALPHA, CHOSEN_BY, RANDOM_WEIGHTS, TRANSDUCTIVE, format_seconds, run_label
 
 METHOD = "DeLong test for AUC, paired bootstrap for accuracy"
+METHOD_MULTILABEL = "paired bootstrap of the macro AUC, DeLong per label"
 
 
 def build_verdict(rows: list, tests: list, timings: list, best: Optional[int]) -> dict:
@@ -28,7 +29,7 @@ def build_verdict(rows: list, tests: list, timings: list, best: Optional[int]) -
             if t["extract_seconds"] is not None
             and (t["frozen_seconds"] is not None or t["full_seconds"] is not None)
         ],
-        "significance": _significance(tests),
+        "significance": _significance(tests, multilabel=any(r.get("multilabel") for r in rows)),
     }
     verdict["sentences"] = (
         [_best_sentence(verdict)]
@@ -50,6 +51,8 @@ def _best(row: dict) -> dict:
         "test_accuracy_ci",
         "auc",
         "auc_ci",
+        "average_precision",
+        "multilabel",
     )
     return {"run": run_label(row), **{k: row.get(k) for k in keys}}
 
@@ -88,9 +91,9 @@ def _speed(t: dict) -> dict:
     }
 
 
-def _significance(tests: list) -> dict:
+def _significance(tests: list, multilabel: bool = False) -> dict:
     out = {
-        "method": METHOD,
+        "method": METHOD_MULTILABEL if multilabel else METHOD,
         "alpha": ALPHA,
         "against": tests[0]["best"] if tests else None,
         "significant": [],
@@ -105,7 +108,14 @@ def _significance(tests: list) -> dict:
             "run": run_label(t),
             **{
                 k: t.get(k)
-                for k in ("auc_diff", "auc_p_value", "accuracy_diff", "accuracy_p_value", "n_boot")
+                for k in (
+                    "auc_diff",
+                    "auc_p_value",
+                    "auc_n_boot",
+                    "accuracy_diff",
+                    "accuracy_p_value",
+                    "n_boot",
+                )
             },
         }
         out["significant" if t["significant"] else "not_significant"].append(entry)
@@ -120,12 +130,20 @@ def _best_sentence(v: dict) -> str:
             f"accuracy says nothing about transfer learning ({RANDOM_WEIGHTS}). The "
             "timings still hold."
         )
-    text = (
-        f"Best run by {v['chosen_by']}: {b['model']} {b['mode']} (val AUC "
-        f"{_num(b['val_auc'])}). On test: accuracy "
-        f"{format_interval(b['test_accuracy'], b['test_accuracy_ci'])}, AUC "
-        f"{format_interval(b['auc'], b['auc_ci'])} (95% bootstrap CIs)."
-    )
+    if b.get("multilabel"):
+        text = (
+            f"Best run by {v['chosen_by']} (macro over labels): {b['model']} {b['mode']} (val "
+            f"macro AUC {_num(b['val_auc'])}). On test: macro AUC "
+            f"{format_interval(b['auc'], b['auc_ci'])} (95% bootstrap CI), mAP "
+            f"{_num(b['average_precision'])}."
+        )
+    else:
+        text = (
+            f"Best run by {v['chosen_by']}: {b['model']} {b['mode']} (val AUC "
+            f"{_num(b['val_auc'])}). On test: accuracy "
+            f"{format_interval(b['test_accuracy'], b['test_accuracy_ci'])}, AUC "
+            f"{format_interval(b['auc'], b['auc_ci'])} (95% bootstrap CIs)."
+        )
     if b["transductive"]:
         text += f" It is {TRANSDUCTIVE}: its test predictions adapted to the unlabelled test images."
     if randoms:
@@ -205,9 +223,10 @@ def _test_text(e: dict, diffs: bool) -> str:
     parts = []
     if e["auc_p_value"] is not None:
         diff = f"{e['auc_diff']:+.3f}, " if diffs else ""
-        parts.append(f"AUC {diff}p {format_p_value(e['auc_p_value'])}")
-    diff = f"{e['accuracy_diff']:+.3f}, " if diffs else ""
-    parts.append(f"accuracy {diff}p {format_p_value(e['accuracy_p_value'], e['n_boot'])}")
+        parts.append(f"AUC {diff}p {format_p_value(e['auc_p_value'], e.get('auc_n_boot'))}")
+    if e.get("accuracy_p_value") is not None:
+        diff = f"{e['accuracy_diff']:+.3f}, " if diffs else ""
+        parts.append(f"accuracy {diff}p {format_p_value(e['accuracy_p_value'], e['n_boot'])}")
     return f"{e['run']} ({'; '.join(parts)})"
 
 

@@ -8,7 +8,7 @@ torch.
 
 from xfeat.data.dataset import SPLITS, Dataset, Split, stratified_rows
 from xfeat.data.load import load_dataset
-from xfeat.data.splits import TINY_VAL_SIZE, carve_validation, patient_groups
+from xfeat.data.splits import TINY_VAL_SIZE, carve_validation, patient_groups, split_patients
 
 __all__ = [
     "SPLITS",
@@ -19,5 +19,6 @@ __all__ = [
     "carve_validation",
     "load_dataset",
     "patient_groups",
+    "split_patients",
     "stratified_rows",
 ]

@@ -27,7 +27,7 @@ class Split:
 
     name: str
     ids: list
-    labels: np.ndarray
+    labels: np.ndarray  # (N,) class indices, or (N, L) 1/0/-1 (unknown) for multi-label data
     paths: Optional[list] = None  # folder datasets: absolute file paths
     arrays: Optional[np.ndarray] = None  # npz datasets: (N, H, W[, C]) images
     array_rows: Optional[np.ndarray] = None  # npz datasets: row of each sample in ``arrays``
@@ -87,7 +87,15 @@ class Dataset:
         payload = json.dumps({"content": self.content_digest, "split": self.split_info}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
+    @property
+    def multilabel(self) -> bool:
+        """Several labels per image: ``labels`` are (N, L) with -1 for unknown entries."""
+        return self.splits["train"].labels.ndim == 2
+
     def counts(self) -> dict:
+        """Images per class in each split; multi-label: positives per label."""
+        if self.multilabel:
+            return {s: (sp.labels == 1).sum(axis=0).tolist() for s, sp in self.splits.items()}
         return {
             s: np.bincount(sp.labels, minlength=len(self.class_names)).tolist()
             for s, sp in self.splits.items()
@@ -109,7 +117,7 @@ class Dataset:
                     f"cannot subsample {name} to {n} images: fewer than the "
                     f"{len(self.class_names)} classes"
                 )
-            rows = stratified_rows(split.labels, n, [seed, SPLITS.index(name)])
+            rows = stratified_rows(strata(split.labels), n, [seed, SPLITS.index(name)])
             splits[name] = split.subset(rows)
             chosen[name] = len(rows)
         digest = hashlib.sha256(
@@ -124,6 +132,17 @@ class Dataset:
             split_info={**self.split_info, "subsample": {"sizes": chosen, "seed": seed}},
             spec=self.spec,
         )
+
+
+def strata(labels: np.ndarray) -> np.ndarray:
+    """One stratum per sample for stratified sampling: the class, or for (N, L) multi-label
+    targets the rarest label the sample is positive for (L when it has none)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        return labels
+    positive = labels == 1
+    prevalence = np.where(positive, positive.sum(axis=0)[None, :], np.iinfo(np.int64).max)
+    return np.where(positive.any(axis=1), prevalence.argmin(axis=1), labels.shape[1])
 
 
 def stratified_rows(labels: np.ndarray, n: int, seed) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from xfeat.config import DataSpec
-from xfeat.data.dataset import SPLITS, Dataset, Split
+from xfeat.data.dataset import SPLITS, Dataset, Split, strata
 from xfeat.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,14 @@ def patient_groups(ids: Sequence[str], pattern: Optional[str]) -> list:
         m = rx.match(Path(sample_id).name)
         groups.append(m.group(1) if m else sample_id)
     return groups
+
+
+def split_patients(split: Split, spec: Optional[DataSpec]) -> list:
+    """The patient of each sample: a table's patient column, else the patient id in the file
+    names (``spec.group_pattern``), else the sample itself."""
+    if split.groups is not None:
+        return list(split.groups)
+    return patient_groups(split.ids, spec.group_pattern if spec is not None else None)
 
 
 def carve_validation(
@@ -85,7 +93,7 @@ def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:
         train = concat(train, val, "train")
     # a table's patient column, else the patient id in the file names
     groups = train.groups if train.groups is not None else patient_groups(train.ids, spec.group_pattern)
-    in_val = carve_validation(train.labels, groups, spec.val_fraction, spec.split_seed)
+    in_val = carve_validation(strata(train.labels), groups, spec.val_fraction, spec.split_seed)
     if not in_val.any() or in_val.all():
         raise DataError(
             f"cannot carve a validation split of {spec.val_fraction:.0%} from "

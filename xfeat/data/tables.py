@@ -90,7 +90,12 @@ def load_table(table: Path, spec: DataSpec, *, allow_missing: bool = False) -> D
     if not rows:
         raise DataError(f"the label table {table} has no rows; expected one row per image")
     image_col = _column(table, columns, spec.image_col, "--image-col")
-    label_col = _column(table, columns, spec.label_col, "--label-col")
+    if spec.label_cols is not None:
+        for col in spec.label_cols:
+            _column(table, columns, col, "--label-cols")
+        label_col = None
+    else:
+        label_col = _column(table, columns, spec.label_col, "--label-col")
     split_col = spec.split_col if spec.split_col in columns else None
     if spec.split_col != DataSpec.split_col and split_col is None:
         _column(table, columns, spec.split_col, "--split-col")  # asked for by name: must exist
@@ -100,12 +105,20 @@ def load_table(table: Path, spec: DataSpec, *, allow_missing: bool = False) -> D
     root = table.parent
     by_split, seen, missing, blank = {}, {}, [], []
     for n, row in enumerate(rows, 1):
-        name, label = row.get(image_col, ""), row.get(label_col, "")
+        name = row.get(image_col, "")
         if not name:
             raise DataError(f"{table} row {n}: no image path in column {image_col!r}")
-        if not label:
-            blank.append(n)
-            continue
+        if spec.label_cols is not None:
+            label = tuple(
+                _entry(table, n, col, row.get(col, ""), spec.uncertain) for col in spec.label_cols
+            )
+        elif spec.label_sep is not None:
+            label = _joined_labels(row.get(label_col, ""), spec)
+        else:
+            label = row.get(label_col, "")
+            if not label:
+                blank.append(n)
+                continue
         split = "train"
         if split_col:
             value = row.get(split_col, "").lower()
@@ -139,33 +152,25 @@ def load_table(table: Path, spec: DataSpec, *, allow_missing: bool = False) -> D
         )
     if "train" not in by_split:
         raise DataError(f"{table} has no train rows; expected rows with split 'train'")
-    class_names = sorted({label for _, _, label, _ in by_split["train"]})
-    if len(class_names) < 2:
-        raise DataError(
-            f"{table}: every train row has the label {class_names[0]!r}; a classifier needs at "
-            "least two classes in train"
-        )
-    index = {c: i for i, c in enumerate(class_names)}
+    if spec.multilabel:
+        class_names, encode = _multilabel_encoder(table, spec, by_split)
+    else:
+        class_names, encode = _class_encoder(table, by_split)
     digest = hashlib.sha256(json.dumps(spec.table_fields()).encode())
     splits = {}
     for split in SPLITS:
         items = by_split.get(split)
         if not items:
             continue
-        unknown = sorted({label for _, _, label, _ in items} - set(index))
-        if unknown:
-            raise DataError(
-                f"{table}: the {split} rows have labels {unknown} that no train row has; every "
-                "class must occur in train"
-            )
-        for name, path, label, _ in items:
-            digest.update(f"{split}\0{label}\0{name}\0".encode())
+        labels = encode(split, [label for _, _, label, _ in items])
+        for (name, path, _, _), target in zip(items, labels):
+            digest.update(f"{split}\0{np.asarray(target).tolist()}\0{name}\0".encode())
             p = Path(path)
             digest.update(hashlib.sha256(p.read_bytes()).digest() if p.is_file() else b"missing")
         splits[split] = Split(
             split,
             [name for name, *_ in items],
-            np.asarray([index[label] for _, _, label, _ in items], dtype=np.int64),
+            labels,
             paths=[path for _, path, _, _ in items],
             groups=[group for *_, group in items] if patient_col else None,
         )
@@ -177,3 +182,97 @@ def load_table(table: Path, spec: DataSpec, *, allow_missing: bool = False) -> D
         splits=splits,
         content_digest=digest.hexdigest(),
     )
+
+
+def _class_encoder(table: Path, by_split: dict) -> tuple:
+    """Single-label: the sorted train classes, and a function giving each split's class indices."""
+    class_names = sorted({label for _, _, label, _ in by_split["train"]})
+    if len(class_names) < 2:
+        raise DataError(
+            f"{table}: every train row has the label {class_names[0]!r}; a classifier needs at "
+            "least two classes in train"
+        )
+    index = {c: i for i, c in enumerate(class_names)}
+
+    def encode(split: str, labels: list) -> np.ndarray:
+        unknown = sorted(set(labels) - set(index))
+        if unknown:
+            raise DataError(
+                f"{table}: the {split} rows have labels {unknown} that no train row has; every "
+                "class must occur in train"
+            )
+        return np.asarray([index[label] for label in labels], dtype=np.int64)
+
+    return class_names, encode
+
+
+# Multi-label targets are (N, L) int8 matrices: 1 positive, 0 negative, UNKNOWN (-1) for a
+# blank entry or an uncertain one under --uncertain ignore. Unknown entries are masked.
+UNKNOWN = -1
+_ENTRY_VALUES = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "-1": -1, "-1.0": -1, "": None}
+_UNCERTAIN = {"ignore": UNKNOWN, "zeros": 0, "ones": 1}
+
+
+def _entry(table: Path, n: int, col: str, value: str, uncertain: str):
+    """One label column's entry: 1, 0, UNKNOWN (blank), or the uncertain policy's value for -1."""
+    if value.strip().lower() in ("true", "false"):
+        return int(value.strip().lower() == "true")
+    if value.strip() not in _ENTRY_VALUES:
+        raise DataError(
+            f"{table} row {n}: {value!r} in column {col!r}; expected 1, 0, -1 (uncertain) or blank"
+        )
+    entry = _ENTRY_VALUES[value.strip()]
+    if entry is None:
+        return UNKNOWN
+    return _UNCERTAIN[uncertain] if entry == -1 else entry
+
+
+def _joined_labels(value: str, spec: DataSpec):
+    """The set of labels a joined cell names (split on the separator, never substring-matched);
+    None for a blank cell (every label unknown)."""
+    parts = [p.strip() for p in value.split(spec.label_sep)]
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    return frozenset(p for p in parts if p != spec.negative_label)
+
+
+def _multilabel_encoder(table: Path, spec: DataSpec, by_split: dict) -> tuple:
+    """Multi-label: the label names in order, and a function giving each split's (N, L) matrix."""
+    if spec.label_cols is not None:
+        names = list(spec.label_cols)
+    else:
+        names = sorted({x for _, _, label, _ in by_split["train"] if label for x in label})
+        if not names:
+            raise DataError(
+                f"{table}: no train row names a label in column {spec.label_col!r} (split on "
+                f"{spec.label_sep!r}); check --label-col and --label-sep"
+            )
+
+    def encode(split: str, labels: list) -> np.ndarray:
+        if spec.label_cols is not None:
+            return np.asarray(labels, dtype=np.int8).reshape(len(labels), len(names))
+        unknown = sorted({x for label in labels if label for x in label} - set(names))
+        if unknown:
+            raise DataError(
+                f"{table}: the {split} rows have labels {unknown} that no train row has; every "
+                "label must occur in train"
+            )
+        matrix = np.zeros((len(labels), len(names)), dtype=np.int8)
+        for i, label in enumerate(labels):
+            if label is None:
+                matrix[i] = UNKNOWN
+            else:
+                matrix[i, [names.index(x) for x in label]] = 1
+        return matrix
+
+    train = encode("train", [label for _, _, label, _ in by_split["train"]])
+    for j, name in enumerate(names):
+        known = train[:, j][train[:, j] != UNKNOWN]
+        if len(np.unique(known)) < 2:
+            state = "no known entry" if not len(known) else f"only the value {int(known[0])}"
+            raise DataError(
+                f"{table}: the label {name!r} has {state} in train; every label needs positive "
+                "and negative train rows (drop it from --label-cols or fix its column)"
+            )
+    return names, encode

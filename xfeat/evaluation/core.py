@@ -134,7 +134,7 @@ def _div(num, den):
     return np.divide(num, den, out=np.full(num.shape, np.nan), where=den != 0)
 
 
-def _nanmean(values):
+def nanmean(values):
     """Mean over the last axis ignoring NaN; NaN (no warning) when a row is all NaN."""
     ok = ~np.isnan(values)
     return _div(np.where(ok, values, 0.0).sum(axis=-1), ok.sum(axis=-1))
@@ -174,13 +174,13 @@ def _confusion_metrics(cms):
     if cms.shape[1] == 2:
         out = {name: v[:, 1] for name, v in per_class.items()}
     else:
-        out = {name: _nanmean(v) for name, v in per_class.items()}
+        out = {name: nanmean(v) for name, v in per_class.items()}
     out["accuracy"] = _div(tp.sum(axis=1), total[:, 0])
-    out["balanced_accuracy"] = _nanmean(per_class["sensitivity"])
+    out["balanced_accuracy"] = nanmean(per_class["sensitivity"])
     return out
 
 
-def _weighted_auc(w, positive, score):
+def weighted_auc(w, positive, score):
     """ROC AUC (Mann-Whitney U, ties count 1/2) for each row of sample weights w (B, N)."""
     order = np.argsort(score, kind="stable")
     s, pos = score[order], positive[order]
@@ -193,6 +193,22 @@ def _weighted_auc(w, positive, score):
     return _div(wins, n_pos.sum(axis=1) * n_neg.sum(axis=1))
 
 
+def weighted_average_precision(w, positive, score):
+    """Average precision (scikit-learn's step-wise definition: the sum over thresholds of the
+    recall gained times the precision there) for each row of sample weights w (B, N)."""
+    order = np.argsort(-score, kind="stable")
+    s, pos = score[order], positive[order]
+    ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last row of each tied group
+    ws = w[:, order]
+    tp = np.cumsum(ws * pos, axis=1)[:, ends]
+    fp = np.cumsum(ws * ~pos, axis=1)[:, ends]
+    recall = _div(tp, tp[:, -1:])
+    precision = _div(tp, tp + fp)
+    gained = np.diff(recall, axis=1, prepend=0.0)
+    ap = np.where(gained > 0, gained * np.nan_to_num(precision), 0.0).sum(axis=1)
+    return np.where((tp[:, -1] > 0) & (fp[:, -1] > 0), ap, np.nan)
+
+
 def metric_arrays(w, y, proba, pred, names):
     """Metrics named in ``names`` for each row of sample weights w (B, N) -> {name: (B,)}."""
     n, n_classes = proba.shape
@@ -203,10 +219,10 @@ def metric_arrays(w, y, proba, pred, names):
         out.update(_confusion_metrics(_weighted_confusion(w, y, pred, n_classes)))
     if "roc_auc" in names:
         if binary:
-            out["roc_auc"] = _weighted_auc(w, y == 1, proba[:, 1])
+            out["roc_auc"] = weighted_auc(w, y == 1, proba[:, 1])
         else:
-            per_class = [_weighted_auc(w, y == k, proba[:, k]) for k in range(n_classes)]
-            out["roc_auc"] = _nanmean(np.stack(per_class, axis=1))
+            per_class = [weighted_auc(w, y == k, proba[:, k]) for k in range(n_classes)]
+            out["roc_auc"] = nanmean(np.stack(per_class, axis=1))
     if "log_loss" in names:
         p_true = np.clip(proba[np.arange(n), y], _LOG_EPS, 1.0)
         out["log_loss"] = w @ -np.log(p_true) / total

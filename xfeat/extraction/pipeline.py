@@ -33,7 +33,7 @@ from xfeat.config import (
     ExtractConfig,
     default_cache_dir,
 )
-from xfeat.data import Dataset, load_dataset
+from xfeat.data import Dataset, load_dataset, split_patients
 from xfeat.errors import ConfigError
 from xfeat.extraction import distributed
 from xfeat.extraction.allocator import freed_memory_kept
@@ -352,9 +352,13 @@ def _extract_sharded(plan: ExtractionPlan, *, device, force, **run) -> Path:
 
 
 def _group_rows(plan: ExtractionPlan) -> dict:
-    """``{cache group: (ids, labels)}``: every view holds its base split's images."""
-    splits = plan.dataset.splits
-    return {g: (splits[base].ids, splits[base].labels) for g, (base, _) in plan.groups.items()}
+    """``{cache group: (ids, labels, patients)}``: every view holds its base split's images."""
+    splits, spec = plan.dataset.splits, plan.dataset.spec
+    patients = {s: split_patients(split, spec) for s, split in splits.items()}
+    return {
+        g: (splits[base].ids, splits[base].labels, patients[base])
+        for g, (base, _) in plan.groups.items()
+    }
 
 
 @freed_memory_kept()  # every batch reuses the previous one's memory

@@ -18,6 +18,7 @@ from xfeat.extraction.runtime import make_loader, mix_seed
 from xfeat.extraction.store import random_resized_crop_params
 
 IGNORE_LABEL = -100  # cross_entropy's ignore_index: padding samples
+UNKNOWN = -1  # multi-label targets: an unknown entry (and every entry of a padding sample)
 
 
 class StoreImages(torch.utils.data.Dataset):
@@ -33,13 +34,20 @@ class StoreImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _target(self, i: int, pad: bool = False):
+        """Class index, or for multi-label data a float vector of 1 / 0 / -1 (unknown)."""
+        if self.labels.ndim == 2:
+            row = np.full(self.labels.shape[1], UNKNOWN) if pad else self.labels[i]
+            return torch.as_tensor(row, dtype=torch.float32)
+        return IGNORE_LABEL if pad else int(self.labels[i])
+
     def __getitem__(self, key):
         if not isinstance(key, tuple):
             key = (key, 0, 0, False)
         i, epoch, batch_n, pad = key  # training keys come from EpochBatches
         if not self.train:
             crop = np.array(self.preprocessing.center_crop(self.array[i]))
-            return torch.from_numpy(crop).permute(2, 0, 1), int(self.labels[i])
+            return torch.from_numpy(crop).permute(2, 0, 1), self._target(i)
         image = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
         top, left, h, w = random_resized_crop_params(image.shape[1], image.shape[2], g)
@@ -47,7 +55,7 @@ class StoreImages(torch.utils.data.Dataset):
         if torch.rand(1, generator=g).item() < 0.5:
             image = TF.horizontal_flip(image)
         # A padding sample (a rank with no share of a short last batch) carries no loss.
-        return image, IGNORE_LABEL if pad else int(self.labels[i]), batch_n
+        return image, self._target(i, pad), batch_n
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -67,14 +75,23 @@ class EpochBatches(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _starts(self) -> list:
+        """Batch starts. A last batch of one image joins the batch before it: BatchNorm cannot
+        train on a batch of one."""
+        starts = list(range(0, self.n, self.batch_size))
+        if len(starts) > 1 and self.n - starts[-1] == 1:
+            starts.pop()
+        return starts
+
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return len(self._starts())
 
     def __iter__(self):
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, -1))
         order = torch.randperm(self.n, generator=g).tolist()
-        for start in range(0, self.n, self.batch_size):
-            batch = order[start : start + self.batch_size]
+        starts = self._starts()
+        for start, end in zip(starts, [*starts[1:], self.n]):
+            batch = order[start:end]
             mine = batch[self.rank :: self.world_size]
             keys = [(i, self.epoch, len(batch), False) for i in mine]
             yield keys or [(batch[0], self.epoch, len(batch), True)]

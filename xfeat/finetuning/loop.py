@@ -53,13 +53,7 @@ def train_one_epoch(
         y = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-            loss_sum = nn.functional.cross_entropy(
-                logits.float(),
-                y,
-                reduction="sum",
-                ignore_index=IGNORE_LABEL,
-                label_smoothing=label_smoothing,
-            )
+            loss_sum = loss_sum_of(logits.float(), y, label_smoothing)
         # Mean over the global batch: DDP averages the ranks' gradients, hence "* world".
         loss = loss_sum * (world / int(batch_n[0]))
         optimizer.zero_grad(set_to_none=True)
@@ -71,11 +65,14 @@ def train_one_epoch(
             raise TrainingDiverged(
                 f"{desc}: the training loss became {loss_sum.item()}; lower the learning rate (--lr)"
             )
-        real = y != IGNORE_LABEL
-        totals += torch.tensor(
-            [loss_sum.item(), (logits.argmax(1) == y)[real].sum().item(), real.sum().item()],
-            dtype=torch.float64,
-        )
+        if y.ndim == 2:  # multi-label: each known entry right at 0.5, per image judged
+            known = y >= 0
+            right = ((logits.detach() >= 0) == (y == 1))[known].sum().item() / y.shape[1]
+            real = known.any(1).sum().item()
+        else:
+            real_rows = y != IGNORE_LABEL
+            right, real = (logits.argmax(1) == y)[real_rows].sum().item(), real_rows.sum().item()
+        totals += torch.tensor([loss_sum.item(), right, real], dtype=torch.float64)
         bar.update(int(batch_n[0]))
         bar.set_postfix(loss=f"{totals[0] / max(totals[2], 1):.3f}", refresh=False)
     bar.close()
@@ -92,6 +89,22 @@ def train_one_epoch(
     }
 
 
+def loss_sum_of(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The summed loss of a batch: cross-entropy over classes (padding ignored), or for
+    multi-label targets binary cross-entropy with logits over the known entries only (an
+    unknown entry, -1, counts in no loss), summed over labels."""
+    if y.ndim == 2:
+        known = y >= 0
+        target = y.clamp(min=0)
+        if label_smoothing:
+            target = target * (1 - label_smoothing) + 0.5 * label_smoothing
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return (losses * known).sum()
+    return nn.functional.cross_entropy(
+        logits, y, reduction="sum", ignore_index=IGNORE_LABEL, label_smoothing=label_smoothing
+    )
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -102,7 +115,10 @@ def evaluate(
     amp_dtype=None,
     channels_last: bool = True,
 ) -> dict:
-    """Loss, accuracy and class probabilities on ``loader`` (model in eval mode)."""
+    """Loss, accuracy and class probabilities on ``loader`` (model in eval mode).
+
+    Multi-label data: sigmoid probabilities (N, L), the loss per known entry, and ``roc_auc``
+    (the macro AUC over labels, on the known entries) which picks the best epoch."""
     model.eval()
     probas, labels_all, total_loss = [], [], 0.0
     t0 = time.perf_counter()
@@ -111,10 +127,24 @@ def evaluate(
         y = labels.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x).float()
-        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        probas.append(torch.softmax(logits, 1).cpu().numpy())
+        total_loss += loss_sum_of(logits, y).item()
+        multilabel = y.ndim == 2
+        probas.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).cpu().numpy())
         labels_all.append(labels.numpy())
     proba, labels = np.concatenate(probas), np.concatenate(labels_all)
+    if labels.ndim == 2:
+        from xfeat.evaluation.multilabel import macro_auc
+
+        labels = labels.astype(np.int64)
+        known = labels >= 0
+        return {
+            "loss": total_loss / max(1, known.sum()),
+            "accuracy": float(((proba >= 0.5) == (labels == 1))[known].mean()),
+            "roc_auc": macro_auc(labels, proba),
+            "proba": proba.astype(np.float64),
+            "labels": labels,
+            "seconds": time.perf_counter() - t0,
+        }
     return {
         "loss": total_loss / len(labels),
         "accuracy": float((proba.argmax(1) == labels).mean()),

@@ -70,6 +70,22 @@ class ProbeHead(nn.Module):
         return cls(probe.mean_, probe.scale_, W, b)
 
     @classmethod
+    def from_one_vs_rest(cls, probe) -> ProbeHead:
+        """From a fitted multi-label :class:`~xfeat.heads.OneVsRestHead` of logistic heads: one
+        logit per label. Each label's probe standardised with the statistics of its own known
+        rows; they are refolded exactly onto the first label's mean and scale."""
+        first = probe.estimators_[0]
+        m0, s0 = np.asarray(first.mean_, np.float64), np.asarray(first.scale_, np.float64)
+        W, b = [], []
+        for e in probe.estimators_:
+            w = np.ravel(e.coef_) / np.asarray(e.scale_, np.float64)  # weight on raw features
+            W.append(w * s0)
+            b.append(
+                float(np.ravel(e.intercept_)[0]) + float(w @ (m0 - np.asarray(e.mean_, np.float64)))
+            )
+        return cls(m0, s0, np.stack(W), np.asarray(b))
+
+    @classmethod
     def empty(cls, dim: int, n_classes: int) -> ProbeHead:
         """A head of the right shape whose values a state dict will replace (resume, load)."""
         return cls(np.zeros(dim), np.ones(dim), np.zeros((n_classes, dim)), np.zeros(n_classes))
@@ -99,11 +115,12 @@ def build_network(backbone: Backbone, n_classes: int, config: FinetuneConfig, *,
                 "convolution followed by ReLU, which a linear probe cannot "
                 "initialise; use --mode full"
             )
-        head = (
-            ProbeHead.from_logistic(probe)
-            if probe is not None
-            else ProbeHead.empty(backbone.feature_dim, n_classes)
-        )
+        if probe is None:
+            head = ProbeHead.empty(backbone.feature_dim, n_classes)
+        elif hasattr(probe, "estimators_"):  # multi-label: one logistic probe per label
+            head = ProbeHead.from_one_vs_rest(probe)
+        else:
+            head = ProbeHead.from_logistic(probe)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)

@@ -20,7 +20,8 @@ from torch import nn
 
 from xfeat.cache import WeightsRecord
 from xfeat.config import DEFAULT_THRESHOLD, FinetuneConfig, default_cache_dir
-from xfeat.data import stratified_rows
+from xfeat.data import split_patients, stratified_rows
+from xfeat.data.dataset import strata
 from xfeat.errors import ConfigError, TrainingDiverged
 from xfeat.extraction import distributed
 from xfeat.extraction.allocator import freed_memory_kept
@@ -204,14 +205,16 @@ def _prepare(
         from xfeat.extraction.runtime import channels_last_default
 
         config = config.with_options(channels_last=channels_last_default(plan.model, dev))
-    if config.threshold != DEFAULT_THRESHOLD:
+    if config.threshold != DEFAULT_THRESHOLD and not plan.dataset.multilabel:
         from xfeat.fitting import check_threshold_applies
 
         check_threshold_applies(config.threshold, plan.dataset.class_names)
+    if plan.dataset.multilabel and config.label_smoothing:
+        logger.info("multi-label: label smoothing pulls each binary target towards 0.5")
     labels = plan.dataset.splits["train"].labels
     rows = None
     if config.max_train_images is not None and config.max_train_images < len(labels):
-        rows = stratified_rows(labels, config.max_train_images, config.seed)
+        rows = stratified_rows(strata(labels), config.max_train_images, config.seed)
     kind = f"{config.mode}-linear" + ("" if config.recipe == "tutorial" else f"-{config.recipe}")
     run_dir = (
         Path(out_dir)
@@ -261,7 +264,7 @@ def _lpft_probe(run: _Run):
     from xfeat.cache import read_meta
     from xfeat.extraction.pipeline import extract
     from xfeat.fitting import check_head_matches, fit_head
-    from xfeat.heads import LogisticHead, load_head
+    from xfeat.heads import LogisticHead, OneVsRestHead, load_head
 
     if run.state is not None:  # resuming: the layer comes from the checkpoint
         return None, run.state.get("lpft")
@@ -272,16 +275,26 @@ def _lpft_probe(run: _Run):
     if probe_file is not None:
         fitted, head_meta = load_head(probe_file)
         check_head_matches(head_meta, read_meta(path), source=f"the cache {path.name}")
-        if not isinstance(fitted, LogisticHead):
+        logistic = (
+            all(isinstance(e, LogisticHead) for e in fitted.estimators_)
+            if isinstance(fitted, OneVsRestHead)
+            else isinstance(fitted, LogisticHead)
+        )
+        if not logistic:
             raise ConfigError(
                 f"{probe_file} holds a {type(fitted).__name__}; LP-FT needs a "
                 "logistic head (fit-head --head logreg)"
             )
     else:
         fitted = fit_head(cache=path, head="logreg", save=False, n_boot=0).head
-    logger.info("lp-ft: last layer starts from the logistic probe on %s (C=%.4g)", path.name, fitted.C_)
+    if isinstance(fitted, OneVsRestHead):
+        C = {name: float(e.C_) for name, e in zip(fitted.label_names_, fitted.estimators_)}
+        logger.info("lp-ft: last layer starts from the per-label logistic probes on %s", path.name)
+    else:
+        C = float(fitted.C_)
+        logger.info("lp-ft: last layer starts from the logistic probe on %s (C=%.4g)", path.name, C)
     return fitted, {
-        "C": float(fitted.C_),
+        "C": C,
         "cache": str(path),
         "probe": str(probe_file) if probe_file else None,
     }
@@ -392,14 +405,21 @@ def _epoch(run: _Run, epoch: int, runner, net, loaders, optimizer, scheduler, pe
     distributed.barrier()
 
 
+def best_metric(multilabel: bool) -> str:
+    """What picks the best epoch: val accuracy, or for multi-label data the val macro AUC."""
+    return "val_roc_auc" if multilabel else "val_accuracy"
+
+
 def _end_epoch(run: _Run, epoch: int, tr: dict, va: dict, lr: float, net, optimizer, scheduler) -> None:
     """Log the epoch, keep the best weights, write the checkpoint and the history."""
+    metric = best_metric(run.plan.dataset.multilabel)
     record = {
         "epoch": epoch,
         "train_loss": tr["loss"],
         "train_accuracy": tr["accuracy"],
         "val_loss": va["loss"],
         "val_accuracy": va["accuracy"],
+        **({"val_roc_auc": va["roc_auc"]} if "roc_auc" in va else {}),
         "lr": lr,
         "train_seconds": tr["seconds"],
         "val_seconds": va["seconds"],
@@ -420,8 +440,9 @@ def _end_epoch(run: _Run, epoch: int, tr: dict, va: dict, lr: float, net, optimi
         tr["images_per_second"],
         1000 * tr["seconds"] / max(1, -(-tr["images"] // run.config.batch_size)),
     )
-    if va["accuracy"] > run.best["val_accuracy"]:
-        run.best = {"epoch": epoch, "val_accuracy": va["accuracy"]}
+    value = record[metric] if math.isfinite(record[metric]) else -1.0
+    if value > run.best.get(metric, -1.0):
+        run.best = {"epoch": epoch, metric: value}
         save_state_dict(net, run.run_dir / "best_model.pt")
     save_checkpoint(
         run.checkpoint,
@@ -443,6 +464,7 @@ def _evaluate_best(run: _Run, store, net):
     ``adapt="adabn"`` the test split is evaluated with BatchNorm statistics re-estimated on
     its own images (transductive; labels unused)."""
     from xfeat.evaluation.metrics import evaluate_splits
+    from xfeat.evaluation.multilabel import evaluate_multilabel
 
     net.load_state_dict(
         torch.load(run.run_dir / "best_model.pt", map_location=run.device, weights_only=True)
@@ -461,13 +483,29 @@ def _evaluate_best(run: _Run, store, net):
         if split == "test" and run.config.adapt == "adabn":
             model = adabn(net, eval_loader(split), **common)
         outputs[split] = evaluate(model, eval_loader(split), **common)
-    evaluation = evaluate_splits(
-        {s: o["labels"] for s, o in outputs.items()},
-        {s: o["proba"] for s, o in outputs.items()},
-        threshold=run.config.threshold,
-        n_boot=run.config.n_boot,
-        seed=run.config.seed,
-    )
+    labels = {s: o["labels"] for s, o in outputs.items()}
+    probas = {s: o["proba"] for s, o in outputs.items()}
+    dataset = run.plan.dataset
+    if dataset.multilabel:
+        evaluation = evaluate_multilabel(
+            labels,
+            probas,
+            dataset.class_names,
+            threshold=run.config.threshold,
+            n_boot=run.config.n_boot,
+            seed=run.config.seed,
+            groups={"test": split_patients(dataset.splits["test"], dataset.spec)}
+            if "test" in dataset.splits
+            else None,
+        )
+    else:
+        evaluation = evaluate_splits(
+            labels,
+            probas,
+            threshold=run.config.threshold,
+            n_boot=run.config.n_boot,
+            seed=run.config.seed,
+        )
     return outputs, evaluation, time.perf_counter() - t0
 
 
@@ -496,8 +534,8 @@ def _write_record(run: _Run, backbone, net, outputs: dict, evaluation: dict, tim
         threshold=RunThreshold(**evaluation["threshold"]),
         selection={
             "best_epoch": run.best["epoch"],
-            "metric": "val_accuracy",
-            "val_accuracy": run.best["val_accuracy"],
+            "metric": best_metric(dataset.multilabel),
+            **{k: v for k, v in run.best.items() if k != "epoch"},
             "lpft_probe": run.lpft,
         },
         metrics=evaluation["metrics"],
@@ -544,6 +582,7 @@ def _write_record(run: _Run, backbone, net, outputs: dict, evaluation: dict, tim
             "class_names": dataset.class_names,
             "threshold": evaluation["threshold"]["value"],
             "threshold_rule": evaluation["threshold"]["rule"],
+            "label_thresholds": evaluation["threshold"].get("per_label"),
             "input_profile": store_profile(dataset, plan.preprocessing, cache_dir=plan.path.parent),
         },
         run.run_dir / "model.pt",

@@ -14,6 +14,9 @@ name          class             choice made on val
 ``knn``       KNNHead           k, unless ``ks`` holds one value
 ============  ================  ===============================================
 
+Multi-label data get a :class:`OneVsRestHead`: one binary head of any of these kinds per label,
+each fitted and tuned on the rows where its label is known.
+
 Heads are saved by :func:`save_head` as one pickle-free ``.npz`` and read by :func:`load_head`.
 """
 
@@ -21,6 +24,7 @@ from xfeat.heads.io import FORMAT, FORMAT_VERSION, load_head, load_head_extra, s
 from xfeat.heads.knn import KNNHead
 from xfeat.heads.linear import LinearHead
 from xfeat.heads.logistic import LogisticHead
+from xfeat.heads.multilabel import OneVsRestHead
 from xfeat.heads.ood import NearestNeighbourOOD
 from xfeat.heads.registry import HEADS, create_head, head_options
 
@@ -36,5 +40,6 @@ __all__ = [
     "load_head",
     "load_head_extra",
     "NearestNeighbourOOD",
+    "OneVsRestHead",
     "save_head",
 ]

@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 from xfeat.errors import ConfigError, DataError
 from xfeat.files import atomic_write, dumps
 from xfeat.heads.base import BaseHead
+from xfeat.heads.multilabel import OneVsRestHead
 from xfeat.heads.registry import HEADS
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,9 @@ FORMAT = "xfeat-head"
 # parameter ``solver`` and the learned ``n_iter_``, and ``classes_`` may hold any labels.
 # Version-1 files load unchanged (a parameter they lack takes its default); the bump makes an
 # older xfeat refuse a version-2 file with "upgrade" instead of an unknown-parameter error.
-FORMAT_VERSION = 2
+# 3: multi-label one-vs-rest heads (``head`` "ovr"); single-label files are still written as 2.
+FORMAT_VERSION = 3
+_OVR_PREFIX = "label{}__"  # arrays of label j's head in a one-vs-rest file
 
 
 EXTRA = "extra__"  # prefix of the arrays stored beside a head (e.g. its OOD reference)
@@ -42,6 +45,8 @@ def save_head(head: BaseHead, path, *, metadata: dict, extra: Optional[dict] = N
     returned unchanged by :func:`load_head`. ``extra``: named numeric arrays kept beside the
     head (:func:`load_head_extra` returns them).
     """
+    if isinstance(head, OneVsRestHead):
+        return _save_one_vs_rest(head, path, metadata=metadata, extra=extra)
     name = next((n for n, cls in HEADS.items() if type(head) is cls), None)
     if name is None:
         raise TypeError(
@@ -51,20 +56,54 @@ def save_head(head: BaseHead, path, *, metadata: dict, extra: Optional[dict] = N
     check_is_fitted(head, "classes_")
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2,
         "head": name,
+        **_parts(head),
+        "metadata": metadata,
+    }
+    arrays = {attr: np.asarray(getattr(head, attr)) for attr in head._arrays}
+    return _write(path, name, meta, arrays, extra)
+
+
+def _parts(head: BaseHead) -> dict:
+    return {
         "params": head.get_params(deep=False),
         # hasattr: a head loaded from an older file may lack an attribute added since
         "learned": {attr: getattr(head, attr) for attr in head._scalars if hasattr(head, attr)},
         "selection": head.selection_,
+    }
+
+
+def _save_one_vs_rest(head: OneVsRestHead, path, *, metadata: dict, extra) -> Path:
+    """A one-vs-rest head: each label's head's arrays under ``label{j}__``, their parameters,
+    learned scalars and selections in ``__meta__["labels"]``."""
+    for e in head.estimators_:
+        check_is_fitted(e, "classes_")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "head": "ovr",
+        "base_head": head.head,
+        "params": head.params,
+        "label_names": head.label_names_,
+        "labels": [_parts(e) for e in head.estimators_],
+        "selection": head.selection_,
         "metadata": metadata,
     }
+    arrays = {
+        _OVR_PREFIX.format(j) + attr: np.asarray(getattr(e, attr))
+        for j, e in enumerate(head.estimators_)
+        for attr in e._arrays
+    }
+    return _write(path, f"one-vs-rest {head.head}", meta, arrays, extra)
+
+
+def _write(path, name: str, meta: dict, arrays: dict, extra) -> Path:
     try:
         meta_json = dumps(meta, indent=None)
     except (TypeError, ValueError) as exc:
         raise DataError(f"metadata for the {name} head is not JSON-serialisable: {exc}") from exc
-    arrays = {attr: np.asarray(getattr(head, attr)) for attr in head._arrays}
-    arrays.update({EXTRA + name: np.asarray(value) for name, value in (extra or {}).items()})
+    arrays.update({EXTRA + key: np.asarray(value) for key, value in (extra or {}).items()})
     path = atomic_write(path, lambda f: np.savez(f, __meta__=np.array(meta_json), **arrays))
     logger.info("saved %s head to %s", name, path)
     return path
@@ -94,22 +133,36 @@ def _read(path: Path) -> tuple[dict, dict]:
     return meta, arrays
 
 
-def load_head(path) -> tuple[BaseHead, dict]:
+def load_head(path) -> tuple:
     """Load a head written by :func:`save_head`; return ``(fitted_head, metadata)``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no xfeat head file at {path}; expected a head.npz written by fit-head")
     meta, arrays = _read(path)
     arrays = {k: v for k, v in arrays.items() if not k.startswith(EXTRA)}
-    if meta.get("head") not in HEADS:
-        raise DataError(
-            f"{path} holds unknown head {meta.get('head')!r}; expected one of: "
-            f"{', '.join(sorted(HEADS))}."
+    if meta.get("head") == "ovr":
+        estimators = []
+        for j, parts in enumerate(meta["labels"]):
+            prefix = _OVR_PREFIX.format(j)
+            own = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            estimators.append(_build(path, meta["base_head"], parts, own))
+        head = OneVsRestHead.from_estimators(
+            meta["base_head"], meta["params"], estimators, meta["label_names"], meta["selection"]
         )
-    cls = HEADS[meta["head"]]
+        return head, meta["metadata"]
+    return _build(path, meta.get("head"), meta, arrays), meta["metadata"]
+
+
+def _build(path: Path, name, meta: dict, arrays: dict) -> BaseHead:
+    """One head of class ``HEADS[name]`` from its parameters, learned values and arrays."""
+    if name not in HEADS:
+        raise DataError(
+            f"{path} holds unknown head {name!r}; expected one of: {', '.join(sorted(HEADS))}."
+        )
+    cls = HEADS[name]
     missing = [a for a in cls._arrays if a not in arrays]
     if missing:
-        raise DataError(f"{path} is missing arrays {missing} for a {meta['head']} head.")
+        raise DataError(f"{path} is missing arrays {missing} for a {name} head.")
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
     # xfeat 0.2 recorded LogisticHead's solver; the fitted coefficients do not depend on it.
     params.pop("solver", None)
@@ -122,7 +175,7 @@ def load_head(path) -> tuple[BaseHead, dict]:
     head = cls(**params)
     for attr, value in {**meta["learned"], "selection_": meta["selection"], **arrays}.items():
         setattr(head, attr, value)
-    return head, meta["metadata"]
+    return head
 
 
 def load_head_extra(path) -> dict:

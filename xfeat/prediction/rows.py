@@ -21,11 +21,12 @@ logger = logging.getLogger(__name__)
 AS_RECORDED = "as-recorded"
 
 
-def columns(class_names, adapted: bool) -> list:
-    """The CSV's columns, in order."""
+def columns(class_names, adapted: bool, multilabel: bool = False) -> list:
+    """The CSV's columns, in order (multi-label: a ``p_`` and a ``pred_`` column per label)."""
     return [
         "path",
         *[f"p_{c}" for c in class_names],
+        *([f"pred_{c}" for c in class_names] if multilabel else []),
         "predicted",
         "threshold",
         "rule",
@@ -70,12 +71,18 @@ def build_rows(
     geometry: Optional[dict],
     geometry_mode: str,
     ood: Optional[tuple],
+    label_thresholds: Optional[list] = None,
 ) -> list:
     """The rows of :mod:`this module <xfeat.prediction.rows>`; ``ood`` is ``(scores, flags)``
-    or None (no reference to score against)."""
+    or None (no reference to score against). ``label_thresholds``: multi-label heads' per-label
+    thresholds; each label then has a ``pred_<label>`` column (1 or 0) and ``predicted`` joins
+    the positive labels with ``|`` (``none`` when there are none)."""
     rows = []
     for i, path in enumerate(files):
         row = {"path": str(path), **{f"p_{c}": float(proba[i, j]) for j, c in enumerate(class_names)}}
+        if label_thresholds is not None:
+            calls = [bool(proba[i, j] >= t) for j, t in enumerate(label_thresholds)]
+            row.update({f"pred_{c}": "" if errors[i] else int(y) for c, y in zip(class_names, calls)})
         if errors[i]:
             row.update(
                 predicted="",
@@ -89,8 +96,12 @@ def build_rows(
             )
         else:
             issues = check_inputs(stats[i], profile)
+            if label_thresholds is not None:
+                predicted = "|".join(c for c, y in zip(class_names, calls) if y) or "none"
+            else:
+                predicted = class_names[decision(proba[i], threshold)]
             row.update(
-                predicted=class_names[decision(proba[i], threshold)],
+                predicted=predicted,
                 threshold="" if threshold is None or len(class_names) != 2 else float(threshold),
                 rule=rule,
                 geometry=geometry_note(stats[i], geometry, geometry_mode),

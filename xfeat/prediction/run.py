@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
-from scipy.special import softmax
+from scipy.special import expit, softmax
 
 from xfeat.backbones import Preprocessing, create_backbone
 from xfeat.config import GEOMETRY_CHOICES, PREDICT_ADAPTATIONS
@@ -167,7 +167,9 @@ def _probabilities(
     adaptation = None
     if ok.any():
         if head is None:
-            proba[ok] = softmax(features[ok].astype(np.float64), axis=1)
+            logits = features[ok].astype(np.float64)
+            # a multi-label network has one independent logit per label
+            proba[ok] = expit(logits) if meta.get("label_thresholds") else softmax(logits, axis=1)
         else:
             proba[ok], adaptation = _head_proba(head, meta, features[ok], adapt)
     return proba, errors, adaptation, stats, features
@@ -189,6 +191,11 @@ def _head_proba(head, meta: dict, X: np.ndarray, adapt):
     if adapt == "standardize":
         X = adaptation.standardize_to(X, recorded["mean"], recorded["std"])
         return head.predict_proba(X), details
+    if recorded.get("calibration") is None:
+        raise ConfigError(
+            f"--adapt {adapt} re-estimates a single-label class prior; this head is multi-label: "
+            "use --adapt standardize"
+        )
     adjusted, em = adaptation.em_on_batch(head.predict_proba(X), recorded["calibration"])
     # EM's probabilities are calibrated ones: their threshold was chosen on calibrated val.
     return adjusted, {**details, **em, "threshold": recorded["calibration"].get("threshold")}
@@ -298,9 +305,13 @@ def predict(
         logger.warning("%s", errors[i])
     classes = meta["class_names"]
     threshold, rule = meta.get("threshold"), str(meta.get("threshold_rule") or "youden")
-    if adaptation and adaptation.get("threshold") is not None:
+    label_thresholds = meta.get("label_thresholds")
+    if label_thresholds is not None:  # multi-label: one val-chosen threshold per label
+        label_thresholds = [label_thresholds[c] for c in classes]
+        threshold, rule = None, f"{rule} per label"
+    elif adaptation and adaptation.get("threshold") is not None:
         threshold, rule = adaptation["threshold"], f"{rule} on calibrated val ({adapt})"
-    if threshold is None or len(classes) != 2:
+    if label_thresholds is None and (threshold is None or len(classes) != 2):
         threshold, rule = None, "argmax"
     ood = None
     if ood_scorer is not None:
@@ -319,11 +330,12 @@ def predict(
         geometry=target,
         geometry_mode=geometry,
         ood=ood,
+        label_thresholds=label_thresholds,
     )
     warn_summary(rows, stats, profile=profile, geometry_mode=geometry, has_ood=ood is not None)
     if adaptation:  # every row says so: these probabilities depend on the whole batch
         for row in rows:
             row["adaptation"] = f"{adapt} (transductive)"
     if out_csv:
-        write_csv(out_csv, rows, columns(classes, bool(adaptation)))
+        write_csv(out_csv, rows, columns(classes, bool(adaptation), label_thresholds is not None))
     return rows

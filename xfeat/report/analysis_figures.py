@@ -20,8 +20,11 @@ CLASS_MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
 DPI = 110
 
 
-def plot_class_balance(fractions: dict, class_names: list, *, title: str = "") -> Figure:
-    """Grouped bars: the fraction of each class (x) in each split (one bar per split)."""
+def plot_class_balance(
+    fractions: dict, class_names: list, *, title: str = "", ylabel: str = "fraction of the split"
+) -> Figure:
+    """Grouped bars: the fraction of each class (x) in each split (one bar per split); for
+    multi-label data, each label's prevalence."""
     splits = list(fractions)
     width = 0.8 / max(1, len(splits))
     fig = Figure(figsize=(max(5, 1.6 * len(class_names) + 2), 3.8), layout="tight")
@@ -31,9 +34,30 @@ def plot_class_balance(fractions: dict, class_names: list, *, title: str = "") -
         bars = ax.bar(xs, fractions[split], width, label=split, color=SPLIT_COLORS.get(split))
         ax.bar_label(bars, labels=[f"{f:.0%}" for f in fractions[split]], fontsize=8)
     ax.set_xticks(range(len(class_names)), class_names)
-    ax.set_ylabel("fraction of the split")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.1)
     ax.legend()
+    ax.set_title(title)
+    return fig
+
+
+def plot_cooccurrence(
+    conditional: np.ndarray, counts: np.ndarray, names: list, *, title: str = ""
+) -> Figure:
+    """Heatmap of P(column label | row label) on train, each cell annotated with that value and
+    the number of images with both labels."""
+    n = len(names)
+    fig = Figure(figsize=(max(4.5, 1.1 * n + 2.5), max(3.8, 0.9 * n + 1.8)), layout="tight")
+    ax = fig.subplots()
+    image = ax.imshow(conditional, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(conditional):
+        text = "—" if np.isnan(v) else f"{v:.2f}\n({int(counts[i, j])})"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if v > 0.5 else "black")
+    ax.set_xticks(range(n), names, rotation=30, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("label B")
+    ax.set_ylabel("label A")
+    fig.colorbar(image, ax=ax, label="P(B | A) on train")
     ax.set_title(title)
     return fig
 

@@ -15,7 +15,13 @@ from xfeat.files import atomic_write, write_csv, write_json, write_text
 from xfeat.report.figures import plot_confusion_matrices, plot_pareto, plot_roc_curves
 from xfeat.report.html import markdown_to_html
 from xfeat.report.rows import run_label
-from xfeat.report.tables import format_comparison_table, format_tests_table, format_timings_table
+from xfeat.report.tables import (
+    format_comparison_table,
+    format_per_label_table,
+    format_prevalence_table,
+    format_tests_table,
+    format_timings_table,
+)
 
 TITLE = "xfeat comparison"
 
@@ -47,15 +53,37 @@ def write_comparison_report(comparison, results: list, *, analyses: Optional[dic
     write_csv(out / "comparison.csv", rows, list(rows[0]))
     plot_pareto(rows, out / "pareto.png")
     plot_roc_curves(rows, results, out / "roc.png")
-    plot_confusion_matrices(rows, results, out / "confusion.png")
+    multilabel = any(r.get("multilabel") for r in rows)
+    if not multilabel:  # multi-label runs: the per-label table gives each operating point
+        plot_confusion_matrices(rows, results, out / "confusion.png")
     curves = _training_curves(rows, results, out)
+    per_label = _per_label_section(rows, results) if multilabel else []
     for page, analysis_page in (("report.md", "analysis.md"), ("report.html", "analysis.html")):
-        text = "\n".join(_markdown(comparison, curves, analyses or {}, out, analysis_page))
+        text = "\n".join(_markdown(comparison, curves, analyses or {}, out, analysis_page, per_label))
         write_text(out / page, markdown_to_html(text, title=TITLE) if page.endswith(".html") else text)
     return out / "report.md"
 
 
-def _markdown(comparison, curves: list, analyses: dict, out: Path, analysis_page: str) -> list:
+def _per_label_section(rows: list, results: list) -> list:
+    """Multi-label: the test metrics per label for every run, and label prevalence per split."""
+    return [
+        "## Per label",
+        "",
+        "Test metrics of each label on the rows where it is known, at its own threshold "
+        "chosen on val; 95% bootstrap CIs over patients where the data name them.",
+        "",
+        format_per_label_table(rows, results),
+        "",
+        "### Label prevalence per split",
+        "",
+        format_prevalence_table(results[0]),
+        "",
+    ]
+
+
+def _markdown(
+    comparison, curves: list, analyses: dict, out: Path, analysis_page: str, per_label=()
+) -> list:
     """The report's Markdown lines, in reading order: the answer first, the evidence after."""
     md = [f"# {TITLE}", ""]
     md += [f"> {note}" for note in comparison.notes] + ([""] if comparison.notes else [])
@@ -82,13 +110,14 @@ def _markdown(comparison, curves: list, analyses: dict, out: Path, analysis_page
         format_comparison_table(comparison.rows, markdown=True),
         "",
     ]
+    md += list(per_label)
     if comparison.tests:
+        method = comparison.verdict["significance"]["method"]
         md += [
             "## Are the differences real?",
             "",
             f"Each run against the best by {comparison.tests[0]['chosen_by']} "
-            f"({comparison.tests[0]['best']}), on the same test images: DeLong test for "
-            "AUC, paired bootstrap for accuracy.",
+            f"({comparison.tests[0]['best']}), on the same test images: {method}.",
             "",
             format_tests_table(comparison.tests, comparison.verdict["significance"]["alpha"]),
             "",
@@ -102,11 +131,9 @@ def _markdown(comparison, curves: list, analyses: dict, out: Path, analysis_page
         "",
         "![ROC curves](roc.png)",
         "",
-        "## Confusion matrices on test",
-        "",
-        "![Confusion matrices](confusion.png)",
-        "",
     ]
+    if not per_label:
+        md += ["## Confusion matrices on test", "", "![Confusion matrices](confusion.png)", ""]
     if curves:
         md += ["## Training curves", ""]
         for name, link in curves:

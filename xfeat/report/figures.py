@@ -50,9 +50,13 @@ def plot_pareto(rows: list, path) -> Path:
     styles = run_styles(rows)
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     axes = fig.subplots(1, 2)
+    multilabel = any(r.get("multilabel") for r in rows)
     for ax, key, label in (
-        (axes[0], "auc", "test ROC AUC"),
-        (axes[1], "test_accuracy", "test accuracy"),
+        (axes[0], "auc", "test macro ROC AUC" if multilabel else "test ROC AUC"),
+        (
+            axes[1],
+            *(("average_precision", "test mAP") if multilabel else ("test_accuracy", "test accuracy")),
+        ),
     ):
         points = [(max(r["total_seconds"], 1e-2), r[key], r) for r in rows if r.get(key) is not None]
         for x, y, r in points:
@@ -121,7 +125,8 @@ def roc_figure(rows: list, results: list) -> Figure:
     for row, r in zip(rows, results):
         if "test" not in r.predictions:
             continue
-        if r.predictions["test"][2].shape[1] == 2:
+        multilabel = np.asarray(r.predictions["test"][1]).ndim == 2
+        if r.predictions["test"][2].shape[1] == 2 and not multilabel:
             panels.setdefault(row["model"], ("binary", []))[1].append((row, r))
         else:
             panels[(row["model"], row["mode"])] = ("classes", (row, r))
@@ -148,35 +153,49 @@ def roc_figure(rows: list, results: list) -> Figure:
             fontsize=10,
             fontweight="bold",
         )
-    fig.suptitle(
-        "ROC on test; markers: the threshold chosen on val. Colour = model, line and marker = mode"
-        if all(kind == "binary" for kind, _ in panels.values())
-        else "ROC on test: binary runs by model; with 3 or more classes one-vs-rest per class "
-        "and their macro average",
-        fontsize=10,
+    kinds = {kind for kind, _ in panels.values()}
+    multilabel = any(
+        np.asarray(r.predictions["test"][1]).ndim == 2 for r in results if "test" in r.predictions
     )
+    if kinds == {"binary"}:
+        title = (
+            "ROC on test; markers: the threshold chosen on val. Colour = model, line and marker = mode"
+        )
+    elif multilabel:
+        title = "ROC on test, a curve per label (its known rows); markers: each label's val threshold"
+    else:
+        title = (
+            "ROC on test: binary runs by model; 3 or more classes: one-vs-rest per class, macro average"
+        )
+    fig.suptitle(title, fontsize=10, wrap=True)
     return fig
 
 
 def _one_vs_rest_panel(ax, row: dict, result) -> None:
     """One ROC curve per class (that class against the others) and their macro average (the
-    mean true-positive rate over a common false-positive grid), AUCs in the legend."""
+    mean true-positive rate over a common false-positive grid), AUCs in the legend.
+    Multi-label runs: one curve per label on the rows where it is known, with a marker at the
+    label's operating point (its threshold chosen on val)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     _, y, p = result.predictions["test"]
     y = np.asarray(y)
     names = result.record.dataset.class_names
+    per_label = result.record.metrics["test"].get("per_label") if y.ndim == 2 else None
     grid = np.linspace(0.0, 1.0, 201)
     curves = []
     for c, name in enumerate(names):
-        positive = y == c
+        known = y[:, c] >= 0 if y.ndim == 2 else np.ones(len(y), dtype=bool)
+        positive = (y[:, c] == 1)[known] if y.ndim == 2 else y == c
         if positive.all() or not positive.any():
             continue  # a class absent from test (or alone in it) has no curve
-        fpr, tpr, _ = roc_curve(positive, p[:, c])
-        auc = roc_auc_score(positive, p[:, c])
-        ax.plot(
-            fpr, tpr, lw=1.3, color=CLASS_COLORS[c % len(CLASS_COLORS)], label=f"{name}: AUC {auc:.3f}"
-        )
+        color = CLASS_COLORS[c % len(CLASS_COLORS)]
+        fpr, tpr, _ = roc_curve(positive, p[known, c])
+        auc = roc_auc_score(positive, p[known, c])
+        ax.plot(fpr, tpr, lw=1.3, color=color, label=f"{name}: AUC {auc:.3f}")
+        if per_label:
+            m = per_label[name]
+            ax.plot(1 - m["specificity"], m["sensitivity"], "o", color=color, ms=6, mec="black")
         curves.append((np.interp(grid, fpr, tpr), auc))
     if curves:
         mean_tpr = np.mean([t for t, _ in curves], axis=0)

@@ -61,13 +61,16 @@ def table_row(model: str, mode: str, result: RunResult) -> dict:
         "images_per_second": ips,
         "peak_memory_mib": r.peak_memory_mib,
         "epochs": len(r.history) or None,
-        "val_accuracy": r.metrics["val"]["accuracy"],
+        # multi-label runs have no accuracy: their AUC and AP are macro over labels
+        "multilabel": r.multilabel,
+        "val_accuracy": r.metrics["val"].get("accuracy"),
         "val_auc": r.metrics["val"]["roc_auc"],
-        "test_accuracy": test["accuracy"],
+        "test_accuracy": test.get("accuracy"),
         "test_accuracy_ci": ci.get("accuracy"),
-        "balanced_accuracy": test["balanced_accuracy"],
+        "balanced_accuracy": test.get("balanced_accuracy"),
         "auc": test["roc_auc"],
         "auc_ci": ci.get("roc_auc"),
+        "average_precision": test.get("average_precision"),
         "sensitivity": test["sensitivity"],
         "sensitivity_ci": ci.get("sensitivity"),
         "specificity": test["specificity"],
@@ -112,11 +115,14 @@ def _head_params(record: RunRecord) -> Optional[int]:
     return {"logreg": d * k + k, "linear": d * c + c, "knn": 0}[record.head]
 
 
-def significance(results, rows: list, best: Optional[int]) -> list:
+def significance(results, rows: list, best: Optional[int], patients: Optional[dict] = None) -> list:
     """Each run against the best (``rows[best]``, see :func:`best_run`), on the same test
     images: DeLong for AUC (binary), a paired bootstrap for accuracy at each run's own
-    threshold. ``results`` and ``rows`` are aligned; ``[]`` without a best or a second run.
+    threshold. Multi-label runs: a paired bootstrap of the macro AUC (over patients, when
+    ``patients`` maps test ids to them) and DeLong per label. ``results`` and ``rows`` are
+    aligned; ``[]`` without a best or a second run.
     """
+    from xfeat.evaluation.multilabel import paired_multilabel_test
     from xfeat.evaluation.stats import delong_test, paired_bootstrap
 
     if best is None or "test" not in results[best][2].predictions:
@@ -135,6 +141,22 @@ def significance(results, rows: list, best: Optional[int]) -> list:
             continue
         y_sorted, pa, pb = np.asarray(y)[order], np.asarray(p)[order], np.asarray(p_b)[order_b]
         entry = {"model": model, "mode": mode, "caveat": row["caveat"], "against": tests[0]["best"]}
+        if np.asarray(y).ndim == 2:  # multi-label
+            ids_sorted = np.asarray(ids)[order]
+            groups = [patients[i] for i in ids_sorted] if patients else None
+            labels = list(r.record.dataset.class_names)
+            t = paired_multilabel_test(y_sorted, pa, pb, labels, groups=groups, n_boot=2000, seed=0)
+            entry.update(
+                auc_n_boot=2000,
+                auc_diff=t["diff"],
+                auc_p_value=t["p_value"],
+                auc_diff_ci=t["ci"],
+                auc_test="paired bootstrap of the macro AUC over " + t["resampled"],
+                per_label=t["per_label"],
+                significant=bool(_or(t["p_value"], 1.0) < ALPHA),
+            )
+            tests.append(entry)
+            continue
         if pa.shape[1] == 2 and len(np.unique(y_sorted)) == 2:  # DeLong needs both classes
             d = delong_test(y_sorted, pa[:, 1], pb[:, 1])
             entry.update(auc_diff=d["diff"], auc_p_value=d["p_value"], auc_diff_ci=d["ci"])
@@ -214,7 +236,7 @@ def _timing_row(model: str, modes: dict, linear) -> dict:
         )
     t["same_recipe_on_cache_seconds"] = None if linear is None else linear.record.timing["fit_seconds"]
     t["same_recipe_on_cache_test_accuracy"] = (
-        None if linear is None else linear.record.metrics["test"]["accuracy"]
+        None if linear is None else linear.record.metrics["test"].get("accuracy")
     )
     # Ratios: the slower run's seconds over the cached path's (> 1: the cache is faster).
     fit = _get(cached, "train_seconds")

@@ -68,11 +68,23 @@ def render_table(header: list, body: list, markdown: bool = False, left: int = 1
 _MACRO = ("val AUC", "AUC [95% CI]", "sens [95% CI]", "spec [95% CI]")
 
 
+# Multi-label runs: no accuracy; AUC, AP, sensitivity and specificity are macro over labels
+# (each at its own threshold, chosen on val).
+_MULTILABEL_COLUMNS = tuple(c for c in _COLUMNS if c[0] not in ("test acc [95% CI]", "thr")) + (
+    ("macro AP", _value("average_precision", _fixed(3))),
+)
+
+
 def format_comparison_table(rows: list, markdown: bool = False) -> str:
     """The comparison, one row per run: test metrics at the threshold chosen on val, with
     95% bootstrap intervals (text, or Markdown with ``markdown=True``). With three classes
     or more, AUC, sensitivity and specificity are macro averages over the classes, and the
-    headers say so."""
+    headers say so; multi-label runs show macro AUC and AP over the labels instead of
+    accuracy."""
+    if any(r.get("multilabel") for r in rows):
+        header = [f"macro {h}" if h in _MACRO else h for h, _ in _MULTILABEL_COLUMNS]
+        body = [[cell(r) for _, cell in _MULTILABEL_COLUMNS] for r in rows]
+        return render_table(header, body, markdown, left=4)
     multiclass = any((r.get("n_classes") or 2) > 2 for r in rows)
     header = [f"macro {h}" if multiclass and h in _MACRO else h for h, _ in _COLUMNS]
     body = [[cell(r) for _, cell in _COLUMNS] for r in rows]
@@ -127,6 +139,8 @@ def format_tests_table(tests: list, alpha: float = 0.05) -> str:
         lo, hi = t[f"{key}_ci"]
         return f"{t[key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
+    if any("per_label" in t for t in tests[1:]):
+        return _multilabel_tests_table(tests, alpha, diff)
     body = []
     for t in tests[1:]:
         auc_p = format_p_value(t["auc_p_value"]) if t.get("auc_p_value") is not None else "—"
@@ -149,3 +163,73 @@ def format_tests_table(tests: list, alpha: float = 0.05) -> str:
         f"significant at {alpha:g}",
     ]
     return render_table(header, body, markdown=True)
+
+
+def _multilabel_tests_table(tests: list, alpha: float, diff) -> str:
+    labels = list(dict.fromkeys(name for t in tests[1:] for name in t.get("per_label", {})))
+    body = [
+        [
+            run_label(t),
+            diff(t, "auc_diff"),
+            format_p_value(t["auc_p_value"], t.get("auc_n_boot"))
+            if t.get("auc_p_value") is not None
+            else "—",
+            *(
+                format_p_value(t["per_label"][name]["p_value"])
+                if name in t.get("per_label", {})
+                else "—"
+                for name in labels
+            ),
+            "yes" if t["significant"] else "no",
+        ]
+        for t in tests[1:]
+    ]
+    header = [
+        "run",
+        "macro AUC diff [95% CI]",
+        "p (paired bootstrap)",
+        *(f"{name}: p (DeLong)" for name in labels),
+        f"significant at {alpha:g}",
+    ]
+    return render_table(header, body, markdown=True)
+
+
+def format_per_label_table(rows: list, results: list) -> str:
+    """Markdown: each multi-label run's test metrics per label (AUC and AP with 95% CIs, the
+    val-chosen threshold and the sensitivity and specificity there, rows judged)."""
+    body = []
+    for row, r in zip(rows, results):
+        per_label = r.record.metrics["test"].get("per_label") or {}
+        ci = (r.record.ci.get("test") or {}).get("per_label") or {}
+        for name, m in per_label.items():
+            c = ci.get(name, {})
+            body.append(
+                [
+                    run_label(row),
+                    name,
+                    str(m["n"]),
+                    f"{m['prevalence']:.3f}",
+                    format_interval(m["roc_auc"], c.get("roc_auc")),
+                    format_interval(m["average_precision"], c.get("average_precision")),
+                    f"{m['threshold']:.3f}",
+                    _value("sensitivity", _fixed(3))(m),
+                    _value("specificity", _fixed(3))(m),
+                ]
+            )
+    header = ["run", "label", "n", "prevalence", "AUC [95% CI]", "AP [95% CI]", "thr", "sens", "spec"]
+    return render_table(header, body, markdown=True)
+
+
+def format_prevalence_table(result) -> str:
+    """Markdown: each label's prevalence (positives among known rows) and rows judged, split by
+    split: a shift between splits shows here first."""
+    metrics = result.record.metrics
+    splits = [s for s in ("train", "val", "test") if s in metrics]
+    labels = list(metrics[splits[0]]["per_label"])
+
+    def cell(split: str, name: str) -> str:
+        m = metrics[split]["per_label"][name]
+        return f"{m['prevalence']:.3f} (n {m['n']})"
+
+    body = [[name, *(cell(s, name) for s in splits)] for name in labels]
+    return render_table(["label", *splits], body, markdown=True)

@@ -42,6 +42,7 @@ import numpy as np
 from xfeat.cache.meta import WeightsRecord
 from xfeat.errors import ConfigError
 from xfeat.evaluation.metrics import format_metrics_table
+from xfeat.evaluation.multilabel import format_multilabel_table
 from xfeat.files import atomic_write, write_json
 
 SCHEMA = "xfeat-result/1"
@@ -67,6 +68,7 @@ class RunThreshold:
     rule: Union[str, float]
     value: Optional[float]
     chosen_on: str = "val"
+    per_label: Optional[dict] = None  # multi-label: {label: threshold}, each chosen on val
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,11 @@ class RunRecord:
     run_dir: Optional[str] = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     schema: str = SCHEMA
+
+    @property
+    def multilabel(self) -> bool:
+        """Several labels per image: ``metrics.<split>.per_label`` and per-label thresholds."""
+        return self.threshold.per_label is not None
 
     def to_dict(self) -> dict:
         """The JSON record, in the key order of ``results.json``."""
@@ -164,7 +171,9 @@ class RunRecord:
                     tuple(d["class_names"]),
                     d.get("counts") or {},
                 ),
-                threshold=RunThreshold(th["rule"], th["value"], th.get("chosen_on", "val")),
+                threshold=RunThreshold(
+                    th["rule"], th["value"], th.get("chosen_on", "val"), th.get("per_label")
+                ),
                 metrics=record["metrics"],
                 metrics_at_half=record.get("metrics_at_0.5") or {},
                 ci=record.get("ci") or {},
@@ -235,7 +244,21 @@ class RunResult:
             lines.append("chosen on val: " + ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.items()))
         if th.value is not None:
             lines.append(f"threshold: {th.value:.3f} ({th.rule}, chosen on val)")
-        lines.append(format_metrics_table(r.metrics, r.ci.get("test")))
+        if r.multilabel:
+            lines.append(
+                f"per-label thresholds ({th.rule}, chosen on val): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in th.per_label.items())
+            )
+            lines.append(format_multilabel_table(r.metrics, list(th.per_label)))
+            ci = r.ci.get("test") or {}
+            if ci.get("roc_auc"):
+                lo, hi = ci["roc_auc"]
+                lines.append(
+                    f"test macro AUC 95% interval [{lo:.3f}, {hi:.3f}] (bootstrap over "
+                    f"{ci.get('resampled', 'images')})"
+                )
+        else:
+            lines.append(format_metrics_table(r.metrics, r.ci.get("test")))
         half = r.metrics_at_half.get("test")
         if th.value is not None and half:
             lines.append(
