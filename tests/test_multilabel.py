@@ -236,6 +236,11 @@ def test_multilabel_cli_extract_fit_head_predict(tmp_path, tables):
     features = read_cache(record["cache"]["path"])
     assert features.multilabel and features["test"].labels.shape == (36, 3)
     assert len(set(features.patient_groups("test"))) < 36  # several images of one patient
+    # the cache records how the table was read: later commands reload the same data
+    spec = features.meta.data_spec()
+    assert (spec.label_sep, spec.negative_label, spec.patient_col) == ("|", "No Finding", "Patient ID")
+    reloaded = load_dataset(spec)
+    assert reloaded.fingerprint == features.meta.dataset.fingerprint
     # predict: a probability and a decision column per label, the decision at the val threshold
     images = [str(p) for p in sorted((CHEST / "test" / "PNEUMONIA").glob("*.jpeg"))[:3]]
     out = tmp_path / "pred.csv"
