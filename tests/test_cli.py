@@ -25,6 +25,8 @@ def test_extract_then_reuse_then_info(image_folder, cache_dir):
         "extract",
         "--data",
         image_folder,
+        "--weights",
+        "none",
         "--image-size",
         TINY,
         "--num-workers",
@@ -34,7 +36,7 @@ def test_extract_then_reuse_then_info(image_folder, cache_dir):
     ]
     first = _run(*args, "--json")
     assert first.exit_code == 0, first.output
-    summary = json.loads(first.output)
+    summary = json.loads(first.stdout)  # warnings go to stderr
     assert summary["model"] == "resnet18" and summary["splits"]["test"]["n"] == 12
     second = CliRunner().invoke(cli, [str(a) for a in args[1:]])
     assert second.exit_code == 0 and "cache hit" in second.stderr
@@ -61,6 +63,8 @@ def test_fit_head_json_and_table(image_folder, cache_dir, tmp_path):
         "fit-head",
         "--data",
         image_folder,
+        "--weights",
+        "none",
         "--image-size",
         TINY,
         "--num-workers",
@@ -72,7 +76,7 @@ def test_fit_head_json_and_table(image_folder, cache_dir, tmp_path):
     ]
     result = _run(*common, "--out", tmp_path / "run", "--json")
     assert result.exit_code == 0, result.output
-    record = json.loads(result.output)
+    record = json.loads(result.stdout)
     assert record["head"] == "logreg" and record["run_dir"] == str(tmp_path / "run")
     table = _run(*common, "--head", "knn", "--threshold", "0.5", "--out", tmp_path / "knn")
     assert table.exit_code == 0 and "head knn" in table.output and "chosen on val: k=" in table.output
@@ -102,6 +106,8 @@ def test_analyze_command(image_folder, cache_dir, tmp_path):
         "analyze",
         "--data",
         image_folder,
+        "--weights",
+        "none",
         "--image-size",
         TINY,
         "--num-workers",

@@ -161,6 +161,8 @@ def test_compare_cli_quick_note(tmp_path):
             str(data),
             "--models",
             "resnet18",
+            "--weights",
+            "none",
             "--modes",
             "cached,frozen",
             "--quick",

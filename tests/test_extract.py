@@ -134,6 +134,8 @@ def _cli(root, cache_dir, *extra):
         str(root),
         "--model",
         "resnet18",
+        "--weights",
+        "none",
         "--image-size",
         "64",
         "--batch-size",

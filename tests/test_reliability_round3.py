@@ -158,3 +158,55 @@ def test_a_nearly_full_disk_extracts_eagerly_instead_of_compiling(cached, tmp_pa
         np.testing.assert_allclose(
             read_cache(entry)["train"].features, read_cache(path)["train"].features, rtol=1e-4, atol=1e-5
         )
+
+
+_OFFLINE = """
+import socket, sys
+def refuse(*args, **kwargs):
+    raise OSError("network is unreachable (blocked by the test)")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+from xfeat.cli import cli
+cli(sys.argv[1:], prog_name="xfeat")
+"""
+
+
+def test_the_command_line_is_pretrained_by_default_and_says_how_offline(cached, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import child_env
+
+    root, _ = cached
+    args = ["extract", "--data", str(root), "--model", "resnet18", "--image-size", str(TINY)]
+    args += ["--num-workers", "0", "--cache-dir", str(tmp_path / "c")]
+    t0 = time.perf_counter()
+    child = subprocess.run(
+        [sys.executable, "-c", _OFFLINE, *args],
+        env=child_env(TORCH_HOME=str(tmp_path / "torch")),  # no weights file cached there
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.perf_counter() - t0
+    errors = [line for line in child.stderr.splitlines() if line.startswith("Error:")]
+    assert child.returncode == 1 and len(errors) == 1, child.stderr
+    assert "Traceback" not in child.stderr
+    assert "ResNet18_Weights.IMAGENET1K_V1" in errors[0]  # DEFAULT, the pretrained weights
+    assert "`xfeat weights`" in errors[0] and "--weights none builds a random network" in errors[0]
+    assert seconds < 60  # fails fast: no retries, no hang
+
+
+def test_a_random_init_run_says_so_everywhere(cached, tmp_path, caplog):
+    root, path = cached
+    with caplog.at_level("WARNING"):
+        xfeat.extract(root, "resnet18", weights="none", cache_dir=tmp_path / "c", **EXTRACT)
+    assert "random init (weights none): an untrained network" in caplog.text
+    result = fit_head(cache=path, out_dir=tmp_path / "run", n_boot=10)
+    assert result.record.notes[0].startswith("random init: the backbone was not pretrained")
+    assert "resnet18 (random init)" in result.table().splitlines()[0]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["notes"][0].startswith("random init") and saved["weights"]["kind"] == "random"
+    assert load_result(tmp_path / "run").record.notes.count(saved["notes"][0]) == 1

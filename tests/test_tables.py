@@ -91,6 +91,8 @@ def test_a_table_extracts_and_records_its_columns(folder, tmp_path):
             "extract",
             "--data",
             str(table),
+            "--weights",
+            "none",
             "--image-col",
             "path",
             "--label-col",

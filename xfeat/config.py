@@ -24,6 +24,7 @@ FEATURE_DTYPES = ("float32", "float16")
 #           of a data set that was squashed to a square; transformers' ViT processors)
 #   pad     letterbox to a square on black (aspect ratio kept, nothing cut), then resize
 RESIZE_MODES = ("crop", "stretch", "pad")
+PRETRAINED = "DEFAULT"  # --weights on the command line: each architecture's pretrained weights
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")  # CheXpert's U-Ignore, U-Zeros, U-Ones
 HEAD_NAMES = ("logreg", "linear", "knn")
 FINETUNE_MODES = ("full", "frozen", "lp-ft")
@@ -372,10 +373,13 @@ def _to_float(text):
         return None
 
 
-def parse_weights(weights: Union[str, dict, None], models: Sequence[str]) -> dict:
-    """``"W"`` for every model, or ``"m1=W1,m2=W2"`` (others: ``none``) -> model -> weights."""
+def parse_weights(
+    weights: Union[str, dict, None], models: Sequence[str], *, others: str = "none"
+) -> dict:
+    """``"W"`` for every model, or ``"m1=W1,m2=W2"`` (the ``others``: ``none``, or
+    ``DEFAULT`` from the command line) -> model -> weights."""
     if isinstance(weights, dict):
-        return {m: weights.get(m, "none") for m in models}
+        return {m: weights.get(m, others) for m in models}
     text = "none" if weights is None else str(weights)
     pairs = [p for p in text.split(",") if p]
     if pairs and all("=" in p for p in pairs):
@@ -387,5 +391,5 @@ def parse_weights(weights: Union[str, dict, None], models: Sequence[str]) -> dic
                     f"--weights names model {model!r}, which is not in --models {list(models)}"
                 )
             mapping[model] = value
-        return {m: mapping.get(m, "none") for m in models}
+        return {m: mapping.get(m, others) for m in models}
     return {m: text for m in models}

@@ -337,7 +337,7 @@ def _record(
         skipped=features.skipped,
     )
     if fitted.selection_.get("refit_on_val"):
-        record.notes = [
+        record.notes += [
             "refit on train+val: val metrics are in-sample; the threshold was "
             "chosen on val with the train-only model of the same C"
         ]

@@ -174,6 +174,12 @@ def create_backbone(
     """
     source = _source(name)
     info, tv_weights = source.resolve_weights(name, weights, seed=seed)
+    if info.kind == "random":
+        logger.warning(
+            "%s: random init (weights none): an untrained network, whose features time the "
+            "pipeline but are useless for transfer learning; --weights DEFAULT is pretrained",
+            name,
+        )
     preprocessing = source.default_preprocessing(name, tv_weights).with_size(image_size)
     with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG stream untouched
         torch.manual_seed(seed)

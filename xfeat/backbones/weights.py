@@ -128,7 +128,7 @@ def download_state_dict(url: str, *, name: str, weights_id: str, progress: bool 
             + f"download {file_name} on a connected machine and either pass it with "
             f"--weights /path/to/{file_name} or copy it to "
             f"{offline.hub_checkpoints_dir() / file_name} (`xfeat weights` lists what is "
-            "available offline)"
+            "available offline); --weights none builds a random network instead (timing only)"
         ) from None
     file_path = offline.hub_checkpoints_dir() / file_name
     return state, (sha256_file(file_path) if file_path.is_file() else None)

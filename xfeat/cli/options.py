@@ -13,6 +13,7 @@ from xfeat.config import (
     DEFAULT_THRESHOLD,
     INT8_CALIBRATION_IMAGES,
     PRECISIONS,
+    PRETRAINED,
     RECIPES,
     RESIZE_MODES,
     UNCERTAIN_POLICIES,
@@ -153,11 +154,12 @@ def model_options(f):
             click.option(
                 "--weights",
                 "-w",
-                default=default(ExtractConfig, "weights"),
+                default=PRETRAINED,
                 show_default=True,
-                help="none (random init), DEFAULT, a torchvision weights name such as "
-                "IMAGENET1K_V1, or a local state-dict file; `xfeat weights` lists "
-                "those available offline.",
+                help="DEFAULT: the architecture's pretrained weights (torchvision's DEFAULT, "
+                "timm's pretrained tag); a torchvision weights name such as IMAGENET1K_V1; a "
+                "local state-dict file; or none: random init, an untrained network (timing "
+                "only). `xfeat weights` lists those available offline.",
             ),
             click.option(
                 "--image-size",

@@ -26,8 +26,10 @@ from xfeat.config import (
     FINETUNE_ADAPTATIONS,
     FINETUNE_MODES,
     HEAD_NAMES,
+    PRETRAINED,
     RESIZE_MODES,
     FinetuneConfig,
+    parse_weights,
 )
 
 
@@ -106,10 +108,10 @@ def finetune_cmd(
 @click.option(
     "--weights",
     "-w",
-    default="none",
+    default=PRETRAINED,
     show_default=True,
-    help="Weights for every model (none, DEFAULT, a file), or per model: "
-    "'mobilenet_v2=PATH,resnet50=DEFAULT' (others: none).",
+    help="Weights for every model (DEFAULT: pretrained, none: random init, a file), or per "
+    "model: 'mobilenet_v2=PATH,resnet50=none' (others: DEFAULT).",
 )
 @click.option(
     "--modes",
@@ -170,10 +172,12 @@ def compare_cmd(
 
     data = data_spec(options.pop("data"), options)
     cache_dir = options.pop("cache_dir")
+    model_names = [m for m in models.split(",") if m]
     result = compare(
         data,
-        [m for m in models.split(",") if m],
-        weights=weights,
+        model_names,
+        # on the command line a model the mapping does not name is pretrained
+        weights=parse_weights(weights, model_names, others=PRETRAINED),
         modes=[m for m in modes.split(",") if m],
         quick=quick,
         head=head,

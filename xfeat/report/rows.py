@@ -17,7 +17,7 @@ from xfeat.runs.results import RunRecord, RunResult
 
 logger = logging.getLogger(__name__)
 
-RANDOM_WEIGHTS = "random weights: speed only"
+RANDOM_WEIGHTS = "random init: speed only"
 TRANSDUCTIVE = "transductive"
 CHOSEN_BY = "val AUC, among runs from pretrained weights"
 ALPHA = 0.05  # a difference from the best is called significant below this p-value

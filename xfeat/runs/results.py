@@ -45,6 +45,11 @@ from xfeat.evaluation.metrics import format_metrics_table
 from xfeat.evaluation.multilabel import format_multilabel_table
 from xfeat.files import atomic_write, write_json
 
+# Every record of a run from random weights says so (results.json, its table, the reports).
+RANDOM_INIT_NOTE = (
+    "random init: the backbone was not pretrained (weights none); its numbers time the "
+    "pipeline and say nothing about transfer learning"
+)
 SCHEMA = "xfeat-result/1"
 READABLE_SCHEMAS = ("xfeat-result/1",)
 
@@ -107,6 +112,11 @@ class RunRecord:
     transductive: bool = False
     adaptation: Optional[dict] = None
     notes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.weights.kind == "random" and RANDOM_INIT_NOTE not in self.notes:
+            self.notes = [RANDOM_INIT_NOTE, *self.notes]
+
     skipped: dict = field(default_factory=dict)
     peak_memory_mib: Optional[float] = None
     memory_increase_mib: Optional[float] = None
@@ -230,6 +240,8 @@ class RunResult:
         r = self.record
         th, w = r.threshold, r.weights
         weights = w.id if w.kind not in ("file", "torchscript") else Path(w.id).name
+        if w.kind == "random":
+            weights = "random init"
         lines = [f"{r.model} ({weights}) | mode {r.mode} | head {r.head} | {r.dataset.name}"]
         if r.transductive:
             a = r.adaptation or {}
