@@ -220,6 +220,8 @@ def test_torchscript_without_sidecar_takes_the_options(data, tmp_path):
             str(data),
             "--model",
             name,
+            "--weights",
+            "none",
             "--cache-dir",
             str(tmp_path / "c"),
             "--image-size",
@@ -240,7 +242,7 @@ def test_torchscript_without_sidecar_takes_the_options(data, tmp_path):
         ],
         catch_exceptions=False,
     )
-    meta = json.loads(result.output)
+    meta = json.loads(result.stdout)
     assert meta["path"] == str(plan.path) and meta["preprocessing"]["std"] == [0.25] * 3
 
 

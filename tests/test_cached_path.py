@@ -49,7 +49,8 @@ def extracted(tmp_path):
 
 def test_a_cache_hit_and_the_commands_on_it_never_import_torch(extracted, tmp_path):
     root, cache, path = extracted
-    request = ["--data", root, "--model", "resnet18", "--image-size", TINY, "--cache-dir", cache]
+    request = ["--data", root, "--model", "resnet18", "--weights", "none", "--image-size", TINY]
+    request += ["--cache-dir", cache]
     out = _cli_without_torch("-q", "extract", *request, "--json")
     assert json.loads(out)["path"] == str(path)
     _cli_without_torch("-q", "fit-head", *request, "--out", tmp_path / "run", "--n-boot", 20)

@@ -114,7 +114,7 @@ def test_resume_keeps_the_rows_while_another_process_holds_the_partial_open(tmp_
     cache_dir = tmp_path / "cache"
     options = dict(cache_dir=cache_dir, image_size=64)
     partial = partial_path(xfeat.plan_extraction(root, "resnet18", **options).path)
-    args = ["extract", "--data", root, "--model", "resnet18", "--image-size", 64]
+    args = ["extract", "--data", root, "--model", "resnet18", "--weights", "none", "--image-size", 64]
     args += ["--batch-size", 4, "--num-workers", 0, "--cache-dir", cache_dir]
     run_killed_at("xfeat.cache.write:CacheWriter.write", 11, args)  # 40 rows written
     killed_at = _rows_done(partial)

@@ -47,6 +47,12 @@ def test_full_run_writes_everything(data, tmp_path):
     assert record["history"][best - 1]["val_accuracy"] == max(
         h["val_accuracy"] for h in record["history"]
     )
+    # the table says how that epoch was chosen, with the history's own number
+    history_value = record["history"][best - 1]["val_accuracy"]
+    assert (
+        f"chosen on val: epoch {best} of 3, the highest val_accuracy in history.json "
+        f"({history_value:.3f}, argmax" in result.table()
+    )
     assert record["threshold"]["chosen_on"] == "val" and set(record["metrics"]) == {
         "train",
         "val",
@@ -242,6 +248,8 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, one_thread):
         str(data),
         "--model",
         "resnet18",
+        "--weights",
+        "none",
         "--image-size",
         "48",
         "--epochs",
@@ -266,7 +274,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, one_thread):
     straight = CliRunner().invoke(
         cli, ["-q", "finetune", *args, "--out", str(tmp_path / "ref"), "--json"]
     )
-    a, b = json.loads(resumed.output), json.loads(straight.output)
+    a, b = json.loads(resumed.stdout), json.loads(straight.stdout)  # warnings go to stderr
     assert [h["epoch"] for h in a["history"]] == [1, 2, 3, 4, 5]
     for ha, hb in zip(a["history"], b["history"]):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):

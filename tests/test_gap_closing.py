@@ -225,6 +225,8 @@ def test_cli_fit_head_with_stages_views_tta_and_adapt(data, tmp_path):
             "fit-head",
             "--data",
             str(data),
+            "--weights",
+            "none",
             "--image-size",
             "48",
             "--num-workers",
@@ -247,7 +249,7 @@ def test_cli_fit_head_with_stages_views_tta_and_adapt(data, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    record = json.loads(result.output)
+    record = json.loads(result.stdout)
     assert record["transductive"] is True and record["params"]["train_views"] == 1
     assert record["params"]["tta"] == ["flip"] and record["params"]["blocks"][-1] == "penultimate"
 

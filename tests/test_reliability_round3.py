@@ -210,3 +210,39 @@ def test_a_random_init_run_says_so_everywhere(cached, tmp_path, caplog):
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["notes"][0].startswith("random init") and saved["weights"]["kind"] == "random"
     assert load_result(tmp_path / "run").record.notes.count(saved["notes"][0]) == 1
+
+
+_LIMITED = """
+import resource, sys
+import torch  # noqa: F401  (loaded before the limit: only the extraction's memory is limited)
+from xfeat.cli import cli
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+limit = vm + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+cli(sys.argv[2:], prog_name="xfeat")
+"""
+
+
+def test_a_memory_limit_is_one_line_that_names_the_batch_size(cached, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    root, _ = cached
+    # 2048 px crops: 50 MB a float image, 1.6 GB a batch of 32, against 600 MB of headroom
+    args = ["extract", "--data", str(root), "--model", "resnet18", "--weights", "none"]
+    args += ["--image-size", "2048", "--batch-size", "32", "--num-workers", "0"]
+    args += ["--cache-dir", str(tmp_path / "c")]
+    child = subprocess.run(
+        [sys.executable, "-c", _LIMITED, "600", *args],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in child.stderr.splitlines() if line.startswith("Error:")]
+    assert child.returncode == 1 and len(errors) == 1, child.stderr[-2000:]
+    assert "Traceback" not in child.stderr
+    assert "out of memory" in errors[0] and "smaller --batch-size (now 32)" in errors[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from xfeat.analysis.section import Section, diff, fmt, md_table
 from xfeat.evaluation.metrics import choose_threshold, compute_metrics
@@ -35,7 +36,7 @@ LABEL_USE = (
 )
 
 
-def adaptation_section(features, probe: RunResult, *, seed: int = 0) -> Section:
+def adaptation_section(features, probe: RunResult, *, seed: int = 0, progress: bool = False) -> Section:
     """The probe on the test images as they are, and after each transductive adaptation.
 
     The rows are the probe's head on the cached features, at the probe's threshold (chosen on
@@ -70,7 +71,7 @@ def adaptation_section(features, probe: RunResult, *, seed: int = 0) -> Section:
     threshold = _threshold(probe, own, va.labels, p_val)
     val = _metrics(va.labels, p_val, threshold)
     rows, em = [], None
-    for method in METHODS:
+    for method in tqdm(METHODS, desc="adaptations (transductive)", disable=not progress, leave=False):
         X_test = te.features
         if method in adapt.FEATURE_METHODS:
             X_test = getattr(adapt, method)(tr.features, X_test)

@@ -151,7 +151,16 @@ def analyze(
         )
     else:
         diagnoses = _diagnoses(
-            features, dataset, hashes, fitted, runs, n_folds, n_boot, seed, near_duplicate_threshold
+            features,
+            dataset,
+            hashes,
+            fitted,
+            runs,
+            n_folds,
+            n_boot,
+            seed,
+            near_duplicate_threshold,
+            progress,
         )
     sections = []
     for diagnose in diagnoses:
@@ -181,7 +190,9 @@ def analyze(
     return Analysis(record, out_dir)
 
 
-def _diagnoses(features, dataset, hashes, fitted, runs, n_folds, n_boot, seed, threshold) -> list:
+def _diagnoses(
+    features, dataset, hashes, fitted, runs, n_folds, n_boot, seed, threshold, progress=False
+) -> list:
     """The single-label diagnoses, in report order."""
     meta = features.meta
     return [
@@ -193,7 +204,7 @@ def _diagnoses(features, dataset, hashes, fitted, runs, n_folds, n_boot, seed, t
         ),
         functools.partial(gaps_section, fitted, runs, fingerprint=meta.dataset.fingerprint),
         functools.partial(calibration_section, fitted),
-        functools.partial(adaptation_section, features, fitted, seed=seed),
+        functools.partial(adaptation_section, features, fitted, seed=seed, progress=progress),
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -24,6 +25,11 @@ def api_errors(f):
             return f(*args, **kwargs)
         except XfeatError as exc:
             raise click.ClickException(str(exc)) from None
+        except (MemoryError, RuntimeError, OSError) as exc:
+            hint = resource_hint(exc, kwargs.get("batch_size"), kwargs.get("num_workers"))
+            if hint is None:
+                raise  # not a resource limit: a bug, with its traceback
+            raise click.ClickException(hint) from None
         except KeyboardInterrupt:
             click.echo(
                 "xfeat: interrupted; run the same command again to resume (work already "
@@ -33,6 +39,34 @@ def api_errors(f):
             sys.exit(INTERRUPTED)
 
     return wrapper
+
+
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
+_RESOURCE_ERRNOS = {
+    errno.ENOMEM: "out of memory",
+    errno.EMFILE: "too many open files",
+    errno.EAGAIN: "no more threads or processes",
+}
+
+
+def resource_hint(exc: BaseException, batch_size=None, num_workers=None):
+    """A one-line message for a memory or resource limit (what ran out, and which options
+    lower the need), or None when ``exc`` is something else."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MemoryError):
+        what = "out of memory"
+    elif isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+        what = _RESOURCE_ERRNOS[exc.errno]
+    elif isinstance(exc, RuntimeError) and any(m in text.lower() for m in _OUT_OF_MEMORY):
+        what = "out of memory"
+    else:
+        return None
+    size = f" (now {batch_size})" if batch_size else ""
+    workers = f" (now {num_workers})" if num_workers is not None else ""
+    return (
+        f"{what}: {text[:200]}; rerun the same command with a smaller --batch-size{size} or "
+        f"fewer --num-workers{workers} (finished work is kept), or raise the limit (ulimit)"
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

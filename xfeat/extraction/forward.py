@@ -167,25 +167,29 @@ def extract_group(
         disable=not progress,
     )
     t0 = t_start
-    for batch, errors, stats in loader:
-        t1 = time.perf_counter()
-        ok = np.array([not e for e in errors])
-        if not ok.all() and not skip_bad:
-            i = int(np.flatnonzero(~ok)[0])
-            raise ImageReadError(sample_path(split, row + i), errors[i])
-        for i in np.flatnonzero(~ok):
-            logger.warning("skipping unreadable image %s: %s", sample_path(split, row + i), errors[i])
-        blocks = runner(batch)
-        t2 = time.perf_counter()
-        for array in blocks.values():
-            array[~ok] = np.nan
-        writer.write(group, row, blocks, ok, seconds=time.perf_counter() - t0, stats=np.asarray(stats))
-        t3 = time.perf_counter()
-        wait, forward, write = wait + (t1 - t0), forward + (t2 - t1), write + (t3 - t2)
-        row += len(ok)
-        bar.update(len(ok))
-        t0 = t3
-    bar.close()
+    with bar:  # closed (its line ended) whatever interrupts the loop
+        for batch, errors, stats in loader:
+            t1 = time.perf_counter()
+            ok = np.array([not e for e in errors])
+            if not ok.all() and not skip_bad:
+                i = int(np.flatnonzero(~ok)[0])
+                raise ImageReadError(sample_path(split, row + i), errors[i])
+            for i in np.flatnonzero(~ok):
+                logger.warning(
+                    "skipping unreadable image %s: %s", sample_path(split, row + i), errors[i]
+                )
+            blocks = runner(batch)
+            t2 = time.perf_counter()
+            for array in blocks.values():
+                array[~ok] = np.nan
+            writer.write(
+                group, row, blocks, ok, seconds=time.perf_counter() - t0, stats=np.asarray(stats)
+            )
+            t3 = time.perf_counter()
+            wait, forward, write = wait + (t1 - t0), forward + (t2 - t1), write + (t3 - t2)
+            row += len(ok)
+            bar.update(len(ok))
+            t0 = t3
     elapsed, n = time.perf_counter() - t_start, len(split) - start
     logger.info(
         "%s: %d images in %.1f s (%.1f img/s; waiting for data %.1f s, forward %.1f s, write %.1f s)",

@@ -114,6 +114,8 @@ def evaluate(
     device: torch.device,
     amp_dtype=None,
     channels_last: bool = True,
+    progress: bool = False,
+    desc: str = "",
 ) -> dict:
     """Loss, accuracy and class probabilities on ``loader`` (model in eval mode).
 
@@ -122,7 +124,9 @@ def evaluate(
     model.eval()
     probas, labels_all, total_loss = [], [], 0.0
     t0 = time.perf_counter()
+    bar = tqdm(total=len(loader.dataset), unit="img", desc=desc, disable=not progress, leave=False)
     for images, labels in loader:
+        bar.update(len(labels))
         x = to_memory_format(normalize(images.to(device, non_blocking=True)), channels_last)
         y = labels.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -131,6 +135,7 @@ def evaluate(
         multilabel = y.ndim == 2
         probas.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).cpu().numpy())
         labels_all.append(labels.numpy())
+    bar.close()
     proba, labels = np.concatenate(probas), np.concatenate(labels_all)
     if labels.ndim == 2:
         from xfeat.evaluation.multilabel import macro_auc

@@ -482,7 +482,13 @@ def _evaluate_best(run: _Run, store, net):
         model = net
         if split == "test" and run.config.adapt == "adabn":
             model = adabn(net, eval_loader(split), **common)
-        outputs[split] = evaluate(model, eval_loader(split), **common)
+        outputs[split] = evaluate(
+            model,
+            eval_loader(split),
+            **common,
+            progress=run.progress and run.world.is_main,
+            desc=f"{run.plan.model} best epoch on {split}",
+        )
     labels = {s: o["labels"] for s, o in outputs.items()}
     probas = {s: o["proba"] for s, o in outputs.items()}
     dataset = run.plan.dataset

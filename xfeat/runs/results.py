@@ -252,7 +252,16 @@ class RunResult:
             if a.get("warning"):
                 lines.append(f"warning: {a['warning']}")
         chosen = {k: v for k, v in r.selection.items() if k in ("C", "k", "best_epoch", "scoring")}
-        if chosen:
+        metric = r.selection.get("metric")
+        if r.history and metric and r.selection.get(metric) is not None:
+            # a fine-tuned run: say how its epoch was chosen, in the history's own terms
+            how = "argmax, before any threshold" if metric == "val_accuracy" else "macro over labels"
+            lines.append(
+                f"chosen on val: epoch {r.selection['best_epoch']} of {len(r.history)}, the highest "
+                f"{metric} in history.json ({r.selection[metric]:.3f}, {how}); the table's "
+                "metrics are that epoch's at the threshold chosen on val"
+            )
+        elif chosen:
             lines.append("chosen on val: " + ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.items()))
         if th.value is not None:
             lines.append(f"threshold: {th.value:.3f} ({th.rule}, chosen on val)")
