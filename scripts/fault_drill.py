@@ -138,7 +138,8 @@ class ExtractPhase:
     name = "extract"
 
     def __init__(self, root: Path, model: str, batch_size: int, image_size, loader: list):
-        self.args = ["--data", str(root), "--model", model, "--batch-size", str(batch_size), *loader]
+        self.args = ["--data", str(root), "--model", model, "--weights", "none"]
+        self.args += ["--batch-size", str(batch_size), *loader]
         if image_size:
             self.args += ["--image-size", str(image_size)]
         self.entry = xfeat.plan_extraction(
@@ -199,6 +200,8 @@ class FinetunePhase:
             str(root),
             "--model",
             model,
+            "--weights",
+            "none",
             "--image-size",
             str(image_size),
             "--epochs",
