@@ -11,6 +11,8 @@ from xfeat.config import (
     AMP_CHOICES,
     DEFAULT_N_BOOT,
     DEFAULT_THRESHOLD,
+    DICOM_GROUPS,
+    DICOM_WINDOWS,
     INT8_CALIBRATION_IMAGES,
     PRECISIONS,
     RECIPES,
@@ -93,6 +95,13 @@ def data_options(f, required: bool = True):
                 "side of a carved val split [default: the patient id in the file names].",
             ),
             click.option(
+                "--dicom-group",
+                type=click.Choice(DICOM_GROUPS),
+                default=None,
+                help="DICOM files: the tag that groups a patient's images where neither "
+                "--patient-col nor --group-pattern names one [default: PatientID].",
+            ),
+            click.option(
                 "--cache-dir",
                 type=click.Path(file_okay=False),
                 default=None,
@@ -108,7 +117,8 @@ def optional_data_options(f):
 
 
 def model_options(f):
-    """--model, --weights, --image-size, --resize-size, --resize-mode, --mean, --std, --seed."""
+    """--model, --weights, --image-size, --resize-size, --resize-mode, --dicom-window, --frame,
+    --mean, --std, --seed."""
     return apply(
         f,
         [
@@ -150,6 +160,21 @@ def model_options(f):
                 help="How an image becomes the square that is centre-cropped: crop (short side, "
                 "then the centre), stretch (the whole image to a square, aspect not kept: data "
                 "squashed to a square), pad (letterboxed on black) [default: crop].",
+            ),
+            click.option(
+                "--dicom-window",
+                type=click.Choice(DICOM_WINDOWS),
+                default=None,
+                help="DICOM files: file (the file's VOI LUT or window, else the image's range), "
+                "minmax (the image's range), none (the range the header allows) [default: file].",
+            ),
+            click.option(
+                "--frame",
+                "dicom_frame",
+                type=click.IntRange(min=0),
+                default=None,
+                help="DICOM files: the frame of a multi-frame file (0 is the first); without it "
+                "a multi-frame file is an error.",
             ),
             click.option(
                 "--mean",
@@ -326,6 +351,9 @@ def data_spec(data, options: dict):
     :class:`~xfeat.config.DataSpec`; None when ``--data`` is not given."""
     names = ("val_fraction", "split_seed", "group_pattern", "image_col", "label_col", "split_col")
     recipe = {k: options.pop(k) for k in (*names, "patient_col") if k in options}
+    dicom_group = options.pop("dicom_group", None)
+    if dicom_group is not None:
+        recipe["dicom_group"] = dicom_group
     return DataSpec(data, **recipe) if data else None
 
 

@@ -13,6 +13,8 @@ _PLAN_OPTIONS = (
     "mean",
     "std",
     "resize_mode",
+    "dicom_window",
+    "dicom_frame",
     "feature_dtype",
     "seed",
     "layers",
