@@ -35,8 +35,10 @@ def write_copy(
     patient_id: str = "ANON",
     study_uid: Optional[str] = None,
     preamble: bool = True,
+    frames: int = 1,
 ) -> Path:
-    """Write ``jpeg`` as a DICOM file ``out`` in ``encoding`` (see the module docstring)."""
+    """Write ``jpeg`` as a DICOM file ``out`` in ``encoding`` (see the module docstring);
+    ``frames`` > 1 (native8 only): frame k is the image, inverted when k is odd."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import (
@@ -81,10 +83,16 @@ def write_copy(
         elif encoding in ("native8", "rle"):
             ds.PhotometricInterpretation = "MONOCHROME2"
             ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-            ds.PixelData = gray.tobytes()
+            ds.PixelData = b"".join(
+                (gray if k % 2 == 0 else 255 - gray).tobytes() for k in range(frames)
+            )
+            if frames > 1:
+                ds.NumberOfFrames = frames
         else:
             raise ValueError(f"encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
         if encoding == "rle":
             ds.compress(RLELossless)
+    if not preamble:  # the raw data set, without the 128-byte preamble and DICM marker
+        ds.preamble = None
     ds.save_as(out, enforce_file_format=preamble)
     return Path(out)
