@@ -6,6 +6,7 @@ Each encoding, read as a viewer shows it, gives the JPEG's pixels back:
     mono1_12  MONOCHROME1, 12 bits in 16, rescale slope 2 / intercept -1000 and a window
               whose output, inverted, is the JPEG's gray level (the values are 16 x gray)
     rle       native8 compressed with RLE Lossless
+    j2k       mono1_12 compressed with JPEG 2000 Lossless (pylibjpeg-openjpeg's encoder)
     jpeg      the JPEG file's own bytes, encapsulated (JPEG Baseline; YBR_FULL_422 for a
               colour JPEG, MONOCHROME2 for a gray one)
 """
@@ -18,7 +19,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-ENCODINGS = ("native8", "mono1_12", "rle", "jpeg")
+ENCODINGS = ("native8", "mono1_12", "rle", "j2k", "jpeg")
 
 
 def gray_of(jpeg: Path) -> np.ndarray:
@@ -43,6 +44,7 @@ def write_copy(
     from pydicom.encaps import encapsulate
     from pydicom.uid import (
         ExplicitVRLittleEndian,
+        JPEG2000Lossless,
         JPEGBaseline8Bit,
         RLELossless,
         SecondaryCaptureImageStorage,
@@ -74,7 +76,7 @@ def write_copy(
     else:
         gray = gray_of(jpeg)
         ds.Rows, ds.Columns = gray.shape
-        if encoding == "mono1_12":
+        if encoding in ("mono1_12", "j2k"):
             ds.PhotometricInterpretation = "MONOCHROME1"
             ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
             ds.RescaleSlope, ds.RescaleIntercept = 2, -1000
@@ -92,6 +94,8 @@ def write_copy(
             raise ValueError(f"encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
         if encoding == "rle":
             ds.compress(RLELossless)
+        elif encoding == "j2k":
+            ds.compress(JPEG2000Lossless)
     if not preamble:  # the raw data set, without the 128-byte preamble and DICM marker
         ds.preamble = None
     ds.save_as(out, enforce_file_format=preamble)

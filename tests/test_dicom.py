@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import CHEST, REPO, TINY
+from PIL import Image
 
 pydicom = pytest.importorskip("pydicom", reason="DICOM tests need xfeat[dicom]")
 
@@ -23,7 +24,7 @@ from xfeat.cli import cli  # noqa: E402
 from xfeat.config import DataSpec  # noqa: E402
 from xfeat.data import load_dataset  # noqa: E402
 from xfeat.data.dicom import DicomOptions, read_dicom  # noqa: E402
-from xfeat.data.images import read_image_file, scan_image_files  # noqa: E402
+from xfeat.data.images import read_image_file, read_image_with_header, scan_image_files  # noqa: E402
 from xfeat.errors import ImageReadError  # noqa: E402
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -175,6 +176,22 @@ def test_dicom_copies_show_the_jpeg_pixels(tmp_path, encoding):
             p.resize_and_crop(image).astype(int) - p.resize_and_crop(read_image_file(jpeg)).astype(int)
         )
         assert diff.max() <= (0 if encoding == "jpeg" else 1) and diff.mean() < 0.3
+
+
+def test_jpeg_and_jpeg_2000_decode_at_a_reduced_resolution(tmp_path):
+    """A 1400x1000 X-ray: libjpeg's scale and OpenJPEG's resolution level halve it for a
+    256 resize; the header keeps the full size, the network input stays within 2 gray levels
+    on average (at most 8) of the full decode's."""
+    with Image.open(_chest_files(1)[0]) as im:
+        im.convert("L").resize((1400, 1000), Image.BICUBIC).save(tmp_path / "big.jpeg", quality=90)
+    p = Preprocessing(resize_size=256, crop_size=224)
+    for encoding in ("jpeg", "j2k"):
+        dcm = write_copy(tmp_path / "big.jpeg", tmp_path / f"{encoding}.dcm", encoding)
+        reduced, header = read_image_with_header(dcm, draft_size=256)
+        full = read_image_file(dcm)
+        assert reduced.size == (700, 500) and full.size == header[:2] == (1400, 1000)
+        diff = np.abs(p.resize_and_crop(reduced).astype(int) - p.resize_and_crop(full).astype(int))
+        assert diff.mean() < 2 and diff.max() <= 8, (encoding, diff.mean(), diff.max())
 
 
 def test_monochrome1_is_inverted_and_12_bits_are_kept(tmp_path):

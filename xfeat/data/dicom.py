@@ -5,7 +5,8 @@ The steps, in the order of the standard's grayscale pipeline (PS3.4 N.2), each a
 :func:`decode_frame` (pydicom's decoders; 8-bit baseline JPEG through PIL at reduced scale),
 :func:`modality_lut` (rescale slope/intercept or a Modality LUT, C.11.1), :func:`voi_lut`
 (the file's VOI LUT or window, C.11.2, or ``minmax``/``none``: ``window``), then
-:func:`presentation` (MONOCHROME1 and Presentation LUT Shape INVERSE inverted, C.11.6). Colour
+:func:`presentation` (MONOCHROME1 and Presentation LUT Shape INVERSE inverted, C.11.6);
+:func:`grayscale` runs the three. Colour
 (RGB, YBR, palette) becomes RGB in [0, 1]. pydicom is imported when a DICOM file is read;
 without it the error says to install ``xfeat[dicom]``.
 """
@@ -29,6 +30,7 @@ WINDOW_CHOICES = DICOM_WINDOWS
 MAX_PIXELS = 2**28  # per frame, samples included (a 16384 x 16384 image): more is refused
 _INSTALL = "pip install 'xfeat[dicom]'"
 _JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+_JPEG_2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 
 
 @dataclass(frozen=True)
@@ -187,15 +189,19 @@ def _check_decoder(ds, path) -> None:
 
 def decode_frame(ds, path, index: int, draft_size: Optional[int]) -> np.ndarray:
     """The stored values of frame ``index``; colour as RGB (YBR converted), palette indices as
-    stored. An 8-bit baseline JPEG is decoded by libjpeg at a reduced scale (never below
-    ``draft_size``) as ordinary JPEG files are."""
+    stored. With ``draft_size``, an 8-bit baseline JPEG is decoded by libjpeg at a reduced
+    scale, as ordinary JPEG files are, and a grayscale JPEG 2000 at a reduced resolution level
+    by OpenJPEG (never below ``draft_size``)."""
     from pydicom.pixels import pixel_array
 
     uid = ds.file_meta.TransferSyntaxUID
+    arr = None
     if draft_size and str(uid) == _JPEG_BASELINE and int(ds.BitsAllocated) == 8:
         arr = _jpeg_draft(ds, index, draft_size)
-        if arr is not None:
-            return arr
+    elif draft_size and str(uid) in _JPEG_2000:
+        arr = _j2k_reduced(ds, index, draft_size)
+    if arr is not None:
+        return arr
     _check_decoder(ds, path)
     try:
         with warnings.catch_warnings():
@@ -227,6 +233,38 @@ def _jpeg_draft(ds, index: int, draft_size: int) -> Optional[np.ndarray]:
         return None
 
 
+def _j2k_reduced(ds, index: int, draft_size: int) -> Optional[np.ndarray]:
+    """An unsigned grayscale JPEG 2000 frame at the lowest resolution level whose short side is
+    still ``draft_size`` or more (Pillow's OpenJPEG ``reduce``); None when no level is smaller
+    or Pillow cannot read it (pydicom's decoders then decode it in full)."""
+    from PIL import Image
+    from pydicom.encaps import get_frame
+
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0:
+        return None
+    short = min(int(ds.Rows), int(ds.Columns))
+    level = 0
+    while short >> (level + 1) >= draft_size:
+        level += 1
+    if level == 0:
+        return None
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        data = get_frame(ds.PixelData, index, number_of_frames=frames)
+        if data[:4] != b"\xff\x4f\xff\x51":  # a raw codestream, as DICOM requires
+            return None
+        precision = (data[42] & 0x7F) + 1  # the first component's, from the SIZ marker
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in ("L", "I;16"):
+                return None
+            im.reduce = level
+            im.load()
+            # Pillow scales the values to fill 8 or 16 bits; the stored values are wanted
+            return np.asarray(im) >> ((8 if im.mode == "L" else 16) - precision)
+    except Exception:  # left to pydicom's decoders, whose errors are reported
+        return None
+
+
 def modality_lut(arr: np.ndarray, ds) -> np.ndarray:
     """Stored values -> modality values: rescale slope/intercept or a Modality LUT (C.11.1)."""
     from pydicom.pixels import apply_modality_lut
@@ -245,15 +283,18 @@ def _stored_range(ds) -> np.ndarray:
     return np.arange(0, 2**bits, dtype=np.int32)
 
 
-def voi_lut(arr: np.ndarray, ds, index: int, window: str) -> np.ndarray:
+def voi_lut(
+    arr: np.ndarray, ds, index: int, window: str, image_range: Optional[tuple] = None
+) -> np.ndarray:
     """Modality values -> [0, 1]. ``file``: the file's VOI LUT or window (C.11.2), its output
     range spanning [0, 1], else (as viewers do) the image's own range; ``minmax``: the image's
-    own range; ``none``: the range the header allows (BitsStored through the modality LUT)."""
+    own range (``image_range``, else ``arr``'s); ``none``: the range the header allows
+    (BitsStored through the modality LUT)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
     if window == "minmax" or (window == "file" and not has_voi):
-        lo, hi = float(arr.min()), float(arr.max())
+        lo, hi = image_range or (float(arr.min()), float(arr.max()))
     else:
         probe = _stored_range(ds)
         if probe is not None:
@@ -270,6 +311,20 @@ def voi_lut(arr: np.ndarray, ds, index: int, window: str) -> np.ndarray:
     if hi <= lo:
         return np.zeros_like(arr)
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+
+
+def grayscale(arr: np.ndarray, ds, index: int, window: str) -> np.ndarray:
+    """Stored values -> [0, 1]: :func:`modality_lut`, :func:`voi_lut`, :func:`presentation`.
+    Integer data of up to 16 bits go through a table of the chain over every value the header
+    allows (as viewers do): the same numbers, one look-up a pixel instead of float passes."""
+    probe = _stored_range(ds)
+    if probe is None or arr.dtype.kind not in "iu":
+        return presentation(voi_lut(modality_lut(arr, ds), ds, index, window), ds)
+    rows = np.clip(arr.astype(np.int64) - int(probe[0]), 0, len(probe) - 1)
+    values = modality_lut(probe, ds)
+    used = values[int(rows.min()) : int(rows.max()) + 1]
+    table = voi_lut(values, ds, index, window, (float(used.min()), float(used.max())))
+    return presentation(np.asarray(table, dtype=np.float32), ds)[rows]
 
 
 def presentation(arr: np.ndarray, ds) -> np.ndarray:
@@ -306,7 +361,7 @@ def _read_dicom(path, options: DicomOptions, draft_size: Optional[int]) -> tuple
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     try:
         if samples == 1 and photometric != "PALETTE COLOR":
-            arr = presentation(voi_lut(modality_lut(arr, ds), ds, index, options.window), ds)
+            arr = grayscale(arr, ds, index, options.window)
             mode = photometric
         else:
             arr, mode = colour(arr, ds), "RGB"
