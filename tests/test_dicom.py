@@ -271,6 +271,26 @@ def test_patients_come_from_the_patient_id_tag(tmp_path):
     assert by_study.split_info["groups"] == 24 and by_study.fingerprint != dataset.fingerprint
 
 
+def test_analyze_finds_the_same_pixels_in_two_encodings(tmp_path):
+    from xfeat.analysis.duplicates import hash_images
+
+    jpegs = _chest_files(3)
+
+    def copy(jpeg, split, name, encoding):
+        (tmp_path / split / jpeg.parent.name).mkdir(parents=True, exist_ok=True)
+        write_copy(jpeg, tmp_path / split / jpeg.parent.name / name, encoding, patient_id=name)
+        return f"{split}/{jpeg.parent.name}/{name}"
+
+    firsts = [copy(jpeg, "train", f"a{n}.dcm", "native8") for n, jpeg in enumerate(jpegs)]
+    twin = copy(jpegs[0], "test", "twin.dcm", "rle")  # the first train image, RLE-compressed
+    other = copy(_chest_files(1, "test")[-1], "test", "other.dcm", "native8")  # another image
+    dataset = load_dataset(DataSpec(str(tmp_path)))
+    hashes = hash_images(dataset, progress=False)
+    by_id = {i: h for s, sp in dataset.splits.items() for i, h in zip(sp.ids, hashes[s])}
+    assert None not in by_id.values() and len({by_id[i] for i in firsts}) == len(firsts)
+    assert by_id[twin] == by_id[firsts[0]] and by_id[other] not in {by_id[i] for i in firsts}
+
+
 def test_an_extensionless_dicom_file_is_found_by_its_preamble(tmp_path):
     jpeg = _chest_files(1)[0]
     write_copy(jpeg, tmp_path / "IMG0001", "native8")

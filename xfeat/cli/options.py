@@ -117,10 +117,10 @@ def optional_data_options(f):
 
 
 def model_options(f):
-    """--model, --weights, --image-size, --resize-size, --resize-mode, --dicom-window, --frame,
-    --mean, --std, --seed."""
+    """--model, --weights, --image-size, --resize-size, --resize-mode, --mean, --std, --seed,
+    and :func:`dicom_options`."""
     return apply(
-        f,
+        dicom_options(f),
         [
             click.option(
                 "--model",
@@ -162,21 +162,6 @@ def model_options(f):
                 "squashed to a square), pad (letterboxed on black) [default: crop].",
             ),
             click.option(
-                "--dicom-window",
-                type=click.Choice(DICOM_WINDOWS),
-                default=None,
-                help="DICOM files: file (the file's VOI LUT or window, else the image's range), "
-                "minmax (the image's range), none (the range the header allows) [default: file].",
-            ),
-            click.option(
-                "--frame",
-                "dicom_frame",
-                type=click.IntRange(min=0),
-                default=None,
-                help="DICOM files: the frame of a multi-frame file (0 is the first); without it "
-                "a multi-frame file is an error.",
-            ),
-            click.option(
                 "--mean",
                 type=float,
                 nargs=3,
@@ -198,6 +183,30 @@ def model_options(f):
                 default=default(ExtractConfig, "seed"),
                 show_default=True,
                 help="Seed of random initialisation (weights=none).",
+            ),
+        ],
+    )
+
+
+def dicom_options(f):
+    """--dicom-window and --frame: how DICOM files are shown (part of the preprocessing)."""
+    return apply(
+        f,
+        [
+            click.option(
+                "--dicom-window",
+                type=click.Choice(DICOM_WINDOWS),
+                default=None,
+                help="DICOM files: file (the file's VOI LUT or window, else the image's range), "
+                "minmax (the image's range), none (the range the header allows) [default: file].",
+            ),
+            click.option(
+                "--frame",
+                "dicom_frame",
+                type=click.IntRange(min=0),
+                default=None,
+                help="DICOM files: the frame of a multi-frame file (0 is the first); without it "
+                "a multi-frame file is an error.",
             ),
         ],
     )
