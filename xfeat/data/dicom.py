@@ -58,12 +58,12 @@ class DicomOptions:
 DEFAULT_DICOM = DicomOptions()
 
 
-def _pydicom():
+def _pydicom(path):
     try:
         import pydicom
         import pydicom.pixels
     except ImportError:
-        raise ImportError(f"reading DICOM files needs pydicom: {_INSTALL}") from None
+        raise _fail(path, f"reading DICOM files needs pydicom: {_INSTALL}") from None
     return pydicom
 
 
@@ -87,7 +87,7 @@ def _fail(path, reason: str):
 
 
 def _read(path, stop_before_pixels: bool = False):
-    pydicom = _pydicom()
+    pydicom = _pydicom(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on every lenient read
