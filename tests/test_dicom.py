@@ -17,6 +17,7 @@ from PIL import Image
 sys.path.insert(0, str(REPO / "scripts"))
 from dicom_copies import ENCODINGS, gray_of, write_copy  # noqa: E402
 
+import xfeat  # noqa: E402
 from xfeat.backbones.preprocessing import Preprocessing  # noqa: E402
 from xfeat.cache import read_cache, read_meta  # noqa: E402
 from xfeat.cli import cli  # noqa: E402
@@ -233,7 +234,7 @@ def _dicom_folder(root, encoding, n_per_class=3, test_per_class=1, frames=1):
 
 
 def _features(root, cache, **options):
-    path = __import__("xfeat").extract(
+    path = xfeat.extract(
         root, cache_dir=cache, model="resnet18", image_size=224, num_workers=0, progress=False, **options
     )
     return read_cache(path)
@@ -340,3 +341,17 @@ def test_cli_extract_fit_and_predict_replay_the_dicom_settings(tmp_path):
     assert len(rows) == 2 and all(r["path"].endswith(".dcm") and not r["error"] for r in rows)
     refused = CliRunner().invoke(cli, [str(a) for a in ["extract", *common]])
     assert refused.exit_code != 0 and "pass --frame N" in refused.output
+
+
+def test_a_damaged_dicom_file_is_a_recorded_skip(tmp_path):
+    """--skip-bad: a truncated DICOM file among good ones is recorded, the rest extracted; a
+    different window is a different cache entry."""
+    root = _dicom_folder(tmp_path / "d", "native8")
+    bad = root / "train" / "NORMAL" / "truncated.dcm"
+    bad.write_bytes((PYDICOM_FILES / "MR_truncated.dcm").read_bytes())
+    options = dict(cache_dir=tmp_path / "c", model="resnet18", image_size=TINY, num_workers=0)
+    path = xfeat.extract(root, skip_bad=True, progress=False, **options)
+    skipped = [i for ids in read_cache(path).skipped.values() for i in ids]
+    assert skipped == ["train/NORMAL/truncated.dcm"]
+    other = xfeat.extract(root, skip_bad=True, progress=False, dicom_window="none", **options)
+    assert other != path and read_meta(other).preprocessing["dicom_window"] == "none"

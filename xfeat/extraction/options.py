@@ -57,6 +57,7 @@ PLAN_DEFAULTS = {
     "precision": "fp32",
     "feature_dtype": "float32",
     "skip_bad": False,
+    "dicom_window": "file",
 }
 
 
