@@ -138,6 +138,10 @@ def test_a_syntax_without_decoder_names_the_syntax_and_the_package(tmp_path):
     ds.save_as(tmp_path / "mpeg.dcm")
     with pytest.raises(ImageReadError, match="MPEG2.*has no decoder in pydicom"):
         read_dicom(tmp_path / "mpeg.dcm")
+    ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.99.1"  # a private syntax
+    ds.save_as(tmp_path / "private.dcm")
+    with pytest.raises(ImageReadError, match="1.2.826.0.1.3680043.99.1.*has no decoder"):
+        read_dicom(tmp_path / "private.dcm")
     # As if pydicom were installed without pylibjpeg (the only JPEG-LS decoder), and as if
     # pydicom were not installed at all: the syntax, and what to install.
     jpeg_ls = str(PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm")
@@ -355,3 +359,37 @@ def test_a_damaged_dicom_file_is_a_recorded_skip(tmp_path):
     assert skipped == ["train/NORMAL/truncated.dcm"]
     other = xfeat.extract(root, skip_bad=True, progress=False, dicom_window="none", **options)
     assert other != path and read_meta(other).preprocessing["dicom_window"] == "none"
+
+
+def test_finetune_reads_the_chosen_frame(tmp_path):
+    """The fine-tuning store decodes the frame asked for (each file has two)."""
+    from xfeat.finetuning import finetune
+
+    root = _dicom_folder(tmp_path / "mf", "native8", frames=2)
+    result = finetune(
+        root,
+        "resnet18",
+        mode="frozen",
+        epochs=1,
+        n_boot=0,
+        image_size=TINY,
+        dicom_frame=1,
+        num_workers=0,
+        progress=False,
+        cache_dir=tmp_path / "c",
+        out_dir=tmp_path / "r",
+    )
+    assert len(result.predictions["test"][0]) == 2  # every test image decoded and scored
+    with pytest.raises(ImageReadError, match="pass --frame N"):
+        finetune(
+            root,
+            "resnet18",
+            mode="frozen",
+            epochs=1,
+            n_boot=0,
+            image_size=TINY,
+            num_workers=0,
+            progress=False,
+            cache_dir=tmp_path / "c2",
+            out_dir=tmp_path / "r2",
+        )

@@ -2,13 +2,13 @@
 
 The steps, in the order of the standard's grayscale pipeline (PS3.4 N.2), each a function:
 :func:`check_header` (sizes against the bytes present, before anything is allocated),
-:func:`decode_frame` (pydicom's decoders; 8-bit baseline JPEG through PIL at reduced scale),
+:func:`decode_frame` (pydicom's decoders; JPEG and JPEG 2000 at a reduced scale when asked),
 :func:`modality_lut` (rescale slope/intercept or a Modality LUT, C.11.1), :func:`voi_lut`
 (the file's VOI LUT or window, C.11.2, or ``minmax``/``none``: ``window``), then
 :func:`presentation` (MONOCHROME1 and Presentation LUT Shape INVERSE inverted, C.11.6);
-:func:`grayscale` runs the three. Colour
-(RGB, YBR, palette) becomes RGB in [0, 1]. pydicom is imported when a DICOM file is read;
-without it the error says to install ``xfeat[dicom]``.
+:func:`grayscale` runs the three. Colour (RGB, YBR, palette) becomes RGB in [0, 1] by
+:func:`colour`. pydicom is imported when a DICOM file is read; without it each file's error
+says to install ``xfeat[dicom]``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from xfeat.config import DICOM_WINDOWS
 from xfeat.errors import ConfigError, ImageReadError
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
-WINDOW_CHOICES = DICOM_WINDOWS
-MAX_PIXELS = 2**28  # per frame, samples included (a 16384 x 16384 image): more is refused
 _INSTALL = "pip install 'xfeat[dicom]'"
 _JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 _JPEG_2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
@@ -43,9 +41,9 @@ class DicomOptions:
     frame: Optional[int] = None
 
     def __post_init__(self):
-        if self.window not in WINDOW_CHOICES:
+        if self.window not in DICOM_WINDOWS:
             raise ConfigError(
-                f"dicom window {self.window!r}; expected one of {', '.join(WINDOW_CHOICES)}"
+                f"dicom window {self.window!r}; expected one of {', '.join(DICOM_WINDOWS)}"
             )
         if self.frame is not None and (
             isinstance(self.frame, bool)
@@ -134,6 +132,7 @@ def check_header(ds, path, frame: Optional[int]) -> tuple:
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         allocated, stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
         frames = int(ds.get("NumberOfFrames", 1) or 1)
+        high = None if ds.get("HighBit") is None else int(ds.HighBit)
     except (AttributeError, TypeError, ValueError) as exc:
         missing = [k for k in ("Rows", "Columns", "BitsAllocated") if k not in ds]
         why = f"no {', '.join(missing)}" if missing else _line(exc)
@@ -145,21 +144,23 @@ def check_header(ds, path, frame: Optional[int]) -> tuple:
             path,
             f"header gives {stored} bits stored in {allocated} allocated; not an image DICOM can hold",
         )
-    high = ds.get("HighBit")
-    if high is not None and int(high) != stored - 1:
+    if high is not None and high != stored - 1:
         raise _fail(
-            path, f"header gives HighBit {int(high)} for {stored} bits stored (expected {stored - 1})"
+            path, f"header gives HighBit {high} for {stored} bits stored (expected {stored - 1})"
         )
-    if rows * cols * samples > MAX_PIXELS:
+    limit = max_pixels()
+    if rows * cols > limit:
         raise _fail(
-            path, f"header gives {rows} x {cols} x {samples} samples, over the limit of {MAX_PIXELS}"
+            path,
+            f"header gives {rows} x {cols} pixels, over the limit of {limit} (raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted)",
         )
     if frame is None and frames > 1:
         raise _fail(path, f"has {frames} frames; pass --frame N (0 is the first) to pick one")
     index = frame or 0
     if index >= frames:
         raise _fail(path, f"has {frames} frame(s); --frame {index} does not exist")
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+    if not _compressed(ds.file_meta.TransferSyntaxUID):
         per_pixel = samples * allocated
         if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
             per_pixel = 2 * allocated  # chroma subsampled by two horizontally
@@ -173,6 +174,23 @@ def check_header(ds, path, frame: Optional[int]) -> tuple:
                 "its header lies",
             )
     return rows, cols, samples, frames, index
+
+
+def max_pixels() -> int:
+    """The most pixels a frame may have: PIL's limit for every image (``MAX_IMAGE_PIXELS``,
+    about 89 million), or 2**28 where it is switched off."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS or 2**28
+
+
+def _compressed(uid) -> bool:
+    """Whether the pixel data are encapsulated; an unknown or private syntax counts as such
+    (no native size to check; :func:`_check_decoder` refuses it)."""
+    try:
+        return bool(uid.is_compressed)
+    except ValueError:
+        return True
 
 
 def _check_decoder(ds, path) -> None:
