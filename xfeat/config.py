@@ -38,6 +38,9 @@ PREDICT_ADAPTATIONS = ("standardize", "em")
 # predict: bring an image whose aspect ratio differs from the training images' to their geometry
 # first ("match"), or apply the recorded preprocessing to it as it is ("as-recorded").
 GEOMETRY_CHOICES = ("match", "as-recorded")
+# DICOM: how a file's values are shown (see xfeat.data.dicom) and which tag names the patient
+DICOM_WINDOWS = ("file", "minmax", "none")
+DICOM_GROUPS = ("PatientID", "StudyInstanceUID")
 FINETUNE_ADAPTATIONS = ("adabn",)
 INT8_CALIBRATION_IMAGES = 256
 DEFAULT_THRESHOLD = "youden"
@@ -64,7 +67,9 @@ class DataSpec:
     ``metadata.csv``/``metadata.jsonl``: see :mod:`xfeat.data.tables`) is read through its
     columns: ``image_col`` (image paths, relative to the table), ``label_col`` (class names),
     ``split_col`` (train/val/test; used when the table has it) and ``patient_col`` (when given,
-    the patient of each image groups the carve-out instead of ``group_pattern``).
+    the patient of each image groups the carve-out instead of ``group_pattern``). A DICOM file
+    that neither names is grouped by its ``dicom_group`` tag (``PatientID`` or
+    ``StudyInstanceUID``).
 
     Multi-label tables: ``label_sep`` splits ``label_col`` into several labels (``"|"`` for NIH
     ChestX-ray14's ``Finding Labels``; ``negative_label`` such as ``"No Finding"`` means none),
@@ -90,6 +95,7 @@ class DataSpec:
     negative_label: Optional[str] = None
     label_cols: Optional[tuple] = None
     uncertain: str = "ignore"
+    dicom_group: str = "PatientID"
 
     VERSION = 3  # of the recorded dict (2: table columns, 3: multi-label); reads older records
 
@@ -125,6 +131,10 @@ class DataSpec:
         for name in ("image_col", "label_col", "split_col"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a column name")
+        if self.dicom_group not in DICOM_GROUPS:
+            raise ConfigError(
+                f"dicom_group={self.dicom_group!r}: expected one of {', '.join(DICOM_GROUPS)}"
+            )
         if self.group_pattern is not None:
             import re
 
@@ -166,7 +176,11 @@ class DataSpec:
         return self.label_sep is not None or self.label_cols is not None
 
     def to_dict(self) -> dict:
-        return {"version": self.VERSION, **asdict(self)}
+        """The record; ``dicom_group`` only when not ``PatientID``, so older records keep keys."""
+        d = {"version": self.VERSION, **asdict(self)}
+        if d["dicom_group"] == "PatientID":
+            del d["dicom_group"]
+        return d
 
     @classmethod
     def from_dict(cls, record: dict) -> DataSpec:

@@ -21,6 +21,7 @@ from xfeat.analysis.label_noise import label_noise_section
 from xfeat.analysis.labels import label_section, not_applicable
 from xfeat.analysis.probe import fit_or_reuse_probe
 from xfeat.analysis.shift import DOMAIN_C, MAX_TRAIN_PER_TEST, shift_section
+from xfeat.data.dicom import DicomOptions
 from xfeat.errors import ConfigError
 from xfeat.extraction.features import load_features
 from xfeat.files import jsonable, make_dirs, write_csv, write_json, write_text
@@ -137,7 +138,9 @@ def analyze(
 
     timing = {}
     t = time.perf_counter()
-    hashes = hash_images(dataset, progress=progress)
+    recorded = meta.preprocessing  # the DICOM window and frame the features were made with
+    dicom = DicomOptions(recorded.get("dicom_window", "file"), recorded.get("dicom_frame"))
+    hashes = hash_images(dataset, progress=progress, dicom=dicom)
     timing["pixel_hash_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     # multi-label data: no section reads a probe (see _multilabel_diagnoses)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from xfeat.analysis.section import SPLIT_ORDER, Section, count, md_table, split_names
 from xfeat.config import DEFAULT_GROUP_PATTERN
 from xfeat.data import Dataset, patient_groups
+from xfeat.data.dicom import DEFAULT_DICOM, DicomOptions
 from xfeat.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -51,11 +52,12 @@ def label_text(names: list, label) -> str:
     return "|".join(parts) or "none"
 
 
-def hash_images(dataset: Dataset, *, progress: bool = True) -> dict:
+def hash_images(dataset: Dataset, *, progress: bool = True, dicom: DicomOptions = DEFAULT_DICOM) -> dict:
     """sha256 of each image's pixels: ``{split: [hex digest or None if unreadable]}``.
 
     Folder images are decoded to RGB (so a PNG and a JPEG re-save of the same pixels, or two
-    files with different metadata, hash alike); npz images hash their array bytes and shape.
+    files with different metadata, hash alike), DICOM files as ``dicom`` says (float pixels
+    as shown); npz images hash their array bytes and shape.
     """
     total = sum(len(s) for s in dataset.splits.values())
     hashes = {}
@@ -65,19 +67,19 @@ def hash_images(dataset: Dataset, *, progress: bool = True) -> dict:
         for name, split in dataset.splits.items():
             digests = []
             for i in range(len(split)):
-                digests.append(_pixel_hash(split, i))
+                digests.append(_pixel_hash(split, i, dicom))
                 bar.update()
             hashes[name] = digests
     return hashes
 
 
-def _pixel_hash(split, i: int) -> Optional[str]:
+def _pixel_hash(split, i: int, dicom: DicomOptions = DEFAULT_DICOM) -> Optional[str]:
     if split.paths is None:
         arr = np.ascontiguousarray(split.arrays[split.array_rows[i]])
         head = f"{arr.shape}{arr.dtype}".encode()
     else:
         try:
-            arr = np.asarray(split.read_image(i))
+            arr = np.asarray(split.read_image(i, dicom=dicom))
         except ImageReadError as exc:
             logger.warning("not hashed: %s", exc)
             return None

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 from xfeat.config import RESIZE_MODES
+from xfeat.data.dicom import DicomOptions
+from xfeat.data.images import to_uint8_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,6 +37,7 @@ class Preprocessing:
     ``crop_size`` square, ``(x / 255 - mean) / std``.
 
     ``exif_transpose``: rotate images as their EXIF orientation says (as a viewer shows them).
+    ``dicom_window`` and ``dicom_frame``: how a DICOM file is shown (:class:`DicomOptions`).
     """
 
     resize_size: int = 256
@@ -44,9 +47,13 @@ class Preprocessing:
     interpolation: str = "bilinear"
     exif_transpose: bool = True
     resize_mode: str = "crop"
+    dicom_window: str = "file"
+    dicom_frame: Optional[int] = None
 
     def __post_init__(self):
         from xfeat.errors import ConfigError
+
+        DicomOptions(self.dicom_window, self.dicom_frame)  # validates both
 
         for name in ("crop_size", "resize_size"):
             value = getattr(self, name)
@@ -83,12 +90,13 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
     def to_dict(self) -> dict:
-        """A JSON-ready record; ``resize_mode`` only when it is not ``crop``, so that caches
-        keyed before resize modes existed keep their keys."""
+        """A JSON-ready record; ``resize_mode`` and the DICOM settings only when they are not
+        the defaults, so that caches keyed before they existed keep their keys."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
-        if self.resize_mode == "crop":
-            del d["resize_mode"]
+        for name, default in (("resize_mode", "crop"), ("dicom_window", "file"), ("dicom_frame", None)):
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -103,6 +111,8 @@ class Preprocessing:
             d.get("interpolation", "bilinear"),
             bool(d.get("exif_transpose", False)),
             d.get("resize_mode", "crop"),
+            d.get("dicom_window", "file"),
+            d.get("dicom_frame"),
         )
 
     @classmethod
@@ -133,6 +143,19 @@ class Preprocessing:
         """The same preprocessing with another resize mode (None keeps it)."""
         return self if resize_mode is None else replace(self, resize_mode=resize_mode)
 
+    def with_dicom(self, window: Optional[str] = None, frame: Optional[int] = None) -> Preprocessing:
+        """The same preprocessing with another DICOM window and/or frame (None keeps them)."""
+        return replace(
+            self,
+            dicom_window=self.dicom_window if window is None else window,
+            dicom_frame=self.dicom_frame if frame is None else frame,
+        )
+
+    @property
+    def dicom(self) -> DicomOptions:
+        """The options the image reader takes for a DICOM file."""
+        return DicomOptions(self.dicom_window, self.dicom_frame)
+
     def with_normalization(self, mean=None, std=None) -> Preprocessing:
         """The same preprocessing with ``mean`` and/or ``std`` replaced (None keeps them)."""
         if mean is None and std is None:
@@ -153,8 +176,9 @@ class Preprocessing:
 
     def resize_square(self, image: Image.Image) -> np.ndarray:
         """The ``(R, R, 3)`` uint8 square of ``image`` (R = ``resize_size``) as ``resize_mode``
-        says. In ``crop`` mode its centre crop is exactly torchvision's
-        ``CenterCrop(crop_size)`` of the short-side-resized image (the store)."""
+        says; a float (``F``) DICOM image is resized at full precision, then made 8-bit. In
+        ``crop`` mode its centre crop is exactly torchvision's ``CenterCrop(crop_size)`` of the
+        short-side-resized image (the store)."""
         resample = _PIL_INTERPOLATION[self.interpolation]
         size = self.resize_size
         if self.resize_mode == "pad":
@@ -162,7 +186,7 @@ class Preprocessing:
         if self.resize_mode in ("stretch", "pad"):
             if image.size != (size, size):
                 image = image.resize((size, size), resample, reducing_gap=None)
-            return np.array(image, dtype=np.uint8)
+            return to_uint8_rgb(image)
         new_w, new_h = self.resized_shape(*image.size)
         if (new_w, new_h) != image.size:
             image = image.resize(
@@ -173,7 +197,7 @@ class Preprocessing:
         # its own centre crop (offset ``inner``) lands on the same pixels.
         left = min(max(0, int(round((new_w - self.crop_size) / 2.0)) - inner), new_w - size)
         top = min(max(0, int(round((new_h - self.crop_size) / 2.0)) - inner), new_h - size)
-        return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        return to_uint8_rgb(image.crop((left, top, left + size, top + size)))
 
     def describe(self) -> str:
         """``resize 256 (short side), crop 224, bilinear``: one line for tables and logs."""

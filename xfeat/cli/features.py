@@ -140,7 +140,10 @@ def describe_cache(path, meta) -> str:
         f"{', '.join(meta.class_names)}; val {meta.split.get('val')}",
         f"  preprocessing: resize {p['resize_size']} ({p.get('resize_mode', 'crop')}), "
         f"crop {p['crop_size']}, "
-        f"{p['interpolation']}" + (", EXIF orientation applied" if p.get("exif_transpose") else ""),
+        f"{p['interpolation']}"
+        + (", EXIF orientation applied" if p.get("exif_transpose") else "")
+        + (f", DICOM window {p['dicom_window']}" if "dicom_window" in p else "")
+        + (f", DICOM frame {p['dicom_frame']}" if "dicom_frame" in p else ""),
     ]
     profile = meta.splits.get("train", {}).get("input_profile")
     if profile:

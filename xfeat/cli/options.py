@@ -11,6 +11,8 @@ from xfeat.config import (
     AMP_CHOICES,
     DEFAULT_N_BOOT,
     DEFAULT_THRESHOLD,
+    DICOM_GROUPS,
+    DICOM_WINDOWS,
     INT8_CALIBRATION_IMAGES,
     PRECISIONS,
     PRETRAINED,
@@ -123,6 +125,13 @@ def data_options(f, required: bool = True):
                 "side of a carved val split [default: the patient id in the file names].",
             ),
             click.option(
+                "--dicom-group",
+                type=click.Choice(DICOM_GROUPS),
+                default=None,
+                help="DICOM files: the tag that groups a patient's images where neither "
+                "--patient-col nor --group-pattern names one [default: PatientID].",
+            ),
+            click.option(
                 "--cache-dir",
                 type=click.Path(file_okay=False),
                 default=None,
@@ -138,9 +147,10 @@ def optional_data_options(f):
 
 
 def model_options(f):
-    """--model, --weights, --image-size, --resize-size, --resize-mode, --mean, --std, --seed."""
+    """--model, --weights, --image-size, --resize-size, --resize-mode, --mean, --std, --seed,
+    and :func:`dicom_options`."""
     return apply(
-        f,
+        dicom_options(f),
         [
             click.option(
                 "--model",
@@ -204,6 +214,30 @@ def model_options(f):
                 default=default(ExtractConfig, "seed"),
                 show_default=True,
                 help="Seed of random initialisation (weights=none).",
+            ),
+        ],
+    )
+
+
+def dicom_options(f):
+    """--dicom-window and --frame: how DICOM files are shown (part of the preprocessing)."""
+    return apply(
+        f,
+        [
+            click.option(
+                "--dicom-window",
+                type=click.Choice(DICOM_WINDOWS),
+                default=None,
+                help="DICOM files: file (the file's VOI LUT or window, else the image's range), "
+                "minmax (the image's range), none (the range the header allows) [default: file].",
+            ),
+            click.option(
+                "--frame",
+                "dicom_frame",
+                type=click.IntRange(min=0),
+                default=None,
+                help="DICOM files: the frame of a multi-frame file (0 is the first); without it "
+                "a multi-frame file is an error.",
             ),
         ],
     )
@@ -358,6 +392,9 @@ def data_spec(data, options: dict):
     names = ("val_fraction", "split_seed", "group_pattern", "image_col", "label_col", "split_col")
     multi = ("patient_col", "label_sep", "negative_label", "label_cols", "uncertain")
     recipe = {k: options.pop(k) for k in (*names, *multi) if k in options}
+    dicom_group = options.pop("dicom_group", None)
+    if dicom_group is not None:
+        recipe["dicom_group"] = dicom_group
     return DataSpec(data, **recipe) if data else None
 
 

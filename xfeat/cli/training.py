@@ -12,6 +12,7 @@ from xfeat.cli.options import (
     data_options,
     data_spec,
     default,
+    dicom_options,
     finetune_options,
     json_option,
     loader_options,
@@ -139,6 +140,7 @@ def finetune_cmd(
     help="crop (short side, then the centre), stretch (aspect not kept) or pad (letterbox) "
     "[default: crop].",
 )
+@dicom_options
 @click.option("--seed", type=int, default=default(FinetuneConfig, "seed"), show_default=True)
 @finetune_options
 @loader_options
@@ -159,6 +161,8 @@ def compare_cmd(
     head,
     image_size,
     resize_mode,
+    dicom_window,
+    dicom_frame,
     num_workers,
     device,
     analyze,
@@ -186,6 +190,8 @@ def compare_cmd(
         n_boot=n_boot,
         image_size=image_size,
         resize_mode=resize_mode,
+        dicom_window=dicom_window,
+        dicom_frame=dicom_frame,
         num_workers=num_workers,
         device=device,
         progress=ctx.obj["progress"],

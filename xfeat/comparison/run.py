@@ -82,7 +82,7 @@ class _Setup:
     head: str
     n_boot: int
     quick: bool
-    extract_options: dict  # cache_dir, image_size, resize_mode, num_workers, device, progress
+    extract_options: dict  # cache_dir, image_size, resize_mode, dicom_window, dicom_frame, ...
 
 
 def compare(
@@ -98,6 +98,8 @@ def compare(
     n_boot: int = DEFAULT_N_BOOT,
     image_size: Optional[int] = None,
     resize_mode: Optional[str] = None,
+    dicom_window: Optional[str] = None,
+    dicom_frame: Optional[int] = None,
     num_workers: Optional[int] = None,
     device: Optional[str] = None,
     cache_dir=None,
@@ -113,6 +115,7 @@ def compare(
     ``**finetune_options`` such as ``epochs=5``) is the recipe of the fine-tuned modes; its
     ``seed`` seeds everything. ``quick`` uses a stratified subset (train 300, val 100, test
     200 images) and at most 2 epochs, so the comparison fits in minutes on a CPU.
+    ``resize_mode``, ``dicom_window`` and ``dicom_frame``: as for :func:`xfeat.extract`.
     """
     from xfeat.data import load_dataset
 
@@ -142,6 +145,8 @@ def compare(
             "cache_dir": cache_dir,
             "image_size": image_size,
             "resize_mode": resize_mode,
+            "dicom_window": dicom_window,
+            "dicom_frame": dicom_frame,
             "num_workers": num_workers,
             "device": device,
             "progress": progress,
@@ -231,8 +236,9 @@ def _run_name(setup: _Setup, model: str, weights, mode: str) -> str:
         "n_boot": setup.n_boot,
         "seed": setup.finetune.seed,
     }
-    if setup.extract_options["resize_mode"] is not None:  # absent: earlier runs keep their names
-        config["resize_mode"] = setup.extract_options["resize_mode"]
+    for name in ("resize_mode", "dicom_window", "dicom_frame"):  # absent: earlier runs keep names
+        if setup.extract_options[name] is not None:
+            config[name] = setup.extract_options[name]
     config["threshold"] = setup.finetune.threshold
     if mode == "cached":
         config["head"] = setup.head
@@ -302,6 +308,8 @@ def _run(setup: _Setup, run_dir: Path, model: str, weights, mode: str) -> RunRes
         resume=(run_dir / "checkpoint.pt").is_file(),
         image_size=options["image_size"],
         resize_mode=options["resize_mode"],
+        dicom_window=options["dicom_window"],
+        dicom_frame=options["dicom_frame"],
         cache_dir=options["cache_dir"],
         num_workers=options["num_workers"],
         device=options["device"],

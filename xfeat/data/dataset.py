@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from xfeat.config import DataSpec
+from xfeat.data.dicom import DEFAULT_DICOM, DicomOptions
 from xfeat.data.images import array_to_rgb, read_image_with_header
 from xfeat.errors import DataError
 
@@ -37,19 +38,28 @@ class Split:
         return len(self.ids)
 
     def read_image(
-        self, i: int, draft_size: Optional[int] = None, exif_transpose: bool = True
+        self,
+        i: int,
+        draft_size: Optional[int] = None,
+        exif_transpose: bool = True,
+        dicom: DicomOptions = DEFAULT_DICOM,
     ) -> Image.Image:
-        """Decode sample ``i`` as an RGB PIL image (raises :class:`ImageReadError`)."""
-        return self.read_image_with_header(i, draft_size, exif_transpose)[0]
+        """Decode sample ``i`` as an RGB PIL image, or ``F`` for a grayscale DICOM file
+        (raises :class:`ImageReadError`)."""
+        return self.read_image_with_header(i, draft_size, exif_transpose, dicom)[0]
 
     def read_image_with_header(
-        self, i: int, draft_size: Optional[int] = None, exif_transpose: bool = True
+        self,
+        i: int,
+        draft_size: Optional[int] = None,
+        exif_transpose: bool = True,
+        dicom: DicomOptions = DEFAULT_DICOM,
     ) -> tuple:
-        """``(RGB image, (width, height, mode, bit depth))`` of sample ``i``; an array's mode
+        """``(image, (width, height, mode, bit depth))`` of sample ``i``; an array's mode
         is L or RGB by its channels, its bit depth that of its dtype."""
         if self.paths is not None:
             return read_image_with_header(
-                self.paths[i], draft_size=draft_size, exif_transpose=exif_transpose
+                self.paths[i], draft_size=draft_size, exif_transpose=exif_transpose, dicom=dicom
             )
         array = self.arrays[self.array_rows[i]]
         mode = "RGB" if array.ndim == 3 and array.shape[-1] == 3 else "L"
@@ -80,6 +90,7 @@ class Dataset:
     content_digest: str  # sha256 over every sample's split, label, id and bytes
     split_info: dict = field(default_factory=dict)  # how val was obtained (given or carved)
     spec: Optional[DataSpec] = None  # what was asked for (set by load_dataset)
+    dicom_group: Optional[str] = None  # the DICOM tag that grouped patients, if any did
 
     @property
     def fingerprint(self) -> str:

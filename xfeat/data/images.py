@@ -3,6 +3,9 @@
 One decoder for every path (extraction, the fine-tuning store, ``predict``), so every path
 sees the same pixels: EXIF orientation applied (as a viewer shows the image), grayscale,
 palette, RGBA and 16-bit images made RGB, and files that cannot be decoded reported by name.
+DICOM files (``.dcm``, ``.dicom`` or the ``DICM`` marker) are read by :mod:`xfeat.data.dicom`;
+a grayscale one comes back as a float (``F``) image in [0, 1], which the resize keeps at full
+precision until the network's 8-bit input.
 """
 
 from __future__ import annotations
@@ -16,26 +19,59 @@ from typing import Iterable, Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from xfeat.data.dicom import (
+    DEFAULT_DICOM,
+    DICOM_EXTENSIONS,
+    DicomOptions,
+    has_preamble,
+    is_dicom,
+    read_dicom,
+)
 from xfeat.data.profile import header_info
 from xfeat.errors import DataError, ImageReadError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".pgm",
+    ".ppm",
+    *DICOM_EXTENSIONS,
+)
 
 
-def read_image_file(path, draft_size: Optional[int] = None, exif_transpose: bool = True) -> Image.Image:
+def read_image_file(
+    path,
+    draft_size: Optional[int] = None,
+    exif_transpose: bool = True,
+    dicom: DicomOptions = DEFAULT_DICOM,
+) -> Image.Image:
     """Open any supported image file as RGB; grayscale, RGBA, palette and 16-bit all work.
 
     ``exif_transpose`` rotates/flips the pixels as the file's EXIF orientation tag says.
     ``draft_size`` lets libjpeg decode a large JPEG at a reduced scale (never below it).
+    ``dicom``: the window and frame of a DICOM file (whose grayscale image is ``F``).
     """
-    return read_image_with_header(path, draft_size, exif_transpose)[0]
+    return read_image_with_header(path, draft_size, exif_transpose, dicom)[0]
 
 
-def read_image_with_header(path, draft_size: Optional[int] = None, exif_transpose: bool = True):
+def read_image_with_header(
+    path,
+    draft_size: Optional[int] = None,
+    exif_transpose: bool = True,
+    dicom: DicomOptions = DEFAULT_DICOM,
+):
     """As :func:`read_image_file`, with the file's header facts: ``(RGB image, (width,
     height, mode, bit depth))``, the size as a viewer shows it, before any draft reduction."""
+    if is_dicom(path):
+        pixels, header = read_dicom(path, dicom, draft_size)
+        return float_to_image(pixels), header
     try:
         with warnings.catch_warnings():
             # PIL warns above MAX_IMAGE_PIXELS / 2 and raises above MAX_IMAGE_PIXELS * 2.
@@ -55,6 +91,23 @@ def read_image_with_header(path, draft_size: Optional[int] = None, exif_transpos
         ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageReadError(_printable(path), str(exc) or type(exc).__name__) from None
+
+
+def float_to_image(pixels: np.ndarray) -> Image.Image:
+    """``(H, W)`` float pixels in [0, 1] -> an ``F`` image (full precision); ``(H, W, 3)`` ->
+    RGB (colour DICOM is 8 bits a sample in practice)."""
+    if pixels.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+    return Image.fromarray(np.rint(pixels * 255.0).astype(np.uint8), mode="RGB")
+
+
+def to_uint8_rgb(image: Image.Image) -> np.ndarray:
+    """An RGB image, or an ``F`` image in [0, 1], as ``(H, W, 3)`` uint8: the one place where a
+    float image is reduced to the network's 8-bit input."""
+    if image.mode != "F":
+        return np.array(image, dtype=np.uint8)
+    gray = np.rint(np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 def pil_to_rgb(im: Image.Image) -> Image.Image:
@@ -107,13 +160,16 @@ def is_utf8_name(path: Path) -> bool:
 
 
 def scan_image_files(folder: Path, *, recursive: bool = False) -> tuple:
-    """``(image files, skipped)`` in ``folder``, sorted. Hidden files and other extensions are
-    ignored silently; ``skipped`` lists, with the reason, what looks like an image but cannot be
-    one (a dangling link, a folder named ``*.jpg``) so the caller can warn about it."""
+    """``(image files, skipped)`` in ``folder``, sorted. A file of another (or no) extension is
+    an image when it has the DICOM ``DICM`` marker. Hidden files and others are ignored
+    silently; ``skipped`` lists, with the reason, what looks like an image but cannot be one (a
+    dangling link, a folder named ``*.jpg``) so the caller can warn about it."""
     entries: Iterable[Path] = folder.rglob("*") if recursive else folder.iterdir()
     files, skipped = [], []
     for p in sorted(entries):
-        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
+        if p.name.startswith("."):
+            continue
+        if p.suffix.lower() not in IMAGE_EXTENSIONS and not (p.is_file() and has_preamble(p)):
             continue
         if p.is_file():
             files.append(p)

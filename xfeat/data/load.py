@@ -10,7 +10,7 @@ from xfeat.data import builtin as datasets_builtin
 from xfeat.data.dataset import Dataset
 from xfeat.data.folders import load_folder
 from xfeat.data.npz import load_npz
-from xfeat.data.splits import ensure_validation_split
+from xfeat.data.splits import attach_dicom_groups, ensure_validation_split
 from xfeat.data.tables import load_table, table_of
 from xfeat.errors import DataError
 
@@ -56,6 +56,7 @@ def load_dataset(
             f"--data {str(data)!r}: no such folder or .npz file, and not a built-in "
             f"dataset (built-in: {', '.join(datasets_builtin.names())})"
         )
+    attach_dicom_groups(dataset, spec)
     ensure_validation_split(dataset, spec)
     dataset.spec = spec
     return dataset

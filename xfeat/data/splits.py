@@ -16,6 +16,7 @@ import numpy as np
 
 from xfeat.config import DataSpec
 from xfeat.data.dataset import SPLITS, Dataset, Split, strata
+from xfeat.data.dicom import is_dicom, read_tag
 from xfeat.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,27 @@ def split_patients(split: Split, spec: Optional[DataSpec]) -> list:
     if split.groups is not None:
         return list(split.groups)
     return patient_groups(split.ids, spec.group_pattern if spec is not None else None)
+
+
+def attach_dicom_groups(dataset: Dataset, spec: DataSpec) -> None:
+    """Give the splits of DICOM files their patients from the tags (``spec.dicom_group``:
+    ``PatientID`` or ``StudyInstanceUID``), where neither a table's patient column nor the
+    group pattern on the file name names one. Other files keep their pattern group (or id)."""
+    splits = [sp for sp in dataset.splits.values() if sp.paths is not None and sp.groups is None]
+    found = False
+    for sp in splits:
+        groups = patient_groups(sp.ids, spec.group_pattern)
+        for i, path in enumerate(sp.paths):
+            if groups[i] == sp.ids[i] and is_dicom(path):
+                value = read_tag(path, spec.dicom_group)
+                if value is not None:
+                    groups[i], found = f"{spec.dicom_group}:{value}", True
+        sp.groups = groups
+    if not found:
+        for sp in splits:
+            sp.groups = None
+    else:
+        dataset.dicom_group = spec.dicom_group
 
 
 def carve_validation(
@@ -111,7 +133,9 @@ def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:
         "groups": n_groups,
         "merged_tiny_val": merged_val,
     }
-    if train.groups is not None:  # grouped by a table's patient column, not the file names
+    if dataset.dicom_group:  # some groups are the DICOM files' tags
+        dataset.split_info["dicom_group"] = dataset.dicom_group
+    elif train.groups is not None:  # grouped by a table's patient column, not the file names
         dataset.split_info["patient_col"] = spec.patient_col
     logger.info(
         "carved val split: %d of %d training images (%d patient groups, seed %d)",

@@ -13,6 +13,8 @@ _PLAN_OPTIONS = (
     "mean",
     "std",
     "resize_mode",
+    "dicom_window",
+    "dicom_frame",
     "feature_dtype",
     "seed",
     "layers",
@@ -55,6 +57,7 @@ PLAN_DEFAULTS = {
     "precision": "fp32",
     "feature_dtype": "float32",
     "skip_bad": False,
+    "dicom_window": "file",
 }
 
 

@@ -124,6 +124,8 @@ def plan_extraction(
     mean: Optional[tuple] = None,
     std: Optional[tuple] = None,
     resize_mode: Optional[str] = None,
+    dicom_window: Optional[str] = None,
+    dicom_frame: Optional[int] = None,
     skip_bad: bool = False,
     layers="penultimate",
     views: int = 0,
@@ -137,6 +139,8 @@ def plan_extraction(
     (``crop``, ``stretch`` or ``pad``, see :data:`xfeat.backbones.preprocessing.RESIZE_MODES`)
     override the weights' own preprocessing (e.g. for a ``torchscript:PATH`` model without a
     sidecar JSON, or for data that were squashed to a square: ``stretch``).
+    ``dicom_window`` (``file``, ``minmax``, ``none``) and ``dicom_frame`` say how DICOM files
+    are shown (:class:`xfeat.data.dicom.DicomOptions`); both are part of the preprocessing.
     ``batch_size`` matters only to int8, whose calibration batches are that size.
     ``skip_bad``: a label table may name missing files (extraction records them as unreadable).
     """
@@ -154,6 +158,7 @@ def plan_extraction(
         .with_size(image_size, resize_size)
         .with_normalization(mean, std)
         .with_resize_mode(resize_mode)
+        .with_dicom(dicom_window, dicom_frame)
     )
     layers, tta = parse_layers(layers), parse_tta(tta)
     blocks = resolve_blocks(model, layers, preprocessing.crop_size)

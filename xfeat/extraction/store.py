@@ -34,11 +34,14 @@ _FLUSH_EVERY = 256
 
 def store_path(cache_dir, dataset: Dataset, preprocessing: Preprocessing) -> Path:
     """The store's folder, keyed on the data and on how the squares are made (the resize
-    mode only when it is not the default ``crop``, so that older stores keep their keys)."""
+    mode and the DICOM window and frame only when not the defaults, so that older stores keep
+    their keys)."""
     p = preprocessing
     fields = [dataset.fingerprint, p.resize_size, p.interpolation]
     if p.resize_mode != "crop":
         fields.append(p.resize_mode)
+    if (p.dicom_window, p.dicom_frame) != ("file", None):
+        fields.append([p.dicom_window, p.dicom_frame])
     key = hashlib.sha256(json.dumps(fields).encode())
     return Path(cache_dir) / "stores" / f"{dataset.name}-{p.resize_size}px-{key.hexdigest()[:16]}"
 
@@ -97,7 +100,9 @@ def _build_split(root: Path, split: Split, preprocessing: Preprocessing, progres
     )
     p = preprocessing
     for i in range(start, len(split)):
-        image, header = split.read_image_with_header(i, draft_size=size, exif_transpose=p.exif_transpose)
+        image, header = split.read_image_with_header(
+            i, draft_size=size, exif_transpose=p.exif_transpose, dicom=p.dicom
+        )
         array[i] = p.resize_square(image)
         stats[i] = stat_row(header, p.center_crop(array[i]), p.mean, p.std)
         bar.update(1)

@@ -102,7 +102,7 @@ class ViewImages(torch.utils.data.Dataset):
         p = self.preprocessing
         try:
             image, header = self.split.read_image_with_header(
-                row, draft_size=p.resize_size, exif_transpose=p.exif_transpose
+                row, draft_size=p.resize_size, exif_transpose=p.exif_transpose, dicom=p.dicom
             )
             target = match_geometry(header[0], header[1], self.geometry) if self.geometry else None
             if target is not None and image.size != target:

@@ -94,13 +94,16 @@ def finetune(
     mean: Optional[tuple] = None,
     std: Optional[tuple] = None,
     resize_mode: Optional[str] = None,
+    dicom_window: Optional[str] = None,
+    dicom_frame: Optional[int] = None,
     **options,
 ) -> Optional[RunResult]:
     """Train ``model`` end to end, its new last layer only, or LP-FT; evaluate once on test.
 
     Parameters
     ----------
-    data, model, weights, image_size, cache_dir, resize_size, mean, std, resize_mode : as for
+    data, model, weights, image_size, cache_dir, resize_size, mean, std, resize_mode,
+    dicom_window, dicom_frame : as for
         :func:`xfeat.extract` (``data`` a :class:`~xfeat.config.DataSpec` or its source); the
         splits are the cache's.
     config : a :class:`~xfeat.config.FinetuneConfig` (mode, recipe, epochs, lr, ...);
@@ -125,7 +128,14 @@ def finetune(
         num_workers=num_workers,
         device=device,
         progress=progress,
-        preprocessing={"resize_size": resize_size, "mean": mean, "std": std, "resize_mode": resize_mode},
+        preprocessing={
+            "resize_size": resize_size,
+            "mean": mean,
+            "std": std,
+            "resize_mode": resize_mode,
+            "dicom_window": dicom_window,
+            "dicom_frame": dicom_frame,
+        },
     )
     lock = run_lock(run.run_dir, "fine-tuning run") if run.world.is_main else _no_lock()
     with lock, freed_memory_kept():  # every step reuses the previous one's memory
