@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import fields
 from typing import Optional
 
@@ -12,13 +13,16 @@ from xfeat.config import (
     DEFAULT_N_BOOT,
     DEFAULT_THRESHOLD,
     INT8_CALIBRATION_IMAGES,
+    POOLS,
     PRECISIONS,
     RECIPES,
     RESIZE_MODES,
     DataSpec,
     ExtractConfig,
     FinetuneConfig,
+    with_pool,
 )
+from xfeat.errors import ConfigError
 
 
 def default(cls, name: str):
@@ -107,10 +111,28 @@ def optional_data_options(f):
     return data_options(f, required=False)
 
 
+def _pool_into_model(f):
+    """``--pool`` folded into ``--model`` (``hf:NAME:pool=mean``): the name then carries it to
+    every command that rebuilds the backbone."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        pool = kwargs.pop("pool", None)
+        if pool:
+            try:
+                kwargs["model"] = with_pool(kwargs["model"], pool)
+            except ConfigError as exc:
+                raise click.BadParameter(str(exc), param_hint="--pool") from None
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
 def model_options(f):
-    """--model, --weights, --image-size, --resize-size, --resize-mode, --mean, --std, --seed."""
+    """--model, --weights, --pool, --image-size, --resize-size, --resize-mode, --mean, --std,
+    --seed."""
     return apply(
-        f,
+        _pool_into_model(f),
         [
             click.option(
                 "--model",
@@ -119,16 +141,25 @@ def model_options(f):
                 show_default=True,
                 help="A torchvision classifier (`xfeat models` lists them), timm:NAME, "
                 "torchscript:PATH (a module mapping images to (N, D); loading it runs the code "
-                "it holds, so use files you trust), or inception_v3_fid.",
+                "it holds, so use files you trust), inception_v3_fid, or hf:NAME_OR_DIR (a "
+                "transformers image tower: a hub name from the local cache, or a saved folder).",
+            ),
+            click.option(
+                "--pool",
+                type=click.Choice(POOLS),
+                default=None,
+                help="hf: models: how tokens become one vector: cls, mean (patch tokens), "
+                "cls+mean, embed (projected image embedding) [default: DINOv2 and RAD-DINO "
+                "cls (pooler_output), CLIP-style towers embed].",
             ),
             click.option(
                 "--weights",
                 "-w",
                 default=default(ExtractConfig, "weights"),
                 show_default=True,
-                help="none (random init), DEFAULT, a torchvision weights name such as "
-                "IMAGENET1K_V1, or a local state-dict file; `xfeat weights` lists "
-                "those available offline.",
+                help="none (random init), DEFAULT (hf: the checkpoint's own), a torchvision "
+                "weights name such as IMAGENET1K_V1, or a local state-dict file; `xfeat "
+                "weights` lists those available offline.",
             ),
             click.option(
                 "--image-size",
@@ -351,8 +382,9 @@ def feature_options(f):
                 "--layers",
                 default="penultimate",
                 show_default=True,
-                help="penultimate, stages (each stage's pooled output too), or node names "
-                "NODE,NODE (`xfeat nodes MODEL`); one forward pass.",
+                help="penultimate, stages (each stage's pooled output too), node names "
+                "NODE,NODE (`xfeat nodes MODEL`), or for hf: models last:N (the CLS tokens of "
+                "the last N blocks too); one forward pass.",
             ),
             click.option(
                 "--views",
