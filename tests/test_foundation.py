@@ -340,3 +340,240 @@ def test_cli_pool_option_and_models_listing(models, data, tmp_path):
     (entry,) = tmp_path.glob("*.h5")
     fs = read_cache(entry)
     assert fs.meta.model.endswith(":pool=cls_mean") and fs["test"].features.shape == (8, 64)
+
+
+# ---- open_clip: a tiny model config saved as an open_clip:DIR folder ----
+
+OPEN_CLIP_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 30, "layers": 2, "width": 32, "patch_size": 6, "head_width": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def open_clip_model(tmp_path_factory):
+    open_clip = pytest.importorskip("open_clip")
+    from xfeat.backbones.open_clip_models import save_folder
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**OPEN_CLIP_CFG).eval()
+    folder = save_folder(model, OPEN_CLIP_CFG, tmp_path_factory.mktemp("oc") / "tiny")
+    return {"folder": folder, "model": model, "name": f"open_clip:{folder}"}
+
+
+def test_open_clip_features_equal_encode_image(open_clip_model):
+    x = _x(6)
+    backbone = create_backbone(open_clip_model["name"], "DEFAULT")
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            backbone.model(x), open_clip_model["model"].encode_image(x), rtol=0, atol=1e-6
+        )
+    assert backbone.feature_dim == 16 and backbone.weights.kind == "open_clip"
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+def test_open_clip_transform_mapping_equals_its_own_on_real_images(resize_mode):
+    """open_clip's eval transform (torchvision on PIL images): identical to 1e-5."""
+    import open_clip
+
+    from xfeat.backbones.open_clip_models import preprocessing_from_open_clip
+
+    cfg = {
+        "size": 224,
+        "mean": (0.48, 0.45, 0.40),
+        "std": (0.26, 0.26, 0.27),
+        "interpolation": "bicubic",
+    }
+    transform = open_clip.image_transform(
+        224,
+        is_train=False,
+        resize_mode=resize_mode,
+        **{k: cfg[k] for k in ("mean", "std", "interpolation")},
+    )
+    pre = preprocessing_from_open_clip({**cfg, "resize_mode": resize_mode})
+    for image in _real_images():
+        ref = transform(image)[None]
+        ours = pre.normalize(torch.from_numpy(pre.resize_and_crop(image)).permute(2, 0, 1)[None])
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_open_clip_extract_zero_shot_and_finetune(open_clip_model, data, tmp_path):
+    import open_clip
+
+    name = open_clip_model["name"]
+    prompts = {
+        "NORMAL": ["a chest x-ray with no findings", "a normal chest x-ray"],
+        "PNEUMONIA": "pneumonia",
+    }
+    result = xfeat.zero_shot(
+        data,
+        name,
+        prompts=prompts,
+        weights="DEFAULT",
+        out_dir=tmp_path / "zs",
+        n_boot=0,
+        extract_options={"cache_dir": tmp_path / "c", **RUN},
+    )
+    record = xfeat.load_result(tmp_path / "zs").record
+    assert record.mode == "zero-shot" and record.selection["training_labels_used"] is False
+    assert record.threshold.chosen_on == "fixed (no labels)" and set(record.metrics) == {
+        "train",
+        "val",
+        "test",
+    }
+    # the probabilities are open_clip's own zero-shot softmax on the cached image embeddings
+    model, tokenizer = (
+        open_clip_model["model"],
+        open_clip.get_tokenizer(f"local-dir:{open_clip_model['folder']}"),
+    )
+    with torch.inference_mode():
+        text = [
+            torch.nn.functional.normalize(
+                model.encode_text(tokenizer(p if isinstance(p, list) else [p])), dim=-1
+            ).mean(0)
+            for p in prompts.values()
+        ]
+        text = torch.nn.functional.normalize(torch.stack(text), dim=-1)
+        fs = read_cache(next((tmp_path / "c").glob("*.h5")))
+        image = torch.nn.functional.normalize(torch.from_numpy(fs["test"].features).double(), dim=-1)
+        ref = (model.logit_scale.exp().double() * image @ text.double().T).softmax(-1).numpy()
+    np.testing.assert_allclose(result.predictions["test"][2], ref, atol=1e-5)
+    # fine-tuning the image tower, and predict from the saved network
+    xfeat.finetune(
+        data,
+        name,
+        weights="DEFAULT",
+        mode="full",
+        epochs=1,
+        cache_dir=tmp_path / "c",
+        out_dir=tmp_path / "ft",
+        n_boot=0,
+        **RUN,
+    )
+    rows = xfeat.predict(tmp_path / "ft" / "model.pt", [data / "test"], **RUN)
+    assert len(rows) == 8 and all(r["predicted"] and not r["error"] for r in rows)
+
+
+def test_hf_clip_zero_shot_from_the_cli_and_lp_ft(data, tmp_path):
+    """A tiny CLIP with both towers and a tokenizer made here (a character vocabulary)."""
+    import json
+    import string
+
+    folder = tmp_path / "clip"
+    chars = list(string.ascii_lowercase) + list("-.,0123456789")
+    vocab = {
+        t: i
+        for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])
+    }
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(
+        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    ).save_pretrained(folder)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        bos_token_id=len(vocab) - 2,
+        eos_token_id=len(vocab) - 1,
+        pad_token_id=len(vocab) - 1,
+    )
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(
+        transformers.CLIPConfig(text_config=text, vision_config=CLIP_VISION, projection_dim=16)
+    ).eval()
+    model.save_pretrained(folder)
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}
+    ).save_pretrained(folder)
+    x = _x(7)
+    backbone = create_backbone(f"hf:{folder}", "DEFAULT")
+    with torch.inference_mode():  # the dual model's image features: get_image_features
+        ref = model.get_image_features(pixel_values=x)
+        torch.testing.assert_close(
+            backbone.model(x),
+            ref if isinstance(ref, torch.Tensor) else ref.pooler_output,
+            rtol=0,
+            atol=1e-6,
+        )
+    out = CliRunner().invoke(
+        cli,
+        [
+            "zero-shot",
+            "--data",
+            str(data),
+            "--model",
+            f"hf:{folder}",
+            "--weights",
+            "DEFAULT",
+            "--prompts",
+            "NORMAL=a chest x-ray with no findings",
+            "--prompts",
+            "PNEUMONIA=a chest x-ray showing pneumonia",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--out",
+            str(tmp_path / "zs"),
+            "--n-boot",
+            "0",
+            "--num-workers",
+            "0",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert xfeat.load_result(tmp_path / "zs").record.mode == "zero-shot"
+    result = xfeat.finetune(
+        data,
+        f"hf:{folder}",
+        weights="DEFAULT",
+        mode="lp-ft",
+        epochs=1,
+        cache_dir=tmp_path / "c",
+        out_dir=tmp_path / "ft",
+        n_boot=0,
+        **RUN,
+    )
+    assert result.record.mode == "lp-ft"
+
+
+def test_zero_shot_needs_a_text_tower_and_every_class(models, data, tmp_path):
+    with pytest.raises(BackboneError, match="no text tower"):
+        xfeat.zero_shot(
+            data,
+            f"hf:{models['root'] / 'dino'}",
+            prompts=["NORMAL=a", "PNEUMONIA=b"],
+            weights="DEFAULT",
+            save=False,
+            extract_options={"cache_dir": tmp_path, **RUN},
+            n_boot=0,
+        )
+    with pytest.raises(ConfigError, match="give a prompt for"):
+        xfeat.zero_shot(
+            data,
+            f"hf:{models['root'] / 'clipv'}",
+            prompts=["NORMAL=a"],
+            weights="DEFAULT",
+            save=False,
+            extract_options={"cache_dir": tmp_path, **RUN},
+            n_boot=0,
+        )
+
+
+def test_compare_shows_zero_shot_beside_the_linear_probe(open_clip_model, data, tmp_path):
+    comparison = xfeat.compare(
+        data,
+        [open_clip_model["name"]],
+        weights="DEFAULT",
+        modes=["cached"],
+        prompts=["NORMAL=normal", "PNEUMONIA=pneumonia"],
+        out_dir=tmp_path / "cmp",
+        cache_dir=tmp_path / "c",
+        n_boot=0,
+        num_workers=0,
+        progress=False,
+    )
+    assert sorted(row["mode"] for row in comparison.rows) == ["cached", "zero-shot"]

@@ -5,7 +5,8 @@ Owns the registry and dispatches on the name: a torchvision classifier (``resnet
 registered TorchScript network such as ``inception_v3_fid`` (:mod:`.torchscript_models`).
 Each source says which layer is the classifier, the feature dimension ``D``, how weights are
 resolved (random, pretrained, a local file) and the preprocessing that travels with them;
-``hf:NAME_OR_DIR`` is a transformers image tower (:mod:`.hf_models`);
+``hf:NAME_OR_DIR`` is a transformers image tower (:mod:`.hf_models`), ``open_clip:ARCH`` an
+open_clip one (:mod:`.open_clip_models`);
 :mod:`.offline` finds weight files on this machine. ``create_backbone`` is the one factory.
 """
 
@@ -19,9 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from xfeat.backbones import hf_models, timm_models, torchscript_models
+from xfeat.backbones import hf_models, offline, open_clip_models, timm_models, torchscript_models
 from xfeat.backbones import torchvision_models as tv
-from xfeat.backbones import offline
 from xfeat.backbones.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from xfeat.backbones.weights import WeightsInfo, weights_tag
 from xfeat.errors import BackboneError, WeightsUnavailableError
@@ -46,6 +46,7 @@ __all__ = [
     "offline_weights",
     "parameter_count",
     "resolve_weights",
+    "text_tower",
     "weights_tag",
 ]
 
@@ -96,6 +97,8 @@ def _source(name: str):
         raise BackboneError(f"model {name!r}: expected a name such as 'resnet50'")
     if hf_models.handles(name):
         return hf_models
+    if open_clip_models.handles(name):
+        return open_clip_models
     if timm_models.handles(name):
         return timm_models
     if torchscript_models.handles(name):
@@ -107,6 +110,8 @@ def normalize_name(name: str) -> str:
     """The name as recorded: ``torchscript:`` and ``hf:`` paths made absolute, others unchanged."""
     if hf_models.handles(name):
         return hf_models.normalize_name(name)
+    if open_clip_models.handles(name):
+        return open_clip_models.normalize_name(name)
     if torchscript_models.handles(name):
         return torchscript_models.normalize_name(name)
     return name
@@ -140,6 +145,7 @@ def describe_backbones() -> list:
         [{**row, "source": "torchvision"} for row in tv.describe()]
         + torchscript_models.describe()
         + hf_models.describe()
+        + open_clip_models.describe()
     )
 
 
@@ -197,6 +203,21 @@ def create_backbone(
     model.eval()
     trainable = any(p.requires_grad for p in model.parameters())
     return Backbone(name, model, dim, path, preprocessing, info, kind, trainable)
+
+
+def text_tower(name: str, weights: Union[str, Path, None] = "DEFAULT", *, seed: int = 0):
+    """``(encode, logit_scale)`` of the text tower of ``name`` (an ``open_clip:`` model, or a
+    CLIP/SigLIP ``hf:`` checkpoint): ``encode(prompts)`` gives ``(P, D)`` embeddings in the space
+    of the model's image features, for zero-shot classification."""
+    source = _source(name)
+    if not hasattr(source, "text_tower"):
+        raise BackboneError(
+            f"{name} has no text tower; zero-shot needs an open_clip: model or a CLIP/SigLIP hf: one"
+        )
+    info, _ = source.resolve_weights(name, weights, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return source.text_tower(name, info)
 
 
 def set_submodule(model: nn.Module, path: str, layer: nn.Module) -> None:

@@ -359,23 +359,7 @@ def build(name: str, info: w.WeightsInfo, extra=None, *, progress: bool = True) 
     """``(HFImageModel, info, ("classifier", D, "linear"))``; seed the RNG first."""
     _transformers(name)
     d = _describe(name)
-    folder = d["folder"]
-    config = _config(str(folder))
-    cls = _model_class(config)
-    if info.kind == "hf":
-        _safetensors_files(folder, name)
-        model = cls.from_pretrained(
-            str(folder),
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=True,
-            dtype=torch.float32,
-        )
-    else:
-        model = _from_config(config)
-        if info.kind == "file":
-            _load_file(model, Path(info.id))
-    tower, projection = _tower(model)
+    tower, projection = _tower(build_full(name, info))
     module = HFImageModel(
         tower,
         projection,
@@ -494,3 +478,53 @@ def cached_models() -> list:
             }
         )
     return rows
+
+
+def text_tower(name: str, info: w.WeightsInfo):
+    """``(encode(prompts) -> (P, D) tensor, logit scale)`` of a CLIP/SigLIP model's text tower,
+    in the space of its ``embed`` image features."""
+    transformers = _transformers(name)
+    d = _describe(name)
+    if not d["dual"]:
+        raise BackboneError(
+            f"{name} has no text tower (it is a {d['family']} image model); zero-shot needs a "
+            "CLIP- or SigLIP-style checkpoint with both towers, or an open_clip: model"
+        )
+    if d["pool"] != "embed":
+        raise ConfigError(f"zero-shot compares text with the image embedding: drop --pool from {name}")
+    folder = d["folder"]
+    model = build_full(name, info)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BackboneError(f"{name}: no tokenizer in {folder} ({first[:160]})") from None
+    padding = "max_length" if d["family"].startswith("siglip") else True
+
+    def encode(prompts: list) -> torch.Tensor:
+        tokens = tokenizer(list(prompts), padding=padding, truncation=True, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.get_text_features(**tokens)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    return encode, float(model.logit_scale.detach().exp())
+
+
+def build_full(name: str, info: w.WeightsInfo) -> nn.Module:
+    """The whole transformers model (both towers of a CLIP) with ``info``'s weights."""
+    folder = _describe(name)["folder"]
+    config = _config(str(folder))
+    if info.kind == "hf":
+        _safetensors_files(folder, name)
+        model = _model_class(config).from_pretrained(
+            str(folder),
+            use_safetensors=True,
+            trust_remote_code=False,
+            local_files_only=True,
+            dtype=torch.float32,
+        )
+    else:
+        model = _from_config(config)
+        if info.kind == "file":
+            _load_file(model, Path(info.id))
+    return model.float().eval()
