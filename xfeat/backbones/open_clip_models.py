@@ -115,7 +115,7 @@ def _describe(name: str) -> dict:
             f"unknown open_clip architecture {spec['arch']!r}; open_clip.list_models() lists "
             "them (e.g. ViT-B-32), or use open_clip:hf-hub:NAME"
         )
-    with torch.random.fork_rng(devices=[]), _quiet():
+    with torch.random.fork_rng(devices=[]), _quiet(), _offline_if_unreachable():
         model = open_clip.create_model(_model_name(name), load_weights=False)
     cfg = dict(model.visual.preprocess_cfg)
     pretrained = spec.get("pretrained")
@@ -255,8 +255,9 @@ def load_model(name: str, info: w.WeightsInfo) -> nn.Module:
                     f"cache) or pass a file: --model open_clip:{spec['arch']}:FILE"
                 ) from None
     if info.kind == "open_clip":  # a folder (or hub snapshot) with safetensors, checked
-        return open_clip.create_model(model_name, load_weights=True).eval()
-    with _quiet():
+        with _offline_if_unreachable():  # a text tower from transformers reads its config
+            return open_clip.create_model(model_name, load_weights=True).eval()
+    with _quiet(), _offline_if_unreachable():
         model = open_clip.create_model(model_name, load_weights=False)
     if info.kind == "file":
         state = w.read_state_dict_file(Path(info.id))
