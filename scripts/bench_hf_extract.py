@@ -5,14 +5,15 @@ The model is a randomly initialised DINOv2 of ViT-S/14's size (hidden 384, 12 bl
 patch 14, 224 px; about 22 M parameters) saved with ``save_pretrained`` beside DINOv2's image
 processor (short side 256, centre crop 224, bicubic), so nothing is downloaded.
 
-(a) direct: the images decoded and preprocessed once into one in-memory float tensor, then
-    ``model(pixel_values=batch).pooler_output`` under ``torch.inference_mode`` for every batch,
-    the best of three passes after a warm-up batch;
+(a) direct: the images decoded and preprocessed once into in-memory float tensors, then
+    ``model(pixel_values=batch).pooler_output`` under ``torch.inference_mode``, batched as
+    xfeat batches each split (train and the val carved from it): the first pass in the
+    process (cold, as xfeat's own pass is) and the best of three more;
 (b) xfeat: ``python -m xfeat extract --model hf:DIR --weights DEFAULT`` in a fresh process on
     the same images (a stratified subset of the shared train images, as symlinks), with the
     same batch size and threads; its pass (first batch to last write: JPEG decode, resize/crop,
     forward, HDF5 writes) from the cache's own timing, and its wall time from start to exit.
-The ratio (b) pass / (a) is printed (target >= 0.9x). Then (c): ``xfeat extract --model
+The ratios (b) pass / (a) are printed (target >= 0.9x). Then (c): ``xfeat extract --model
 hf:nobody/not-cached`` in a process whose sockets are blocked, timed from start to its error.
 
     python scripts/bench_hf_extract.py --data ../shared/data/chest_xray224 --n 64
@@ -67,32 +68,49 @@ def save_model(folder: Path) -> None:
     ).save_pretrained(folder)
 
 
-def direct(folder: Path, files: list, batch: int) -> dict:
-    """Images/s of the transformers model on pre-made tensors (best of three passes)."""
+def direct(folder: Path, root: Path, batch: int) -> dict:
+    """Images/s of the transformers model on pre-made tensors, batched as xfeat batches each
+    split: the first pass in this process (cold, as xfeat's pass is) and the best of three."""
     import transformers
+
+    from xfeat.data import load_dataset
 
     model = transformers.Dinov2Model.from_pretrained(folder, dtype=torch.float32).eval()
     pre = create_backbone(f"hf:{folder}", "DEFAULT").preprocessing  # the processor's, mapped
-    x = torch.cat(
-        [
-            pre.normalize(
-                torch.from_numpy(pre.resize_and_crop(Image.open(f).convert("RGB"))).permute(2, 0, 1)[
-                    None
-                ]
-            )
-            for f in files
-        ]
-    )
-    best = float("inf")
-    with torch.inference_mode():
-        model(pixel_values=x[:batch])  # warm-up
-        for _ in range(3):
-            t0 = time.perf_counter()
+    splits = load_dataset(root).splits.values()  # the same train/val carve-out as xfeat's
+    tensors = [
+        torch.cat(
+            [
+                pre.normalize(
+                    torch.from_numpy(pre.resize_and_crop(Image.open(f).convert("RGB"))).permute(2, 0, 1)[
+                        None
+                    ]
+                )
+                for f in split.paths
+            ]
+        )
+        for split in splits
+    ]
+    n = sum(len(x) for x in tensors)
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        for x in tensors:
             for i in range(0, len(x), batch):
                 features = model(pixel_values=x[i : i + batch]).pooler_output
-            assert features.shape[1] == VIT_S14["hidden_size"]
-            best = min(best, time.perf_counter() - t0)
-    return {"images": len(x), "seconds": best, "images_per_second": len(x) / best}
+                assert features.shape[1] == VIT_S14["hidden_size"]
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        first = one_pass()
+        best = min(one_pass() for _ in range(3))
+    return {
+        "images": n,
+        "first_pass_seconds": first,
+        "first_pass_images_per_second": n / first,
+        "best_seconds": best,
+        "images_per_second": n / best,
+    }
 
 
 def offline_error(data: Path, work: Path) -> dict:
@@ -124,8 +142,7 @@ def main() -> None:
         work = Path(tmp)
         save_model(work / "vits14")
         root = make_subset(args.data, work / "data", args.n)
-        files = sorted((root / "train").rglob("*.jpeg"))
-        a = direct(work / "vits14", files, args.batch_size)
+        a = direct(work / "vits14", root, args.batch_size)
         b = xfeat_extract(
             root,
             f"hf:{work / 'vits14'}",
@@ -139,12 +156,14 @@ def main() -> None:
         )
         c = offline_error(args.data, work)
     ratio = b["pass_images_per_second"] / a["images_per_second"]
+    cold_ratio = b["pass_images_per_second"] / a["first_pass_images_per_second"]
     report = {
         "threads": threads,
         "batch_size": args.batch_size,
         "direct": a,
         "xfeat": {k: v for k, v in b.items() if k != "path"},
         "pass_ratio": ratio,
+        "pass_ratio_both_cold": cold_ratio,
         "wall_ratio": b["images_per_second"] / a["images_per_second"],
         "offline_error": c,
     }
@@ -152,10 +171,11 @@ def main() -> None:
     print(
         f"\nViT-S/14-sized hf: DINOv2, {a['images']} images, batch {args.batch_size}, "
         f"{threads} threads:\n"
-        f"  transformers directly on in-memory tensors: {a['images_per_second']:.1f} images/s\n"
-        f"  xfeat extract pass (decode + preprocess + forward + write): "
-        f"{b['pass_images_per_second']:.1f} images/s = {ratio:.2f}x (target >= 0.9x); "
-        f"whole process {b['seconds']:.1f} s\n"
+        f"  transformers directly on in-memory tensors: {a['images_per_second']:.1f} images/s "
+        f"(best of 3), {a['first_pass_images_per_second']:.1f} images/s (first pass)\n"
+        f"  xfeat extract pass (decode + preprocess + forward + write, first pass of its "
+        f"process): {b['pass_images_per_second']:.1f} images/s = {ratio:.2f}x of the best, "
+        f"{cold_ratio:.2f}x of the first pass (target >= 0.9x); whole process {b['seconds']:.1f} s\n"
         f"  uncached hub model offline: one-line error after {c['seconds']:.1f} s (process start "
         f"included), exit {c['exit_code']}: {c['error'][:120]}"
     )

@@ -4,6 +4,8 @@ real chest X-rays), pooling, ``--layers last:N``, the offline error, and the pip
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ from xfeat.backbones import BackboneError, create_backbone, feature_dim
 from xfeat.backbones.hf_models import preprocessing_from_processor
 from xfeat.cache import read_cache
 from xfeat.cli import cli
-from xfeat.config import with_pool
+from xfeat.config import with_pool, with_trusted_code
 from xfeat.errors import ConfigError
 
 transformers = pytest.importorskip("transformers")
@@ -577,3 +579,41 @@ def test_compare_shows_zero_shot_beside_the_linear_probe(open_clip_model, data, 
         progress=False,
     )
     assert sorted(row["mode"] for row in comparison.rows) == ["cached", "zero-shot"]
+
+
+_REMOTE_CODE = """
+from transformers import Dinov2Config, Dinov2Model
+
+
+class TinyConfig(Dinov2Config):
+    model_type = "xfeat_tiny_remote"
+
+
+class TinyModel(Dinov2Model):
+    config_class = TinyConfig
+"""
+
+
+def test_remote_code_runs_only_with_trust_remote_code(models, tmp_path):
+    folder = tmp_path / "remote"
+    models["dino"].save_pretrained(folder)
+    (folder / "tiny_remote.py").write_text(_REMOTE_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="xfeat_tiny_remote",
+        architectures=["TinyModel"],
+        auto_map={"AutoConfig": "tiny_remote.TinyConfig", "AutoModel": "tiny_remote.TinyModel"},
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(models["root"] / "dino" / "preprocessor_config.json", folder)
+    with pytest.raises(BackboneError, match="only with --trust-remote-code"):
+        create_backbone(f"hf:{folder}", "DEFAULT")
+    name = with_trusted_code(f"hf:{folder}")
+    assert name.endswith(":trust_remote_code")
+    ref = transformers.AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(ref).__name__ == "TinyModel"  # the repository's own class ran
+    ref.save_pretrained(folder)  # a checkpoint in the custom class's own key names
+    x = _x(8)
+    with torch.inference_mode():
+        got = create_backbone(name, "DEFAULT").model(x)
+        torch.testing.assert_close(got, ref(pixel_values=x).last_hidden_state[:, 0])

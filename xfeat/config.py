@@ -48,6 +48,7 @@ DEFAULT_RUNS_DIR = "runs"
 #   embed     the projected image embedding (CLIP-style towers: image_embeds)
 POOLS = ("cls", "mean", "cls+mean", "embed")
 POOL_SUFFIX = ":pool="  # hf:NAME:pool=mean; "+" is spelled "_" there (fit-head joins models with +)
+TRUST_SUFFIX = ":trust_remote_code"  # hf:NAME:trust_remote_code: --trust-remote-code, recorded
 
 
 def default_cache_dir() -> Path:
@@ -371,3 +372,13 @@ def with_pool(model: str, pool: Optional[str]) -> str:
         )
     base = model.split(POOL_SUFFIX, 1)[0]
     return f"{base}{POOL_SUFFIX}{pool.replace('+', '_')}"
+
+
+def with_trusted_code(model: str) -> str:
+    """``model`` with ``--trust-remote-code`` recorded in its name (before any ``:pool=``)."""
+    if not model.startswith("hf:") or "+" in model:
+        raise ConfigError(f"--trust-remote-code with --model {model}: it is for one hf:NAME model")
+    if TRUST_SUFFIX in model:
+        return model
+    base, sep, pool = model.partition(POOL_SUFFIX)
+    return f"{base}{TRUST_SUFFIX}{sep}{pool}"

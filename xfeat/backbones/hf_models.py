@@ -4,7 +4,8 @@
 ``preprocessor_config.json``) or a hub name (``microsoft/rad-dino``), read from the local
 Hugging Face cache and downloaded only when it is missing and the hub is reachable; offline and
 not cached, the error says how to download it once. A repository's own code is never run
-(``trust_remote_code=False``); weights are read from safetensors, and a pickle-only repository
+(``trust_remote_code=False``) unless ``--trust-remote-code`` is given (recorded in the name as
+``hf:NAME:trust_remote_code``); weights are read from safetensors, and a pickle-only repository
 is refused unless its ``pytorch_model.bin`` is passed with ``--weights PATH``, which reads it
 with ``torch.load(weights_only=True)`` like any state-dict file.
 
@@ -32,7 +33,7 @@ from torch import nn
 from xfeat.backbones import offline
 from xfeat.backbones import weights as w
 from xfeat.backbones.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from xfeat.config import POOL_SUFFIX, POOLS
+from xfeat.config import POOL_SUFFIX, POOLS, TRUST_SUFFIX
 from xfeat.errors import BackboneError, ConfigError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,14 @@ def handles(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+def trusts_code(name: str) -> bool:
+    """Whether the name opts in to running the repository's own code (``--trust-remote-code``)."""
+    return TRUST_SUFFIX in name
+
+
 def split_name(name: str) -> tuple:
-    """``hf:SOURCE[:pool=P]`` -> ``(SOURCE, P or None)``."""
-    source, _, pool = name[len(PREFIX) :].partition(POOL_SUFFIX)
+    """``hf:SOURCE[:trust_remote_code][:pool=P]`` -> ``(SOURCE, P or None)``."""
+    source, _, pool = name[len(PREFIX) :].replace(TRUST_SUFFIX, "").partition(POOL_SUFFIX)
     pool = pool.replace("_", "+") or None
     if pool is not None and pool not in POOLS:
         raise ConfigError(f"--model {name}: pool {pool!r}; expected one of {', '.join(POOLS)}")
@@ -73,7 +79,8 @@ def normalize_name(name: str) -> str:
     source, pool = split_name(name)
     if _is_path(source):
         source = str(Path(source).expanduser().resolve())
-    return PREFIX + source + (f"{POOL_SUFFIX}{pool.replace('+', '_')}" if pool else "")
+    trust = TRUST_SUFFIX if trusts_code(name) else ""
+    return PREFIX + source + trust + (f"{POOL_SUFFIX}{pool.replace('+', '_')}" if pool else "")
 
 
 def _transformers(name: str):
@@ -106,7 +113,7 @@ def hub_offline_reason() -> Optional[str]:
     return None
 
 
-def model_dir(source: str) -> Path:
+def model_dir(source: str, *, code: bool = False) -> Path:
     """The local folder of ``source``: itself, its snapshot in the Hugging Face cache, or the
     snapshot downloaded now (configs and safetensors only) when the hub is reachable."""
     if _is_path(source):
@@ -117,10 +124,10 @@ def model_dir(source: str) -> Path:
                 "model.save_pretrained(...) (and image_processor.save_pretrained(...))"
             )
         return path.resolve()
-    return _hub_snapshot(source)
+    return _hub_snapshot(source, code=code)
 
 
-def _hub_snapshot(repo: str) -> Path:
+def _hub_snapshot(repo: str, *, code: bool = False) -> Path:
     from huggingface_hub import constants, snapshot_download
 
     try:
@@ -136,7 +143,8 @@ def _hub_snapshot(repo: str) -> Path:
         )
     logger.info("downloading hf:%s into %s", repo, constants.HF_HUB_CACHE)
     try:
-        return Path(snapshot_download(repo, allow_patterns=_HUB_PATTERNS))
+        patterns = _HUB_PATTERNS + (["*.py"] if code else [])  # code only when trusted
+        return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as exc:  # hub and network errors come in many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsUnavailableError(
@@ -147,17 +155,18 @@ def _hub_snapshot(repo: str) -> Path:
 
 
 @functools.lru_cache(maxsize=32)
-def _config(folder: str):
+def _config(folder: str, trust: bool = False):
     transformers = _transformers(folder)
     try:
         return transformers.AutoConfig.from_pretrained(
-            folder, trust_remote_code=False, local_files_only=True
+            folder, trust_remote_code=trust, local_files_only=True
         )
     except (ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BackboneError(
             f"hf:{folder}: transformers cannot build this model without running the "
-            f"repository's own code ({first[:160]}); xfeat never runs it (no trust_remote_code)"
+            f"repository's own code ({first[:160]}); xfeat runs it only with "
+            "--trust-remote-code (read that code first: it runs with your permissions)"
         ) from None
 
 
@@ -176,10 +185,11 @@ def _model_class(config):
 def _describe(name: str) -> dict:
     """What the model is, from its architecture built on the meta device (no weights)."""
     source, pool = split_name(name)
-    folder = model_dir(source)
-    config = _config(str(folder))
+    trust = trusts_code(name)
+    folder = model_dir(source, code=trust)
+    config = _config(str(folder), trust)
     with torch.device("meta"):
-        model = _from_config(config)
+        model = _from_config(config, trust)
     tower, projection = _tower(model)
     vcfg = getattr(config, "vision_config", None) or config
     family = vcfg.model_type
@@ -205,13 +215,16 @@ def _describe(name: str) -> dict:
         "image_size": int(getattr(vcfg, "image_size", 224)),
         "parameters": int(sum(p.numel() for m in parts for p in m.parameters())),
         "dual": hasattr(model, "get_text_features"),
+        "trust": trust,
     }
 
 
-def _from_config(config) -> nn.Module:
+def _from_config(config, trust: bool = False) -> nn.Module:
     """The architecture of ``config``, initialised as transformers does (no weights read)."""
     cls = _model_class(config)
-    return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    if hasattr(cls, "from_config"):
+        return cls.from_config(config, trust_remote_code=trust)
+    return cls(config)
 
 
 def _tower(model: nn.Module) -> tuple:
@@ -512,19 +525,20 @@ def text_tower(name: str, info: w.WeightsInfo):
 
 def build_full(name: str, info: w.WeightsInfo) -> nn.Module:
     """The whole transformers model (both towers of a CLIP) with ``info``'s weights."""
-    folder = _describe(name)["folder"]
-    config = _config(str(folder))
+    d = _describe(name)
+    folder, trust = d["folder"], d["trust"]
+    config = _config(str(folder), trust)
     if info.kind == "hf":
         _safetensors_files(folder, name)
         model = _model_class(config).from_pretrained(
             str(folder),
             use_safetensors=True,
-            trust_remote_code=False,
+            trust_remote_code=trust,
             local_files_only=True,
             dtype=torch.float32,
         )
     else:
-        model = _from_config(config)
+        model = _from_config(config, trust)
         if info.kind == "file":
             _load_file(model, Path(info.id))
     return model.float().eval()

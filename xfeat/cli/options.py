@@ -21,6 +21,7 @@ from xfeat.config import (
     ExtractConfig,
     FinetuneConfig,
     with_pool,
+    with_trusted_code,
 )
 from xfeat.errors import ConfigError
 
@@ -112,25 +113,27 @@ def optional_data_options(f):
 
 
 def _pool_into_model(f):
-    """``--pool`` folded into ``--model`` (``hf:NAME:pool=mean``): the name then carries it to
-    every command that rebuilds the backbone."""
+    """``--pool`` and ``--trust-remote-code`` folded into ``--model`` (``hf:NAME:pool=mean``):
+    the name then carries them to every command that rebuilds the backbone."""
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        pool = kwargs.pop("pool", None)
-        if pool:
-            try:
+        pool, trust = kwargs.pop("pool", None), kwargs.pop("trust_remote_code", False)
+        try:
+            if trust:
+                kwargs["model"] = with_trusted_code(kwargs["model"])
+            if pool:
                 kwargs["model"] = with_pool(kwargs["model"], pool)
-            except ConfigError as exc:
-                raise click.BadParameter(str(exc), param_hint="--pool") from None
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--pool/--trust-remote-code") from None
         return f(*args, **kwargs)
 
     return wrapper
 
 
 def model_options(f):
-    """--model, --weights, --pool, --image-size, --resize-size, --resize-mode, --mean, --std,
-    --seed."""
+    """--model, --weights, --pool, --trust-remote-code, --image-size, --resize-size,
+    --resize-mode, --mean, --std, --seed."""
     return apply(
         _pool_into_model(f),
         [
@@ -151,6 +154,12 @@ def model_options(f):
                 help="hf: models: how tokens become one vector: cls, mean (patch tokens), "
                 "cls+mean, embed (projected image embedding) [default: DINOv2 and RAD-DINO "
                 "cls (pooler_output), CLIP-style towers embed].",
+            ),
+            click.option(
+                "--trust-remote-code",
+                is_flag=True,
+                help="hf: models: run the repository's own Python code (transformers' "
+                "trust_remote_code; off by default: read the code first).",
             ),
             click.option(
                 "--weights",
