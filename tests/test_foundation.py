@@ -617,3 +617,18 @@ def test_remote_code_runs_only_with_trust_remote_code(models, tmp_path):
     with torch.inference_mode():
         got = create_backbone(name, "DEFAULT").model(x)
         torch.testing.assert_close(got, ref(pixel_values=x).last_hidden_state[:, 0])
+
+
+def test_analyze_runs_on_an_hf_model(models, data, tmp_path):
+    name = f"hf:{models['root'] / 'dino'}"
+    analysis = xfeat.analyze(
+        data,
+        name,
+        weights="DEFAULT",
+        out_dir=tmp_path / "a",
+        n_folds=2,
+        n_boot=20,
+        extract_options={"cache_dir": tmp_path / "c", **RUN},
+        progress=False,
+    )
+    assert (tmp_path / "a").is_dir() and analysis is not None
