@@ -194,6 +194,16 @@ def describe_nodes(model_name: str, crop_size: int = 224) -> dict:
 
     from xfeat.backbones import torchvision_models as tv
 
+    if model_name.startswith(("hf:", "open_clip:")):
+        raise ConfigError(
+            f"xfeat nodes is for torchvision models; {model_name.split(':')[0]}: models take "
+            "--layers penultimate"
+            + (
+                " or last:N (the CLS tokens of the last N blocks)"
+                if model_name.startswith("hf:")
+                else ""
+            )
+        )
     tv.check_name(model_name)
     model = _stripped(tv.build_empty(model_name), model_name)
     try:
