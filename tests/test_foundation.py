@@ -632,3 +632,24 @@ def test_analyze_runs_on_an_hf_model(models, data, tmp_path):
         progress=False,
     )
     assert (tmp_path / "a").is_dir() and analysis is not None
+
+
+def test_frozen_finetune_of_an_hf_model_trains_the_new_layer_only(models, data, tmp_path):
+    name = with_pool(f"hf:{models['root'] / 'dino'}", "cls+mean")
+    result = xfeat.finetune(
+        data,
+        name,
+        weights="DEFAULT",
+        mode="frozen",
+        epochs=1,
+        cache_dir=tmp_path / "c",
+        out_dir=tmp_path / "ft",
+        n_boot=0,
+        **RUN,
+    )
+    assert result.record.params["trainable_parameters"] == 64 * 2 + 2  # Linear(2D, 2) on cls+mean
+    network, meta = xfeat.finetuning.load_finetuned(
+        tmp_path / "ft" / "model.pt"
+    )  # rebuilt from the name
+    with torch.inference_mode():
+        assert network.model(_x(9)).shape == (3, 2)
