@@ -272,6 +272,8 @@ def test_hub_name_is_read_from_the_local_cache_offline(models, tmp_path, monkeyp
         torch.testing.assert_close(backbone.model(x), models["dino"](pixel_values=x).pooler_output)
     (row,) = xfeat.backbones.offline_weights()["hf_cache"]  # what `xfeat weights` lists
     assert row["repo"] == "tiny/dino" and row["safetensors"]
+    out = CliRunner().invoke(cli, ["weights"])
+    assert out.exit_code == 0 and "tiny/dino" in out.output and "hf download REPO" in out.output
 
 
 # Every socket refused, as on a machine without a network.
@@ -653,3 +655,11 @@ def test_frozen_finetune_of_an_hf_model_trains_the_new_layer_only(models, data, 
     )  # rebuilt from the name
     with torch.inference_mode():
         assert network.model(_x(9)).shape == (3, 2)
+
+
+def test_open_clip_compile_and_int8_are_declined_clearly(open_clip_model, data, tmp_path):
+    name = open_clip_model["name"]
+    with pytest.raises(ConfigError, match="--compile on is not offered"):
+        xfeat.extract(data, name, weights="DEFAULT", cache_dir=tmp_path, compile="on", **RUN)
+    with pytest.raises(ConfigError, match="int8 is not offered for open_clip:"):
+        xfeat.extract(data, name, weights="DEFAULT", cache_dir=tmp_path, precision="int8", **RUN)
