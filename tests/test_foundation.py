@@ -663,3 +663,17 @@ def test_open_clip_compile_and_int8_are_declined_clearly(open_clip_model, data, 
         xfeat.extract(data, name, weights="DEFAULT", cache_dir=tmp_path, compile="on", **RUN)
     with pytest.raises(ConfigError, match="int8 is not offered for open_clip:"):
         xfeat.extract(data, name, weights="DEFAULT", cache_dir=tmp_path, precision="int8", **RUN)
+
+
+def test_open_clip_pretrained_tag_offline_is_a_clear_error_at_once(tmp_path, monkeypatch):
+    pytest.importorskip("open_clip")
+    from huggingface_hub import constants
+
+    from xfeat.backbones import hf_models
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf_models, "hub_offline_reason", lambda: "the test blocks the hub")
+    with pytest.raises(BackboneError, match=r"hf download timm/vit_base_patch32_clip_224\.openai"):
+        xfeat.backbones.resolve_weights("open_clip:ViT-B-32:openai", "DEFAULT")
+    with pytest.raises(BackboneError, match="its tags"):
+        xfeat.backbones.resolve_weights("open_clip:ViT-B-32:no-such-tag", "DEFAULT")

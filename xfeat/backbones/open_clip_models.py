@@ -224,7 +224,9 @@ def resolve_weights(name: str, weights, *, seed: int = 0, digest_memo=None) -> t
                 sha256=w.sha256_file(Path(pretrained), digest_memo),
             ), None
         _describe(name)  # an unknown tag fails here
-        return w.WeightsInfo("open_clip", f"{spec['arch']}.{pretrained}"), None
+        cached = _cached_tag_file(name, spec["arch"], pretrained)
+        sha = offline.file_sha256(cached) if cached else None
+        return w.WeightsInfo("open_clip", f"{spec['arch']}.{pretrained}", sha256=sha), None
     path = Path(value).expanduser()
     if path.is_file():
         return w.WeightsInfo("file", str(path.resolve()), sha256=w.sha256_file(path, digest_memo)), None
@@ -232,6 +234,29 @@ def resolve_weights(name: str, weights, *, seed: int = 0, digest_memo=None) -> t
         f"--weights {value!r} for {name}: expected 'DEFAULT' (the checkpoint the name gives), "
         "'none' (random) or the path of a state-dict file (.safetensors, .bin)"
     )
+
+
+def _cached_tag_file(name: str, arch: str, tag: str):
+    """The tag's weights file in the Hugging Face cache, or None; offline and not cached, a
+    one-line error now (before any image is read)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = _open_clip(name).get_pretrained_cfg(arch, tag)
+    repo_id = "/".join(str(cfg.get("hf_hub", "")).split("/")[:2])
+    if not repo_id:
+        return None  # a plain URL: open_clip's own download folder
+    for candidate in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo_id, candidate)
+        if isinstance(found, str):
+            return Path(found)
+    reason = hf_models.hub_offline_reason()
+    if reason:
+        raise WeightsUnavailableError(
+            f"open_clip weights {arch}.{tag} are not in the Hugging Face cache ({repo_id}) and "
+            f"{reason}; download them once on a connected machine with `hf download {repo_id}`, "
+            f"or pass a file: --model open_clip:{arch}:FILE"
+        )
+    return None
 
 
 def _checkpoint(files: list) -> Path:
@@ -244,7 +269,7 @@ def load_model(name: str, info: w.WeightsInfo) -> nn.Module:
     open_clip = _open_clip(name)
     model_name, spec = _model_name(name), parse(name)
     if info.kind == "open_clip" and "arch" in spec:
-        with _offline_if_unreachable():
+        with _offline_if_unreachable(), _quiet(logging.ERROR):
             try:
                 return open_clip.create_model(model_name, pretrained=spec["pretrained"]).eval()
             except Exception as exc:  # hub and network errors come in many types
@@ -266,10 +291,11 @@ def load_model(name: str, info: w.WeightsInfo) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """open_clip's warning that a model built without weights is random (xfeat means it)."""
+def _quiet(level: int = logging.WARNING):
+    """open_clip's logging on the root logger up to ``level``: its warning that a model built
+    without weights is random (xfeat means it), or its errors that xfeat's own replaces."""
     before = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    logging.disable(level)
     try:
         yield
     finally:
