@@ -40,6 +40,7 @@ _API = {
     "DataSpec": "xfeat.config",
     "FinetuneConfig": "xfeat.config",
     "XfeatError": "xfeat.errors",
+    "zero_shot": "xfeat.zeroshot",
 }
 
 __all__ = ["__version__", *sorted(_API)]

@@ -46,6 +46,14 @@ INT8_CALIBRATION_IMAGES = 256
 DEFAULT_THRESHOLD = "youden"
 DEFAULT_N_BOOT = 1000
 DEFAULT_RUNS_DIR = "runs"
+# How a foundation model's tokens become one vector (hf: models; see xfeat.backbones.hf_models):
+#   cls       the CLS token as the model pools it (DINOv2, RAD-DINO: pooler_output)
+#   mean      the mean of the last layer's patch tokens
+#   cls+mean  both side by side (DINOv2's linear evaluation)
+#   embed     the projected image embedding (CLIP-style towers: image_embeds)
+POOLS = ("cls", "mean", "cls+mean", "embed")
+POOL_SUFFIX = ":pool="  # hf:NAME:pool=mean; "+" is spelled "_" there (fit-head joins models with +)
+TRUST_SUFFIX = ":trust_remote_code"  # hf:NAME:trust_remote_code: --trust-remote-code, recorded
 
 
 def default_cache_dir() -> Path:
@@ -407,3 +415,29 @@ def parse_weights(
             mapping[model] = value
         return {m: mapping.get(m, others) for m in models}
     return {m: text for m in models}
+
+
+def with_pool(model: str, pool: Optional[str]) -> str:
+    """``model`` with ``--pool`` recorded in its name (``hf:NAME:pool=mean``), so every command
+    that rebuilds the backbone from the name (predict, finetune) pools the same way."""
+    if not pool:
+        return model
+    if pool not in POOLS:
+        raise ConfigError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
+    if "+" in model or not model.startswith("hf:"):
+        raise ConfigError(
+            f"--pool {pool} with --model {model}: --pool is for one hf:NAME model; "
+            "the others pool as their architecture does"
+        )
+    base = model.split(POOL_SUFFIX, 1)[0]
+    return f"{base}{POOL_SUFFIX}{pool.replace('+', '_')}"
+
+
+def with_trusted_code(model: str) -> str:
+    """``model`` with ``--trust-remote-code`` recorded in its name (before any ``:pool=``)."""
+    if not model.startswith("hf:") or "+" in model:
+        raise ConfigError(f"--trust-remote-code with --model {model}: it is for one hf:NAME model")
+    if TRUST_SUFFIX in model:
+        return model
+    base, sep, pool = model.partition(POOL_SUFFIX)
+    return f"{base}{TRUST_SUFFIX}{sep}{pool}"

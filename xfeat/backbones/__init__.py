@@ -5,6 +5,8 @@ Owns the registry and dispatches on the name: a torchvision classifier (``resnet
 registered TorchScript network such as ``inception_v3_fid`` (:mod:`.torchscript_models`).
 Each source says which layer is the classifier, the feature dimension ``D``, how weights are
 resolved (random, pretrained, a local file) and the preprocessing that travels with them;
+``hf:NAME_OR_DIR`` is a transformers image tower (:mod:`.hf_models`), ``open_clip:ARCH`` an
+open_clip one (:mod:`.open_clip_models`);
 :mod:`.offline` finds weight files on this machine. ``create_backbone`` is the one factory.
 """
 
@@ -18,9 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from xfeat.backbones import timm_models, torchscript_models
+from xfeat.backbones import hf_models, offline, open_clip_models, timm_models, torchscript_models
 from xfeat.backbones import torchvision_models as tv
-from xfeat.backbones.offline import offline_weights
 from xfeat.backbones.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from xfeat.backbones.weights import WeightsInfo, weights_tag
 from xfeat.errors import BackboneError, WeightsUnavailableError
@@ -45,6 +46,7 @@ __all__ = [
     "offline_weights",
     "parameter_count",
     "resolve_weights",
+    "text_tower",
     "weights_tag",
 ]
 
@@ -90,9 +92,13 @@ class Backbone:
 
 
 def _source(name: str):
-    """The module that builds ``name``: timm, TorchScript or torchvision."""
+    """The module that builds ``name``: transformers, timm, TorchScript or torchvision."""
     if not isinstance(name, str):
         raise BackboneError(f"model {name!r}: expected a name such as 'resnet50'")
+    if hf_models.handles(name):
+        return hf_models
+    if open_clip_models.handles(name):
+        return open_clip_models
     if timm_models.handles(name):
         return timm_models
     if torchscript_models.handles(name):
@@ -101,7 +107,11 @@ def _source(name: str):
 
 
 def normalize_name(name: str) -> str:
-    """The name as recorded: ``torchscript:`` paths made absolute, others unchanged."""
+    """The name as recorded: ``torchscript:`` and ``hf:`` paths made absolute, others unchanged."""
+    if hf_models.handles(name):
+        return hf_models.normalize_name(name)
+    if open_clip_models.handles(name):
+        return open_clip_models.normalize_name(name)
     if torchscript_models.handles(name):
         return torchscript_models.normalize_name(name)
     return name
@@ -131,7 +141,12 @@ def parameter_count(name: str) -> int:
 
 def describe_backbones() -> list:
     """One dict per model: name, feature_dim, parameters (millions), weights names, source."""
-    return [{**row, "source": "torchvision"} for row in tv.describe()] + torchscript_models.describe()
+    return (
+        [{**row, "source": "torchvision"} for row in tv.describe()]
+        + torchscript_models.describe()
+        + hf_models.describe()
+        + open_clip_models.describe()
+    )
 
 
 def resolve_weights(name: str, weights: Union[str, Path, None], *, seed: int = 0, digest_memo=None):
@@ -150,6 +165,12 @@ def default_preprocessing(name: str, tv_weights=None) -> Preprocessing:
     else of the DEFAULT weights), timm's ``pretrained_cfg``, a TorchScript file's sidecar
     JSON; ImageNet's when there is nothing to read it from."""
     return _source(name).default_preprocessing(name, tv_weights)
+
+
+def offline_weights() -> dict:
+    """The weights available without a network (:func:`.offline.offline_weights`), plus
+    ``hf_cache``: the models in the local Hugging Face cache (``hf:REPO`` works offline)."""
+    return {**offline.offline_weights(), "hf_cache": hf_models.cached_models()}
 
 
 def create_backbone(
@@ -188,6 +209,21 @@ def create_backbone(
     model.eval()
     trainable = any(p.requires_grad for p in model.parameters())
     return Backbone(name, model, dim, path, preprocessing, info, kind, trainable)
+
+
+def text_tower(name: str, weights: Union[str, Path, None] = "DEFAULT", *, seed: int = 0):
+    """``(encode, logit_scale)`` of the text tower of ``name`` (an ``open_clip:`` model, or a
+    CLIP/SigLIP ``hf:`` checkpoint): ``encode(prompts)`` gives ``(P, D)`` embeddings in the space
+    of the model's image features, for zero-shot classification."""
+    source = _source(name)
+    if not hasattr(source, "text_tower"):
+        raise BackboneError(
+            f"{name} has no text tower; zero-shot needs an open_clip: model or a CLIP/SigLIP hf: one"
+        )
+    info, _ = source.resolve_weights(name, weights, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return source.text_tower(name, info)
 
 
 def set_submodule(model: nn.Module, path: str, layer: nn.Module) -> None:

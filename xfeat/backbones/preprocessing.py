@@ -28,6 +28,7 @@ _PIL_INTERPOLATION = {
     "lanczos": Image.LANCZOS,
 }
 INTERPOLATIONS = tuple(_PIL_INTERPOLATION)
+CROP_OFFSETS = ("round", "floor")
 MAX_SIDE = 4096  # the largest resize or crop size accepted, in pixels
 
 
@@ -38,6 +39,8 @@ class Preprocessing:
 
     ``exif_transpose``: rotate images as their EXIF orientation says (as a viewer shows them).
     ``dicom_window`` and ``dicom_frame``: how a DICOM file is shown (:class:`DicomOptions`).
+    ``crop_offset``: how an odd margin is split by the centre crop: ``round`` (to even, as
+    torchvision's ``CenterCrop``) or ``floor`` (as transformers' image processors).
     """
 
     resize_size: int = 256
@@ -49,6 +52,7 @@ class Preprocessing:
     resize_mode: str = "crop"
     dicom_window: str = "file"
     dicom_frame: Optional[int] = None
+    crop_offset: str = "round"
 
     def __post_init__(self):
         from xfeat.errors import ConfigError
@@ -73,6 +77,10 @@ class Preprocessing:
             raise ConfigError(
                 f"resize_mode={self.resize_mode!r}; expected one of {', '.join(RESIZE_MODES)}"
             )
+        if self.crop_offset not in CROP_OFFSETS:
+            raise ConfigError(
+                f"crop_offset={self.crop_offset!r}; expected one of {', '.join(CROP_OFFSETS)}"
+            )
         if self.interpolation not in _PIL_INTERPOLATION:
             raise ConfigError(
                 f"interpolation={self.interpolation!r}; expected one of {sorted(_PIL_INTERPOLATION)}"
@@ -90,11 +98,17 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
     def to_dict(self) -> dict:
-        """A JSON-ready record; ``resize_mode`` and the DICOM settings only when they are not
-        the defaults, so that caches keyed before they existed keep their keys."""
+        """A JSON-ready record; ``resize_mode``, ``crop_offset`` and the DICOM settings only
+        when they are not the defaults, so that caches keyed before they existed keep their keys."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
-        for name, default in (("resize_mode", "crop"), ("dicom_window", "file"), ("dicom_frame", None)):
+        defaults = (
+            ("resize_mode", "crop"),
+            ("dicom_window", "file"),
+            ("dicom_frame", None),
+            ("crop_offset", "round"),
+        )
+        for name, default in defaults:
             if d[name] == default:
                 del d[name]
         return d
@@ -113,6 +127,7 @@ class Preprocessing:
             d.get("resize_mode", "crop"),
             d.get("dicom_window", "file"),
             d.get("dicom_frame"),
+            d.get("crop_offset", "round"),
         )
 
     @classmethod
@@ -195,8 +210,8 @@ class Preprocessing:
         size, inner = self.resize_size, self._inner_offset()
         # torchvision centres the crop with round((side - crop) / 2); place the square so that
         # its own centre crop (offset ``inner``) lands on the same pixels.
-        left = min(max(0, int(round((new_w - self.crop_size) / 2.0)) - inner), new_w - size)
-        top = min(max(0, int(round((new_h - self.crop_size) / 2.0)) - inner), new_h - size)
+        left = min(max(0, self._offset(new_w - self.crop_size) - inner), new_w - size)
+        top = min(max(0, self._offset(new_h - self.crop_size) - inner), new_h - size)
         return to_uint8_rgb(image.crop((left, top, left + size, top + size)))
 
     def describe(self) -> str:
@@ -211,7 +226,13 @@ class Preprocessing:
 
     def _inner_offset(self, side: Optional[int] = None) -> int:
         side = self.resize_size if side is None else side
-        return int(round((side - self.crop_size) / 2.0))  # torchvision's CenterCrop offset
+        return self._offset(side - self.crop_size)
+
+    def _offset(self, margin: int) -> int:
+        """Where a centre crop starts in ``margin`` spare pixels (see ``crop_offset``)."""
+        if self.crop_offset == "floor":
+            return margin // 2
+        return int(round(margin / 2.0))  # torchvision's CenterCrop
 
     def resize_and_crop(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> ``(crop, crop, 3)`` uint8, exactly the store's eval view."""

@@ -30,6 +30,7 @@ class WeightsInfo:
     """Where a backbone's weights come from; ``id`` is what the cache key records."""
 
     # "random" | "torchvision" | "file" | "torchscript" (inside the model's file) | "timm"
+    # | "hf" (a transformers checkpoint) | "open_clip"
     kind: str
     # "random(seed=0)" | "ResNet50_Weights.IMAGENET1K_V2" | file path | "resnet18.a1_in1k"
     id: str

@@ -33,11 +33,18 @@ def models_cmd(as_json):
     click.echo(f"{'model':<22} {'D':>5} {'params':>8}  weights")
     for r in rows:
         source = "" if r["source"] == "torchvision" else f"  [{r['source']}]"
+        if r["feature_dim"] is None:  # a family named by a pattern
+            click.echo(f"{r['name']:<22} {'-':>5} {'-':>8}  {', '.join(r['weights'])}{source}")
+            continue
         click.echo(
             f"{r['name']:<22} {r['feature_dim']:>5} {r['params_m']:>7.1f}M  "
             f"{', '.join(r['weights'])}{source}"
         )
-    click.echo("Also: timm:NAME (pip install 'xfeat[timm]'), torchscript:PATH.")
+    click.echo(
+        "Also: timm:NAME (pip install 'xfeat[timm]'), torchscript:PATH; hf:NAME_OR_DIR "
+        "(pip install 'xfeat[hf]': a transformers image tower, e.g. hf:microsoft/rad-dino or "
+        "hf:facebook/dinov2-small, --pool cls|mean|cls+mean|embed)."
+    )
 
 
 @cli.command("weights")
@@ -61,6 +68,11 @@ def weights_cmd(as_json):
             )
     else:
         click.echo("No pretrained weights on this machine (only --weights none works offline).")
+    if found.get("hf_cache"):
+        click.echo("In the Hugging Face cache (--model hf:REPO --weights DEFAULT works offline):")
+        for r in found["hf_cache"]:
+            kind = "safetensors" if r["safetensors"] else "no safetensors"
+            click.echo(f"  {r['repo']:<40} {r['size_mb']:>8.1f} MB  {kind}\n      {r['path']}")
     missing = [p for p in found["packages"] if not p["installed"]]
     click.echo(
         "\nTo add more:\n"
@@ -68,6 +80,8 @@ def weights_cmd(as_json):
         "model.safetensors)\n"
         "  - copy torchvision's file (its URL's name, e.g. resnet50-11ad3fa6.pth) to "
         f"{found['checkpoints_dir']}\n"
+        "  - hf:REPO: `hf download REPO` once on a connected machine (into the Hugging Face "
+        "cache), or save a model with save_pretrained and pass --model hf:DIR\n"
         + "".join(f"  - {p['pip']}   ({p['license']})\n" for p in missing)
     )
 

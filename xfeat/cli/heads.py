@@ -266,3 +266,74 @@ def predict_cmd(
         + ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
         + (f"; {len(failed)} unreadable (see the error column)" if failed else "")
     )
+
+
+@cli.command("zero-shot")
+@click.pass_context
+@optional_data_options
+@model_options
+@click.option(
+    "--prompts",
+    multiple=True,
+    required=True,
+    metavar="CLASS=TEXT",
+    help="A class and a text describing it, e.g. 'NORMAL=a chest x-ray with no findings'; "
+    "every class needs one, and several for a class are averaged.",
+)
+@click.option(
+    "--cache",
+    "cache_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Use this feature cache (.h5).",
+)
+@click.option(
+    "--threshold",
+    default=None,
+    help="Two classes: 0.5 on the softmax (the most similar class; fixed, no labels used) "
+    "[default], or a rule chosen on val (youden, sensitivity:0.95: uses val labels).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/zero-shot].",
+)
+@n_boot_option
+@run_options
+@json_option
+@api_errors
+def zero_shot_cmd(
+    ctx,
+    data,
+    model,
+    weights,
+    image_size,
+    seed,
+    prompts,
+    cache_file,
+    threshold,
+    out_dir,
+    n_boot,
+    as_json,
+    **options,
+):
+    """Zero-shot baseline: classify by similarity to class prompts (a text tower: open_clip:,
+    CLIP/SigLIP hf:); results.json like fit-head's, no training labels used."""
+    from xfeat.zeroshot import zero_shot
+
+    data = data_spec(data, options)
+    extract_options = cache_source(ctx, data, cache_file, options, image_size=image_size, seed=seed)
+    result = zero_shot(
+        data,
+        model,
+        prompts=list(prompts),
+        weights=weights,
+        cache=cache_file,
+        threshold=threshold,
+        out_dir=out_dir,
+        n_boot=n_boot,
+        extract_options=extract_options,
+    )
+    click.echo(json.dumps(result.record.to_dict(), indent=2) if as_json else result.table())

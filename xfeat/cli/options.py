@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import fields
 from typing import Optional
 
@@ -14,6 +15,7 @@ from xfeat.config import (
     DICOM_GROUPS,
     DICOM_WINDOWS,
     INT8_CALIBRATION_IMAGES,
+    POOLS,
     PRECISIONS,
     PRETRAINED,
     RECIPES,
@@ -22,7 +24,10 @@ from xfeat.config import (
     DataSpec,
     ExtractConfig,
     FinetuneConfig,
+    with_pool,
+    with_trusted_code,
 )
+from xfeat.errors import ConfigError
 
 
 def default(cls, name: str):
@@ -146,11 +151,30 @@ def optional_data_options(f):
     return data_options(f, required=False)
 
 
+def _pool_into_model(f):
+    """``--pool`` and ``--trust-remote-code`` folded into ``--model`` (``hf:NAME:pool=mean``):
+    the name then carries them to every command that rebuilds the backbone."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        pool, trust = kwargs.pop("pool", None), kwargs.pop("trust_remote_code", False)
+        try:
+            if trust:
+                kwargs["model"] = with_trusted_code(kwargs["model"])
+            if pool:
+                kwargs["model"] = with_pool(kwargs["model"], pool)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--pool/--trust-remote-code") from None
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
 def model_options(f):
-    """--model, --weights, --image-size, --resize-size, --resize-mode, --mean, --std, --seed,
-    and :func:`dicom_options`."""
+    """--model, --weights, --pool, --trust-remote-code, --image-size, --resize-size,
+    --resize-mode, --mean, --std, --seed, and :func:`dicom_options`."""
     return apply(
-        dicom_options(f),
+        dicom_options(_pool_into_model(f)),
         [
             click.option(
                 "--model",
@@ -159,7 +183,22 @@ def model_options(f):
                 show_default=True,
                 help="A torchvision classifier (`xfeat models` lists them), timm:NAME, "
                 "torchscript:PATH (a module mapping images to (N, D); loading it runs the code "
-                "it holds, so use files you trust), or inception_v3_fid.",
+                "it holds, so use files you trust), inception_v3_fid, or hf:NAME_OR_DIR (a "
+                "transformers image tower: a hub name from the local cache, or a saved folder).",
+            ),
+            click.option(
+                "--pool",
+                type=click.Choice(POOLS),
+                default=None,
+                help="hf: models: how tokens become one vector: cls, mean (patch tokens), "
+                "cls+mean, embed (projected image embedding) [default: DINOv2 and RAD-DINO "
+                "cls (pooler_output), CLIP-style towers embed].",
+            ),
+            click.option(
+                "--trust-remote-code",
+                is_flag=True,
+                help="hf: models: run the repository's own Python code (transformers' "
+                "trust_remote_code; off by default: read the code first).",
             ),
             click.option(
                 "--weights",
@@ -167,9 +206,9 @@ def model_options(f):
                 default=PRETRAINED,
                 show_default=True,
                 help="DEFAULT: the architecture's pretrained weights (torchvision's DEFAULT, "
-                "timm's pretrained tag); a torchvision weights name such as IMAGENET1K_V1; a "
-                "local state-dict file; or none: random init, an untrained network (timing "
-                "only). `xfeat weights` lists those available offline.",
+                "timm's pretrained tag, an hf: checkpoint's own); a torchvision weights name "
+                "such as IMAGENET1K_V1; a local state-dict file; or none: random init, an "
+                "untrained network (timing only). `xfeat weights` lists those available offline.",
             ),
             click.option(
                 "--image-size",
@@ -420,8 +459,9 @@ def feature_options(f):
                 "--layers",
                 default="penultimate",
                 show_default=True,
-                help="penultimate, stages (each stage's pooled output too), or node names "
-                "NODE,NODE (`xfeat nodes MODEL`); one forward pass.",
+                help="penultimate, stages (each stage's pooled output too), node names "
+                "NODE,NODE (`xfeat nodes MODEL`), or for hf: models last:N (the CLS tokens of "
+                "the last N blocks too); one forward pass.",
             ),
             click.option(
                 "--views",

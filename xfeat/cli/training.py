@@ -147,6 +147,13 @@ def finetune_cmd(
 @n_boot_option
 @click.option("--analyze", is_flag=True, help="Also run `xfeat analyze` and link it.")
 @click.option(
+    "--prompts",
+    multiple=True,
+    metavar="CLASS=TEXT",
+    help="Add a zero-shot run (no training labels) for every model with a text tower "
+    "(open_clip:, CLIP/SigLIP hf:), e.g. 'NORMAL=a chest x-ray with no findings'.",
+)
+@click.option(
     "--out", "out_dir", type=click.Path(file_okay=False), default="runs/compare", show_default=True
 )
 @json_option
@@ -154,6 +161,7 @@ def finetune_cmd(
 @api_errors
 def compare_cmd(
     ctx,
+    prompts,
     models,
     weights,
     modes,
@@ -197,6 +205,7 @@ def compare_cmd(
         progress=ctx.obj["progress"],
         finetune=options,
         cache_dir=cache_dir,
+        prompts=list(prompts) or None,
     )
     if as_json:
         click.echo((result.out_dir / "comparison.json").read_text())

@@ -83,6 +83,7 @@ class _Setup:
     n_boot: int
     quick: bool
     extract_options: dict  # cache_dir, image_size, resize_mode, dicom_window, dicom_frame, ...
+    prompts: Optional[dict] = None  # class -> texts: a zero-shot run per model with a text tower
 
 
 def compare(
@@ -105,6 +106,7 @@ def compare(
     cache_dir=None,
     analyze: bool = False,
     progress: bool = True,
+    prompts=None,
     **finetune_options,
 ) -> Comparison:
     """Run every (model, mode) pair not already done and write the comparison report.
@@ -116,12 +118,21 @@ def compare(
     ``seed`` seeds everything. ``quick`` uses a stratified subset (train 300, val 100, test
     200 images) and at most 2 epochs, so the comparison fits in minutes on a CPU.
     ``resize_mode``, ``dicom_window`` and ``dicom_frame``: as for :func:`xfeat.extract`.
+    ``prompts`` (``{class: text}`` or ``["CLASS=text"]``) adds a ``zero-shot`` run for every
+    model with a text tower (:func:`xfeat.zeroshot.zero_shot`), beside its linear probe.
     """
     from xfeat.data import load_dataset
 
     config = _finetune_config(finetune, finetune_options)
     weights_by_model = _validate(models, weights, modes, head, n_boot, config)
     modes_by_model, notes = _supported_modes(models, weights_by_model, modes, config.seed)
+    if prompts:
+        from xfeat.zeroshot import MODE, parse_prompts
+
+        prompts = parse_prompts(prompts)
+        for m in models:
+            if m.startswith(("open_clip:", "hf:")):
+                modes_by_model[m].append(MODE)
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     dataset = load_dataset(data, cache_dir=cache_dir)
@@ -152,6 +163,7 @@ def compare(
             "progress": progress,
             "seed": config.seed,
         },
+        prompts,
     )
     with run_lock(out_dir, "comparison"):
         results, failed = _run_all(setup, models, weights_by_model, modes_by_model, out_dir / "runs")
@@ -243,6 +255,9 @@ def _run_name(setup: _Setup, model: str, weights, mode: str) -> str:
     if mode == "cached":
         config["head"] = setup.head
         kind = f"cached-{setup.head}"
+    elif mode == "zero-shot":
+        config["prompts"] = setup.prompts
+        kind = mode
     else:
         config["finetune"] = {k: v for k, v in setup.finetune.training_key().items() if k != "mode"}
         config["adapt"] = setup.finetune.adapt
@@ -283,6 +298,19 @@ def _run(setup: _Setup, run_dir: Path, model: str, weights, mode: str) -> RunRes
     from xfeat.fitting import fit_head
 
     options = setup.extract_options
+    if mode == "zero-shot":
+        from xfeat.zeroshot import zero_shot
+
+        return zero_shot(
+            setup.dataset,
+            model,
+            prompts=setup.prompts,
+            weights=weights,
+            out_dir=run_dir,
+            n_boot=setup.n_boot,
+            seed=setup.finetune.seed,
+            extract_options=options,
+        )
     if mode == "cached":
         return fit_head(
             setup.dataset,

@@ -5,7 +5,8 @@
 spatial resolution, from stride 4 on, found from the architecture itself (ResNet's
 ``layer1..3``, MobileNetV2's ``features.3/6/13``, ...). ``--layers NODE,NODE`` names nodes
 as torchvision's ``create_feature_extractor`` does (``xfeat nodes MODEL`` lists them). Each
-block is global-average-pooled to ``(N, C)``.
+block is global-average-pooled to ``(N, C)``. ``--layers last:N`` (``hf:`` models) adds the CLS
+tokens of the last N transformer blocks (:func:`xfeat.backbones.hf_models.resolve_blocks`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def parse_layers(spec: Union[str, Sequence[str], None]) -> tuple:
 def resolve_blocks(model_name: str, layers: tuple, crop_size: int) -> list:
     """``[(block name, dim)]`` for ``layers`` of a torchvision model, found on the meta device
     (no weights, no memory)."""
+    if model_name.startswith("hf:"):
+        from xfeat.backbones import hf_models
+
+        return hf_models.resolve_blocks(model_name, layers)
     if layers == (PENULTIMATE,):
         from xfeat.backbones import feature_dim
 
@@ -164,7 +169,7 @@ class BlockExtractor(nn.Module):
         super().__init__()
         self.names = [name for name, _ in blocks]
         nodes = [n for n in self.names if n != PENULTIMATE]
-        if not nodes:
+        if not nodes or hasattr(model, "forward_blocks"):  # a token model picks its own blocks
             self.body, self.graph = model, False
             return
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
@@ -176,6 +181,8 @@ class BlockExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict:
         if not self.graph:
+            if self.names != [PENULTIMATE]:
+                return self.body.forward_blocks(x, self.names)
             return {PENULTIMATE: self.body(x)}
         out = self.body(x)
         return {name: pool(out[name]) for name in self.names}
@@ -187,6 +194,16 @@ def describe_nodes(model_name: str, crop_size: int = 224) -> dict:
 
     from xfeat.backbones import torchvision_models as tv
 
+    if model_name.startswith(("hf:", "open_clip:")):
+        raise ConfigError(
+            f"xfeat nodes is for torchvision models; {model_name.split(':')[0]}: models take "
+            "--layers penultimate"
+            + (
+                " or last:N (the CLS tokens of the last N blocks)"
+                if model_name.startswith("hf:")
+                else ""
+            )
+        )
     tv.check_name(model_name)
     model = _stripped(tv.build_empty(model_name), model_name)
     try:

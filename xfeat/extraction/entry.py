@@ -52,6 +52,20 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
+def _model_files(model: str):
+    """What identifies a model held in files: a TorchScript file's identity, every file of an
+    ``hf:`` folder; None for a name alone; False when it cannot be told without loading (a hub
+    name, whose cached snapshot may change)."""
+    if model.startswith("torchscript:"):
+        return _file_identity(model.split(":", 1)[1])
+    if model.startswith(("hf:", "open_clip:")):
+        folder = Path(model.split(":", 1)[1].split(":pool=")[0]).expanduser()
+        if not folder.is_dir():
+            return False
+        return [_file_identity(p) for p in sorted(folder.iterdir()) if p.is_file()]
+    return None
+
+
 def request_signature(data, model: str, weights, options: dict) -> Optional[str]:
     """The signature of an extraction request, or None when it cannot be had without loading
     the data (a data set object, a built-in set not downloaded yet, a missing path)."""
@@ -62,19 +76,23 @@ def request_signature(data, model: str, weights, options: dict) -> Optional[str]
     if listing is None:
         return None
     model = str(model)
+    model_file = _model_files(model)
+    if model_file is False:
+        return None
     shaping = shaping_options(options)
     if shaping.get("precision", "fp32") == "fp32":
         shaping.pop("batch_size", None)  # only int8's calibration batches depend on it
     record = {
         "data": listing,
         "model": model,
-        "model_file": _file_identity(model.split(":", 1)[1])
-        if model.startswith("torchscript:")
-        else None,
+        "model_file": model_file,
         "weights": str(weights),
         "weights_file": _file_identity(weights),
         "options": sorted((k, repr(v)) for k, v in shaping.items()),
-        "versions": [__version__, _version("torch"), _version("torchvision"), _version("timm")],
+        "versions": [
+            __version__,
+            *(_version(p) for p in ("torch", "torchvision", "timm", "transformers", "open_clip_torch")),
+        ],
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 

@@ -39,7 +39,7 @@ from xfeat.extraction import distributed
 from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.extraction.blocks import parse_layers, resolve_blocks
 from xfeat.extraction.options import split_extract_options  # noqa: F401  (re-exported)
-from xfeat.extraction.runtime import resolve_device, should_compile
+from xfeat.extraction.runtime import FOUNDATION_PREFIXES, check_compile, resolve_device, should_compile
 from xfeat.extraction.view_names import parse_tta, train_views, tta_views
 
 logger = logging.getLogger(__name__)
@@ -105,9 +105,24 @@ class ExtractionPlan:
                 "torch": torch.__version__,
                 "torchvision": torchvision.__version__,
                 "numpy": np.__version__,
+                **foundation_versions(self.model),
             },
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
+
+
+def foundation_versions(model: str) -> dict:
+    """The versions of transformers / open_clip for their models (they shape the features)."""
+    from importlib import metadata
+
+    package = {"hf:": "transformers", "open_clip:": "open_clip_torch"}
+    for prefix, name in package.items():
+        if model.startswith(prefix):
+            try:
+                return {name: metadata.version(name)}
+            except metadata.PackageNotFoundError:
+                return {}
+    return {}
 
 
 def plan_extraction(
@@ -265,6 +280,7 @@ def extract(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}: expected an integer >= 1")
     should_compile(compile, 0)  # a bad value fails now, not after the dataset is read
+    check_compile(plan.model, compile)
     if plan.precision == "int8":
         from xfeat.extraction.quantize import check_int8
 
@@ -399,6 +415,7 @@ def _run(
         # Decided on the whole entry, so that a resumed run computes the rest the same way.
         total = sum(writer.n_rows(g) for g in plan.groups)
         compiled = should_compile(compile, total) or plan.precision == "int8"
+        compiled = compiled and not plan.model.startswith(FOUNDATION_PREFIXES)
         if compiled and compile == "auto":
             logger.info("compiling the model: %d images in the entry (--compile off to skip)", total)
         runner = Runner(

@@ -31,6 +31,11 @@ def check_int8(model_name: str, device: torch.device) -> None:
 
     if device.type != "cpu":
         raise ConfigError("--precision int8 is for CPU extraction; on a GPU use fp32")
+    if model_name.startswith(("hf:", "open_clip:")):
+        raise ConfigError(
+            f"--precision int8 is not offered for {model_name}: xfeat quantizes torchvision "
+            "CNNs only (offered for: " + ", ".join(sorted(INT8_FASTER)) + "); use --precision fp32"
+        )
     if family(model_name) not in INT8_FASTER:
         raise ConfigError(
             f"--precision int8 is not offered for {model_name}: it was not "

@@ -258,11 +258,24 @@ CHANNELS_LAST_SLOWER_ON_CPU = frozenset({"convnext", "swin", "vit"})
 # in under a second) and makes the forward pass 1.1-1.45x faster than eager channels_last here
 # (scripts/bench_extract.py): from a few thousand images on, the later runs win it back.
 AUTO_COMPILE_MIN_IMAGES = 3000
+# Transformer families (hf:, open_clip:): eager only; their graphs are not exported here.
+FOUNDATION_PREFIXES = ("hf:", "open_clip:")
+
+
+def check_compile(model_name: str, choice) -> None:
+    """A clear error for ``--compile on`` with a model that runs eagerly only."""
+    if choice in (True, "on") and str(model_name).startswith(FOUNDATION_PREFIXES):
+        raise ConfigError(
+            f"--compile on is not offered for {model_name}: transformer towers from "
+            "transformers / open_clip run eagerly in xfeat; omit --compile (or pass off)"
+        )
 
 
 def channels_last_default(model_name: str, device: torch.device) -> bool:
     if model_name.startswith("torchscript:"):
         return False  # a scripted graph keeps the layout it was made with
+    if model_name.startswith(FOUNDATION_PREFIXES) and device.type == "cpu":
+        return False  # vision transformers: one patch convolution, then tokens
     return device.type == "cuda" or family(model_name) not in CHANNELS_LAST_SLOWER_ON_CPU
 
 

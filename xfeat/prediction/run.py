@@ -59,7 +59,7 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
         weights, kwargs = weights_override or w["id"].rsplit(".", 1)[-1], {}
     elif w["kind"] == "torchscript":  # the weights are inside the model's file
         weights, kwargs = weights_override or "none", {}
-    elif w["kind"] == "timm":
+    elif w["kind"] in ("timm", "hf", "open_clip"):  # the model's own pretrained weights
         weights, kwargs = weights_override or "DEFAULT", {}
     else:
         weights, kwargs = weights_override or w["id"], {}

@@ -30,7 +30,11 @@ def table_row(model: str, mode: str, result: RunResult) -> dict:
     r = result.record
     t, test, ci = r.timing, r.metrics["test"], r.ci.get("test", {})
     params = r.params
-    if mode == "cached":
+    if mode == "zero-shot":  # nothing trained: the prompts' embedding is its "fit"
+        n_params, trainable = parameter_count(model), 0
+        extract_s, train_s, eval_s = t["extract_seconds"], t["fit_seconds"], t["evaluate_seconds"]
+        ips = None
+    elif mode == "cached":
         n_params, trainable = parameter_count(model), _head_params(r)
         extract_s, train_s, eval_s = t["extract_seconds"], t["fit_seconds"], t["evaluate_seconds"]
         ips = t.get("extract_images_per_second")
