@@ -171,7 +171,7 @@ def test_metrics_mask_unknown_entries_and_report_undefined_labels():
     )
     known = Y != -1
     assert m["micro_roc_auc"] == pytest.approx(roc_auc_score(Y[known], P[known]))
-    with pytest.raises(ValueError, match="the label 'c' has a single class in its val rows"):
+    with pytest.raises(DataError, match="the label 'c' has a single class in its val rows"):
         choose_label_thresholds(Y, P, "youden", ["a", "b", "c"])
 
 

@@ -56,6 +56,14 @@ def parse_prompts(prompts) -> dict:
     return out
 
 
+def refuse_multilabel() -> None:
+    """Zero-shot prompts score one class per image (a softmax over the prompts)."""
+    raise ConfigError(
+        "zero-shot scores one class per image (a softmax over the class prompts); these data "
+        "are multi-label: fit a linear probe (xfeat fit-head) instead, or drop --prompts"
+    )
+
+
 def zero_shot(
     data=None,
     model: str = "open_clip:ViT-B-32:openai",
@@ -86,6 +94,8 @@ def zero_shot(
 
     t_start = time.perf_counter()
     by_class = parse_prompts(prompts)
+    if data is not None and not isinstance(data, (str, Path)) and getattr(data, "multilabel", False):
+        refuse_multilabel()  # before any extraction
     threshold = FIXED_THRESHOLD if threshold is None else threshold
     parse_threshold_rule(threshold)
     check_writable(out_dir)
@@ -93,6 +103,8 @@ def zero_shot(
         data, model, weights=weights, cache=cache, extract_options=extract_options, command="zero_shot"
     )
     features = loaded.features
+    if features.multilabel:
+        refuse_multilabel()
     meta = features.meta
     classes = list(features.class_names)
     missing, unknown = (

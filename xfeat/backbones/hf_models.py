@@ -471,10 +471,14 @@ def describe() -> list:
 def cached_models() -> list:
     """Models in the local Hugging Face cache: ``{repo, revisions, size_mb, path, safetensors}``."""
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
 
-        info = scan_cache_dir()
-    except Exception:  # no cache folder yet, or huggingface_hub missing
+        # the folder as configured now (scan_cache_dir's default is read when it is imported)
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
+    except ImportError:  # huggingface_hub missing
+        return []
+    except Exception as exc:  # no cache folder yet (CacheNotFound), or an unreadable one
+        logger.debug("no Hugging Face cache listed: %s", exc)
         return []
     rows = []
     for repo in sorted(info.repos, key=lambda r: r.repo_id):

@@ -136,6 +136,10 @@ def compare(
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     dataset = load_dataset(data, cache_dir=cache_dir)
+    if prompts and dataset.multilabel:
+        from xfeat.zeroshot import refuse_multilabel
+
+        refuse_multilabel()
     if quick:
         dataset = dataset.subsample(QUICK_SIZES, seed=config.seed)
         requested = config.epochs

@@ -163,8 +163,10 @@ def load_table(table: Path, spec: DataSpec, *, allow_missing: bool = False) -> D
         if not items:
             continue
         labels = encode(split, [label for _, _, label, _ in items])
-        for (name, path, _, _), target in zip(items, labels):
-            digest.update(f"{split}\0{np.asarray(target).tolist()}\0{name}\0".encode())
+        for (name, path, label, _), target in zip(items, labels):
+            # single-label: the class name, as since the first label tables (their caches keep keys)
+            shown = target.tolist() if spec.multilabel else label
+            digest.update(f"{split}\0{shown}\0{name}\0".encode())
             p = Path(path)
             digest.update(hashlib.sha256(p.read_bytes()).digest() if p.is_file() else b"missing")
         splits[split] = Split(

@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from xfeat.config import parse_threshold_rule
+from xfeat.errors import DataError
 from xfeat.evaluation.core import nanmean, weighted_auc, weighted_average_precision
 from xfeat.evaluation.metrics import choose_threshold
 
@@ -119,7 +120,7 @@ def choose_label_thresholds(Y_val, P_val, rule, label_names) -> list:
         if isinstance(parsed, float):
             thresholds.append(parsed)
         elif not _defined(y):
-            raise ValueError(
+            raise DataError(
                 f"the label {name!r} has {'no known' if not len(y) else 'a single class in its'} "
                 "val rows; its threshold is chosen on val and needs positives and negatives there: "
                 "give a larger val split (--val-fraction)"

@@ -225,6 +225,11 @@ def _prepare(
     rows = None
     if config.max_train_images is not None and config.max_train_images < len(labels):
         rows = stratified_rows(strata(labels), config.max_train_images, config.seed)
+    if plan.dataset.multilabel:  # before any training: each label needs both values in train and val
+        from xfeat.heads.multilabel import check_label_values
+
+        train = labels if rows is None else labels[rows]
+        check_label_values(train, plan.dataset.splits["val"].labels, plan.dataset.class_names)
     kind = f"{config.mode}-linear" + ("" if config.recipe == "tutorial" else f"-{config.recipe}")
     run_dir = (
         Path(out_dir)
@@ -450,8 +455,8 @@ def _end_epoch(run: _Run, epoch: int, tr: dict, va: dict, lr: float, net, optimi
         tr["images_per_second"],
         1000 * tr["seconds"] / max(1, -(-tr["images"] // run.config.batch_size)),
     )
-    value = record[metric] if math.isfinite(record[metric]) else -1.0
-    if value > run.best.get(metric, -1.0):
+    value = record[metric] if math.isfinite(record[metric]) else -math.inf
+    if run.best["epoch"] == 0 or value > run.best.get(metric, -math.inf):  # the first epoch always
         run.best = {"epoch": epoch, metric: value}
         save_state_dict(net, run.run_dir / "best_model.pt")
     save_checkpoint(

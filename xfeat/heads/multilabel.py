@@ -19,6 +19,25 @@ from xfeat.heads.registry import create_head
 UNKNOWN = -1
 
 
+def check_label_values(Y_train, Y_val, names) -> None:
+    """Each label needs positive and negative known rows in train (to be learnt) and in val
+    (where its choices and threshold are made); a one-line error names the label otherwise."""
+    for split, Y in (("train", np.asarray(Y_train)), ("val", np.asarray(Y_val))):
+        for j, name in enumerate(names):
+            y = Y[:, j][Y[:, j] != UNKNOWN]
+            if len(np.unique(y)) < 2:
+                state = "no known rows" if not len(y) else f"only the value {int(y[0])}"
+                fix = (
+                    "give a larger val split (--val-fraction) or more val rows in the table"
+                    if split == "val"
+                    else "add train rows with both values"
+                )
+                raise DataError(
+                    f"the label {name!r} has {state} in {split}; every label needs positives and "
+                    f"negatives there: {fix}, or drop the label"
+                )
+
+
 class OneVsRestHead:
     """L independent binary heads of one kind (``head``: ``logreg``, ``linear`` or ``knn``).
 
@@ -45,16 +64,10 @@ class OneVsRestHead:
         if Y.ndim != 2 or Y_val.ndim != 2 or Y.shape[1] != Y_val.shape[1]:
             raise DataError(f"multi-label targets must be (N, L); got {Y.shape} and {Y_val.shape}")
         names = list(label_names) if label_names is not None else [str(j) for j in range(Y.shape[1])]
+        check_label_values(Y, Y_val, names)
         self.estimators_, self.selection_ = [], {}
         for j, name in enumerate(names):
             rows, val_rows = Y[:, j] != UNKNOWN, Y_val[:, j] != UNKNOWN
-            for split, y in (("train", Y[rows, j]), ("val", Y_val[val_rows, j])):
-                if len(np.unique(y)) < 2:
-                    raise DataError(
-                        f"the label {name!r} has {'no known rows' if not len(y) else 'one class'} "
-                        f"in {split}; its head needs positives and negatives there (give a larger "
-                        "val split with --val-fraction, or drop the label)"
-                    )
             estimator = create_head(self.head, **self.params).fit(
                 X[rows], Y[rows, j], X_val=X_val[val_rows], y_val=Y_val[val_rows, j]
             )
