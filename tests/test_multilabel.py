@@ -388,3 +388,50 @@ def test_multilabel_compare_and_analyze_reports(tmp_path, tables):
         assert analysis[name]["skip_reason"] == "multilabel"
     text = (tmp_path / "an" / "analysis.md").read_text()
     assert "Does not apply: label noise is estimated from one class per image" in text
+
+
+def test_options_that_would_be_ignored_are_refused(tables):
+    with pytest.raises(ConfigError, match="negative_label='No Finding' applies to joined labels"):
+        DataSpec(tables["nih"], negative_label="No Finding")
+    with pytest.raises(ConfigError, match="uncertain='zeros' maps the -1 entries of label columns"):
+        DataSpec(tables["nih"], label_sep="|", uncertain="zeros")
+
+
+def test_no_patient_ids_means_an_image_bootstrap(tmp_path, tables):
+    rows = _read(tables["chexpert"])
+    # no patient column, and no file-name pattern: nothing names a patient
+    spec = DataSpec(_write(tmp_path / "t.csv", rows), group_pattern="", **CHEXPERT)
+    result = xfeat.fit_head(
+        spec, "resnet18", extract_options={**EXTRACT, "cache_dir": tmp_path / "c"}, save=False, n_boot=20
+    )
+    assert result.record.ci["test"]["resampled"] == "images"
+
+
+def test_an_lpft_probe_of_other_labels_is_refused(tmp_path, tables):
+    from xfeat.finetuning import finetune
+
+    options = {**EXTRACT, "cache_dir": tmp_path / "c"}
+    xfeat.fit_head(
+        DataSpec(tables["three_class"]),
+        "resnet18",
+        extract_options=options,
+        out_dir=tmp_path / "p",
+        n_boot=0,
+    )
+    spec = DataSpec(tables["chexpert"], val_fraction=0.25, **CHEXPERT)
+    with pytest.raises(
+        ConfigError,
+        match=r"was fitted on classes \['bacterial', 'normal', 'viral'\] but these data have labels",
+    ):
+        finetune(
+            spec,
+            "resnet18",
+            mode="lp-ft",
+            epochs=1,
+            probe=tmp_path / "p" / "head.npz",
+            out_dir=tmp_path / "r",
+            cache_dir=tmp_path / "c",
+            image_size=TINY,
+            num_workers=0,
+            progress=False,
+        )

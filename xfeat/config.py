@@ -132,9 +132,19 @@ class DataSpec:
             if self.label_sep is not None:
                 raise ConfigError("give either label_cols (one column per label) or label_sep, not both")
             object.__setattr__(self, "label_cols", cols)
+        if self.negative_label is not None and self.label_sep is None:
+            raise ConfigError(
+                f"negative_label={self.negative_label!r} applies to joined labels: give label_sep "
+                "(--label-sep) too, or leave it out"
+            )
         if self.uncertain not in UNCERTAIN_POLICIES:
             raise ConfigError(
                 f"uncertain={self.uncertain!r}: expected one of {', '.join(UNCERTAIN_POLICIES)}"
+            )
+        if self.uncertain != "ignore" and self.label_cols is None:
+            raise ConfigError(
+                f"uncertain={self.uncertain!r} maps the -1 entries of label columns: give "
+                "label_cols (--label-cols), or leave it out"
             )
         for name in ("image_col", "label_col", "split_col"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):

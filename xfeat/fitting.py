@@ -78,6 +78,8 @@ def fit_head(
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     parse_threshold_rule(threshold)  # before any extraction
     adapt, tta = check_method(adapt), parse_tta(tta)
+    if adapt == "em" and getattr(data, "multilabel", False):
+        _refuse_em_multilabel()  # before any extraction
     check_writable(out_dir)
     loaded = load_features(
         data,
@@ -93,10 +95,7 @@ def fit_head(
     if explicit_threshold and not multilabel:
         check_threshold_applies(threshold, features.class_names)
     if multilabel and adapt == "em":
-        raise ConfigError(
-            "--adapt em re-estimates the class prior of single-label data; these data are "
-            "multi-label: use --adapt standardize or coral"
-        )
+        _refuse_em_multilabel()
     inputs = _inputs(features, use_views=use_views, tta=tta)
     if multilabel:
         fitted, threshold_on, fit_seconds = _fit_multilabel(
@@ -133,6 +132,8 @@ def fit_head(
         "tta": list(tta),
         "train_views": inputs["train_views"],
         "adapt": adapt,
+        # how the data were read (label columns, --uncertain, patients), as the cache records it
+        "data": features.meta.data.to_dict() if features.meta.data is not None else None,
     }
     record = _record(
         features, fitted, head, evaluation, timing, cache_hit=loaded.cache_hit, params=params
@@ -159,6 +160,13 @@ def fit_head(
         )
         _save(result, features.meta, head, evaluation, out_dir, features.blocks, source, tta, ood)
     return result
+
+
+def _refuse_em_multilabel() -> None:
+    raise ConfigError(
+        "--adapt em re-estimates the class prior of single-label data; these data are "
+        "multi-label: use --adapt standardize or coral"
+    )
 
 
 def _adaptation_source(inputs: dict, val_proba: np.ndarray, class_names: list, threshold) -> dict:

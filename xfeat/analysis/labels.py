@@ -30,7 +30,8 @@ def label_section(features) -> Section:
     for s in splits:
         Y = features[s].labels
         known[s] = (Y != UNKNOWN).sum(axis=0)
-        prevalence[s] = ((Y == 1).sum(axis=0) / np.maximum(1, known[s])).tolist()
+        with np.errstate(invalid="ignore", divide="ignore"):  # no known row: NaN, not 0
+            prevalence[s] = np.where(known[s] > 0, (Y == 1).sum(axis=0) / known[s], np.nan).tolist()
     summary = {
         "label_names": names,
         "n_images": int(sum(len(features[s]) for s in splits)),

@@ -359,9 +359,8 @@ def _report(
     rows = [table_row(model, mode, r) for model, mode, r in results]
     best = best_run(rows)
     test = setup.dataset.splits.get("test")
-    patients = (
-        dict(zip(test.ids, split_patients(test, setup.dataset.spec))) if test is not None else None
-    )
+    groups = split_patients(test, setup.dataset.spec) if test is not None else None
+    patients = dict(zip(test.ids, groups)) if groups is not None else None
     tests = significance(results, rows, best, patients)
     baselines = {
         model: linear_on_cache(r, _frozen_epochs(results, model), out_dir / "runs")

@@ -124,9 +124,10 @@ class Dataset:
                 splits[name] = split
                 continue
             if n < len(self.class_names):
+                kind = "labels" if self.multilabel else "classes"
                 raise DataError(
                     f"cannot subsample {name} to {n} images: fewer than the "
-                    f"{len(self.class_names)} classes"
+                    f"{len(self.class_names)} {kind}"
                 )
             rows = stratified_rows(strata(split.labels), n, [seed, SPLITS.index(name)])
             splits[name] = split.subset(rows)

@@ -36,12 +36,15 @@ def patient_groups(ids: Sequence[str], pattern: Optional[str]) -> list:
     return groups
 
 
-def split_patients(split: Split, spec: Optional[DataSpec]) -> list:
-    """The patient of each sample: a table's patient column, else the patient id in the file
-    names (``spec.group_pattern``), else the sample itself."""
+def split_patients(split: Split, spec: Optional[DataSpec]) -> Optional[list]:
+    """The patient of each sample (a table's patient column, a DICOM tag, or the patient id in
+    the file names by ``spec.group_pattern``, a name it does not match being its own patient),
+    or None when nothing names a patient."""
     if split.groups is not None:
         return list(split.groups)
-    return patient_groups(split.ids, spec.group_pattern if spec is not None else None)
+    pattern = spec.group_pattern if spec is not None else None
+    groups = patient_groups(split.ids, pattern)
+    return groups if pattern and groups != list(split.ids) else None
 
 
 def attach_dicom_groups(dataset: Dataset, spec: DataSpec) -> None:

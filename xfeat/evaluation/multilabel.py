@@ -130,7 +130,7 @@ def choose_label_thresholds(Y_val, P_val, rule, label_names) -> list:
     return thresholds
 
 
-def _resample_weights(groups, n: int, n_boot: int, seed: int):
+def _resample_weights(groups, n: int, n_boot: int, seed: int, width: int = 1):
     """Chunks of bootstrap resamples as per-row weights (B, n): whole patients are drawn when
     ``groups`` (one per row) are given, else rows; a row's weight is its patient's count."""
     if groups is not None:
@@ -139,7 +139,7 @@ def _resample_weights(groups, n: int, n_boot: int, seed: int):
         index = np.arange(n)
     n_groups = int(index.max()) + 1
     rng = np.random.default_rng(seed)
-    chunk = max(1, _MAX_CELLS // max(n, n_groups))
+    chunk = max(1, _MAX_CELLS // (max(n, n_groups) * width))  # width: columns held per row
     for done in range(0, n_boot, chunk):
         b = min(chunk, n_boot - done)
         drawn = rng.integers(0, n_groups, size=(b, n_groups))
@@ -212,7 +212,8 @@ def bootstrap_multilabel_ci(Y, P, label_names, *, groups=None, n_boot=1000, leve
     """
     Y, P = check_multilabel(Y, P, label_names)
     draws = {}
-    for w in _resample_weights(groups, len(Y), n_boot, seed):
+    # the micro AUC holds every label's column of the weights at once
+    for w in _resample_weights(groups, len(Y), n_boot, seed, width=Y.shape[1] + 1):
         aucs, aps = [], []
         for j, label in enumerate(label_names):
             known = Y[:, j] != UNKNOWN

@@ -38,7 +38,7 @@ def train_one_epoch(
     """
     model.train()
     world = distributed.current_world().size
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank)
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, judged, images (this rank)
     t0 = time.perf_counter()
     bar = tqdm(
         total=loader.batch_sampler.n,
@@ -65,24 +65,25 @@ def train_one_epoch(
             raise TrainingDiverged(
                 f"{desc}: the training loss became {loss_sum.item()}; lower the learning rate (--lr)"
             )
-        if y.ndim == 2:  # multi-label: each known entry right at 0.5, per image judged
+        if y.ndim == 2:  # multi-label: per known entry (as evaluate), right at 0.5
             known = y >= 0
-            right = ((logits.detach() >= 0) == (y == 1))[known].sum().item() / y.shape[1]
-            real = known.any(1).sum().item()
+            right = ((logits.detach() >= 0) == (y == 1))[known].sum().item()
+            judged, images = known.sum().item(), known.any(1).sum().item()
         else:
             real_rows = y != IGNORE_LABEL
-            right, real = (logits.argmax(1) == y)[real_rows].sum().item(), real_rows.sum().item()
-        totals += torch.tensor([loss_sum.item(), right, real], dtype=torch.float64)
+            right, judged = (logits.argmax(1) == y)[real_rows].sum().item(), real_rows.sum().item()
+            images = judged
+        totals += torch.tensor([loss_sum.item(), right, judged, images], dtype=torch.float64)
         bar.update(int(batch_n[0]))
         bar.set_postfix(loss=f"{totals[0] / max(totals[2], 1):.3f}", refresh=False)
     bar.close()
     if world > 1:
         torch.distributed.all_reduce(totals)
     seconds = time.perf_counter() - t0
-    loss_total, correct, seen = totals.tolist()
-    return {
-        "loss": loss_total / seen,
-        "accuracy": correct / seen,
+    loss_total, correct, judged, seen = totals.tolist()
+    return {  # per image, or for multi-label data per known entry (as evaluate reports them)
+        "loss": loss_total / max(judged, 1),
+        "accuracy": correct / max(judged, 1),
         "images": int(seen),
         "seconds": seconds,
         "images_per_second": seen / seconds,

@@ -28,7 +28,7 @@ from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.extraction.runtime import resolve_device
 from xfeat.extraction.store import store_profile
 from xfeat.files import write_csv, write_json
-from xfeat.finetuning.loaders import mix_seed, split_loader
+from xfeat.finetuning.loaders import EpochBatches, mix_seed, split_loader
 from xfeat.finetuning.loop import adabn, evaluate, train_one_epoch
 from xfeat.finetuning.model import (
     build_network,
@@ -290,6 +290,18 @@ def _lpft_probe(run: _Run):
     if probe_file is not None:
         fitted, head_meta = load_head(probe_file)
         check_head_matches(head_meta, read_meta(path), source=f"the cache {path.name}")
+        dataset = run.plan.dataset
+        probe_multilabel = head_meta.get("label_thresholds") is not None
+        if (
+            list(head_meta["class_names"]) != list(dataset.class_names)
+            or probe_multilabel != dataset.multilabel
+        ):
+            kind = "labels" if dataset.multilabel else "classes"
+            raise ConfigError(
+                f"{probe_file} was fitted on {'labels' if probe_multilabel else 'classes'} "
+                f"{list(head_meta['class_names'])} but these data have {kind} "
+                f"{list(dataset.class_names)}; fit the probe on these data (fit-head --head logreg)"
+            )
         logistic = (
             all(isinstance(e, LogisticHead) for e in fitted.estimators_)
             if isinstance(fitted, OneVsRestHead)
@@ -317,7 +329,7 @@ def _lpft_probe(run: _Run):
 
 def _steps_per_epoch(run: _Run) -> int:
     n = len(run.train_rows) if run.train_rows is not None else len(run.plan.dataset.splits["train"])
-    return -(-n // run.config.batch_size)
+    return len(EpochBatches(n, run.config.batch_size, run.config.seed))  # as the loader batches
 
 
 def _restore(run: _Run, net, optimizer, scheduler) -> None:
@@ -589,6 +601,7 @@ def _write_record(run: _Run, backbone, net, outputs: dict, evaluation: dict, tim
             "train_images": n_train,
             "preprocessing": plan.preprocessing.to_dict(),
             "dataset": dataset.fingerprint,
+            "data": dataset.spec.to_dict() if dataset.spec is not None else None,
         },
     )
     ids = {

@@ -121,6 +121,9 @@ def roc_figure(rows: list, results: list) -> Figure:
     chosen on val), and one panel per multi-class run with a one-vs-rest curve per class and
     their macro average. ``rows`` and ``results`` are aligned."""
     styles = run_styles(rows)
+    scored = [(row, r) for row, r in zip(rows, results) if "test" in r.predictions]
+    if scored and all(np.asarray(r.predictions["test"][1]).ndim == 2 for _, r in scored):
+        return _label_grid(scored, styles)
     panels = {}  # title key -> ("binary", runs) or ("classes", (row, result))
     for row, r in zip(rows, results):
         if "test" not in r.predictions:
@@ -168,6 +171,52 @@ def roc_figure(rows: list, results: list) -> Figure:
             "ROC on test: binary runs by model; 3 or more classes: one-vs-rest per class, macro average"
         )
     fig.suptitle(title, fontsize=10, wrap=True)
+    return fig
+
+
+def _label_grid(runs: list, styles: dict) -> Figure:
+    """Multi-label runs: one panel per label, a curve per run on the rows where the label is
+    known (colour = model, line = mode), each marker the run's operating point at the label's
+    threshold chosen on val."""
+    from matplotlib.lines import Line2D
+    from sklearn.metrics import roc_curve
+
+    names = list(runs[0][1].record.dataset.class_names)
+    cols = max(1, min(4, len(names)))
+    n_rows = -(-len(names) // cols)
+    fig = Figure(figsize=(4.2 * cols, 4.0 * n_rows + 0.6), layout="constrained")
+    axes = fig.subplots(n_rows, cols, squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")
+    for j, (ax, name) in enumerate(zip(axes.flat, names)):
+        handles, labels = [], []
+        for row, r in runs:
+            _, y, p = r.predictions["test"]
+            y, p = np.asarray(y), np.asarray(p)
+            known = y[:, j] >= 0
+            positive = y[known, j] == 1
+            if positive.all() or not positive.any():
+                continue  # one value on test: no curve
+            style = styles[(row["model"], row["mode"])]
+            fpr, tpr, _ = roc_curve(positive, p[known, j])
+            ax.plot(fpr, tpr, **style.line())
+            m = r.record.metrics["test"]["per_label"][name]
+            ax.plot(1 - m["specificity"], m["sensitivity"], **style.point())
+            handles.append(Line2D([], [], **{**style.point(), **style.line()}))
+            labels.append(f"{row['model']} {row['mode']}: AUC {m['roc_auc']:.3f}")
+        ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity" if j % cols == 0 else "")
+        ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+        ax.grid(alpha=0.3)
+        ax.set_title(name, fontsize=10, fontweight="bold")
+        if handles:
+            ax.legend(handles, labels, loc="lower right", fontsize=7, handlelength=3.2)
+    fig.suptitle(
+        "ROC on test per label (its known rows); markers: each run's threshold for the label, "
+        "chosen on val. Colour = model, line and marker = mode",
+        fontsize=10,
+        wrap=True,
+    )
     return fig
 
 

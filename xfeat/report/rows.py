@@ -115,6 +115,8 @@ def _head_params(record: RunRecord) -> Optional[int]:
     c = len(record.dataset.class_names)
     if d is None:
         return None
+    if record.multilabel:  # one binary head per label
+        return c * {"logreg": d + 1, "linear": 2 * d + 2, "knn": 0}[record.head]
     k = 1 if c == 2 else c
     return {"logreg": d * k + k, "linear": d * c + c, "knn": 0}[record.head]
 
