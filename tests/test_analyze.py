@@ -772,3 +772,33 @@ def test_real_xrays_with_a_reused_probe(tmp_path):
     assert result["params"]["probe"] == str(tmp_path / "probe")
     for name in result["files"].values():
         assert (tmp_path / "out" / name).stat().st_size > 0, name
+
+
+def test_prior_shift_and_within_class_shift_are_judged_against_sampling_noise():
+    """A 10-class split drawn from one distribution (sklearn's digits) shows neither a prior
+    shift nor a within-class shift: the balance section and the adaptation check agree."""
+    from sklearn.datasets import load_digits
+
+    from xfeat.heads.adaptation import shift_bars, shifted_classes
+
+    y = load_digits().target
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(y))
+    train, test = y[order[:1200]], y[order[1450:]]
+    features = make_feature_set(
+        {
+            "train": (rng.normal(size=(len(train), 4)), train),
+            "val": (rng.normal(size=(250, 4)), y[order[1200:1450]]),
+            "test": (rng.normal(size=(len(test), 4)), test),
+        },
+        class_names=[str(k) for k in range(10)],
+    )
+    ps = balance_section(features).summary["prior_shift"]
+    assert ps["total_variation"] > 0.05 and not ps["beyond_noise"]  # noise, though visible
+    assert ps["majority_test_vs_train"] == "similar" and "sampling noise" in ps["meaning"]
+    bars = shift_bars(train, test)  # ~35 test images per class, ten classes tested
+    assert all(0.62 < b < 0.7 for b in bars.values())
+    assert shifted_classes({1: 0.61, 3: 0.8}, bars) == [3]
+    # two classes, a few hundred images each: the bar is the fixed 0.6
+    big = np.repeat([0, 1], 300)
+    assert shift_bars(big, big) == {0: 0.6, 1: 0.6}

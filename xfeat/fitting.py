@@ -282,18 +282,16 @@ def _predict(fitted, inputs: dict, adapt: Optional[str], class_names: list, seed
             "train and val probabilities are temperature-scaled (BCTS fitted on "
             "val); the threshold is chosen on them"
         )
+        predicted = probas["test"].argmax(1)
         shift = adaptation.within_class_shift(
-            inputs["train_features"],
-            inputs["train_labels"],
-            X["test"],
-            probas["test"].argmax(1),
-            seed=seed,
+            inputs["train_features"], inputs["train_labels"], X["test"], predicted, seed=seed
         )
+        bars = adaptation.shift_bars(inputs["train_labels"], predicted)
         details.update(
             method="em",
             target="test images (labels not read)",
             within_class_shift_auc={class_names[c]: v for c, v in shift.items()},
-            warning=adaptation.em_warning(shift, class_names),
+            warning=adaptation.em_warning(shift, class_names, bars),
         )
         if details["warning"]:
             logger.warning("%s", details["warning"])

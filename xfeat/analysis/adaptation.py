@@ -194,7 +194,9 @@ def _em(features, p_val, p_test, *, seed: int):
     k = len(names)
     train_prior = np.bincount(tr.labels, minlength=k) / len(tr)
     calibrate, adjusted, details = adapt.em_adapt(p_val, va.labels, p_test, train_prior)
-    shift = adapt.within_class_shift(tr.features, tr.labels, te.features, adjusted.argmax(1), seed=seed)
+    predicted = adjusted.argmax(1)
+    shift = adapt.within_class_shift(tr.features, tr.labels, te.features, predicted, seed=seed)
+    bars = adapt.shift_bars(tr.labels, predicted)
     estimate = np.asarray(details["target_prior"])
     actual = np.bincount(te.labels, minlength=k) / len(te)
     error, before = _total_variation(estimate, actual), _total_variation(train_prior, actual)
@@ -222,9 +224,11 @@ def _em(features, p_val, p_test, *, seed: int):
             "iterations": details["iterations"],
             "within_class_shift_auc": {names[c]: v for c, v in shift.items()},
             "warning_auc": adapt.EM_SHIFT_WARNING_AUC,
-            # label-free: the classes whose within-class shift AUC is above warning_auc
-            "shifted_classes": [names[c] for c, v in shift.items() if v > adapt.EM_SHIFT_WARNING_AUC],
-            "warning": adapt.em_warning(shift, names),
+            # label-free: the classes whose within-class shift AUC is above warning_auc and
+            # beyond chance for the number of images compared (its bar)
+            "warning_auc_by_class": {names[c]: b for c, b in bars.items() if c in shift},
+            "shifted_classes": [names[c] for c in adapt.shifted_classes(shift, bars)],
+            "warning": adapt.em_warning(shift, names, bars),
             "implausible": bool(reasons),
             "implausible_reasons": reasons,
             # reads test labels: EM's estimate is farther from the actual prior than train's
@@ -395,7 +399,8 @@ def _markdown(s: dict) -> list:
         "",
         "Label-free check, which `fit-head --adapt em` shows too: within each class "
         "(predicted, on test), how well a linear classifier tells test images from train "
-        f"ones (cross-validated AUC; above {em['warning_auc']} the images themselves "
+        f"ones (cross-validated AUC; above {em['warning_auc']}, and beyond chance for the "
+        "number of images compared (Bonferroni over the classes), the images themselves "
         "shifted, which EM assumes they did not; `-`: fewer than 10 test images predicted "
         "in the class). " + (f"Warning: {em['warning']}." if em["warning"] else "No class shifted."),
         "",
@@ -417,6 +422,13 @@ def _markdown(s: dict) -> list:
             "train (a cross-validated classifier telling them apart within each class, the "
             "test images' class being the predicted one). The test accuracies above are "
             "reported, never used to choose.",
+            "",
+        ]
+    else:
+        out += [
+            "Recommendation: none. No class shifted beyond chance in the label-free check, so "
+            "nothing in the unlabelled test images calls for an adaptation; the test accuracies "
+            "above are reported, never used to choose.",
             "",
         ]
     return out

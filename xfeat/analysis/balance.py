@@ -9,6 +9,7 @@ from xfeat.report.analysis_figures import plot_class_balance
 
 # A change in the majority class's fraction (test - train) below this is no prior shift.
 SIMILAR_PRIOR = 0.02
+ALPHA = 0.05  # a chi-square p-value of the train/test class counts below this is a prior shift
 
 
 def balance_section(features) -> Section:
@@ -36,9 +37,7 @@ def balance_section(features) -> Section:
             if s != "train"
         },
         "prior_shift": (
-            _prior_shift(fractions["train"], fractions["test"], names, majority)
-            if "test" in counts
-            else None
+            _prior_shift(counts["train"], counts["test"], names, majority) if "test" in counts else None
         ),
     }
     figure = plot_class_balance(
@@ -54,35 +53,51 @@ def balance_section(features) -> Section:
     )
 
 
-def _prior_shift(train: list, test: list, names: list, majority: int) -> dict:
-    tr, te = np.asarray(train), np.asarray(test)
+def _prior_shift(train_counts, test_counts, names: list, majority: int) -> dict:
+    """Train and test class fractions, and whether they differ beyond sampling noise: a
+    chi-square test of the 2 x K table of counts (scipy), a shift only when p < ALPHA."""
+    from scipy.stats import chi2_contingency
+
+    tr, te = train_counts / train_counts.sum(), test_counts / test_counts.sum()
+    table = np.stack([train_counts, test_counts])
+    table = table[:, table.sum(axis=0) > 0]
+    p_value = float(chi2_contingency(table)[1]) if table.shape[1] > 1 else 1.0
     shift = {
         "total_variation": float(0.5 * np.abs(tr - te).sum()),
         "train": tr.tolist(),
         "test": te.tolist(),
+        "chi2_p_value": p_value,
+        "beyond_noise": p_value < ALPHA,
     }
     if len(names) == 2:
         shift.update(positive_class=names[1], train_positive=float(tr[1]), test_positive=float(te[1]))
     m = names[majority]
     change = float(te[majority] - tr[majority])
-    # How train's majority class fares in test: "similar" (within SIMILAR_PRIOR), "lower", "higher".
-    direction = "similar" if abs(change) < SIMILAR_PRIOR else "lower" if change < 0 else "higher"
+    # How train's majority class fares in test: "similar" (within SIMILAR_PRIOR, or within
+    # sampling noise), "lower", "higher".
+    similar = abs(change) < SIMILAR_PRIOR or not shift["beyond_noise"]
+    direction = "similar" if similar else "lower" if change < 0 else "higher"
     shift.update(majority_fraction_change=change, majority_test_vs_train=direction)
+    noise = f"chi-square p = {p_value:.2g}"
     if direction == "similar":
         shift["meaning"] = (
             f"train and test have similar class priors ({m} {tr[majority]:.1%} vs "
+            f"{te[majority]:.1%}; the fractions differ by no more than sampling noise, {noise}): "
+            "no prior shift to correct for."
+            if not shift["beyond_noise"]
+            else f"train and test have similar class priors ({m} {tr[majority]:.1%} vs "
             f"{te[majority]:.1%}): no prior shift to correct for."
         )
     elif direction == "lower":
         shift["meaning"] = (
-            f"train is {tr[majority]:.1%} {m} but test only {te[majority]:.1%}: a model whose "
-            f"threshold reflects the train priors over-calls {m} on test. Balanced accuracy "
+            f"train is {tr[majority]:.1%} {m} but test only {te[majority]:.1%} ({noise}): a "
+            f"model fitted to the train priors over-calls {m} on test. Balanced accuracy "
             "and a prevalence-free operating point (balanced class weights, a Youden threshold "
             "chosen on val) mitigate it."
         )
     else:
         shift["meaning"] = (
-            f"test has more {m} ({te[majority]:.1%}) than train ({tr[majority]:.1%}): a model "
+            f"test has more {m} ({te[majority]:.1%}) than train ({tr[majority]:.1%}; {noise}): a model "
             f"tuned to the train priors under-calls {m} on test; balanced accuracy and a "
             "prevalence-free operating point mitigate it."
         )
@@ -98,7 +113,11 @@ def _headlines(s: dict) -> list:
             f"{s['majority_baseline']['test']['accuracy']:.3f}"
         ]
     if ps:
-        return [f"class priors: train vs test total variation {ps['total_variation']:.3f}"]
+        noise = "beyond" if ps["beyond_noise"] else "within"
+        return [
+            f"class priors: train vs test total variation {ps['total_variation']:.3f} "
+            f"({noise} sampling noise, chi-square p = {ps['chi2_p_value']:.2g})"
+        ]
     return []
 
 
