@@ -544,7 +544,10 @@ def test_hf_clip_zero_shot_from_the_cli_and_lp_ft(data, tmp_path):
     assert result.record.mode == "lp-ft"
 
 
-def test_zero_shot_needs_a_text_tower_and_every_class(models, data, tmp_path):
+def test_zero_shot_needs_a_text_tower_and_every_class(models, open_clip_model, data, tmp_path):
+    import time
+
+    t0 = time.perf_counter()
     with pytest.raises(BackboneError, match="no text tower"):
         xfeat.zero_shot(
             data,
@@ -555,10 +558,14 @@ def test_zero_shot_needs_a_text_tower_and_every_class(models, data, tmp_path):
             extract_options={"cache_dir": tmp_path, **RUN},
             n_boot=0,
         )
+    assert not list(tmp_path.glob("*.h5"))  # refused from the configuration, before extracting
+    assert time.perf_counter() - t0 < 30
+    with pytest.raises(BackboneError, match="clip_vision_model image model"):
+        xfeat.zero_shot(data, f"hf:{models['root'] / 'clipv'}", prompts=["NORMAL=a"], save=False)
     with pytest.raises(ConfigError, match="give a prompt for"):
         xfeat.zero_shot(
             data,
-            f"hf:{models['root'] / 'clipv'}",
+            open_clip_model["name"],
             prompts=["NORMAL=a"],
             weights="DEFAULT",
             save=False,
@@ -567,10 +574,11 @@ def test_zero_shot_needs_a_text_tower_and_every_class(models, data, tmp_path):
         )
 
 
-def test_compare_shows_zero_shot_beside_the_linear_probe(open_clip_model, data, tmp_path):
+def test_compare_shows_zero_shot_beside_the_linear_probe(open_clip_model, models, data, tmp_path):
+    dino = f"hf:{models['root'] / 'dino'}"  # no text tower: its other runs go on, said in a note
     comparison = xfeat.compare(
         data,
-        [open_clip_model["name"]],
+        [open_clip_model["name"], dino],
         weights="DEFAULT",
         modes=["cached"],
         prompts=["NORMAL=normal", "PNEUMONIA=pneumonia"],
@@ -580,7 +588,9 @@ def test_compare_shows_zero_shot_beside_the_linear_probe(open_clip_model, data, 
         num_workers=0,
         progress=False,
     )
-    assert sorted(row["mode"] for row in comparison.rows) == ["cached", "zero-shot"]
+    modes = sorted((row["model"] == dino, row["mode"]) for row in comparison.rows)
+    assert modes == [(False, "cached"), (False, "zero-shot"), (True, "cached")]
+    assert any(n.startswith(f"no zero-shot run of {dino}: ") for n in comparison.notes)
 
 
 _REMOTE_CODE = """

@@ -417,7 +417,14 @@ def parse_weights(
     if pairs and all("=" in p for p in pairs):
         mapping = {}
         for pair in pairs:
-            model, _, value = pair.partition("=")
+            # the longest model name the pair starts with: hf:NAME:pool=mean=none names
+            # hf:NAME:pool=mean
+            named = [m for m in models if pair.startswith(m + "=")]
+            if named:
+                model = max(named, key=len)
+                value = pair[len(model) + 1 :]
+            else:
+                model, _, value = pair.partition("=")
             if model not in models:
                 raise ConfigError(
                     f"--weights names model {model!r}, which is not in --models {list(models)}"

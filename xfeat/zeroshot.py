@@ -90,7 +90,7 @@ def zero_shot(
     out_dir : where results.json and predictions.npz go
         (default ``runs/DATASET/MODEL-WEIGHTS/zero-shot``).
     """
-    from xfeat.backbones import text_tower
+    from xfeat.backbones import check_text_tower, text_tower
 
     t_start = time.perf_counter()
     by_class = parse_prompts(prompts)
@@ -99,6 +99,8 @@ def zero_shot(
     threshold = FIXED_THRESHOLD if threshold is None else threshold
     parse_threshold_rule(threshold)
     check_writable(out_dir)
+    if cache is None:
+        check_text_tower(model)  # from its name and configuration, before any extraction
     loaded = load_features(
         data, model, weights=weights, cache=cache, extract_options=extract_options, command="zero_shot"
     )
@@ -166,7 +168,9 @@ def zero_shot(
         params={"prompts": by_class, "threshold": threshold, "n_boot": n_boot, "seed": seed},
         skipped=features.skipped,
     )
-    record.notes = ["zero-shot: no training labels used; classes scored by similarity to their prompts"]
+    record.notes.append(
+        "zero-shot: no training labels used; classes scored by similarity to their prompts"
+    )
     result = RunResult(record, {s: (sp.ids, labels[s], probas[s]) for s, sp in features.splits.items()})
     if save:
         run_dir = (

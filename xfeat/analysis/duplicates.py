@@ -136,6 +136,12 @@ def _image_table(dataset: Dataset, hashes: dict) -> dict:
     table["patient"] = (
         [g for sp in dataset.splits.values() for g in sp.groups] if with_patients else None
     )
+    dicom_group = getattr(dataset, "dicom_group", None)
+    table["patients_from"] = (
+        (f"DICOM tag {dicom_group}" if dicom_group else "patient column")
+        if with_patients
+        else "file names"
+    )
     for s, sp in dataset.splits.items():
         table["split"] += [s] * len(sp)
         table["id"] += list(sp.ids)
@@ -368,16 +374,16 @@ def patients_across_splits(images: dict, pattern: Optional[str], exact_groups: l
             )
     summary = {
         "pattern": pattern,
-        "patients_from": "patient column" if images.get("patient") else "file names",
+        "patients_from": images.get("patients_from", "file names"),
         "n_images_matched": sum(len(v) for v in by_patient.values()),
         "n_patients": len(by_patient),
         "n_across_splits": len(leaking),
         "n_images_across_splits": sum(len(r) for _, r in leaking.values()),
         "across_split_pairs": split_pairs,
         "n_with_pixel_evidence": len(evidence),
-        "note": "patient ids are parsed from file names; if a split numbers its patients "
-        "independently, equal ids may be different people. pixel_evidence marks "
-        "patients with an exact or near duplicate across splits.",
+        "note": f"patient ids come from the {images.get('patients_from', 'file names')}; if a "
+        "split numbers its patients independently, equal ids may be different people. "
+        "pixel_evidence marks patients with an exact or near duplicate across splits.",
         "patients": listed,
     }
     return summary, rows_out

@@ -46,6 +46,7 @@ __all__ = [
     "offline_weights",
     "parameter_count",
     "resolve_weights",
+    "check_text_tower",
     "text_tower",
     "weights_tag",
 ]
@@ -211,15 +212,24 @@ def create_backbone(
     return Backbone(name, model, dim, path, preprocessing, info, kind, trainable)
 
 
-def text_tower(name: str, weights: Union[str, Path, None] = "DEFAULT", *, seed: int = 0):
-    """``(encode, logit_scale)`` of the text tower of ``name`` (an ``open_clip:`` model, or a
-    CLIP/SigLIP ``hf:`` checkpoint): ``encode(prompts)`` gives ``(P, D)`` embeddings in the space
-    of the model's image features, for zero-shot classification."""
+def check_text_tower(name: str) -> None:
+    """A one-line error unless ``name`` has a text tower zero-shot can use (checked from the
+    model's name and configuration: nothing is extracted or loaded)."""
     source = _source(name)
     if not hasattr(source, "text_tower"):
         raise BackboneError(
             f"{name} has no text tower; zero-shot needs an open_clip: model or a CLIP/SigLIP hf: one"
         )
+    if hasattr(source, "check_text_tower"):
+        source.check_text_tower(name)
+
+
+def text_tower(name: str, weights: Union[str, Path, None] = "DEFAULT", *, seed: int = 0):
+    """``(encode, logit_scale)`` of the text tower of ``name`` (an ``open_clip:`` model, or a
+    CLIP/SigLIP ``hf:`` checkpoint): ``encode(prompts)`` gives ``(P, D)`` embeddings in the space
+    of the model's image features, for zero-shot classification."""
+    check_text_tower(name)
+    source = _source(name)
     info, _ = source.resolve_weights(name, weights, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -497,10 +497,9 @@ def cached_models() -> list:
     return rows
 
 
-def text_tower(name: str, info: w.WeightsInfo):
-    """``(encode(prompts) -> (P, D) tensor, logit scale)`` of a CLIP/SigLIP model's text tower,
-    in the space of its ``embed`` image features."""
-    transformers = _transformers(name)
+def check_text_tower(name: str) -> dict:
+    """The model's description, after checking (from its config, no weights) that it has a
+    text tower whose space its image features share; a one-line error otherwise."""
     d = _describe(name)
     if not d["dual"]:
         raise BackboneError(
@@ -509,6 +508,14 @@ def text_tower(name: str, info: w.WeightsInfo):
         )
     if d["pool"] != "embed":
         raise ConfigError(f"zero-shot compares text with the image embedding: drop --pool from {name}")
+    return d
+
+
+def text_tower(name: str, info: w.WeightsInfo):
+    """``(encode(prompts) -> (P, D) tensor, logit scale)`` of a CLIP/SigLIP model's text tower,
+    in the space of its ``embed`` image features."""
+    transformers = _transformers(name)
+    d = check_text_tower(name)
     folder = d["folder"]
     model = build_full(name, info)
     try:

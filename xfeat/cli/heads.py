@@ -19,7 +19,14 @@ from xfeat.cli.options import (
     run_options,
     threshold_option,
 )
-from xfeat.config import FIT_ADAPTATIONS, GEOMETRY_CHOICES, HEAD_NAMES, PREDICT_ADAPTATIONS
+from xfeat.config import (
+    FIT_ADAPTATIONS,
+    GEOMETRY_CHOICES,
+    HEAD_NAMES,
+    PREDICT_ADAPTATIONS,
+    PRETRAINED,
+    parse_weights,
+)
 from xfeat.files import dumps
 
 # CLI flag -> the head parameter it sets; which head takes which is read from the heads.
@@ -166,6 +173,8 @@ def fit_head_cmd(
                 "blocks of the cache, or --data to extract"
             )
     cache_file = list(cache_file) if len(cache_file) > 1 else (cache_file[0] if cache_file else None)
+    if "=" in str(weights):  # a per-model mapping: the models it leaves out are pretrained
+        weights = parse_weights(weights, [m for m in model.split("+") if m], others=PRETRAINED)
     result = fit_head(
         data,
         model,

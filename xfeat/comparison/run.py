@@ -127,12 +127,18 @@ def compare(
     weights_by_model = _validate(models, weights, modes, head, n_boot, config)
     modes_by_model, notes = _supported_modes(models, weights_by_model, modes, config.seed)
     if prompts:
+        from xfeat.backbones import check_text_tower
+        from xfeat.errors import XfeatError
         from xfeat.zeroshot import MODE, parse_prompts
 
         prompts = parse_prompts(prompts)
         for m in models:
-            if m.startswith(("open_clip:", "hf:")):
-                modes_by_model[m].append(MODE)
+            try:
+                check_text_tower(m)
+            except XfeatError as exc:  # an image-only model: its other runs go on
+                notes.append(f"no zero-shot run of {m}: {exc}")
+                continue
+            modes_by_model[m].append(MODE)
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     dataset = load_dataset(data, cache_dir=cache_dir)

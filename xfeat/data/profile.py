@@ -17,7 +17,11 @@ import numpy as np
 
 STAT_COLUMNS = ("width", "height", "mode", "bit_depth", "mean", "std")
 # PIL modes (and "array" for npz rows), coded by their index; unknown modes get the last code.
-MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "I", "I;16", "F", "array", "other")
+# Codes are stored in caches: new modes go after "other", whose code must not move.
+MODES = (
+    "1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "I", "I;16", "F", "array", "other",
+    "MONOCHROME1", "MONOCHROME2",  # DICOM grayscale (PhotometricInterpretation)
+)  # fmt: skip
 _BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
 QUANTILES = (0.0, 0.01, 0.5, 0.99, 1.0)
 SAME_GEOMETRY = 0.02  # sizes or aspect ratios within 2% are the same geometry
@@ -41,7 +45,7 @@ def bit_depth(mode: str) -> int:
 
 
 def mode_code(mode: str) -> int:
-    return MODES.index(mode) if mode in MODES else len(MODES) - 1
+    return MODES.index(mode) if mode in MODES else MODES.index("other")
 
 
 def stat_row(header: tuple, crop: np.ndarray, mean, std) -> np.ndarray:

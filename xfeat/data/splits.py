@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from xfeat.config import DataSpec
+from xfeat.config import DEFAULT_GROUP_PATTERN, DataSpec
 from xfeat.data.dataset import SPLITS, Dataset, Split, strata
 from xfeat.data.dicom import is_dicom, read_tag
 from xfeat.errors import DataError
@@ -103,6 +103,12 @@ def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:
     val = dataset.splits.get("val")
     if val is not None and len(val) >= TINY_VAL_SIZE:
         dataset.split_info = {"val": "given"}
+        # what names the patients (the cache's patients, the bootstrap) is part of the
+        # fingerprint too; the defaults are left out, so that older caches keep their keys
+        if dataset.dicom_group:
+            dataset.split_info["dicom_group"] = dataset.dicom_group
+        if spec.group_pattern != DEFAULT_GROUP_PATTERN:
+            dataset.split_info["group_pattern"] = spec.group_pattern
         return
     train = dataset.splits["train"]
     merged_val = 0

@@ -48,6 +48,7 @@ def _defined(y: np.ndarray) -> bool:
 def _label_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     """One label on its known rows: AUC, AP, prevalence, and the operating point."""
     from sklearn.metrics import average_precision_score, roc_auc_score  # 0.15 s: when used
+
     n = len(y)
     row = {"n": int(n), "prevalence": float(y.mean()) if n else math.nan, "threshold": threshold}
     defined = _defined(y)

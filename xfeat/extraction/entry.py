@@ -59,7 +59,10 @@ def _model_files(model: str):
     if model.startswith("torchscript:"):
         return _file_identity(model.split(":", 1)[1])
     if model.startswith(("hf:", "open_clip:")):
-        folder = Path(model.split(":", 1)[1].split(":pool=")[0]).expanduser()
+        # the folder, without the :pool= and :trust_remote_code suffixes xfeat adds
+        folder = Path(
+            model.split(":", 1)[1].split(":pool=")[0].split(":trust_remote_code")[0]
+        ).expanduser()
         if not folder.is_dir():
             return False
         return [_file_identity(p) for p in sorted(folder.iterdir()) if p.is_file()]

@@ -42,6 +42,8 @@ def store_path(cache_dir, dataset: Dataset, preprocessing: Preprocessing) -> Pat
         fields.append(p.resize_mode)
     if (p.dicom_window, p.dicom_frame) != ("file", None):
         fields.append([p.dicom_window, p.dicom_frame])
+    if p.crop_offset != "round":  # where the stored square sits in the resized image
+        fields.append(["crop_offset", p.crop_offset])
     key = hashlib.sha256(json.dumps(fields).encode())
     return Path(cache_dir) / "stores" / f"{dataset.name}-{p.resize_size}px-{key.hexdigest()[:16]}"
 
