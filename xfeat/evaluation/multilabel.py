@@ -102,14 +102,7 @@ def multilabel_metrics(Y, P, thresholds, label_names) -> dict:
 def macro_auc(Y, P) -> float:
     """The macro ROC AUC over the labels defined on their known rows (NaN when none is)."""
     Y, P = check_multilabel(Y, P)
-    ones = np.ones((1, len(Y)))
-    aucs = [
-        weighted_auc(
-            ones[:, Y[:, j] != UNKNOWN], Y[Y[:, j] != UNKNOWN, j] == 1, P[Y[:, j] != UNKNOWN, j]
-        )[0]
-        for j in range(Y.shape[1])
-    ]
-    return _macro(aucs)
+    return float(_macro_auc_rows(np.ones((1, len(Y))), Y, P)[0])
 
 
 def choose_label_thresholds(Y_val, P_val, rule, label_names) -> list:
