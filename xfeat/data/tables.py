@@ -7,8 +7,14 @@ Columns, as the :class:`~xfeat.config.DataSpec` names them: ``image_col`` (defau
 ``split_col`` (default ``split``, used when the table has it: ``train``, ``val`` (or
 ``validation``, ``valid``), ``test``; without it every row is train) and ``patient_col``
 (optional: the patient of each image, which keeps a patient's images on one side of a carved
-validation split). Every problem is one :class:`~xfeat.errors.DataError` that names the table,
-the row (1-based, the header not counted) and the value.
+validation split).
+
+Several labels per image: ``label_sep`` splits ``label_col`` (NIH's pipe-joined ``Finding
+Labels``, with ``negative_label`` for none; a blank cell is every label unknown), or
+``label_cols`` names one column per label holding 1 / 0 / -1 (uncertain, mapped by
+``uncertain``) / blank (unknown), as CheXpert's. The split's labels are then an (N, L) int8
+matrix with -1 where unknown. Every problem is one :class:`~xfeat.errors.DataError` that names
+the table, the row (1-based, the header not counted) and the value.
 """
 
 from __future__ import annotations
