@@ -222,6 +222,9 @@ def xfeat_extract(
         "--batch-size",
         str(batch),
         "--json",
+        # random weights unless given: the speed does not depend on them (and the command
+        # line's default, pretrained, may need the internet)
+        *([] if "--weights" in extra else ["--weights", "none"]),
         *extra,
     ]
     t0 = time.perf_counter()

@@ -229,7 +229,7 @@ fi
 
 # --- 3. torchrun with one process on one GPU: same features as one plain process
 stage torchrun 100 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m xfeat \
-    -q extract --data "$OUT/work/data" --model "$MODEL" --image-size "$IMAGE_SIZE" \
+    -q extract --data "$OUT/work/data" --model "$MODEL" --weights none --image-size "$IMAGE_SIZE" \
     --batch-size "$BATCH" --device "$DEVICE" --cache-dir "$OUT/work/cache-torchrun"
 if [[ -f $OUT/extract_cache.txt ]] && compgen -G "$OUT/work/cache-torchrun/*.h5" > /dev/null; then
     "$PY" - "$(cat "$OUT/extract_cache.txt")" "$OUT/work/cache-torchrun" "$RESULTS" \
