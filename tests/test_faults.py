@@ -1,18 +1,28 @@
 """The kill -9 drill (scripts/fault_drill.py): its bookkeeping, a short run on the real X-rays,
 and the loss it found."""
 
+import json
 import logging
 import os
+import struct
 import subprocess
 import sys
+import zipfile
 
 import h5py
 import numpy as np
 import pytest
-from conftest import CHEST, REPO, make_image_folder, run_killed_at
+import torch
+from click.testing import CliRunner
+from conftest import CHEST, REPO, make_feature_set, make_image_folder, run_killed_at
 
 import xfeat
 from xfeat.cache import partial_path, read_cache
+from xfeat.cli import cli
+from xfeat.errors import ConfigError
+from xfeat.finetuning.model import load_checkpoint, save_checkpoint
+from xfeat.fitting import fit_head
+from xfeat.runs.results import load_result
 
 sys.path.insert(0, str(REPO / "scripts"))
 import fault_drill  # noqa: E402
@@ -132,3 +142,70 @@ def test_resume_keeps_the_rows_while_another_process_holds_the_partial_open(tmp_
         holder.kill()
         holder.wait()
     assert read_cache(path).meta.splits["train"]["resumed_from_row"] >= killed_at > 0
+
+
+# ---- bugs the file-fault drill found ------------------------------------------------------
+
+
+def _flip_in_record(path, suffix: str) -> None:
+    """Flip one bit in the middle of the zip record of ``path`` whose name ends in ``suffix``
+    (a tensor's bytes in a torch file): what a bad disk sector does."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if i.filename.endswith(suffix)), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    # the local header: 30 bytes, then the name and the extra field
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_checkpoint_tensor_is_an_error_not_a_weight(tmp_path):
+    """torch.load does not check the zip's CRC-32: before the fix a flipped bit in a weight
+    resumed training from a wrong number."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, config={"a": 1}, model={"w": torch.arange(4096, dtype=torch.float32)})
+    assert load_checkpoint(path, {"a": 1})["model"]["w"][7] == 7
+    _flip_in_record(path, "/data/0")
+    loaded = torch.load(path, weights_only=True)["model"]["w"]  # torch itself: silently
+    assert (loaded != torch.arange(4096, dtype=torch.float32)).sum() == 1
+    with pytest.raises(ConfigError, match=r"checkpoint.pt is damaged \(record .* CRC-32"):
+        load_checkpoint(path, {"a": 1})
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="checkpoint.pt is damaged"):
+        load_checkpoint(path, {"a": 1})
+
+
+def test_a_flipped_bit_in_model_pt_is_one_line_from_predict(tmp_path):
+    model = tmp_path / "model.pt"
+    torch.save({"format": "x", "state_dict": {"w": torch.zeros(4096)}}, model)
+    _flip_in_record(model, "/data/0")
+    result = CliRunner().invoke(cli, ["predict", "--head", str(model), str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: ") and "model.pt is damaged" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_changed_digit_in_results_json_is_refused(tmp_path):
+    """results.json carries the SHA-256 of its content: before, a flipped bit in a metric
+    was read as another number by compare and analyze."""
+    fs = make_feature_set(
+        {
+            split: (np.random.default_rng(i).standard_normal((12, 4)), np.arange(12) % 2)
+            for i, split in enumerate(("train", "val", "test"))
+        }
+    )
+    out = tmp_path / "run"
+    fit_head(cache=fs, out_dir=out, n_boot=0)
+    path = out / "results.json"
+    assert json.loads(path.read_text())["content_sha256"]
+    good = load_result(out).record.to_dict()
+    text = path.read_text()
+    i = text.index('"accuracy": ') + len('"accuracy": ') + 2  # a digit of a metric
+    digit = "1" if text[i] != "1" else "2"
+    path.write_text(text[:i] + digit + text[i + 1 :])
+    json.loads(path.read_text())  # still valid JSON
+    with pytest.raises(ConfigError, match="results.json is damaged: its content does not match"):
+        load_result(out)
+    path.write_text(text)
+    assert load_result(out).record.to_dict() == good
