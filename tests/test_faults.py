@@ -4,6 +4,7 @@ and the loss it found."""
 import json
 import logging
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from xfeat.runs.results import load_result
 
 sys.path.insert(0, str(REPO / "scripts"))
 import fault_drill  # noqa: E402
+import file_faults  # noqa: E402
 
 
 def _rows(n, seed=0):
@@ -209,3 +211,73 @@ def test_a_changed_digit_in_results_json_is_refused(tmp_path):
         load_result(out)
     path.write_text(text)
     assert load_result(out).record.to_dict() == good
+
+
+# ---- the file-fault phases (scripts/file_faults.py) ---------------------------------------
+
+
+def test_classification_of_one_trial():
+    classify, Child = file_faults.classify, file_faults.Child
+    bad = "/w/run/results.json"
+    one_line = Child(1, f"WARNING xfeat: x\nError: {bad} is damaged; delete it\n")
+    assert classify(one_line, [bad], None) == ("detected", "")
+    assert classify(Child(1, "Error: something else\n"), [bad], None)[0] == "UNCLEAR ERROR"
+    assert classify(Child(1, f"Error: {bad}\nError: {bad}\n"), [bad], None)[0] == "UNCLEAR ERROR"
+    assert classify(Child(1, "Traceback (most recent call last):\n"), [bad], None)[0] == "TRACEBACK"
+    assert classify(Child(0, ""), [bad], lambda: True) == ("unaffected", "")
+    assert classify(Child(0, ""), [bad], lambda: False)[0] == "SILENT WRONG"
+    row = file_faults.FaultRow("bit flip: x")
+    row.add("detected")
+    row.add("unaffected")
+    assert row.ok and row.to_dict()["outcome"] == {"detected": 1, "unaffected": 1}
+    row.add("SILENT WRONG", "byte 3")
+    assert not row.ok and row.notes == ["byte 3"]
+    assert "| bit flip: x | 3 | SILENT WRONG 1, detected 1, unaffected 1 | 0 |" in (
+        file_faults.format_rows([row])
+    )
+
+
+def test_damage_flips_one_bit_or_cuts_the_file(tmp_path):
+    src = tmp_path / "a.bin"
+    src.write_bytes(bytes(range(256)) * 4)
+    rng = random.Random(0)
+    file_faults.damage(src, tmp_path / "flip", "bit flip", rng)
+    a, b = (
+        np.frombuffer(src.read_bytes(), np.uint8),
+        np.frombuffer((tmp_path / "flip").read_bytes(), np.uint8),
+    )
+    assert np.unpackbits(a ^ b).sum() == 1
+    file_faults.damage(src, tmp_path / "cut", "truncation", rng)
+    cut = (tmp_path / "cut").read_bytes()
+    assert len(cut) < len(src.read_bytes()) and src.read_bytes().startswith(cut)
+    file_faults.damage(src, tmp_path / "same", "none (control)", rng)
+    assert (tmp_path / "same").read_bytes() == src.read_bytes()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("phase", ["corrupt", "disk", "readonly", "interrupt"])
+def test_file_fault_phase_on_the_real_xrays(tmp_path, phase):
+    """One phase of the drill on 24 real X-rays (1 trial per damaged file and fault, the
+    first 3 writes of each interrupted command): nothing silent, no traceback, nothing lost."""
+    if not CHEST.is_dir():
+        pytest.fail(f"the shared chest X-ray data is missing at {CHEST}")
+    table = tmp_path / "faults.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fault_drill.py"), "--data", str(CHEST)]
+        + ["--phases", phase, "--trials", "1", "--fault-images", "24", "--interrupt-limit", "3"]
+        + ["--keep", str(tmp_path / "work"), "--json", str(table)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(table.read_text())["faults"]
+    assert rows and all(r["ok"] and r["files_lost"] == 0 for r in rows), rows
+    allowed = {"detected", "unaffected", "recomputed", "detected, then recomputed", "fallback"}
+    for r in rows:
+        assert set(r["outcome"]) <= allowed, r
+        if r["fault"].startswith("none (control)"):  # an intact file reads as the reference
+            assert r["outcome"] == {"unaffected": 1}, r
+        if r["fault"].startswith(("bit flip: results.json", "truncation")):
+            assert set(r["outcome"]) <= {"detected", "unaffected"}, r
