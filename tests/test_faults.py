@@ -281,3 +281,19 @@ def test_file_fault_phase_on_the_real_xrays(tmp_path, phase):
             assert r["outcome"] == {"unaffected": 1}, r
         if r["fault"].startswith(("bit flip: results.json", "truncation")):
             assert set(r["outcome"]) <= {"detected", "unaffected"}, r
+
+
+def test_a_flipped_bit_in_a_cache_id_or_class_name_is_an_error(tmp_path):
+    """HDF5 checksums the arrays but not the strings: before the fix a flipped bit in an id
+    or in the metadata's class names was read as another id or class."""
+    root = make_image_folder(tmp_path / "d", n_train=6, n_test=2)
+    path = xfeat.extract(root, "resnet18", cache_dir=tmp_path / "c", image_size=32, progress=False)
+    ref = read_cache(path)
+    data = path.read_bytes()
+    for text, message in ((ref["train"].ids[3].split("/")[-1], "its ids"), ("PNEUMONIA", "its meta")):
+        damaged = bytearray(data)
+        damaged[data.index(text.encode()) + 2] ^= 0x01
+        bad = tmp_path / "bad.h5"
+        bad.write_bytes(bytes(damaged))
+        with pytest.raises(xfeat.cache.CacheError, match=f"is damaged \\({message} .*--force"):
+            read_cache(bad)
