@@ -612,6 +612,9 @@ def interrupt_phase(rs: RunSet, limit: int = 0) -> list:
                 )
                 if probe.returncode == 0 and run_outcome(d / "run") != ref_fit_data:
                     note = "an unfinished run folder read as finished"
+            for entry in (d / "cache").glob("*.h5"):  # a cache entry by its final name is whole
+                if cache_outcome(entry) not in (None, ref_cache):
+                    note = f"an unfinished {entry.name} read as finished"
             again = xfeat(args(d))
             if name == "extract":
                 same = cache_outcome(next((d / "cache").glob("*.h5"), d / "none")) == ref_cache
