@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import random
 import re
@@ -60,6 +59,7 @@ from bench_extract import make_subset
 
 import xfeat
 from xfeat.cache import partial_path
+from xfeat.files import dumps
 
 REPO = Path(__file__).resolve().parents[1]
 # Timings differ from run to run by nature; everything else in a history entry must not.
@@ -478,10 +478,10 @@ def main(argv=None) -> int:
                 print(f"{r.fault}: {note}", file=sys.stderr)
     if args.json:
         table = {
-            "kill9": [{k: v for k, v in vars(r).items()} | {"ok": r.ok} for r in results],
+            "kill9": [{**vars(r), "ok": r.ok} for r in results],
             "faults": [r.to_dict() for r in rows],
         }
-        args.json.write_text(json.dumps(table, indent=2, default=str) + "\n")
+        args.json.write_text(dumps(table) + "\n")  # strict JSON: NaN is null
     return 0 if all(r.ok for r in results) and all(r.ok for r in rows) else 1
 
 

@@ -78,6 +78,7 @@ cli(sys.argv[1:], prog_name="xfeat")
 # load_result, as compare and analyze call it, with the command line's error handling.
 _LOAD_RESULT = """
 import json, sys
+import numpy as np
 from xfeat.errors import XfeatError
 from xfeat.runs.results import load_result
 
@@ -88,8 +89,10 @@ except XfeatError as exc:
     sys.exit(1)
 record = r.record.to_dict()
 record.pop("run_dir", None)
-preds = {s: [list(map(str, i)), np.asarray(l).tolist(), np.asarray(p).tolist()]
-         for s, (i, l, p) in r.predictions.items()} if (np := __import__("numpy")) else {}
+preds = {
+    s: [list(map(str, i)), np.asarray(l).tolist(), np.asarray(p).tolist()]
+    for s, (i, l, p) in r.predictions.items()
+}
 print(json.dumps({"record": record, "predictions": preds}, sort_keys=True))
 """
 
@@ -105,7 +108,7 @@ class FaultRow:
     def add(self, outcome: str, note: str = "") -> None:
         self.tried += 1
         self.outcomes[outcome] += 1
-        if outcome in FAILURES and note:
+        if note and (outcome in FAILURES or outcome == "unaffected"):  # where it landed
             self.notes.append(note)
 
     @property
@@ -390,7 +393,7 @@ def corrupt_phase(rs: RunSet, trials: int, rng: random.Random) -> list:
                 outcome, note = classify(child, names, same)
                 if how.startswith("none") and outcome != "unaffected":  # the drill itself is wrong
                     outcome, note = "UNCLEAR ERROR", f"an intact copy was not read as intact: {note}"
-                row.add(outcome, f"{what}: {note}")
+                row.add(outcome, f"{what}: {note}" if note or outcome == "unaffected" else "")
                 shutil.rmtree(out, ignore_errors=True)
             rows.append(row)
     return rows
