@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -530,32 +531,50 @@ def readonly_phase(rs: RunSet) -> list:
             outcome, note = classify(run(folder), [folder], lambda: False)
             row.add(outcome, note)
         rows.append(row)
-    # chmod 0555 folders, the child an unprivileged user
-    row = FaultRow("read-only: run folder, chmod 0555, user nobody (fit-head --out)")
-    folder = work / "chmod"
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(rs.cache_dir, folder / "cache")
-    os.chmod(folder, 0o555)
+    # chmod'ed folders, the child an unprivileged user: in a folder it may search (the
+    # drill's own work folder may sit under a private one, as pytest's does)
+    base = Path(tempfile.mkdtemp(prefix="xfeat-drill-"))
+    os.chmod(base, 0o755)
     try:
-        cache = next((folder / "cache").glob("*.h5"))
-        child = xfeat(rs.fit_args(cache, folder / "run"), user=NOBODY)
-        row.add(*classify(child, [folder], lambda: False))
-        # a finished cache in a folder nobody may write is still read
-        r2 = FaultRow("read-only: cache folder with a finished cache, user nobody (fit-head --cache)")
-        out = work / "out"
-        out.mkdir(exist_ok=True)
-        os.chmod(out, 0o777)
-        for p in [folder / "cache", *(folder / "cache").rglob("*")]:
-            os.chmod(p, 0o555 if p.is_dir() else 0o444)
-        child = xfeat(rs.fit_args(cache, out / "run"), user=NOBODY)
-        if child.rc == 0 and run_outcome(out / "run") == ref_fit:
-            r2.add("unaffected")
-        else:
-            r2.add(*classify(child, [folder], lambda: run_outcome(out / "run") == ref_fit))
+        rows += _unprivileged(rs, base, ref_fit)
     finally:
-        os.chmod(folder, 0o755)
-    rows += [row, r2]
+        for p in [base, *base.rglob("*")]:
+            if p.is_dir():
+                os.chmod(p, 0o755)
+        shutil.rmtree(base, ignore_errors=True)
     return rows
+
+
+def _unprivileged(rs: RunSet, base: Path, ref_fit) -> list:
+    folder, out, locked = base / "chmod", base / "out", base / "locked"
+    shutil.copytree(rs.cache_dir, folder / "cache")
+    cache = next((folder / "cache").glob("*.h5"))
+    os.chmod(folder, 0o555)
+    row = FaultRow("read-only: run folder, chmod 0555, user nobody (fit-head --out)")
+    row.add(*classify(xfeat(rs.fit_args(cache, folder / "run"), user=NOBODY), [folder], None))
+    # a finished cache in a folder nobody may write is still read
+    r2 = FaultRow("read-only: cache folder with a finished cache, user nobody (fit-head --cache)")
+    out.mkdir()
+    os.chmod(out, 0o777)
+    for p in [folder / "cache", *(folder / "cache").rglob("*")]:
+        os.chmod(p, 0o555 if p.is_dir() else 0o444)
+    child = xfeat(rs.fit_args(cache, out / "run"), user=NOBODY)
+    r2.add(*classify(child, [folder], lambda: run_outcome(out / "run") == ref_fit))
+    # a folder it may not search (0700, root's): its cache, head and run folder
+    r3 = FaultRow("unsearchable folder (0700), user nobody (extract, fit-head, predict)")
+    locked.mkdir()
+    shutil.copy(rs.cache, locked / rs.cache.name)
+    shutil.copy(rs.run / "head.npz", locked / "head.npz")
+    os.chmod(locked, 0o700)
+    shutil.copytree(rs.data, base / "data", symlinks=True)  # links to readable images
+    for args in (
+        ["extract", "--data", base / "data", *rs.common, "--cache-dir", locked / "cache"],
+        rs.fit_args(locked / rs.cache.name, out / "run2"),
+        rs.fit_args(cache, locked / "run"),
+        rs.predict_args(locked / "head.npz", out / "p.csv"),
+    ):
+        r3.add(*classify(xfeat(args, user=NOBODY), [locked], None))
+    return [row, r2, r3]
 
 
 # ---- interrupt: SIGKILL between every pair of writes ------------------------------------------

@@ -5,17 +5,20 @@ import json
 import logging
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import CHEST, REPO, make_feature_set, make_image_folder, run_killed_at
+from conftest import CHEST, REPO, child_env, make_feature_set, make_image_folder, run_killed_at
 
 import xfeat
 from xfeat.cache import partial_path, read_cache
@@ -297,3 +300,33 @@ def test_a_flipped_bit_in_a_cache_id_or_class_name_is_an_error(tmp_path):
         bad.write_bytes(bytes(damaged))
         with pytest.raises(xfeat.cache.CacheError, match=f"is damaged \\({message} .*--force"):
             read_cache(bad)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs xfeat as the user nobody: needs root")
+def test_paths_behind_a_folder_the_user_cannot_search_are_one_line(tmp_path):
+    """Before the fix each was a PermissionError traceback (Path.exists raises EACCES)."""
+    locked = tmp_path / "locked"  # under pytest's folder, root's and 0700: nobody cannot search it
+    locked.mkdir()
+    open_dir = Path(tempfile.mkdtemp(prefix="xfeat-test-"))  # one it may write
+    os.chmod(open_dir, 0o777)
+    try:
+        for args in (
+            ["fit-head", "--cache", locked / "x.h5", "--out", locked / "run"],
+            ["fit-head", "--cache", locked / "x.h5", "--out", open_dir / "run"],
+            ["predict", "--head", locked / "head.npz", locked],
+            ["extract", "--data", locked / "data", "--model", "resnet18"],
+        ):
+            child = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+                + ["-m", "xfeat", "-q", *map(str, args)],
+                env={**child_env(), "HOME": str(open_dir)},
+                cwd=open_dir,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            errors = [line for line in child.stderr.splitlines() if line.startswith("Error:")]
+            assert child.returncode == 1 and "Traceback" not in child.stderr, child.stderr[-1500:]
+            assert len(errors) == 1 and f"{locked}/" in errors[0], child.stderr[-1500:]
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)
