@@ -278,12 +278,8 @@ class RunSet:
         return ["fit-head", "--cache", cache, "--out", out, "--n-boot", 20, "--num-workers", 0]
 
     def fit_data_args(self, cache_dir: Path, out: Path) -> list:
-        return ["fit-head", "--data", self.data, *self.common, "--cache-dir", cache_dir] + [
-            "--out",
-            out,
-            "--n-boot",
-            20,
-        ]
+        args = ["fit-head", "--data", self.data, *self.common, "--cache-dir", cache_dir]
+        return args + ["--out", out, "--n-boot", 20]
 
     def finetune_args(self, out: Path, resume=False) -> list:
         args = ["finetune", "--data", self.data, *self.common, "--epochs", 2, "--n-boot", 20]
@@ -325,6 +321,8 @@ class RunSet:
 
 
 def corrupt_phase(rs: RunSet, trials: int, rng: random.Random) -> list:
+    """Per file kind: an intact copy (a control), ``trials`` copies with one bit flipped and
+    ``trials`` cut short, each read by the command that uses that file."""
     work = rs.work / "corrupt"
     ref = rs.work / "reference"
     ref_fit, ref_ft = run_outcome(rs.run), run_outcome(rs.ft)
@@ -334,26 +332,21 @@ def corrupt_phase(rs: RunSet, trials: int, rng: random.Random) -> list:
         child = xfeat(rs.fit_args(bad, out))
         return child, [bad], lambda: run_outcome(out) == ref_fit
 
-    def head_trial(bad: Path, out: Path):
-        child = xfeat(rs.predict_args(bad, out / "p.csv"))
-        return child, [bad], lambda: csv_outcome(out / "p.csv") == csv_outcome(ref / "head.csv")
-
-    def model_trial(bad: Path, out: Path):
-        child = xfeat(rs.predict_args(bad, out / "p.csv"))
-        return child, [bad], lambda: csv_outcome(out / "p.csv") == csv_outcome(ref / "model.csv")
-
-    def resume_trial(name):
+    def predict_trial(reference_csv: Path):
         def trial(bad: Path, out: Path):
-            child = xfeat(rs.finetune_args(bad.parent, resume=True))
-            return child, [bad], lambda: run_outcome(bad.parent) == ref_ft
+            child = xfeat(rs.predict_args(bad, out / "p.csv"))
+            return child, [bad], lambda: csv_outcome(out / "p.csv") == csv_outcome(reference_csv)
 
-        return trial, name
+        return trial
+
+    def resume_trial(bad: Path, out: Path):
+        child = xfeat(rs.finetune_args(bad.parent, resume=True))
+        return child, [bad], lambda: run_outcome(bad.parent) == ref_ft
 
     def result_trial(bad: Path, out: Path):
-        e = env()
         p = subprocess.run(
             [sys.executable, "-c", _LOAD_RESULT, str(bad.parent)],
-            env=e,
+            env=env(),
             capture_output=True,
             text=True,
             timeout=300,
@@ -372,10 +365,10 @@ def corrupt_phase(rs: RunSet, trials: int, rng: random.Random) -> list:
     )
     kinds = [
         ("cache .h5", rs.cache, None, cache_trial),
-        ("head.npz", rs.run / "head.npz", None, head_trial),
-        ("checkpoint.pt", rs.ft_epoch1 / "checkpoint.pt", rs.ft_epoch1, resume_trial("")[0]),
-        ("best_model.pt", rs.ft_epoch1 / "best_model.pt", rs.ft_epoch1, resume_trial("")[0]),
-        ("model.pt", rs.ft / "model.pt", None, model_trial),
+        ("head.npz", rs.run / "head.npz", None, predict_trial(ref / "head.csv")),
+        ("checkpoint.pt", rs.ft_epoch1 / "checkpoint.pt", rs.ft_epoch1, resume_trial),
+        ("best_model.pt", rs.ft_epoch1 / "best_model.pt", rs.ft_epoch1, resume_trial),
+        ("model.pt", rs.ft / "model.pt", None, predict_trial(ref / "model.csv")),
         ("results.json", rs.run / "results.json", rs.run, result_trial),
         ("predictions.npz", rs.run / "predictions.npz", rs.run, result_trial),
     ]
