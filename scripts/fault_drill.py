@@ -24,6 +24,15 @@ with OMP_NUM_THREADS=1, so the expected difference is exactly 0. Exit status 1 w
 was lost, duplicated or differs, or a restart failed.
 
     python scripts/fault_drill.py --data ../shared/data/chest_xray224 --kills 20
+
+The phases ``corrupt``, ``disk``, ``readonly`` and ``interrupt`` (scripts/file_faults.py) damage
+the files of one small real run set (bit flips, truncation), fill a small tmpfs under each
+output, make output folders read-only, and SIGKILL a run at each of its writes; each trial is
+classified (detected, recomputed, unaffected, fallback, or the failures SILENT WRONG,
+TRACEBACK, UNCLEAR ERROR) into a table of fault, times tried, outcome and files lost. ``disk``
+and ``readonly`` mount tmpfs folders, so they need root.
+
+    python scripts/fault_drill.py --phases corrupt,disk,readonly,interrupt --trials 5 --json t.json
 """
 
 from __future__ import annotations
@@ -42,16 +51,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import file_faults  # scripts/ is on sys.path when run as a script
 import h5py
 import numpy as np
 import torch
-from bench_extract import make_subset  # scripts/ is on sys.path when run as a script
+from bench_extract import make_subset
 
 import xfeat
 from xfeat.cache import partial_path
+from xfeat.files import dumps
 
 REPO = Path(__file__).resolve().parents[1]
 # Timings differ from run to run by nature; everything else in a history entry must not.
+KILL_PHASES = ["extract", "finetune"]
+FILE_PHASES = ["corrupt", "disk", "readonly", "interrupt"]
 _TIMING_KEYS = {"train_seconds", "val_seconds", "seconds", "images_per_second"}
 
 
@@ -377,7 +390,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/chest_xray224")
     parser.add_argument("--kills", type=int, default=20, help="kills per phase")
-    parser.add_argument("--phases", default="extract,finetune")
+    parser.add_argument(
+        "--phases",
+        default="extract,finetune",
+        help=f"comma-separated, of: {','.join(KILL_PHASES + FILE_PHASES)}",
+    )
     parser.add_argument("--extract-images", type=int, default=200)
     parser.add_argument("--extract-model", default="resnet18")
     parser.add_argument("--extract-image-size", type=int, default=None)
@@ -392,14 +409,25 @@ def main(argv=None) -> int:
         default=None,
         help="data-loader processes of both commands [default: xfeat's]",
     )
+    parser.add_argument("--trials", type=int, default=5, help="corrupt: trials per file and fault")
+    parser.add_argument("--fault-images", type=int, default=40, help="images of the file-fault runs")
+    parser.add_argument(
+        "--interrupt-limit", type=int, default=0, help="interrupt: kill at the first N writes [all]"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the fault table here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument(
         "--keep", type=Path, default=None, help="work in this folder and keep it (logs, outputs)"
     )
     args = parser.parse_args(argv)
+    names = args.phases.split(",")
+    unknown = sorted(set(names) - set(KILL_PHASES + FILE_PHASES))
+    if unknown:
+        parser.error(f"unknown phases {unknown}")
 
     rng = random.Random(args.seed)
     loader = [] if args.num_workers is None else ["--num-workers", str(args.num_workers)]
+    results, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -419,25 +447,61 @@ def main(argv=None) -> int:
                 loader,
             ),
         }
-        results = []
-        for name in args.phases.split(","):
+        for name in (n for n in names if n in KILL_PHASES):
             result = drill(phases[name](), args.kills, work, rng)
             results.append(result)
             for failure in result.failures:
                 print(f"{name}: {failure}", file=sys.stderr)
+        if any(n in FILE_PHASES for n in names):
+            rows = file_phases(names, args, work, rng)
     workers = "xfeat's default" if args.num_workers is None else args.num_workers
-    print(
-        f"kill -9 drill, seed {args.seed}, {args.kills} kills per phase, loader workers "
-        f"{workers}, OMP_NUM_THREADS=1, data {args.data}"
-    )
-    print(format_table(results))
+    if results:
+        print(
+            f"kill -9 drill, seed {args.seed}, {args.kills} kills per phase, loader workers "
+            f"{workers}, OMP_NUM_THREADS=1, data {args.data}"
+        )
+        print(format_table(results))
     for r in results:
         if r.stray:
             print(
                 f"{r.phase}: stray files in finished rounds: {', '.join(r.stray[:5])}"
                 + (f" and {len(r.stray) - 5} more" if len(r.stray) > 5 else "")
             )
-    return 0 if all(r.ok for r in results) else 1
+    if rows:
+        print(
+            f"file-fault drill, seed {args.seed}, {args.trials} trials per damaged file and "
+            f"fault, {args.fault_images} images at 64 px, resnet18 random init"
+        )
+        print(file_faults.format_rows(rows))
+        for r in rows:
+            for note in r.notes if not r.ok else []:
+                print(f"{r.fault}: {note}", file=sys.stderr)
+    if args.json:
+        table = {
+            "kill9": [{**vars(r), "ok": r.ok} for r in results],
+            "faults": [r.to_dict() for r in rows],
+        }
+        args.json.write_text(dumps(table) + "\n")  # strict JSON: NaN is null
+    return 0 if all(r.ok for r in results) and all(r.ok for r in rows) else 1
+
+
+def file_phases(names: list, args, work: Path, rng: random.Random) -> list:
+    """The file-fault phases on one small real run set, made once."""
+    runs = file_faults.RunSet(make_subset(args.data, work / "faults-data", args.fault_images), work)
+    runs.build()
+    rows = []
+    if os.geteuid() != 0 and {"disk", "readonly"} & set(names):
+        print("disk and readonly mount tmpfs folders: run the drill as root", file=sys.stderr)
+        names = [n for n in names if n not in ("disk", "readonly")]
+    if "corrupt" in names:
+        rows += file_faults.corrupt_phase(runs, args.trials, rng)
+    if "disk" in names:
+        rows += file_faults.disk_phase(runs)
+    if "readonly" in names:
+        rows += file_faults.readonly_phase(runs)
+    if "interrupt" in names:
+        rows += file_faults.interrupt_phase(runs, args.interrupt_limit)
+    return rows
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Format 1 files (one ``features`` dataset) read as a single ``penultimate`` block
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -91,6 +92,25 @@ class FeatureSet:
         return self.splits[split]
 
 
+def text_digest(text) -> str:
+    """The SHA-256 kept beside a cache's text that HDF5 does not checksum (the metadata JSON,
+    the ids, the patients): a flipped bit there is an error, not another class name or id."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    elif not isinstance(text, str):
+        text = json.dumps([str(t) for t in text])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_digest(obj, name: str, text, path) -> None:
+    stored = obj.attrs.get(f"{name}_sha256")  # caches before xfeat 0.3 have none
+    if stored is not None and str(stored) != text_digest(text):
+        raise CacheError(
+            f"{path} is damaged (its {name} do not match their checksum); its features are not "
+            "used: extract again with --force"
+        )
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
@@ -141,6 +161,7 @@ def read_meta(path: Union[str, Path]) -> CacheMeta:
 
 def _meta(f: h5py.File) -> CacheMeta:
     try:
+        _check_digest(f, "meta", f.attrs["meta"], f.filename)
         meta = json.loads(f.attrs["meta"])
     except (KeyError, ValueError) as exc:
         raise CacheError(
@@ -247,6 +268,10 @@ def _read_group(g: h5py.Group, path: Path, blocks, include_skipped: bool):
         )
     ok = g["ok"][()]
     ids = [i.decode() if isinstance(i, bytes) else str(i) for i in g["ids"][()]]
+    _check_digest(g, "ids", ids, path)
+    if "patients" in g:
+        patients = [p.decode() if isinstance(p, bytes) else str(p) for p in g["patients"][()]]
+        _check_digest(g, "patients", patients, path)
     rows = slice(None) if include_skipped else np.flatnonzero(ok)
     arrays = [stored[b][()][rows] for b in names]
     features = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
@@ -257,8 +282,6 @@ def _read_group(g: h5py.Group, path: Path, blocks, include_skipped: bool):
         seconds=float(g["seconds"][0]),
         blocks=[(b, int(stored[b].shape[1])) for b in names],
         stats=g["image_stats"][()][rows] if "image_stats" in g else None,
-        patients=[p.decode() if isinstance(p, bytes) else str(p) for p in g["patients"][()][rows]]
-        if "patients" in g
-        else None,
+        patients=[patients[i] for i in np.arange(len(ids))[rows]] if "patients" in g else None,
     )
     return part, [ids[i] for i in np.flatnonzero(~ok)]

@@ -23,7 +23,14 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from xfeat.cache.meta import CacheMeta
-from xfeat.cache.read import FEATURE_DTYPES, FORMAT, FORMAT_VERSION, partial_path, read_cache
+from xfeat.cache.read import (
+    FEATURE_DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    partial_path,
+    read_cache,
+    text_digest,
+)
 from xfeat.data.profile import STAT_COLUMNS
 from xfeat.errors import CacheError
 from xfeat.files import describe_os_error, file_mode, make_dirs, safe_name
@@ -171,6 +178,7 @@ class CacheWriter:
             versions={**self.meta.versions, "h5py": h5py.__version__},
         )
         f.attrs["meta"] = json.dumps(meta.to_dict(), sort_keys=True)
+        f.attrs["meta_sha256"] = text_digest(f.attrs["meta"])
         f.attrs["complete"] = False
         for s, (ids, labels, *patients) in splits.items():
             g = f.create_group(s)
@@ -180,12 +188,14 @@ class CacheWriter:
             if labels.ndim == 2:  # multi-label: (N, L) 1/0 with -1 where unknown, and its mask
                 g.create_dataset("label_mask", data=labels >= 0, fletcher32=len(ids) > 0)
             g.create_dataset("ids", data=np.asarray(list(ids), dtype=object), dtype=h5py.string_dtype())
+            g.attrs["ids_sha256"] = text_digest(ids)
             if patients and patients[0] is not None:
                 g.create_dataset(
                     "patients",
                     data=np.asarray(list(patients[0]), dtype=object),
                     dtype=h5py.string_dtype(),
                 )
+                g.attrs["patients_sha256"] = text_digest(patients[0])
             feats = g.create_group("features")
             for name, dim in self.blocks:
                 _preallocated(feats, name, (len(ids), dim), dtype, np.nan)

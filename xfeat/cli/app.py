@@ -16,8 +16,8 @@ INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIG
 
 
 def api_errors(f):
-    """Turn the API's user-facing exceptions into one-line CLI errors (exit status 1), and
-    Ctrl-C into a line that says how to go on (exit status 130)."""
+    """Turn the API's user-facing exceptions and permission errors into one-line CLI errors
+    (exit status 1), and Ctrl-C into a line that says how to go on (exit status 130)."""
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -25,6 +25,11 @@ def api_errors(f):
             return f(*args, **kwargs)
         except XfeatError as exc:
             raise click.ClickException(str(exc)) from None
+        except PermissionError as exc:  # a file or folder this user may not read or search
+            raise click.ClickException(
+                f"permission denied: {exc.filename or exc}; make it readable (and its folders "
+                "searchable) by this user, or choose another path"
+            ) from None
         except (MemoryError, RuntimeError, OSError) as exc:
             hint = resource_hint(exc, kwargs.get("batch_size"), kwargs.get("num_workers"))
             if hint is None:

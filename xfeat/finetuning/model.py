@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import Union
 
@@ -174,16 +175,26 @@ def save_checkpoint(path: Path, **state) -> None:
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
 
 
+def load_verified(path: Path, fix: str, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` after checking the CRC-32 of every record in
+    the file's zip archive: torch.load itself does not, so a flipped bit in a tensor would
+    load as a wrong number. A damaged file is a :class:`ConfigError` naming it and ``fix``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise ValueError(f"record {bad} fails its CRC-32 check")
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zipfile, torch and pickle each raise their own kinds
+        reason = str(exc).splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path} is damaged ({reason}); {fix}") from None
+
+
 def load_checkpoint(path: Path, config_key: dict):
     """The checkpoint in ``path`` if its configuration equals ``config_key``, else an error."""
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(
-            f"{path} is damaged ({type(exc).__name__}); delete it to start the run again"
-        ) from None
+    state = load_verified(path, "delete it to start the run again")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not an xfeat checkpoint")
     if state["config"] != config_key:
@@ -234,10 +245,7 @@ def load_finetuned(path: Union[str, Path]):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no fine-tuned model at {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"{path} is not an xfeat fine-tuned model ({type(exc).__name__})") from None
+    obj = load_verified(path, "it is not a fine-tuned model xfeat can read: fine-tune again")
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
         raise ConfigError(f"{path} is not an xfeat fine-tuned model")
     backbone = create_backbone(obj["model"], "none")

@@ -33,6 +33,7 @@ from xfeat.finetuning.loop import adabn, evaluate, train_one_epoch
 from xfeat.finetuning.model import (
     build_network,
     load_checkpoint,
+    load_verified,
     make_optimizer,
     save_checkpoint,
     save_model,
@@ -493,9 +494,8 @@ def _evaluate_best(run: _Run, store, net):
     from xfeat.evaluation.metrics import evaluate_splits
     from xfeat.evaluation.multilabel import evaluate_multilabel
 
-    net.load_state_dict(
-        torch.load(run.run_dir / "best_model.pt", map_location=run.device, weights_only=True)
-    )
+    best = run.run_dir / "best_model.pt"
+    net.load_state_dict(load_verified(best, "delete its run folder and run again", run.device))
     t0 = time.perf_counter()
     _, eval_loader = _loaders(run, store)
     common = dict(

@@ -76,12 +76,20 @@ def _remove_stray_temporaries(run_dir: Path) -> None:
             pass
 
 
+def _exists(p: Path, path: Path) -> bool:
+    """``p.exists()``; a parent that cannot be searched (EACCES) is an error naming ``path``."""
+    try:
+        return p.exists()
+    except OSError as exc:
+        raise OutputError(describe_os_error(exc, path)) from None
+
+
 def check_writable(path: Optional[Union[str, Path]]) -> None:
     """Fail before any work when ``path`` (a folder to be) cannot be written."""
     if path is None:
         return
     path = Path(path)
-    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    existing = next((p for p in [path, *path.parents] if _exists(p, path)), None)
     if existing is not None and not existing.is_dir():
         raise OutputError(
             f"cannot write to {path}: {existing} is a file, not a folder; choose another path"

@@ -24,12 +24,17 @@
 - ``transductive`` (true) and ``adaptation`` (``{method, target, ...}``): only when the run
   used the unlabelled test images (``--adapt``); ``em`` adds the estimated prior and a warning
 
+Its last key, ``content_sha256``, is the SHA-256 of the rest as written (strict JSON,
+indent 2): :func:`load_result` refuses a file whose bytes changed since (a flipped digit would
+otherwise read as a number). Files without it (older xfeat) are read unchecked.
+
 Next to it, ``predictions.npz`` holds ``{split}_ids``, ``{split}_labels`` and
 ``{split}_proba`` for every split, so later reports never need to recompute anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import zipfile
@@ -43,7 +48,7 @@ from xfeat.cache.meta import WeightsRecord
 from xfeat.errors import ConfigError
 from xfeat.evaluation.metrics import format_metrics_table
 from xfeat.evaluation.multilabel import format_multilabel_table
-from xfeat.files import atomic_write, write_json
+from xfeat.files import atomic_write, dumps, write_json
 
 # Every record of a run from random weights says so (results.json, its table, the reports).
 RANDOM_INIT_NOTE = (
@@ -233,7 +238,8 @@ class RunResult:
             arrays[f"{split}_labels"] = np.asarray(labels)
             arrays[f"{split}_proba"] = np.asarray(proba, dtype=np.float32)
         atomic_write(run_dir / "predictions.npz", lambda f: np.savez(f, **arrays))
-        write_json(run_dir / "results.json", self.record.to_dict())
+        record = self.record.to_dict()
+        write_json(run_dir / "results.json", {**record, DIGEST: content_digest(record)})
         return run_dir / "results.json"
 
     def table(self) -> str:
@@ -301,6 +307,14 @@ class RunResult:
         return "\n".join(lines)
 
 
+DIGEST = "content_sha256"  # results.json's own checksum: a flipped digit is an error, not a number
+
+
+def content_digest(record: dict) -> str:
+    """The SHA-256 of ``record`` as results.json holds it (strict JSON, indent 2)."""
+    return hashlib.sha256(dumps(record).encode()).hexdigest()
+
+
 def load_result(path) -> RunResult:
     """Read ``results.json`` (a file or its run folder) and its predictions."""
     path = Path(path)
@@ -316,6 +330,12 @@ def load_result(path) -> RunResult:
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} is not an xfeat result (a JSON {type(raw).__name__})")
+    stored = raw.pop(DIGEST, None)  # results written before xfeat 0.4 have none
+    if stored is not None and stored != content_digest(raw):
+        raise ConfigError(
+            f"{path} is damaged: its content does not match its {DIGEST} (a changed byte); "
+            "delete its run folder and run the command again"
+        )
     record = RunRecord.from_dict(raw, path=path)
     predictions = {}
     pred_path = path.with_name("predictions.npz")
