@@ -319,6 +319,8 @@ def patients_across_splits(images: dict, pattern: Optional[str], exact_groups: l
     is also an exact or near duplicate: matching ids then likely are the same person.
     Returns ``(summary, CSV rows)``.
     """
+    # where the ids come from: a patient column or DICOM tag, else the file names
+    source = images.get("patients_from") or ("patient column" if images.get("patient") else "file names")
     if images.get("patient"):  # a table's patient column: every image has its patient
         groups, named = images["patient"], [True] * len(images["id"])
     elif not pattern:
@@ -374,14 +376,14 @@ def patients_across_splits(images: dict, pattern: Optional[str], exact_groups: l
             )
     summary = {
         "pattern": pattern,
-        "patients_from": images.get("patients_from", "file names"),
+        "patients_from": source,
         "n_images_matched": sum(len(v) for v in by_patient.values()),
         "n_patients": len(by_patient),
         "n_across_splits": len(leaking),
         "n_images_across_splits": sum(len(r) for _, r in leaking.values()),
         "across_split_pairs": split_pairs,
         "n_with_pixel_evidence": len(evidence),
-        "note": f"patient ids come from the {images.get('patients_from', 'file names')}; if a "
+        "note": f"patient ids come from the {source}; if a "
         "split numbers its patients independently, equal ids may be different people. "
         "pixel_evidence marks patients with an exact or near duplicate across splits.",
         "patients": listed,
