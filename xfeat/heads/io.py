@@ -32,6 +32,7 @@ FORMAT = "xfeat-head"
 # older xfeat refuse a version-2 file with "upgrade" instead of an unknown-parameter error.
 # 3: multi-label one-vs-rest heads (``head`` "ovr"); single-label files are still written as 2.
 FORMAT_VERSION = 3
+SINGLE_HEAD_VERSION = 2  # what a single-label head is written as (read by xfeat 0.2 too)
 _OVR_PREFIX = "label{}__"  # arrays of label j's head in a one-vs-rest file
 
 
@@ -56,7 +57,7 @@ def save_head(head: BaseHead, path, *, metadata: dict, extra: Optional[dict] = N
     check_is_fitted(head, "classes_")
     meta = {
         "format": FORMAT,
-        "format_version": 2,
+        "format_version": SINGLE_HEAD_VERSION,
         "head": name,
         **_parts(head),
         "metadata": metadata,

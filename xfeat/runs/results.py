@@ -272,6 +272,12 @@ class RunResult:
         if th.value is not None:
             lines.append(f"threshold: {th.value:.3f} ({th.rule}, chosen on val)")
         if r.multilabel:
+            chosen_c = {k: v.get("C") for k, v in r.selection.items() if isinstance(v, dict)}
+            if any(v is not None for v in chosen_c.values()):
+                lines.append(
+                    "chosen on val, per label: "
+                    + ", ".join(f"{k} C={_fmt(v)}" for k, v in chosen_c.items() if v is not None)
+                )
             lines.append(
                 f"per-label thresholds ({th.rule}, chosen on val): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in th.per_label.items())
