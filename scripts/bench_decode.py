@@ -13,6 +13,8 @@ crop to 224. Images/s per core, and their ratio.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     sources = sorted((args.data / "test").rglob("*.jpeg"))[: args.n]
     work = Path(tempfile.mkdtemp(prefix="xfeat-decode-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # no copies left behind
     prep = Preprocessing()
     results = {}
     small = rate(sources, True, prep)

@@ -16,8 +16,10 @@ decoding costs nothing at all; the JPEG decode + resize share of the CPU bounds 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +85,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="xfeat-pace-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # no copies left behind
     root = subset(args.data, args.n, work / "data")
     # the same fresh `python -m xfeat extract` process bench_extract.py times (eager here)
     runs = [

@@ -18,7 +18,9 @@ resized to 314x224 (aspect 1.4) and saved as PNG. The script prints:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="xfeat-wild-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # no copies left behind
     result = xfeat.fit_head(
         args.data,
         "mobilenet_v2",

@@ -62,6 +62,7 @@ fi
 
 OUT=${OUT:-$(mktemp -d -t xfeat-gpu-check.XXXXXX)}
 mkdir -p "$OUT/work"
+trap 'rm -rf "$OUT/work"' EXIT  # the data copy and caches; the logs and tables stay
 RESULTS=$OUT/gpu_check.jsonl
 : > "$RESULTS"
 export PYTHONPATH=$REPO:$REPO/scripts${PYTHONPATH:+:$PYTHONPATH}

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,15 @@ from xfeat.cli import cli
 
 cli(sys.argv[3:], prog_name="xfeat")
 """
+
+
+def pytest_configure(config):
+    """torch.compile's build files (gigabytes over a full run) go to a folder removed at the
+    end, for this process and every child it starts."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="xfeat-test-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 def child_env(**extra) -> dict:
