@@ -21,7 +21,9 @@ The first run extracts the features once (a few minutes on a CPU) if the cache l
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +84,7 @@ def main(argv=None) -> dict:
     torch_s = best_of([*python, "-c", "import torch"], args.repeats)
     extract_s = best_of([*python, "-c", CHECK, "-q", "extract", *request], args.repeats)
     out = Path(tempfile.mkdtemp(prefix="xfeat-bench-cached-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # no copies left behind
     fit_runs = []
     for i in range(args.repeats):
         run_dir = out / f"run{i}"
