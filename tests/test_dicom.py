@@ -2,6 +2,7 @@
 lying headers, patients from the tags, and the commands over a DICOM class-folder set."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -284,6 +285,36 @@ def test_patients_come_from_the_patient_id_tag(tmp_path):
     assert dataset.split_info["dicom_group"] == "PatientID" and dataset.split_info["groups"] == 8
     by_study = load_dataset(DataSpec(str(tmp_path), val_fraction=0.3, dicom_group="StudyInstanceUID"))
     assert by_study.split_info["groups"] == 24 and by_study.fingerprint != dataset.fingerprint
+
+
+def test_cli_dicom_group_splits_by_the_study_tag_and_records_it(tmp_path):
+    """``--dicom-group StudyInstanceUID`` from the command line: val takes whole studies, the
+    choice is in the cache's data record, and the other tag makes another entry."""
+    jpegs = _chest_files(6)
+    for n, jpeg in enumerate(jpegs):
+        out = tmp_path / "d" / "train" / jpeg.parent.name / f"img{n:03d}.dcm"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # one patient, four studies of three images: only the study tag can split them
+        write_copy(jpeg, out, "native8", patient_id="P0", study_uid=f"1.2.3.{n // 3}")
+    common = ["--data", tmp_path / "d", "--model", "resnet18", "--weights", "none"]
+    common += ["--image-size", TINY, "--cache-dir", tmp_path / "c", "--val-fraction", 0.3]
+    by_study = CliRunner().invoke(
+        cli, [str(a) for a in ["extract", *common, "--dicom-group", "StudyInstanceUID", "--json"]]
+    )
+    assert by_study.exit_code == 0, by_study.output
+    features = read_cache(json.loads(by_study.stdout)["path"])
+    assert features.meta.data.dicom_group == "StudyInstanceUID"
+    splits = load_dataset(
+        DataSpec(str(tmp_path / "d"), val_fraction=0.3, dicom_group="StudyInstanceUID")
+    ).splits
+    assert [len(features.splits[s].ids) for s in ("train", "val")] == [
+        len(splits[s]) for s in ("train", "val")
+    ]
+    studies = {s: set(splits[s].groups) for s in ("train", "val")}
+    assert studies["train"].isdisjoint(studies["val"]) and len(splits["val"]) % 3 == 0
+    by_patient = CliRunner().invoke(cli, [str(a) for a in ["extract", *common, "--json"]])
+    assert by_patient.exit_code == 1 and "Traceback" not in by_patient.output
+    assert "1 patient group(s) by the DICOM tag PatientID" in by_patient.output
 
 
 def test_analyze_finds_the_same_pixels_in_two_encodings(tmp_path):

@@ -160,6 +160,8 @@ PROCESSORS = {
     ),
     "clip": lambda t: t.CLIPImageProcessor(),
     "vit-stretch": lambda t: t.ViTImageProcessor(size={"height": 224, "width": 224}),
+    "convnext": lambda t: t.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875),
+    "convnext-384": lambda t: t.ConvNextImageProcessor(size={"shortest_edge": 384}),
     "rad-dino": lambda t: t.BitImageProcessor(
         size={"shortest_edge": 518},
         crop_size={"height": 518, "width": 518},
@@ -189,6 +191,24 @@ def test_processor_mapping_equals_the_processor_on_real_images(kind, tmp_path):
             levels = (ours - ref).abs() * torch.tensor(pre.std).view(1, 3, 1, 1) * 255
             assert float(levels.max()) <= max_levels, (backend, image.size, float(levels.max()))
             assert float(levels.mean()) <= mean_levels, (backend, image.size, float(levels.mean()))
+
+
+def test_processor_settings_it_cannot_reproduce_are_refused():
+    for spec, named in (
+        ({"image_processor_type": "PoolFormerImageProcessor", "crop_pct": 0.9}, "crop_pct=0.9"),
+        ({"image_processor_type": "MobileViTImageProcessor", "do_flip_channel_order": True}, "do_flip"),
+        ({"size": {"height": 32, "width": 32}, "do_pad": True}, "do_pad"),
+    ):
+        with pytest.raises(ConfigError, match=named):
+            preprocessing_from_processor(spec, source="preprocessor_config.json")
+    convnext = preprocessing_from_processor(
+        {
+            "image_processor_type": "ConvNextImageProcessor",
+            "size": {"shortest_edge": 224},
+            "crop_pct": 0.875,
+        }
+    )
+    assert (convnext.resize_size, convnext.crop_size, convnext.resize_mode) == (256, 224, "crop")
 
 
 def test_rescale_factor_and_resample_are_mapped():
@@ -687,3 +707,68 @@ def test_open_clip_pretrained_tag_offline_is_a_clear_error_at_once(tmp_path, mon
         xfeat.backbones.resolve_weights("open_clip:ViT-B-32:openai", "DEFAULT")
     with pytest.raises(BackboneError, match="its tags"):
         xfeat.backbones.resolve_weights("open_clip:ViT-B-32:no-such-tag", "DEFAULT")
+
+
+def test_siglip_zero_shot_equals_the_model_s_own_logits(data, tmp_path):
+    """A tiny SigLIP (both towers; a character tokenizer made here, padded to its full length
+    as SigLIP was trained): zero-shot probabilities are the softmax over the classes of the
+    model's own ``logits_per_image`` (its bias is the same for every class)."""
+    import string
+
+    from PIL import Image
+
+    folder = tmp_path / "siglip"
+    chars = list(string.ascii_lowercase) + list("-.,0123456789")
+    vocab = {
+        t: i
+        for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])
+    }
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(
+        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=24
+    )
+    tokenizer.save_pretrained(folder)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=24,
+        projection_size=32,
+    )
+    vision = dict(CLIP_VISION)
+    torch.manual_seed(0)
+    model = transformers.SiglipModel(
+        transformers.SiglipConfig(text_config=text, vision_config=vision)
+    ).eval()
+    model.save_pretrained(folder)
+    processor = transformers.SiglipImageProcessor(size={"height": 30, "width": 30})
+    processor.save_pretrained(folder)
+    prompts = {
+        "NORMAL": "a chest x-ray with no findings",
+        "PNEUMONIA": "a chest x-ray showing pneumonia",
+    }
+    result = xfeat.zero_shot(
+        data,
+        f"hf:{folder}",
+        prompts=prompts,
+        weights="DEFAULT",
+        out_dir=tmp_path / "zs",
+        n_boot=0,
+        extract_options={"cache_dir": tmp_path / "c", **RUN},
+    )
+    assert result.record.mode == "zero-shot"
+    assert result.record.selection["training_labels_used"] is False
+    ids, _, probas = result.predictions["test"]
+    split = xfeat.load_dataset(data).splits["test"]
+    images = [Image.open(split.paths[split.ids.index(i)]).convert("RGB") for i in ids]
+    tokens = tokenizer(
+        list(prompts.values()), padding="max_length", truncation=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        logits = model(
+            pixel_values=processor(images, return_tensors="pt")["pixel_values"], **tokens
+        ).logits_per_image
+    np.testing.assert_allclose(probas, torch.softmax(logits.double(), dim=1).numpy(), atol=1e-4)

@@ -332,20 +332,48 @@ def _side(value, source: str, what: str) -> tuple:
     )
 
 
+# Processor settings that change the pixels and that the mapping below does not reproduce
+# (besides crop_pct, which it reproduces for ConvNeXt's processors only).
+_UNMAPPED = ("do_pad", "do_flip_channel_order", "do_reduce_labels")
+
+
+def _refuse_unmapped(spec: dict, source: str) -> None:
+    kind = str(spec.get("image_processor_type") or "image processor")
+    on = [k for k in _UNMAPPED if spec.get(k)]
+    if spec.get("crop_pct") is not None and not kind.startswith("ConvNext"):
+        on.append(f"crop_pct={spec['crop_pct']}")
+    if on:
+        raise ConfigError(
+            f"{source}: {', '.join(on)} of a {kind} is not reproduced by xfeat's preprocessing, "
+            "so its features would not be the model's; use the model through timm: or export "
+            "it with its preprocessing as torchscript:"
+        )
+
+
 def preprocessing_from_processor(spec: dict, *, source: str = "image processor") -> Preprocessing:
     """An image processor's configuration (``processor.to_dict()``) as xfeat's preprocessing.
 
     ``size {"shortest_edge": S}`` resizes the short side (``crop`` mode); ``{"height": S,
     "width": S}`` resizes the whole image to S x S (``stretch`` mode, as ViT and SigLIP
-    processors do); ``crop_size`` is the centre crop when ``do_center_crop``; ``resample`` the
-    filter; ``(x * rescale_factor - mean) / std`` becomes ``(x / 255 - mean') / std'``.
+    processors do); ``crop_size`` is the centre crop when ``do_center_crop``; ConvNeXt's
+    ``crop_pct`` as its processor applies it; ``resample`` the filter; ``(x * rescale_factor -
+    mean) / std`` becomes ``(x / 255 - mean') / std'``. Settings it cannot reproduce (padding,
+    BGR channel order, another processor's ``crop_pct``) are refused with a one-line error.
     """
     size, exact = _side(spec.get("size", 224), source, "size")
     if not spec.get("do_resize", True):
         raise ConfigError(f"{source}: do_resize is false; set --image-size and --resize-size by hand")
+    _refuse_unmapped(spec, source)
     crop = size
     if spec.get("do_center_crop", False) and spec.get("crop_size") is not None:
         crop, _ = _side(spec["crop_size"], source, "crop_size")
+    if spec.get("crop_pct") is not None and not exact:
+        # ConvNeXt: below 384 px the short side goes to int(S / crop_pct), then the centre
+        # S x S crop; from 384 px on the image is resized to S x S (no crop)
+        if size < 384:
+            crop, size = size, int(size / float(spec["crop_pct"]))
+        else:
+            exact = True
     resample = spec.get("resample", 2)
     interpolation = _RESAMPLE.get(resample if isinstance(resample, int) else -1)
     if interpolation is None:

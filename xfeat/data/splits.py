@@ -126,9 +126,23 @@ def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:
     groups = train.groups if train.groups is not None else patient_groups(train.ids, spec.group_pattern)
     in_val = carve_validation(strata(train.labels), groups, spec.val_fraction, spec.split_seed)
     if not in_val.any() or in_val.all():
+        n_groups = len(set(groups))
+        why = ""
+        if n_groups < len(train):  # whole patients move to val: too few of them
+            named = (
+                f"the DICOM tag {dataset.dicom_group}"
+                if dataset.dicom_group
+                else "the patient column"
+                if train.groups is not None
+                else f"--group-pattern {spec.group_pattern!r}"
+            )
+            why = (
+                f" ({n_groups} patient group(s) by {named}, each kept on one side; "
+                "group by another tag or pattern if that is not a patient)"
+            )
         raise DataError(
             f"cannot carve a validation split of {spec.val_fraction:.0%} from "
-            f"{len(train)} training images; add a val/ split or change val_fraction"
+            f"{len(train)} training images{why}; add a val/ split or change val_fraction"
         )
     dataset.splits["train"] = train.subset(np.flatnonzero(~in_val), "train")
     dataset.splits["val"] = train.subset(np.flatnonzero(in_val), "val")
