@@ -206,3 +206,18 @@ def test_public_functions_and_subpackages_never_shadow_each_other():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env())
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_model_named_by_a_deep_path_gets_a_short_distinct_folder_name():
+    from xfeat.files import safe_name
+    from xfeat.runs.folders import default_run_dir
+
+    deep = "/" + "/".join(["a_rather_long_folder_name"] * 12)
+    one, other = f"hf:{deep}/rad-dino:pool=mean", f"hf:{deep}x/rad-dino:pool=mean"
+    names = [
+        default_run_dir("chest", m, {"kind": "hf", "id": "DEFAULT"}, "cached-logreg").parent.name
+        for m in (one, other)
+    ]
+    assert names[0] != names[1] and all(len(n) <= 120 for n in names)
+    assert "rad-dino_pool_mean" in names[0]
+    assert safe_name("resnet50") == "resnet50"  # short names as before

@@ -49,9 +49,16 @@ def describe_os_error(exc: OSError, path) -> str:
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
-def safe_name(name: str) -> str:
-    """``name`` usable as one file or folder name: letters, digits and ``-_.`` kept."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+def safe_name(name: str, limit: int = 96) -> str:
+    """``name`` usable as one file or folder name: letters, digits and ``-_.`` kept. A longer
+    one (a model named by the full path of its folder, say) keeps its last ``limit`` - 9
+    characters and a digest of the whole, so that names stay distinct and far below the file
+    systems' 255-byte limit."""
+    clean = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+    if len(clean) <= limit:
+        return clean
+    digest = hashlib.sha256(str(name).encode()).hexdigest()[:8]
+    return f"{clean[len(clean) - limit + 9 :].lstrip('_')}-{digest}"
 
 
 def file_mode() -> int:
