@@ -389,6 +389,41 @@ def test_cli_extract_fit_and_predict_replay_the_dicom_settings(tmp_path):
     assert refused.exit_code != 0 and "pass --frame N" in refused.output
 
 
+def test_predict_reads_the_frame_it_is_told(tmp_path):
+    """A head fitted on single-frame files, then multi-frame files to predict: refused in one
+    line naming --frame; frame 0 (the same pixels) gives the same probabilities as the
+    single-frame copies, frame 1 (inverted) different ones."""
+    single = _dicom_folder(tmp_path / "one", "native8", n_per_class=4)
+    multi = _dicom_folder(tmp_path / "two", "native8", n_per_class=4, frames=2)
+    common = ["--model", "resnet18", "--weights", "none", "--image-size", TINY]
+    fit = CliRunner().invoke(
+        cli,
+        [str(a) for a in ["fit-head", "--data", single, *common, "--cache-dir", tmp_path / "c"]]
+        + ["--out", str(tmp_path / "run"), "--n-boot", "0"],
+    )
+    assert fit.exit_code == 0, fit.output
+    head = str(tmp_path / "run" / "head.npz")
+
+    def predict(folder, *extra):
+        out = tmp_path / f"p{len(list(tmp_path.glob('p*.csv')))}.csv"
+        run = CliRunner().invoke(
+            cli, ["predict", "--head", head, str(folder / "test"), "--out", str(out), *extra]
+        )
+        return run, (list(csv.DictReader(out.open())) if out.exists() else None)
+
+    refused, _ = predict(multi)
+    assert refused.exit_code == 1 and "pass --frame N" in refused.output
+    assert "Traceback" not in refused.output
+    _, reference = predict(single)
+    run0, frame0 = predict(multi, "--frame", "0")
+    assert run0.exit_code == 0, run0.output
+    run1, frame1 = predict(multi, "--frame", "1")
+    assert run1.exit_code == 0, run1.output
+    p = [[float(r["p_NORMAL"]) for r in rows] for rows in (reference, frame0, frame1)]
+    np.testing.assert_allclose(p[1], p[0], atol=1e-6)
+    assert not np.allclose(p[2], p[0], atol=1e-6)
+
+
 def test_a_damaged_dicom_file_is_a_recorded_skip(tmp_path):
     """--skip-bad: a truncated DICOM file among good ones is recorded, the rest extracted; a
     different window is a different cache entry."""

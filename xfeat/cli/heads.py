@@ -235,6 +235,13 @@ def fit_head_cmd(
     "recorded preprocessing on the image as it is.",
 )
 @click.option(
+    "--frame",
+    type=click.IntRange(min=0),
+    default=None,
+    help="DICOM files: the frame of multi-frame files to read (0 is the first) "
+    "[default: the one the features were made from].",
+)
+@click.option(
     "--compile",
     is_flag=True,
     help="Compile the backbone ahead of time (kept in the cache folder for later "
@@ -245,7 +252,7 @@ def fit_head_cmd(
 @click.pass_context
 @api_errors
 def predict_cmd(
-    ctx, head_path, images, out_csv, weights, tta, adapt, geometry, compile, as_json, **options
+    ctx, head_path, images, out_csv, weights, tta, adapt, geometry, frame, compile, as_json, **options
 ):
     """Classify image files or folders with a saved head and its backbone."""
     from xfeat.prediction import predict
@@ -258,6 +265,7 @@ def predict_cmd(
         tta=tta,
         adapt=adapt,
         geometry=geometry,
+        frame=frame,
         compile=compile,
         progress=ctx.obj["progress"],
         **options,

@@ -44,7 +44,7 @@ def expand_images(inputs: Sequence[Union[str, Path]]) -> list:
     return files
 
 
-def _backbone_for(meta: dict, weights_override: Optional[str]):
+def _backbone_for(meta: dict, weights_override: Optional[str], frame: Optional[int] = None):
     w = meta["weights"]
     if w["kind"] == "random":
         if weights_override:
@@ -74,8 +74,25 @@ def _backbone_for(meta: dict, weights_override: Optional[str]):
             f"weights {weights} (sha256 {backbone.weights.sha256[:12]}) are not the "
             f"weights the head was trained with (sha256 {w['sha256'][:12]})"
         )
-    backbone.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    backbone.preprocessing = with_frame(Preprocessing.from_dict(meta["preprocessing"]), frame)
     return backbone
+
+
+def with_frame(preprocessing: Preprocessing, frame: Optional[int]) -> Preprocessing:
+    """The recorded preprocessing, reading frame ``frame`` of multi-frame DICOM files instead
+    of the recorded one (None keeps it)."""
+    if frame is None or frame == preprocessing.dicom_frame:
+        return preprocessing
+    if isinstance(frame, bool) or not isinstance(frame, int) or frame < 0:
+        raise ConfigError(f"frame={frame!r}: expected a frame number >= 0 (0 is the first)")
+    logger.info(
+        "reading frame %d of multi-frame DICOM files (the features were made from %s)",
+        frame,
+        "single-frame files"
+        if preprocessing.dicom_frame is None
+        else f"frame {preprocessing.dicom_frame}",
+    )
+    return preprocessing.with_dicom(frame=frame)
 
 
 def _features(
@@ -87,6 +104,7 @@ def _features(
     device,
     compile,
     embed: dict,
+    frame: Optional[int] = None,
 ):
     """``(X (N, D) per view, errors, stats)``: the head's blocks, every source's backbone run
     once; ``embed``: :func:`~xfeat.extraction.forward.embed_files`'s options."""
@@ -103,7 +121,7 @@ def _features(
             for b, d in blocks
             if not prefixed or b.startswith(prefix)
         ]
-        backbone = _backbone_for(src, weights if not prefixed else None)
+        backbone = _backbone_for(src, weights if not prefixed else None, frame)
         runner = Runner(backbone, mine, dev, batch_size=embed["batch_size"], compile=compile)
         outputs, errs, stats = embed_files(runner, files, **embed)
         errors = errs if errors is None else [a or b for a, b in zip(errors, errs)]
@@ -129,6 +147,7 @@ def _probabilities(
     compile,
     progress,
     geometry,
+    frame=None,
 ):
     """``(proba (N, C) with NaN rows, errors, adaptation, stats, features)`` of the files.
 
@@ -154,12 +173,20 @@ def _probabilities(
         from xfeat.extraction.forward import Runner, embed_files
         from xfeat.extraction.runtime import resolve_device
 
+        network.preprocessing = with_frame(network.preprocessing, frame)
         runner = Runner(network, blocks, resolve_device(device), batch_size=batch_size, compile=compile)
         out, errors, stats = embed_files(runner, files, **embed)
         X = {v: o["penultimate"] for v, o in out.items()}
     else:
         X, errors, stats = _features(
-            sources, blocks, files, weights=weights, device=device, compile=compile, embed=embed
+            sources,
+            blocks,
+            files,
+            weights=weights,
+            device=device,
+            compile=compile,
+            embed=embed,
+            frame=frame,
         )
     features = np.mean([X[v] for v in views], axis=0) if X else np.zeros((0, 0), np.float32)
     ok = np.array([not e for e in errors], dtype=bool)
@@ -210,6 +237,7 @@ def predict(
     tta=None,
     adapt: Optional[str] = None,
     geometry: str = "match",
+    frame: Optional[int] = None,
     batch_size: int = 32,
     num_workers: Optional[int] = None,
     device: Optional[str] = None,
@@ -229,8 +257,9 @@ def predict(
     the training images were; ``as-recorded`` applies the recorded preprocessing to the
     image as it is. ``tta``: ``flip``/``crops``/``flip,crops``, features averaged over the
     views. ``adapt``: ``standardize`` or ``em``, *transductive*: the images given are the
-    target (at least 20 of them); their labels are not needed. ``compile``: compile the
-    backbone ahead of time, kept in the cache folder for later calls.
+    target (at least 20 of them); their labels are not needed. ``frame``: the frame of
+    multi-frame DICOM files to read (default: the one the features were made from).
+    ``compile``: compile the backbone ahead of time, kept in the cache folder for later calls.
 
     Warnings sum up the images resized, outside the training profile or out of
     distribution; a :class:`~xfeat.errors.DataError` only when no image could be predicted.
@@ -293,6 +322,7 @@ def predict(
         compile=compile,
         progress=progress,
         geometry=target,
+        frame=frame,
     )
     if adaptation:
         logger.info("transductive adaptation (%s) to the %d images given", adapt, len(files))
