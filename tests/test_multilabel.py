@@ -435,3 +435,29 @@ def test_an_lpft_probe_of_other_labels_is_refused(tmp_path, tables):
             num_workers=0,
             progress=False,
         )
+
+
+def test_the_carve_out_gives_every_label_both_values_on_both_sides():
+    """A rare label held by two patients only: stratifying by each image's rarest label alone
+    leaves val without it for some seeds; the carve-out then moves a whole patient so that
+    every label is judged on val, and train keeps every value it had."""
+    from xfeat.data.dataset import strata
+    from xfeat.data.splits import carve_validation, cover_every_label
+
+    rng = np.random.default_rng(0)
+    groups = [f"p{i // 3}" for i in range(120)]  # 40 patients, 3 images each
+    labels = (rng.random((120, 3)) < [0.5, 0.3, 0.0]).astype(np.int8)
+    labels[[0, 1, 2, 3], 2] = 1  # the rare label: patients p0 (3 images) and p1 (1 image)
+    labels[rng.random((120, 3)) < 0.05] = -1  # a few unknown entries
+    missed = 0
+    for seed in range(30):
+        plain = carve_validation(strata(labels), groups, 0.2, seed)
+        missed += not (labels[plain, 2] == 1).any()
+        in_val = cover_every_label(labels, groups, plain, seed)
+        assert (in_val | ~plain).all()  # only additions
+        for side in (in_val, ~in_val):
+            for value in (0, 1):
+                assert (labels[side] == value).any(axis=0).all(), (seed, value)
+        moved = {groups[i] for i in np.flatnonzero(in_val & ~plain)}
+        assert all(all(in_val[i] for i in range(120) if groups[i] == g) for g in moved)
+    assert missed > 0  # the case exists without the repair

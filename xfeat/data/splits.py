@@ -99,6 +99,39 @@ def carve_validation(
     return in_val
 
 
+def cover_every_label(
+    labels: np.ndarray, groups: Sequence[str], in_val: np.ndarray, seed: int
+) -> np.ndarray:
+    """``in_val`` (a carve-out of (N, L) multi-label targets, -1 unknown) with whole groups
+    moved from train to val until every label has a known positive and a known negative on
+    both sides, where the groups allow it: for each label that lacks one in val, the smallest
+    train group that holds it and whose move leaves train every value it had (ties in a seeded
+    order). Stratifying by each image's rarest label cannot promise that by itself."""
+    labels, in_val = np.asarray(labels), np.array(in_val, dtype=bool)
+    names, index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    rank = np.empty(len(names), dtype=int)
+    rank[order] = np.arange(len(names))
+    for _ in range(2):  # a move for one label may serve another: a second pass finds none left
+        for label in range(labels.shape[1]):
+            column = labels[:, label]
+            for value in (1, 0):
+                if ((column == value) & in_val).any():
+                    continue
+                best = None
+                for g in np.unique(index[(column == value) & ~in_val]):
+                    move = index == g
+                    stay = ~in_val & ~move
+                    had = [(labels[~in_val] == v).any(axis=0) for v in (0, 1)]
+                    keeps = all(((labels[stay] == v).any(axis=0) | ~had[v]).all() for v in (0, 1))
+                    key = (int(move.sum()), rank[g])
+                    if keeps and (best is None or key < best[0]):
+                        best = (key, move)
+                if best is not None:
+                    in_val |= best[1]
+    return in_val
+
+
 def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:
     val = dataset.splits.get("val")
     if val is not None and len(val) >= TINY_VAL_SIZE:
@@ -125,6 +158,8 @@ def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:
     # a table's patient column, else the patient id in the file names
     groups = train.groups if train.groups is not None else patient_groups(train.ids, spec.group_pattern)
     in_val = carve_validation(strata(train.labels), groups, spec.val_fraction, spec.split_seed)
+    if np.ndim(train.labels) == 2 and in_val.any():
+        in_val = cover_every_label(train.labels, groups, in_val, spec.split_seed)
     if not in_val.any() or in_val.all():
         n_groups = len(set(groups))
         why = ""
