@@ -384,10 +384,16 @@ def test_multilabel_compare_and_analyze_reports(tmp_path, tables):
     assert co["both"][0][1] == co["both"][0][0] > 0 and co["conditional"][0][1] == 1.0
     assert co["both"][0][2] == 0
     assert set(analysis["shift"]["per_class"]) == {"Bacterial", "Pneumonia", "Viral"}
+    for key, other in (("shift", "test"), ("shift_val", "val")):  # from train to each split
+        assert set(labels[key]) == {"Bacterial", "Pneumonia", "Viral"}
+        for name, s in labels[key].items():
+            j = labels["label_names"].index(name)
+            assert s[other] == pytest.approx(labels["prevalence"][other][j])
     for name in ("label_noise", "overfitting", "calibration", "adaptation"):
         assert analysis[name]["skip_reason"] == "multilabel"
     text = (tmp_path / "an" / "analysis.md").read_text()
     assert "Does not apply: label noise is estimated from one class per image" in text
+    assert "Shift from train to val, per label" in text and "Shift from train to test" in text
 
 
 def test_options_that_would_be_ignored_are_refused(tables):

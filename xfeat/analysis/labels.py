@@ -1,10 +1,11 @@
-"""Multi-label data: each label's prevalence per split, its shift from train to test, and how
-labels occur together.
+"""Multi-label data: each label's prevalence per split, its shift from train to val and to
+test, and how labels occur together.
 
 A label's prevalence is counted on the rows where it is known. The shift of each label from
-train to test is a two-proportion z-test (scipy's normal tail); a label whose test
+train to another split is a two-proportion z-test (scipy's normal tail); a label whose test
 prevalence differs from train's shifts every threshold chosen on val and every metric that
-depends on prevalence (AP, PPV), although not the AUC.
+depends on prevalence (AP, PPV), although not the AUC; one whose val prevalence differs makes
+val a poor stand-in for train when thresholds are chosen there.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ SIMILAR_PREVALENCE = 0.02  # a change below this (in absolute prevalence) is no 
 
 
 def label_section(features) -> Section:
-    """Prevalence per split, the train-to-test shift per label and co-occurrence on train."""
+    """Prevalence per split, the shift per label from train to val and to test, and
+    co-occurrence on train."""
     names = features.class_names
     splits = split_names(features)
     prevalence, known = {}, {}
@@ -38,7 +40,8 @@ def label_section(features) -> Section:
         "prevalence": prevalence,
         "known": {s: k.tolist() for s, k in known.items()},
         "unknown_entries": {s: int((features[s].labels == UNKNOWN).sum()) for s in splits},
-        "shift": _shift(features, names) if "test" in splits else None,
+        "shift": _shift(features, names, "test") if "test" in splits else None,
+        "shift_val": _shift(features, names, "val") if "val" in splits else None,
         "cooccurrence": _cooccurrence(features["train"].labels, names),
     }
     co = summary["cooccurrence"]
@@ -73,14 +76,15 @@ def label_section(features) -> Section:
     )
 
 
-def _shift(features, names: list) -> dict:
-    """Per label: train and test prevalence, their difference and a two-sided z-test p-value."""
-    tr, te = features["train"].labels, features["test"].labels
+def _shift(features, names: list, other: str) -> dict:
+    """Per label: its prevalence on train and on ``other``, their difference and a two-sided
+    z-test p-value."""
+    tr, te = features["train"].labels, features[other].labels
     out = {}
     for j, name in enumerate(names):
         a, b = tr[:, j][tr[:, j] != UNKNOWN], te[:, j][te[:, j] != UNKNOWN]
         if not len(a) or not len(b):
-            out[name] = {"skipped": "no known rows in train or test"}
+            out[name] = {"skipped": f"no known rows in train or {other}"}
             continue
         p1, p2 = a.mean(), b.mean()
         pooled = (a.sum() + b.sum()) / (len(a) + len(b))
@@ -90,7 +94,7 @@ def _shift(features, names: list) -> dict:
         change = float(p2 - p1)
         out[name] = {
             "train": float(p1),
-            "test": float(p2),
+            other: float(p2),
             "change": change,
             "p_value": p,
             "shifted": bool(p < ALPHA and abs(change) >= SIMILAR_PREVALENCE),
@@ -121,15 +125,24 @@ def _cooccurrence(Y: np.ndarray, names: list) -> dict:
 
 
 def _headlines(summary: dict) -> list:
-    shift = summary["shift"] or {}
-    shifted = [(n, s) for n, s in shift.items() if s.get("shifted")]
-    if not shifted:
-        return ["no label's prevalence differs significantly between train and test"] if shift else []
-    parts = ", ".join(f"{n} {s['train']:.1%} -> {s['test']:.1%}" for n, s in shifted)
-    return [
-        f"label prevalence shifts from train to test ({parts}): thresholds chosen on val and "
-        "prevalence-dependent metrics (AP, PPV) move with it; AUC does not"
-    ]
+    out = []
+    for other, key, consequence in (
+        (
+            "test",
+            "shift",
+            "thresholds chosen on val and prevalence-dependent metrics (AP, PPV) move with it; "
+            "AUC does not",
+        ),
+        ("val", "shift_val", "thresholds chosen on val may not suit train's (or test's) mix"),
+    ):
+        shift = summary.get(key) or {}
+        shifted = [(n, s) for n, s in shift.items() if s.get("shifted")]
+        if shifted:
+            parts = ", ".join(f"{n} {s['train']:.1%} -> {s[other]:.1%}" for n, s in shifted)
+            out.append(f"label prevalence shifts from train to {other} ({parts}): {consequence}")
+        elif shift:
+            out.append(f"no label's prevalence differs significantly between train and {other}")
+    return out
 
 
 def _markdown(summary: dict, splits: list) -> list:
@@ -151,25 +164,27 @@ def _markdown(summary: dict, splits: list) -> list:
         "![label prevalence](label_prevalence.png)",
         "",
     ]
-    if summary["shift"]:
+    for other, key in (("val", "shift_val"), ("test", "shift")):
+        if not summary.get(key):
+            continue
         out += [
-            f"Shift from train to test, per label (two-proportion z-test; shifted: p < {ALPHA} "
-            f"and a change of at least {SIMILAR_PREVALENCE:.0%}):",
+            f"Shift from train to {other}, per label (two-proportion z-test; shifted: "
+            f"p < {ALPHA} and a change of at least {SIMILAR_PREVALENCE:.0%}):",
             "",
             *md_table(
-                ["label", "train", "test", "change", "p", "shifted"],
+                ["label", "train", other, "change", "p", "shifted"],
                 [
                     [
                         n,
                         fmt(s["train"]),
-                        fmt(s["test"]),
+                        fmt(s[other]),
                         fmt(s["change"], signed=True),
                         f"{s['p_value']:.2g}",
                         "yes" if s["shifted"] else "no",
                     ]
                     if "skipped" not in s
                     else [n, "—", "—", "—", "—", s["skipped"]]
-                    for n, s in summary["shift"].items()
+                    for n, s in summary[key].items()
                 ],
             ),
             "",
