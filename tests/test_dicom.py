@@ -115,6 +115,32 @@ def test_a_lying_header_is_one_line_not_an_allocation(tmp_path, tags, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_lying_header_is_refused_before_the_pixel_bytes_are_read(tmp_path):
+    """48 MB of pixel data behind a header over the pixel limit: refused with at most a few
+    MB allocated (the pixel data stay on disk until the header has passed), and a file whose
+    pixel data are cut short is still refused for it."""
+    import tracemalloc
+
+    path = _lying(tmp_path, Rows=60000, Columns=60000)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = bytes(48 << 20)
+    ds.save_as(path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageReadError, match="over the limit"):
+            read_dicom(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    ds.Rows, ds.Columns = 4096, 4096  # 32 MB needed at 16 bits: the 48 MB cut to 20 MB
+    ds.save_as(path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - (28 << 20))
+    with pytest.raises(ImageReadError, match="truncated or its header lies"):
+        read_dicom(path)
+
+
 def test_an_encapsulated_frame_beyond_the_limit_is_refused_before_decoding(tmp_path):
     ds = pydicom.dcmread(PYDICOM_FILES / "JPEG2000.dcm")
     ds.Rows, ds.Columns = 50000, 50000

@@ -80,6 +80,21 @@ def is_dicom(path) -> bool:
     return Path(path).suffix.lower() in DICOM_EXTENSIONS or has_preamble(path)
 
 
+DEFER_BYTES = 1 << 20
+
+
+def _pixel_bytes(ds, path) -> int:
+    """How many bytes of pixel data the file holds, without reading them when they were
+    deferred: the declared length, cut to what the file has after the value's start."""
+    raw = ds.get_item("PixelData")
+    if getattr(raw, "value", None) is None and getattr(raw, "value_tell", None) is not None:
+        try:
+            return max(0, min(int(raw.length), os.path.getsize(path) - int(raw.value_tell)))
+        except OSError as exc:
+            raise _fail(path, f"cannot read it ({exc.strerror or exc})") from None
+    return len(ds.PixelData)
+
+
 def _fail(path, reason: str):
     return ImageReadError(os.fsencode(str(path)).decode("utf-8", "backslashreplace"), reason)
 
@@ -89,7 +104,11 @@ def _read(path, stop_before_pixels: bool = False):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on every lenient read
-            ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+            # values over DEFER_BYTES (the pixel data) stay on disk until used: the header is
+            # checked before a byte of a hostile file's pixels is read
+            ds = pydicom.dcmread(
+                path, force=True, stop_before_pixels=stop_before_pixels, defer_size=DEFER_BYTES
+            )
     except Exception as exc:  # pydicom raises many kinds on damaged files; all mean the same
         raise _fail(path, f"not a readable DICOM file ({type(exc).__name__}: {_line(exc)})") from None
     if "TransferSyntaxUID" not in ds.file_meta:  # no file meta: the encoding it was read with
@@ -165,7 +184,7 @@ def check_header(ds, path, frame: Optional[int]) -> tuple:
         if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
             per_pixel = 2 * allocated  # chroma subsampled by two horizontally
         need = (rows * cols * per_pixel * frames + 7) // 8
-        have = len(ds.PixelData)
+        have = _pixel_bytes(ds, path)
         if have < need:
             raise _fail(
                 path,
