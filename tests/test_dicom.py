@@ -496,3 +496,35 @@ def test_finetune_reads_the_chosen_frame(tmp_path):
             cache_dir=tmp_path / "c2",
             out_dir=tmp_path / "r2",
         )
+
+
+def test_compare_runs_every_mode_on_dicom_files_with_their_settings(tmp_path):
+    """compare on a folder of two-frame DICOM files: --frame and --dicom-window reach every
+    mode (cached, frozen, full, lp-ft; without the frame each would refuse every file), and
+    every run records them."""
+    root = _dicom_folder(tmp_path / "mf", "native8", n_per_class=8, test_per_class=2, frames=2)
+    result = xfeat.compare(
+        root,
+        ["resnet18"],
+        weights="none",
+        out_dir=tmp_path / "cmp",
+        cache_dir=tmp_path / "c",
+        dicom_window="minmax",
+        dicom_frame=1,
+        epochs=1,
+        image_size=TINY,
+        num_workers=0,
+        n_boot=20,
+        progress=False,
+    )
+    assert sorted(r["mode"] for r in result.rows) == ["cached", "frozen", "full", "lp-ft"]
+    entry = next((tmp_path / "c").rglob("*.h5"))
+    recorded = read_meta(entry).preprocessing
+    assert recorded["dicom_frame"] == 1 and recorded["dicom_window"] == "minmax"
+    from xfeat.finetuning import load_finetuned
+
+    models = sorted((tmp_path / "cmp").rglob("model.pt"))
+    assert len(models) >= 2  # the fine-tuned modes keep their network and its preprocessing
+    for path in models:
+        backbone, _ = load_finetuned(path)
+        assert (backbone.preprocessing.dicom_frame, backbone.preprocessing.dicom_window) == (1, "minmax")
