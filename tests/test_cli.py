@@ -131,3 +131,15 @@ def test_fit_head_rejects_options_of_another_head(image_folder):
         cli, ["fit-head", "--data", str(image_folder), "--head", "knn", "--C", "1"]
     )
     assert result.exit_code == 2 and "--C do(es) not apply to --head knn" in result.output
+
+
+def test_an_empty_weights_value_says_where_it_comes_from(tmp_path):
+    """`-w "$(hf download ...)"` offline passes an empty value: refused before any work, naming
+    the likely cause."""
+    for command in (
+        ["fit-head", "--data", str(tmp_path), "--model", "resnet18"],
+        ["compare", "--data", str(tmp_path)],
+    ):
+        result = CliRunner().invoke(cli, [*command, "--weights", ""])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert "is empty" in result.output and "hf download" in result.output

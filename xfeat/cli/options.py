@@ -30,6 +30,17 @@ from xfeat.config import (
 from xfeat.errors import ConfigError
 
 
+def not_empty(ctx, param, value):
+    """An empty value (a command substitution that printed nothing) is refused, naming why."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter(
+            "is empty: a command substitution that printed nothing gives that, such as "
+            "$(hf download ...) without a connection (download once on a connected machine); "
+            "pass DEFAULT, none, a weights name or a file"
+        )
+    return value
+
+
 def default(cls, name: str):
     """The default of field ``name`` of dataclass ``cls``, without instantiating it."""
     return {f.name: f.default for f in fields(cls)}[name]
@@ -205,6 +216,7 @@ def model_options(f):
                 "-w",
                 default=PRETRAINED,
                 show_default=True,
+                callback=not_empty,
                 help="DEFAULT: the architecture's pretrained weights (torchvision's DEFAULT, "
                 "timm's pretrained tag, an hf: checkpoint's own); a torchvision weights name "
                 "such as IMAGENET1K_V1; a local state-dict file; or none: random init, an "

@@ -18,6 +18,7 @@ from xfeat.cli.options import (
     loader_options,
     model_options,
     n_boot_option,
+    not_empty,
     optional_data_options,
     run_options,
     threshold_option,
@@ -111,6 +112,7 @@ def finetune_cmd(
     "-w",
     default=PRETRAINED,
     show_default=True,
+    callback=not_empty,
     help="Weights for every model (DEFAULT: pretrained, none: random init, a file), or per "
     "model: 'mobilenet_v2=PATH,resnet50=none' (others: DEFAULT).",
 )
