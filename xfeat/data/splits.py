@@ -108,28 +108,32 @@ def cover_every_label(
     train group that holds it and whose move leaves train every value it had (ties in a seeded
     order). Stratifying by each image's rarest label cannot promise that by itself."""
     labels, in_val = np.asarray(labels), np.array(in_val, dtype=bool)
-    names, index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    order = np.random.default_rng(seed).permutation(len(names))
-    rank = np.empty(len(names), dtype=int)
-    rank[order] = np.arange(len(names))
+    _, index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    n_groups = int(index.max()) + 1
+    # counts[v][g, l]: rows of group g whose label l is v; sizes[g]: its rows
+    counts = [np.zeros((n_groups, labels.shape[1]), dtype=np.int64) for _ in (0, 1)]
+    for v in (0, 1):
+        np.add.at(counts[v], index, (labels == v).astype(np.int64))
+    sizes = np.bincount(index, minlength=n_groups)
+    rank = np.empty(n_groups, dtype=int)
+    rank[np.random.default_rng(seed).permutation(n_groups)] = np.arange(n_groups)
+    in_val_group = np.zeros(n_groups, dtype=bool)
+    in_val_group[index[in_val]] = True
     for _ in range(2):  # a move for one label may serve another: a second pass finds none left
         for label in range(labels.shape[1]):
-            column = labels[:, label]
             for value in (1, 0):
-                if ((column == value) & in_val).any():
+                if counts[value][in_val_group, label].any():
                     continue
-                best = None
-                for g in np.unique(index[(column == value) & ~in_val]):
-                    move = index == g
-                    stay = ~in_val & ~move
-                    had = [(labels[~in_val] == v).any(axis=0) for v in (0, 1)]
-                    keeps = all(((labels[stay] == v).any(axis=0) | ~had[v]).all() for v in (0, 1))
-                    key = (int(move.sum()), rank[g])
-                    if keeps and (best is None or key < best[0]):
-                        best = (key, move)
-                if best is not None:
-                    in_val |= best[1]
-    return in_val
+                candidates = np.flatnonzero(~in_val_group & (counts[value][:, label] > 0))
+                train = [c[~in_val_group].sum(axis=0) for c in counts]  # per value, per label
+                keeps = np.ones(len(candidates), dtype=bool)
+                for v in (0, 1):
+                    left = train[v][None, :] - counts[v][candidates]
+                    keeps &= ((left > 0) | (train[v] == 0)[None, :]).all(axis=1)
+                if keeps.any():
+                    ok = candidates[keeps]
+                    in_val_group[ok[np.lexsort((rank[ok], sizes[ok]))[0]]] = True
+    return in_val_group[index]
 
 
 def ensure_validation_split(dataset: Dataset, spec: DataSpec) -> None:

@@ -83,8 +83,7 @@ def with_frame(preprocessing: Preprocessing, frame: Optional[int]) -> Preprocess
     of the recorded one (None keeps it)."""
     if frame is None or frame == preprocessing.dicom_frame:
         return preprocessing
-    if isinstance(frame, bool) or not isinstance(frame, int) or frame < 0:
-        raise ConfigError(f"frame={frame!r}: expected a frame number >= 0 (0 is the first)")
+    _check_frame(frame)
     logger.info(
         "reading frame %d of multi-frame DICOM files (the features were made from %s)",
         frame,
@@ -93,6 +92,11 @@ def with_frame(preprocessing: Preprocessing, frame: Optional[int]) -> Preprocess
         else f"frame {preprocessing.dicom_frame}",
     )
     return preprocessing.with_dicom(frame=frame)
+
+
+def _check_frame(frame) -> None:
+    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or frame < 0):
+        raise ConfigError(f"frame={frame!r}: expected a frame number >= 0 (0 is the first)")
 
 
 def _features(
@@ -269,6 +273,7 @@ def predict(
     from xfeat.prediction.rows import build_rows, columns, warn_summary
 
     adapt = check_method(adapt, PREDICT_ADAPTATIONS)
+    _check_frame(frame)
     if geometry not in GEOMETRY_CHOICES:
         raise ConfigError(f"geometry={geometry!r}: expected one of {', '.join(GEOMETRY_CHOICES)}")
     tta_given = tta is not None
