@@ -15,6 +15,7 @@ from xfeat.cli.options import (
     model_options,
     n_boot_option,
     optional_data_options,
+    out_folder,
     predict_run_options,
     run_options,
     threshold_option,
@@ -114,13 +115,7 @@ def head_params_from_flags(head: str, given: dict) -> dict:
 )
 @click.option("--epochs", type=int, default=None, help="linear: epochs [default: the head's].")
 @click.option("--lr", type=float, default=None, help="linear: SGD learning rate [default: the head's].")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/cached-HEAD].",
-)
+@out_folder("Run folder", "runs/DATASET/MODEL-WEIGHTS/cached-HEAD")
 @n_boot_option
 @run_options
 @json_option
@@ -310,13 +305,7 @@ def predict_cmd(
     help="Two classes: 0.5 on the softmax (the most similar class; fixed, no labels used) "
     "[default], or a rule chosen on val (youden, sensitivity:0.95: uses val labels).",
 )
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/zero-shot].",
-)
+@out_folder("Run folder", "runs/DATASET/MODEL-WEIGHTS/zero-shot")
 @n_boot_option
 @run_options
 @json_option

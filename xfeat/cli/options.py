@@ -41,6 +41,17 @@ def not_empty(ctx, param, value):
     return value
 
 
+def out_folder(what: str, default_path: str):
+    """``--out`` (``out_dir``): the folder a command writes, ``default_path`` when not given."""
+    return click.option(
+        "--out",
+        "out_dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help=f"{what} [default: {default_path}].",
+    )
+
+
 def default(cls, name: str):
     """The default of field ``name`` of dataclass ``cls``, without instantiating it."""
     return {f.name: f.default for f in fields(cls)}[name]

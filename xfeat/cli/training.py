@@ -20,6 +20,7 @@ from xfeat.cli.options import (
     n_boot_option,
     not_empty,
     optional_data_options,
+    out_folder,
     run_options,
     threshold_option,
 )
@@ -49,13 +50,7 @@ from xfeat.config import (
 @finetune_options
 @loader_options
 @threshold_option
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Run folder [default: runs/DATASET/MODEL-WEIGHTS/MODE-linear].",
-)
+@out_folder("Run folder", "runs/DATASET/MODEL-WEIGHTS/MODE-linear")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option(
     "--probe",
@@ -247,13 +242,7 @@ def compare_cmd(
     help="Cross-validation folds (shift classifier, label noise).",
 )
 @n_boot_option
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Report folder [default: runs/DATASET/MODEL-WEIGHTS/analysis].",
-)
+@out_folder("Report folder", "runs/DATASET/MODEL-WEIGHTS/analysis")
 @run_options
 @json_option
 @click.pass_context
