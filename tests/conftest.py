@@ -57,11 +57,31 @@ cli(sys.argv[3:], prog_name="xfeat")
 
 def pytest_configure(config):
     """torch.compile's build files (gigabytes over a full run) go to a folder removed at the
-    end, for this process and every child it starts."""
+    end, for this process and every child it starts; the precompiled headers inductor keeps
+    in its fixed folder (``$TMPDIR/torchinductor_USER/precompiled_headers``, 150 MB each)
+    are removed too when this run made them."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         folder = tempfile.mkdtemp(prefix="xfeat-test-inductor-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
         config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+    headers = Path(tempfile.gettempdir()) / f"torchinductor_{_user()}" / "precompiled_headers"
+    before = set(headers.iterdir()) if headers.is_dir() else set()
+
+    def remove_new_headers():
+        for path in set(headers.iterdir()) - before if headers.is_dir() else ():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+    config.add_cleanup(remove_new_headers)
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid_{os.getuid()}"
 
 
 def child_env(**extra) -> dict:
