@@ -479,12 +479,11 @@ def test_open_clip_extract_zero_shot_and_finetune(open_clip_model, data, tmp_pat
     assert len(rows) == 8 and all(r["predicted"] and not r["error"] for r in rows)
 
 
-def test_hf_clip_zero_shot_from_the_cli_and_lp_ft(data, tmp_path):
-    """A tiny CLIP with both towers and a tokenizer made here (a character vocabulary)."""
-    import json
+def _char_tokenizer(tmp_path, folder, **options) -> tuple:
+    """``(tokenizer, vocabulary)``: a CLIP tokenizer over single characters (no merges), made
+    here and saved in ``folder`` (no hub)."""
     import string
 
-    folder = tmp_path / "clip"
     chars = list(string.ascii_lowercase) + list("-.,0123456789")
     vocab = {
         t: i
@@ -492,9 +491,17 @@ def test_hf_clip_zero_shot_from_the_cli_and_lp_ft(data, tmp_path):
     }
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    transformers.CLIPTokenizer(
-        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
-    ).save_pretrained(folder)
+    tokenizer = transformers.CLIPTokenizer(
+        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), **options
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer, vocab
+
+
+def test_hf_clip_zero_shot_from_the_cli_and_lp_ft(data, tmp_path):
+    """A tiny CLIP with both towers and a tokenizer made here (a character vocabulary)."""
+    folder = tmp_path / "clip"
+    _, vocab = _char_tokenizer(tmp_path, folder)
     text = dict(
         vocab_size=len(vocab),
         hidden_size=32,
@@ -713,22 +720,10 @@ def test_siglip_zero_shot_equals_the_model_s_own_logits(data, tmp_path):
     """A tiny SigLIP (both towers; a character tokenizer made here, padded to its full length
     as SigLIP was trained): zero-shot probabilities are the softmax over the classes of the
     model's own ``logits_per_image`` (its bias is the same for every class)."""
-    import string
-
     from PIL import Image
 
     folder = tmp_path / "siglip"
-    chars = list(string.ascii_lowercase) + list("-.,0123456789")
-    vocab = {
-        t: i
-        for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])
-    }
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(
-        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=24
-    )
-    tokenizer.save_pretrained(folder)
+    tokenizer, vocab = _char_tokenizer(tmp_path, folder, model_max_length=24)
     text = dict(
         vocab_size=len(vocab),
         hidden_size=32,
