@@ -4,6 +4,7 @@ scripts/bench_*.py."""
 
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -195,3 +196,55 @@ def test_decoding_threads_give_the_loader_s_batches_in_order(data):
         if thread.name.startswith("xfeat-decode"):
             thread.join(timeout=30)
     assert not [t for t in threading.enumerate() if t.name.startswith("xfeat-decode")]
+
+
+class _Recorded:
+    """A dataset of blank items that records which of them were decoded, in order."""
+
+    def __init__(self, name: str, n: int, calls: list):
+        self.name, self.n, self.calls = name, n, calls
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.calls.append((self.name, i))
+        return torch.full((3, 2, 2), i, dtype=torch.uint8), "", np.full(6, i, np.float32)
+
+
+def _soon(condition, seconds=30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_each_split_s_first_batch_is_decoded_while_the_last_batch_of_the_one_before_runs():
+    from xfeat.extraction.runtime import ThreadedBatches, decode_ahead, stop_decoding
+
+    calls = []
+    first, second, third = (
+        ThreadedBatches(_Recorded(name, size, calls), 4, 1)
+        for name, size in [("a", 10), ("b", 10), ("c", 40)]
+    )
+    decode_ahead([first, second, third])
+    assert _soon(lambda: ("a", 0) in calls)  # decoding before anyone iterates
+    assert ("b", 0) not in calls  # the next split waits for this one's last batch
+    seen = []
+    for i, (images, _, _) in enumerate(first):
+        seen += images[:, 0, 0, 0].tolist()
+        if i == len(first) - 1:  # while the last batch of the first split runs
+            assert _soon(lambda: ("b", 3) in calls)  # the second's first batch is decoded
+    assert seen == list(range(10))
+    assert [int(v) for batch, _, _ in second for v in batch[:, 0, 0, 0]] == list(range(10))
+    # the third split, primed and never read (an error stopped the run), stops decoding
+    assert _soon(lambda: ("c", 0) in calls)
+    stop_decoding([first, second, third, object()])  # a DataLoader has nothing to close
+    for thread in threading.enumerate():
+        if thread.name.startswith("xfeat-decode"):
+            thread.join(timeout=30)
+    assert not [t for t in threading.enumerate() if t.name.startswith("xfeat-decode")]
+    # at most the batches decoded ahead (4 of 4 images) were decoded, the rest dropped
+    assert len([c for c in calls if c[0] == "c"]) <= 16

@@ -272,16 +272,17 @@ def _read_group(g: h5py.Group, path: Path, blocks, include_skipped: bool):
     if "patients" in g:
         patients = [p.decode() if isinstance(p, bytes) else str(p) for p in g["patients"][()]]
         _check_digest(g, "patients", patients, path)
-    rows = slice(None) if include_skipped else np.flatnonzero(ok)
+    every_row = include_skipped or bool(ok.all())  # then a slice: no copy of the features
+    rows = slice(None) if every_row else np.flatnonzero(ok)
     arrays = [stored[b][()][rows] for b in names]
     features = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
     part = SplitFeatures(
         features=features,
         labels=g["labels"][()][rows],
-        ids=ids if include_skipped else [ids[i] for i in rows],
+        ids=ids if every_row else [ids[i] for i in rows],
         seconds=float(g["seconds"][0]),
         blocks=[(b, int(stored[b].shape[1])) for b in names],
         stats=g["image_stats"][()][rows] if "image_stats" in g else None,
-        patients=[patients[i] for i in np.arange(len(ids))[rows]] if "patients" in g else None,
+        patients=None if "patients" not in g else patients if every_row else [patients[i] for i in rows],
     )
     return part, [ids[i] for i in np.flatnonzero(~ok)]

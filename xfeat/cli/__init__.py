@@ -5,11 +5,21 @@ calls, so ``xfeat --help`` does not load torch. A user error (:class:`~xfeat.err
 prints as one line; anything else is a bug and shows its traceback.
 """
 
-from xfeat.cli import features, heads, training  # noqa: F401  (registers the commands)
+from xfeat.cli import app, features, heads, training  # noqa: F401  (registers the commands)
 from xfeat.cli.app import api_errors, cli
+from xfeat.cli.fast_exit import leave
 
 __all__ = ["api_errors", "cli", "main"]
 
 
-def main():  # pragma: no cover - console entry point for `python -m xfeat`
-    cli(prog_name="xfeat")
+def main(args=None):
+    """The console entry point (``xfeat``, ``python -m xfeat``): run one command, then end the
+    process without the interpreter's module teardown where that is safe
+    (:mod:`xfeat.cli.fast_exit`). The command's imports run with the garbage collector paused
+    (:func:`~xfeat.cli.app.api_imports`)."""
+    app._console_process = True
+    try:
+        cli(args=args, prog_name="xfeat")  # click's standalone mode always ends in SystemExit
+    except SystemExit as exc:
+        leave(exc.code)  # returns when the normal exit is needed
+        raise

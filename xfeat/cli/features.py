@@ -6,7 +6,7 @@ import json
 
 import click
 
-from xfeat.cli.app import api_errors, cli
+from xfeat.cli.app import api_errors, api_imports, cli
 from xfeat.cli.options import (
     data_options,
     data_spec,
@@ -24,7 +24,8 @@ from xfeat.config import COMPILE_CHOICES, FEATURE_DTYPES, ExtractConfig
 @api_errors
 def models_cmd(as_json):
     """List every backbone: feature dimension, parameters, torchvision weights."""
-    from xfeat.backbones import describe_backbones
+    with api_imports():
+        from xfeat.backbones import describe_backbones
 
     rows = describe_backbones()
     if as_json:
@@ -52,7 +53,8 @@ def models_cmd(as_json):
 @api_errors
 def weights_cmd(as_json):
     """List the pretrained weights available offline, where they are, and how to add more."""
-    from xfeat.backbones import offline_weights
+    with api_imports():
+        from xfeat.backbones import offline_weights
 
     found = offline_weights()
     if as_json:
@@ -114,8 +116,9 @@ def weights_cmd(as_json):
 @api_errors
 def extract_cmd(ctx, as_json, **options):
     """Run a backbone once over every split and cache the features (HDF5)."""
-    from xfeat.cache import read_meta
-    from xfeat.extraction.entry import extract
+    with api_imports():
+        from xfeat.cache import read_meta
+        from xfeat.extraction.entry import extract
 
     data = data_spec(options.pop("data"), options)
     path = extract(data, progress=ctx.obj["progress"], **options)
@@ -134,7 +137,8 @@ def extract_cmd(ctx, as_json, **options):
 @api_errors
 def info_cmd(cache_file, as_json):
     """Show what a feature cache file holds and how it was made."""
-    from xfeat.cache import read_meta
+    with api_imports():
+        from xfeat.cache import read_meta
 
     meta = read_meta(cache_file)
     click.echo(json.dumps(meta.to_dict(), indent=2) if as_json else describe_cache(cache_file, meta))
@@ -185,7 +189,8 @@ def describe_cache(path, meta) -> str:
 @api_errors
 def nodes_cmd(model, image_size, as_json):
     """The stage nodes (--layers stages) and every node name of a torchvision model."""
-    from xfeat.extraction.blocks import describe_nodes
+    with api_imports():
+        from xfeat.extraction.blocks import describe_nodes
 
     info = describe_nodes(model, image_size)
     if as_json:

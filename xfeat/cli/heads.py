@@ -6,7 +6,7 @@ import json
 
 import click
 
-from xfeat.cli.app import api_errors, cli
+from xfeat.cli.app import api_errors, api_imports, cli
 from xfeat.cli.options import (
     cache_source,
     data_spec,
@@ -140,8 +140,9 @@ def fit_head_cmd(
     **options,
 ):
     """Fit a head on cached features (extracting them first if needed) and evaluate it."""
-    from xfeat.config import parse_threshold_rule
-    from xfeat.fitting import fit_head
+    with api_imports():
+        from xfeat.config import parse_threshold_rule
+        from xfeat.fitting import fit_head
 
     if threshold is not None:
         parse_threshold_rule(threshold)  # before any extraction
@@ -250,7 +251,8 @@ def predict_cmd(
     ctx, head_path, images, out_csv, weights, tta, adapt, geometry, frame, compile, as_json, **options
 ):
     """Classify image files or folders with a saved head and its backbone."""
-    from xfeat.prediction import predict
+    with api_imports():
+        from xfeat.prediction import predict
 
     rows = predict(
         head_path,
@@ -327,7 +329,8 @@ def zero_shot_cmd(
 ):
     """Zero-shot baseline: classify by similarity to class prompts (a text tower: open_clip:,
     CLIP/SigLIP hf:); results.json like fit-head's, no training labels used."""
-    from xfeat.zeroshot import zero_shot
+    with api_imports():
+        from xfeat.zeroshot import zero_shot
 
     data = data_spec(data, options)
     extract_options = cache_source(ctx, data, cache_file, options, image_size=image_size, seed=seed)

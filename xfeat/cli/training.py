@@ -6,7 +6,7 @@ import json
 
 import click
 
-from xfeat.cli.app import api_errors, cli
+from xfeat.cli.app import api_errors, api_imports, cli
 from xfeat.cli.options import (
     cache_source,
     data_options,
@@ -73,7 +73,8 @@ def finetune_cmd(
     ctx, data, model, weights, image_size, num_workers, device, out_dir, resume, as_json, **options
 ):
     """Train end to end (full), the frozen-backbone baseline, or LP-FT; evaluate once on test."""
-    from xfeat.finetuning import finetune
+    with api_imports():
+        from xfeat.finetuning import finetune
 
     data = data_spec(data, options)
     if options.get("threshold") is None:
@@ -177,7 +178,8 @@ def compare_cmd(
     **options,
 ):
     """Speed and accuracy of every (backbone, mode) pair, side by side, with a report."""
-    from xfeat.comparison import compare
+    with api_imports():
+        from xfeat.comparison import compare
 
     data = data_spec(options.pop("data"), options)
     cache_dir = options.pop("cache_dir")
@@ -265,7 +267,8 @@ def analyze_cmd(
 ):
     """Why test accuracy lags: imbalance, shift, duplicates and leakage, label noise,
     overfitting, calibration."""
-    from xfeat.analysis import analyze
+    with api_imports():
+        from xfeat.analysis import analyze
 
     data = data_spec(data, options)
     extract_options = cache_source(ctx, data, cache_file, options, image_size=image_size, seed=seed)

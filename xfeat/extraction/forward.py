@@ -25,8 +25,10 @@ from xfeat.extraction.blocks import BlockExtractor
 from xfeat.extraction.compiled import compile_for_inference, first_line
 from xfeat.extraction.runtime import (
     channels_last_default,
+    decode_ahead,
     inference_batches,
     pad_batch,
+    stop_decoding,
     to_memory_format,
 )
 from xfeat.extraction.views import ViewImages
@@ -142,20 +144,18 @@ class Normalized(torch.nn.Module):
 def extract_group(
     runner: Runner,
     images: ViewImages,
+    loader,
     writer,
     group: str,
     *,
     start: int,
     batch_size: int,
-    num_workers: Optional[int],
     skip_bad: bool,
     progress: bool,
 ) -> dict:
-    """Stream ``images`` (one split or view, from row ``start``) into ``writer``'s ``group``."""
+    """Stream ``images`` (one split or view, from row ``start``), batched by ``loader``
+    (:func:`~xfeat.extraction.runtime.inference_batches`), into ``writer``'s ``group``."""
     split = images.split
-    loader = inference_batches(
-        images, batch_size=batch_size, num_workers=num_workers, device=runner.device
-    )
     wait = forward = write = 0.0
     row, t_start = start, time.perf_counter()
     bar = tqdm(
@@ -243,32 +243,41 @@ def embed_files(
         paths=[str(p) for p in paths],
     )
     outputs, errors, stats = {}, [], None
-    for view in views:
-        images = ViewImages(split, runner.backbone.preprocessing, view, geometry=geometry)
-        loader = inference_batches(
-            images, batch_size=batch_size, num_workers=num_workers, device=runner.device
+    loaders = {
+        view: inference_batches(
+            ViewImages(split, runner.backbone.preprocessing, view, geometry=geometry),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=runner.device,
         )
-        parts, errs, rows = [], [], []
-        with tqdm(
-            total=len(split),
-            unit="img",
-            desc=f"{runner.backbone.name} {view or ''}",
-            disable=not progress,
-        ) as bar:
-            for batch, batch_errors, batch_stats in loader:
-                rows.append(np.asarray(batch_stats))
-                out = runner(batch)
-                bad = [bool(e) for e in batch_errors]
-                for array in out.values():
-                    array[bad] = np.nan
-                parts.append(out)
-                errs += [
-                    f"cannot read image {split.paths[len(errs) + i]}: {e}" if e else ""
-                    for i, e in enumerate(batch_errors)
-                ]
-                bar.update(len(bad))
-        outputs[view] = {b: np.concatenate([p[b] for p in parts]) for b in parts[0]} if parts else {}
-        errors = errs
-        if stats is None:
-            stats = np.concatenate(rows) if rows else np.zeros((0, len(STAT_COLUMNS)), np.float32)
+        for view in views
+    }
+    try:
+        decode_ahead(list(loaders.values()))  # each view's first batch while the last one's runs
+        for view, loader in loaders.items():
+            parts, errs, rows = [], [], []
+            with tqdm(
+                total=len(split),
+                unit="img",
+                desc=f"{runner.backbone.name} {view or ''}",
+                disable=not progress,
+            ) as bar:
+                for batch, batch_errors, batch_stats in loader:
+                    rows.append(np.asarray(batch_stats))
+                    out = runner(batch)
+                    bad = [bool(e) for e in batch_errors]
+                    for array in out.values():
+                        array[bad] = np.nan
+                    parts.append(out)
+                    errs += [
+                        f"cannot read image {split.paths[len(errs) + i]}: {e}" if e else ""
+                        for i, e in enumerate(batch_errors)
+                    ]
+                    bar.update(len(bad))
+            outputs[view] = {b: np.concatenate([p[b] for p in parts]) for b in parts[0]} if parts else {}
+            errors = errs
+            if stats is None:
+                stats = np.concatenate(rows) if rows else np.zeros((0, len(STAT_COLUMNS)), np.float32)
+    finally:
+        stop_decoding(loaders.values())
     return outputs, errors, stats

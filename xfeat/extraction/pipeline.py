@@ -39,7 +39,15 @@ from xfeat.extraction import distributed
 from xfeat.extraction.allocator import freed_memory_kept
 from xfeat.extraction.blocks import parse_layers, resolve_blocks
 from xfeat.extraction.options import split_extract_options  # noqa: F401  (re-exported)
-from xfeat.extraction.runtime import FOUNDATION_PREFIXES, check_compile, resolve_device, should_compile
+from xfeat.extraction.runtime import (
+    FOUNDATION_PREFIXES,
+    check_compile,
+    decode_ahead,
+    inference_batches,
+    resolve_device,
+    should_compile,
+    stop_decoding,
+)
 from xfeat.extraction.view_names import parse_tta, train_views, tta_views
 
 logger = logging.getLogger(__name__)
@@ -411,7 +419,21 @@ def _run(
         blocks=plan.blocks,
         dtype=plan.feature_dtype,
     )
+    todo = {}  # {group: (its images still to do, their loader)}
     try:
+        # decoded ahead from here on: the first batches while the model is made ready, each
+        # next split's (or view's) while the last batch of the one before runs
+        for group, (base, view) in plan.groups.items():
+            start, split = writer.rows_done(group), plan.dataset.splits[base]
+            if start < len(split):
+                images = ViewImages(split, plan.preprocessing, view, seed=plan.seed, start=start)
+                todo[group] = (
+                    images,
+                    inference_batches(
+                        images, batch_size=batch_size, num_workers=num_workers, device=dev
+                    ),
+                )
+        decode_ahead([loader for _, loader in todo.values()])
         # Decided on the whole entry, so that a resumed run computes the rest the same way.
         total = sum(writer.n_rows(g) for g in plan.groups)
         compiled = should_compile(compile, total) or plan.precision == "int8"
@@ -430,19 +452,19 @@ def _run(
             calibration=_calibration_images(plan) if plan.precision == "int8" else None,
         )
         stats = {}
-        for group, (base, view) in plan.groups.items():
+        for group, (base, _) in plan.groups.items():
             start, split = writer.rows_done(group), plan.dataset.splits[base]
             stats[group] = {"resumed_from_row": start, "images": 0}
-            if start < len(split):
-                images = ViewImages(split, plan.preprocessing, view, seed=plan.seed, start=start)
+            if group in todo:
+                images, loader = todo[group]
                 stats[group] = extract_group(
                     runner,
                     images,
+                    loader,
                     writer,
                     group,
                     start=start,
                     batch_size=batch_size,
-                    num_workers=num_workers,
                     skip_bad=skip_bad,
                     progress=progress,
                 )
@@ -452,6 +474,7 @@ def _run(
             )
         writer.finalize(stats)
     finally:
+        stop_decoding(loader for _, loader in todo.values())
         writer.close()
 
 

@@ -8,7 +8,6 @@ faster, when compiling pays off.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import os
 from typing import Optional
@@ -128,12 +127,22 @@ def inference_batches(dataset, *, batch_size: int, num_workers: Optional[int], d
 class ThreadedBatches:
     """Iterate over ``dataset`` in batches of ``batch_size`` ``(CHW uint8 tensor, error, stat
     row)`` items, decoded ahead by ``workers`` threads (none: in the calling thread); each
-    batch is ``(N, C, H, W)`` in channels_last memory, its errors and its ``(N, 6)`` stats."""
+    batch is ``(N, C, H, W)`` in channels_last memory, its errors and its ``(N, 6)`` stats.
+
+    Iterate once. :meth:`prime` starts the decoding before the iteration (while the model is
+    being built, say), and a ``successor`` (see :func:`decode_ahead`) is primed as soon as this
+    one hands out its last batch, so that the next split's first batch is decoded while this
+    one's last batch runs: no split starts with the cores waiting for images.
+    """
 
     prefetch = 4  # batches decoded ahead
 
     def __init__(self, dataset, batch_size: int, workers: int):
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+        self.successor: Optional[ThreadedBatches] = None
+        self._pool = None
+        self._pending = collections.deque()
+        self._next = 0  # the first row not yet handed to a decoding thread
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
@@ -147,25 +156,58 @@ class ThreadedBatches:
         stats = np.stack([s for _, _, s in items])
         return torch.from_numpy(images).permute(0, 3, 1, 2), [error for _, error, _ in items], stats
 
-    def __iter__(self):
-        starts = iter(range(0, len(self.dataset), self.batch_size))
-        if self.workers == 0:
-            yield from map(self._batch, starts)
+    def prime(self) -> None:
+        """Start decoding the first batches in the background now (once; nothing to do without
+        decoding threads)."""
+        if self.workers == 0 or self._pool is not None:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xfeat-decode")
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xfeat-decode")
+        self._submit(self.prefetch)
+
+    def _submit(self, n: int) -> None:
+        while n > 0 and self._next < len(self.dataset):
+            self._pending.append(self._pool.submit(self._batch, self._next))
+            self._next, n = self._next + self.batch_size, n - 1
+
+    def close(self) -> None:
+        """Stop decoding: batches not started are dropped, the threads exit when idle."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __iter__(self):
+        if self.workers == 0:
+            yield from map(self._batch, range(0, len(self.dataset), self.batch_size))
+            return
+        self.prime()
         try:
-            pending = collections.deque(
-                pool.submit(self._batch, s) for s in itertools.islice(starts, self.prefetch)
-            )
-            while pending:
-                batch = pending.popleft().result()
-                for start in itertools.islice(starts, 1):
-                    pending.append(pool.submit(self._batch, start))
+            while self._pending:
+                batch = self._pending.popleft().result()
+                self._submit(1)
+                if not self._pending and self.successor is not None:
+                    self.successor.prime()  # its first batches decode while this last one runs
                 yield batch
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            self.close()
+
+
+def decode_ahead(loaders: list) -> None:
+    """Chain ``loaders`` (from :func:`inference_batches`, iterated one after the other) so that
+    each primes the next, and prime the first now. A loader without decoding threads (a
+    :class:`~torch.utils.data.DataLoader`, ``num_workers=0``) is left as it is."""
+    for before, after in zip(loaders, loaders[1:]):
+        if isinstance(before, ThreadedBatches) and isinstance(after, ThreadedBatches):
+            before.successor = after
+    if loaders and isinstance(loaders[0], ThreadedBatches):
+        loaders[0].prime()
+
+
+def stop_decoding(loaders) -> None:
+    """Close the decoding threads of ``loaders`` an error left unread (see :func:`decode_ahead`)."""
+    for loader in loaders:
+        if isinstance(loader, ThreadedBatches):
+            loader.close()
 
 
 def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
