@@ -16,6 +16,10 @@ something could depend on the teardown:
   it);
 - an HDF5 file is still open (HDF5 flushes and closes it in its own C exit handler).
 
+What the teardown would have done and this skips: collecting objects, so a Python file object
+left open would not be flushed; xfeat writes every file in a ``with`` block or through
+:func:`xfeat.files.atomic_write`, which close them before the command returns.
+
 This is the console entry point's business only: the Python API, in a notebook or a script,
 never ends the process.
 """
