@@ -59,12 +59,12 @@ def test_the_exit_status_is_the_commands():
     [
         "import torch",
         "import threading, time; threading.Thread(target=time.sleep, args=(0.5,)).start()",
-        "import h5py, tempfile, os; f = h5py.File(os.path.join(tempfile.mkdtemp(), 'x.h5'), 'w')",
+        "import h5py; f = h5py.File(TMP, 'w')",
     ],
     ids=["torch imported", "a live thread", "an open HDF5 file"],
 )
-def test_torch_a_live_thread_or_an_open_hdf5_file_take_the_normal_exit(setup):
-    done = _console("--version", setup=setup)
+def test_torch_a_live_thread_or_an_open_hdf5_file_take_the_normal_exit(setup, tmp_path):
+    done = _console("--version", setup=setup.replace("TMP", repr(str(tmp_path / "open.h5"))))
     assert done.returncode == 0, done.stderr
     assert "exit handler ran" in done.stdout and "module teardown" in done.stdout
 
