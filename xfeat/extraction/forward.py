@@ -143,7 +143,6 @@ class Normalized(torch.nn.Module):
 
 def extract_group(
     runner: Runner,
-    images: ViewImages,
     loader,
     writer,
     group: str,
@@ -153,9 +152,10 @@ def extract_group(
     skip_bad: bool,
     progress: bool,
 ) -> dict:
-    """Stream ``images`` (one split or view, from row ``start``), batched by ``loader``
-    (:func:`~xfeat.extraction.runtime.inference_batches`), into ``writer``'s ``group``."""
-    split = images.split
+    """Stream the batches of ``loader`` (:func:`~xfeat.extraction.runtime.inference_batches`
+    over a :class:`ViewImages`: one split or view, from row ``start``) into ``writer``'s
+    ``group``."""
+    split = loader.dataset.split
     wait = forward = write = 0.0
     row, t_start = start, time.perf_counter()
     bar = tqdm(

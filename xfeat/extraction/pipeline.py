@@ -419,7 +419,7 @@ def _run(
         blocks=plan.blocks,
         dtype=plan.feature_dtype,
     )
-    todo = {}  # {group: (its images still to do, their loader)}
+    todo = {}  # {group: the loader of its images still to do}
     try:
         # decoded ahead from here on: the first batches while the model is made ready, each
         # next split's (or view's) while the last batch of the one before runs
@@ -427,13 +427,10 @@ def _run(
             start, split = writer.rows_done(group), plan.dataset.splits[base]
             if start < len(split):
                 images = ViewImages(split, plan.preprocessing, view, seed=plan.seed, start=start)
-                todo[group] = (
-                    images,
-                    inference_batches(
-                        images, batch_size=batch_size, num_workers=num_workers, device=dev
-                    ),
+                todo[group] = inference_batches(
+                    images, batch_size=batch_size, num_workers=num_workers, device=dev
                 )
-        decode_ahead([loader for _, loader in todo.values()])
+        decode_ahead(list(todo.values()))
         # Decided on the whole entry, so that a resumed run computes the rest the same way.
         total = sum(writer.n_rows(g) for g in plan.groups)
         compiled = should_compile(compile, total) or plan.precision == "int8"
@@ -456,11 +453,9 @@ def _run(
             start, split = writer.rows_done(group), plan.dataset.splits[base]
             stats[group] = {"resumed_from_row": start, "images": 0}
             if group in todo:
-                images, loader = todo[group]
                 stats[group] = extract_group(
                     runner,
-                    images,
-                    loader,
+                    todo[group],
                     writer,
                     group,
                     start=start,
@@ -474,7 +469,7 @@ def _run(
             )
         writer.finalize(stats)
     finally:
-        stop_decoding(loader for _, loader in todo.values())
+        stop_decoding(todo.values())
         writer.close()
 
 
